@@ -1,0 +1,50 @@
+"""Wire messages between the migration source (page server) and the destination.
+
+msgpack-encoded, strictly validated; decoders raise only ProtoError. See docs/protocol.md.
+"""
+
+from proto.checksum import page_sum, page_sums, unpack_sums
+from proto.errors import ProtoError
+from proto.messages import (
+    REQUEST_KINDS,
+    Complete,
+    ErrorReply,
+    MemoryRegion,
+    Message,
+    MigrationHeader,
+    PageBatch,
+    PageRequest,
+    PageRun,
+    RequestKind,
+    VcpuState,
+    VmState,
+    build_page_batch,
+    decode_any,
+    find_region,
+)
+from proto.version import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION
+
+__all__ = [
+    "MAX_BATCH_PAGES",
+    "PAGE_SIZE",
+    "PROTOCOL_VERSION",
+    "REQUEST_KINDS",
+    "Complete",
+    "ErrorReply",
+    "MemoryRegion",
+    "Message",
+    "MigrationHeader",
+    "PageBatch",
+    "PageRequest",
+    "PageRun",
+    "ProtoError",
+    "RequestKind",
+    "VcpuState",
+    "VmState",
+    "build_page_batch",
+    "decode_any",
+    "find_region",
+    "page_sum",
+    "page_sums",
+    "unpack_sums",
+]
