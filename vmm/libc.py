@@ -1,0 +1,93 @@
+"""ctypes bindings to the few libc calls the VMM makes directly.
+
+ioctl goes through ctypes (not fcntl.ioctl) so the GIL is released during the call and EINTR
+comes back to the caller: that is how a vCPU is kicked out of KVM_RUN.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+ioctl = libc.ioctl
+ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+ioctl.restype = ctypes.c_int
+
+mmap = libc.mmap
+mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+mmap.restype = ctypes.c_void_p
+munmap = libc.munmap
+munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+munmap.restype = ctypes.c_int
+madvise = libc.madvise
+madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+madvise.restype = ctypes.c_int
+fallocate = libc.fallocate
+fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+fallocate.restype = ctypes.c_int
+mincore = libc.mincore
+mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+mincore.restype = ctypes.c_int
+
+pthread_kill = libc.pthread_kill
+pthread_kill.argtypes = [ctypes.c_ulong, ctypes.c_int]
+pthread_kill.restype = ctypes.c_int
+pthread_sigmask = libc.pthread_sigmask
+pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+pthread_sigmask.restype = ctypes.c_int
+
+sigtimedwait = libc.sigtimedwait
+sigtimedwait.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+sigtimedwait.restype = ctypes.c_int
+
+syscall = libc.syscall
+syscall.restype = ctypes.c_long
+
+PROT_READ, PROT_WRITE = 0x1, 0x2
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x20, 0x4000
+MAP_FAILED = ctypes.c_void_p(-1).value
+MADV_DONTNEED = 4
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+SIG_BLOCK, SIG_UNBLOCK = 0, 1
+SYS_rt_tgsigqueueinfo = 297  # x86-64
+SYS_gettid = 186
+
+
+class timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class sigset_t(ctypes.Structure):
+    _fields_ = [("val", ctypes.c_ulong * 16)]  # glibc's 1024-bit sigset_t
+
+    @classmethod
+    def of(cls, *signals: int) -> "sigset_t":
+        s = cls()
+        for sig in signals:
+            s.val[(sig - 1) // 64] |= 1 << ((sig - 1) % 64)
+        return s
+
+
+class siginfo_t(ctypes.Structure):
+    """The head of siginfo_t that SIGBUS uses: si_addr sits at offset 16 on x86-64."""
+    _fields_ = [("si_signo", ctypes.c_int), ("si_errno", ctypes.c_int), ("si_code", ctypes.c_int),
+                ("_pad0", ctypes.c_int), ("si_addr", ctypes.c_uint64), ("_rest", ctypes.c_char * 104)]
+
+
+assert ctypes.sizeof(siginfo_t) == 128
+
+BUS_ADRERR = 2
+BUS_MCEERR_AR = 4
+
+
+def check(ret: int, what: str) -> int:
+    """Raise OSError with ``what`` in the message when a libc call returned -1."""
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def gettid() -> int:
+    return int(syscall(SYS_gettid))

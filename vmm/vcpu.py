@@ -1,0 +1,244 @@
+"""The vCPU thread: one KVM_RUN loop per vCPU, with every exit going through one dispatcher.
+
+Pausing follows KVM's rule for consistent state: the pending exit is handled, then the loop
+re-enters KVM_RUN with ``immediate_exit`` set so KVM completes the emulated I/O and returns
+EINTR; only then does the thread park. A kick is ``immediate_exit = 1`` plus a signal to the
+thread, which makes a running KVM_RUN return EINTR.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import logging
+import signal
+import threading
+import time
+from typing import Protocol
+
+from vmm import libc
+from vmm.abi import kvm as abi
+from vmm.devices.bus import PioBus
+from vmm.kvm import Vcpu
+from vmm.memory import GuestMemory
+
+log = logging.getLogger("vmm.vcpu")
+KICK_SIGNAL = signal.SIGUSR1
+EINTR, EFAULT = errno.EINTR, errno.EFAULT
+NO_EXIT = -1  # exit_counts key for KVM_RUN returning -1
+
+
+class VcpuState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"  # the guest executed hlt with interrupts off: it is done
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class VcpuError(Exception):
+    """A vCPU stopped on an exit it cannot handle; the message names the vCPU and the exit."""
+
+
+class MemoryFaultHandler(Protocol):
+    """Resolves an exit caused by the guest touching guest RAM that is not there yet.
+
+    ``on_fault_exit`` is called on the vCPU thread for KVM_RUN errors (EFAULT: upstream's
+    KVM_EXIT_MEMORY_FAULT, or a queued SIGBUS), KVM_EXIT_MMIO inside guest RAM, and
+    KVM_EXIT_INTERNAL_ERROR; it returns True when the exit was a missing page and is resolved
+    (the vCPU re-enters), False when it was not a memory fault at all."""
+
+    def on_fault_exit(self, thread: VcpuThread, ret: int) -> bool: ...
+
+
+_kick_installed = False
+
+
+def install_kick_handler() -> None:
+    """A no-op handler for KICK_SIGNAL: its only job is to interrupt KVM_RUN. Main thread only."""
+    global _kick_installed
+    if not _kick_installed:
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        _kick_installed = True
+
+
+class VcpuThread:
+    """Runs one vCPU on a thread of its own."""
+
+    def __init__(self, vcpu: Vcpu, memory: GuestMemory, pio: PioBus) -> None:
+        self.vcpu = vcpu
+        self.id = vcpu.id
+        self.memory = memory
+        self.pio = pio
+        self.fault_handler: MemoryFaultHandler | None = None
+        self.state = VcpuState.CREATED
+        self.error: str | None = None
+        self.exit_counts: dict[int, int] = {}
+        self.entries = 0
+        self.first_run_ns = 0  # CLOCK_MONOTONIC of the first KVM_RUN (downtime ends there)
+        self.on_first_run: list = []
+        self.block_sigbus = False  # set by fault handlers that read SIGBUS with sigtimedwait
+        self.tid = 0
+        self._request: str | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.id}", daemon=True)
+
+    # -- control (any thread) -----------------------------------------------------------------
+    def start(self) -> None:
+        install_kick_handler()
+        self._thread.start()
+
+    def kick(self) -> None:
+        self.vcpu.run_struct.immediate_exit = 1
+        ident = self._thread.ident
+        if ident is not None and self._thread.is_alive():
+            libc.pthread_kill(ident, KICK_SIGNAL)
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop the vCPU at a point where its state is consistent; returns when parked."""
+        with self._changed:
+            if self.state not in (VcpuState.RUNNING, VcpuState.CREATED):
+                return
+            self._request = "pause"
+        self.kick()
+        settled = (VcpuState.PAUSED, VcpuState.HALTED, VcpuState.FAILED, VcpuState.STOPPED)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.state in settled, timeout):
+                raise VcpuError(f"vCPU {self.id} did not pause within {timeout} s")
+
+    def resume(self) -> None:
+        with self._changed:
+            if self.state is VcpuState.PAUSED:
+                self._request = None
+                self.state = VcpuState.RUNNING
+                self._changed.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._changed:
+            self._request = "stop"
+            self._changed.notify_all()
+        self.kick()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the vCPU halts, fails or stops; True if it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the vCPU thread ------------------------------------------------------------------------
+    def _main(self) -> None:
+        self.tid = libc.gettid()
+        if self.block_sigbus:
+            mask = libc.sigset_t.of(signal.SIGBUS)
+            libc.pthread_sigmask(libc.SIG_BLOCK, ctypes.byref(mask), None)
+        with self._changed:
+            if self._request == "pause":
+                self._park()
+            if self._request == "stop":
+                self._finish(VcpuState.STOPPED)
+                return
+            self.state = VcpuState.RUNNING
+        try:
+            final = self._loop()
+        except Exception as e:  # noqa: BLE001 - a vCPU must report, never vanish
+            log.exception("vCPU %d failed", self.id)
+            self.error = f"vCPU {self.id}: {e}"
+            final = VcpuState.FAILED
+        self._finish(final)
+
+    def _finish(self, state: VcpuState) -> None:
+        with self._changed:
+            self.state = state
+            self._changed.notify_all()
+
+    def _park(self) -> None:
+        """Called with _changed held: wait while paused."""
+        self.state = VcpuState.PAUSED
+        self._changed.notify_all()
+        self._changed.wait_for(lambda: self._request != "pause")
+
+    def _service_request(self) -> bool:
+        """After EINTR: park or stop as asked. True means leave the loop."""
+        with self._changed:
+            if self._request == "pause":
+                self._park()
+            if self._request == "stop":
+                return True
+            self.state = VcpuState.RUNNING
+        return False
+
+    def _loop(self) -> VcpuState:
+        run = self.vcpu.run_struct
+        kvm_run = self.vcpu.run
+        counts = self.exit_counts
+        if self.first_run_ns == 0:
+            self.first_run_ns = time.monotonic_ns()
+            for callback in self.on_first_run:
+                callback(self)
+        while True:
+            ret = kvm_run()
+            self.entries += 1
+            if ret:
+                counts[NO_EXIT] = counts.get(NO_EXIT, 0) + 1
+                if self.fault_handler is not None and self.fault_handler.on_fault_exit(self, ret):
+                    continue
+                if ret == -EINTR:
+                    run.immediate_exit = 0
+                    if self._request is not None and self._service_request():
+                        return VcpuState.STOPPED
+                    continue
+                raise VcpuError(f"vCPU {self.id}: KVM_RUN failed: {errno.errorcode.get(-ret, -ret)} "
+                                f"(exit reason {abi.KVM_EXIT_NAMES.get(run.exit_reason, run.exit_reason)})")
+            reason = run.exit_reason
+            counts[reason] = counts.get(reason, 0) + 1
+            if reason == abi.KVM_EXIT_IO:
+                self._pio(run.io)
+            elif reason == abi.KVM_EXIT_MMIO:
+                self._mmio(run)
+            elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
+                if self.fault_handler is None or not self.fault_handler.on_fault_exit(self, 0):
+                    raise VcpuError(self._describe_internal_error(run.internal))
+            elif reason == abi.KVM_EXIT_HLT:
+                return VcpuState.HALTED
+            elif reason == abi.KVM_EXIT_SHUTDOWN:
+                raise VcpuError(f"vCPU {self.id}: the guest shut down (triple fault) at rip {self.vcpu.get_regs().rip:#x}")
+            elif reason == abi.KVM_EXIT_INTR:
+                pass
+            else:
+                raise VcpuError(f"vCPU {self.id}: unhandled exit {abi.KVM_EXIT_NAMES.get(reason, reason)}")
+
+    def _pio(self, io: abi.kvm_run_io) -> None:
+        size, port, count = io.size, io.port, io.count
+        data = self.vcpu.run_address + io.data_offset
+        fmt = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32}[size]
+        for i in range(count):
+            cell = fmt.from_address(data + i * size)
+            if io.direction == abi.KVM_EXIT_IO_OUT:
+                self.pio.write(self, port, size, cell.value)
+            else:
+                cell.value = self.pio.read(self, port, size)
+
+    def _mmio(self, run: abi.kvm_run) -> None:
+        mmio = run.mmio
+        if self.memory.contains(mmio.phys_addr, max(mmio.len, 1)):
+            if self.fault_handler is not None and self.fault_handler.on_fault_exit(self, 0):
+                return
+            raise VcpuError(f"vCPU {self.id}: an access to guest RAM at gpa {mmio.phys_addr:#x} came back as MMIO: "
+                            "the page is missing and no fault handler is set")
+        # No MMIO devices: reads return all ones, writes are dropped (logged once by the bus).
+        self.pio._unknown(self, mmio.phys_addr, "MMIO " + ("write" if mmio.is_write else "read"))
+        if not mmio.is_write:
+            ctypes.memset(ctypes.addressof(mmio.data), 0xFF, mmio.len)
+
+    def _describe_internal_error(self, internal: abi.kvm_run_internal) -> str:
+        kinds = {abi.KVM_INTERNAL_ERROR_EMULATION: "emulation failure", abi.KVM_INTERNAL_ERROR_SIMUL_EX: "exception during exception",
+                 abi.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failure"}
+        data = ", ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
+        return (f"vCPU {self.id}: KVM internal error ({kinds.get(internal.suberror, internal.suberror)}) "
+                f"at rip {self.vcpu.get_regs().rip:#x} [{data}]")
