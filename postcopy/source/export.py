@@ -1,0 +1,109 @@
+"""Switchover on the source: pause the guest, capture its state, and build the MigrationHeader
+(vCPU/VM/device state, the eager pages, the zero-page bitmap). Everything here is downtime.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+from postcopy.source.eager import EagerError, eager_pages
+from proto import PAGE_SIZE, MemoryRegion, MigrationHeader, PageRun, ProtoError
+from proto.version import MAX_EAGER_BYTES
+from vmm.abi import kvm as abi
+from vmm.machine import Machine, MachineError
+from vmm.memory import GuestMemory
+from vmm.state import StateError, capture
+from vmm.vcpu import VcpuError
+
+__all__ = ["ExportError", "coalesce", "export", "read_boot_id", "zero_bitmap"]
+
+BOOT_ID_PATH: Final = Path("/proc/sys/kernel/random/boot_id")
+RESIDENT: Final = 1  # mincore's bit 0: the host has the page
+# bytes.translate table: a resident_pages() byte -> 1 where the page is zero (never resident).
+_NOT_RESIDENT: Final = bytes(0 if byte & RESIDENT else 1 for byte in range(256))
+
+
+class ExportError(Exception):
+    """The guest could not be paused or its state not exported; the message says which part."""
+
+
+def read_boot_id() -> str:
+    return BOOT_ID_PATH.read_text().strip()
+
+
+def zero_bitmap(memory: GuestMemory, eager: Iterable[int] = ()) -> bytes:
+    """One bit per guest page over all regions in order, LSB first: set where the host never had
+    the page (so it is all zeros); the pages in `eager` are never marked."""
+    flags = memory.resident_pages().translate(_NOT_RESIDENT)  # one 0/1 byte per page
+    npages = len(flags)
+    flags += bytes(-npages % 8)
+    # Gather bit 8i of the little-endian integer to bit i: pairs, then nibbles, then bytes
+    # (each step is a few C-level big-int operations, not a Python loop per page).
+    nbytes = len(flags)
+    bits = int.from_bytes(flags, "little")
+    bits = (bits | bits >> 7) & int.from_bytes(b"\x03\x00" * (nbytes // 2), "little")
+    bits = (bits | bits >> 14) & int.from_bytes(b"\x0f\x00\x00\x00" * (nbytes // 4), "little")
+    bits = (bits | bits >> 28) & int.from_bytes((b"\xff" + bytes(7)) * (nbytes // 8), "little")
+    bitmap = bytearray(bits.to_bytes(nbytes, "little")[::8])
+    for gpa in eager:
+        index = memory.page_index(gpa)
+        bitmap[index >> 3] &= ~(1 << (index & 7)) & 0xFF
+    return bytes(bitmap[: (npages + 7) // 8])
+
+
+def coalesce(memory: GuestMemory, pages: Iterable[int]) -> list[PageRun]:
+    """Eager pages as PageRuns of contiguous pages, each inside one region, sorted by gpa."""
+    runs: list[PageRun] = []
+    start = end = -1
+    for gpa in sorted(pages):
+        grown = end + PAGE_SIZE - start
+        if gpa == end and grown <= MAX_EAGER_BYTES and memory.contains(start, grown):
+            end += PAGE_SIZE
+            continue
+        if start >= 0:
+            runs.append(PageRun(start, memory.read(start, end - start)))
+        start, end = gpa, gpa + PAGE_SIZE
+    if start >= 0:
+        runs.append(PageRun(start, memory.read(start, end - start)))
+    return runs
+
+
+def export(machine: Machine, migration_id: str, workload: dict[str, int | str]) -> MigrationHeader:
+    """Pause `machine` and return the header the destination resumes it from.
+
+    The vCPUs stay paused: from here on the source only serves pages.
+    """
+    paused_at_ns = time.monotonic_ns()
+    try:
+        machine.pause()
+    except VcpuError as error:
+        raise ExportError(f"cannot pause the guest: {error}") from None
+    try:
+        machine.check()
+        vcpus, vm_state, devices = capture(machine)
+        memory = machine.memory
+        eager: set[int] = set()
+        for state in vcpus:
+            regs = abi.kvm_regs.from_buffer_copy(state.regs)
+            sregs = abi.kvm_sregs.from_buffer_copy(state.sregs)
+            try:
+                eager |= eager_pages(memory, regs, sregs)
+            except EagerError as error:
+                raise ExportError(f"vCPU {state.id}: {error}") from None
+        return MigrationHeader(
+            migration_id=migration_id,
+            page_size=PAGE_SIZE,
+            regions=tuple(MemoryRegion(r.gpa, r.size) for r in memory.regions),
+            vcpus=tuple(vcpus),
+            vm_state=vm_state,
+            devices=devices,
+            eager=tuple(coalesce(memory, eager)),
+            zero_bitmap=zero_bitmap(memory, eager),
+            paused_at_ns=paused_at_ns,
+            boot_id=read_boot_id(),
+            workload=workload,
+        )
+    except (MachineError, StateError, ProtoError, OSError) as error:
+        raise ExportError(f"cannot export the guest: {error}") from None

@@ -1,0 +1,373 @@
+"""The source's page server: exports the paused guest once, then serves its pages over a
+WebSocket until the destination says it has them all.
+
+States: RUNNING (the guest runs here) -> SERVING (paused, header exported) -> COMPLETED;
+FAILED if the export itself fails. A request that does not fit the state is refused with 409.
+Every error is an ErrorReply (msgpack), as an HTTP body or as a WebSocket frame.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Self
+
+import msgpack
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from postcopy.source.export import ExportError, export
+from proto import (
+    MAX_BATCH_PAGES,
+    PAGE_SIZE,
+    REQUEST_KINDS,
+    Complete,
+    ErrorReply,
+    MigrationHeader,
+    PageRequest,
+    ProtoError,
+    build_page_batch,
+)
+from proto.version import (
+    CHECKSUM_SIZE,
+    MAX_COMPLETE_MESSAGE_BYTES,
+    MAX_ERROR_MESSAGE_LEN,
+    MAX_GPA,
+    MAX_REQUEST_MESSAGE_BYTES,
+)
+from vmm.machine import Machine
+
+__all__ = ["MSGPACK", "MigrationState", "PageServer", "ServerStats", "make_app"]
+
+log = logging.getLogger("postcopy.source.page_server")
+
+MSGPACK: Final = "application/x-msgpack"
+# A frame above this closes the socket (1009, aiohttp's reader); one between it and
+# MAX_REQUEST_MESSAGE_BYTES gets a 413 ErrorReply and the socket stays usable.
+WS_MAX_FRAME_BYTES: Final = 64 * 1024
+# HTTP request bodies: the largest is a Complete.
+MAX_BODY_BYTES: Final = MAX_COMPLETE_MESSAGE_BYTES
+SWEEP_TIMEOUT_S: Final = 60.0
+# A non-zero page costs its data and its checksum in an encoded PageBatch; everything else in
+# the batch (keys, gpa, count, the zero bitmap, bin headers) is far smaller than one such page,
+# so the encoded length alone tells how many pages went as data.
+_BATCH_PAGE_BYTES: Final = PAGE_SIZE + CHECKSUM_SIZE
+
+_AUTH: Final = web.AppKey("auth", bytes)
+_SERVER: Final = web.AppKey("server", "PageServer")
+
+
+class MigrationState(enum.Enum):
+    RUNNING = "running"
+    SERVING = "serving"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """Counters for the report; updated on the event loop only."""
+
+    pages_data: int = 0  # pages sent with their contents
+    pages_zero: int = 0  # pages flagged zero, not sent
+    batch_bytes: int = 0  # encoded PageBatch bytes sent
+    header_bytes: int = 0
+    ws_connections: int = 0
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(sorted(REQUEST_KINDS), 0))
+    errors: dict[int, int] = field(default_factory=dict)  # by status code, HTTP and WebSocket
+    started_ns: int = 0  # CLOCK_MONOTONIC: the pause (the header's paused_at_ns)
+    completed_ns: int = 0
+
+
+def _error_body(code: int, message: str) -> bytes:
+    return ErrorReply(code, message[:MAX_ERROR_MESSAGE_LEN]).encode()
+
+
+class PageServer:
+    """Serves one migration of `machine`. Use as ``async with PageServer(...) as s: await s.start(...)``."""
+
+    def __init__(self, machine: Machine, *, token: str, migration_id: str,
+                 workload: dict[str, int | str], sweep_timeout_s: float = SWEEP_TIMEOUT_S) -> None:
+        self.machine = machine
+        self.migration_id = migration_id
+        self.workload = workload
+        self.sweep_timeout_s = sweep_timeout_s
+        self.state = MigrationState.RUNNING
+        self.completed = asyncio.Event()
+        self._ended = asyncio.Event()  # COMPLETED or FAILED
+        self.header: MigrationHeader | None = None
+        self.complete_stats: dict[str, int] = {}
+        self._token = f"Bearer {token}".encode()
+        self._header_bytes = b""
+        self._failure = ""
+        self._transition = asyncio.Lock()  # start and sweep: one at a time
+        self._stats = ServerStats()
+        self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle: the whole setup and teardown ------------------------------------------------
+    async def start(self, host: str, port: int) -> str:
+        """Listen on host:port (0 picks a free port); returns the base URL."""
+        self._runner = web.AppRunner(make_app(self), handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        return f"http://{shown}:{bound_port}"
+
+    async def close(self) -> None:
+        """Stop listening and close every WebSocket; guest memory is not touched after this."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()  # runs on_shutdown: closes the sockets
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _close_sockets(self, app: web.Application) -> None:
+        for ws in list(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+    async def wait(self) -> MigrationState:
+        """Until the migration completes or fails; returns that state."""
+        await self._ended.wait()
+        return self.state
+
+    @property
+    def failure(self) -> str:
+        """Why the export failed (state FAILED), else empty."""
+        return self._failure
+
+    def stats(self) -> dict[str, Any]:
+        stats = asdict(self._stats)
+        stats["state"] = self.state.value
+        stats["errors"] = {str(code): n for code, n in self._stats.errors.items()}
+        if self._stats.completed_ns:
+            stats["pause_to_complete_s"] = (self._stats.completed_ns - self._stats.started_ns) / 1e9
+        return stats
+
+    # -- replies --------------------------------------------------------------------------------
+    def error(self, code: int, message: str) -> web.Response:
+        self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
+        return web.Response(status=code, body=_error_body(code, message), content_type=MSGPACK)
+
+    def _wrong_state(self, action: str) -> web.Response:
+        why = f": {self._failure}" if self._failure else ""
+        return self.error(409, f"cannot {action} while the migration is {self.state.value}{why}")
+
+    # -- handlers -------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"state": self.state.value})
+
+    async def start_migration(self, request: web.Request) -> web.Response:
+        async with self._transition:
+            if self.state is MigrationState.RUNNING:
+                loop = asyncio.get_running_loop()
+                try:
+                    header = await loop.run_in_executor(None, export, self.machine, self.migration_id,
+                                                        self.workload)
+                except ExportError as error:
+                    self.state, self._failure = MigrationState.FAILED, str(error)
+                    self._ended.set()
+                    log.error("migration %s: %s", self.migration_id, error)
+                    return self.error(500, str(error))
+                self.header, self._header_bytes = header, header.encode()
+                self._stats.started_ns = header.paused_at_ns
+                self._stats.header_bytes = len(self._header_bytes)
+                self.state = MigrationState.SERVING
+                log.info("migration %s: guest paused, header of %d bytes (%d eager runs)",
+                         self.migration_id, len(self._header_bytes), len(header.eager))
+            if self.state is not MigrationState.SERVING:
+                return self._wrong_state("start")
+        return web.Response(body=self._header_bytes, content_type=MSGPACK)
+
+    async def complete_migration(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            message = Complete.decode(body)
+        except ProtoError as error:
+            return self.error(400, str(error))
+        if message.migration_id != self.migration_id:
+            return self.error(409, f"Complete for migration {message.migration_id!r}, "
+                                   f"this server serves {self.migration_id!r}")
+        if self.state is MigrationState.COMPLETED:
+            return web.Response(status=204)  # a retried Complete
+        if self.state is not MigrationState.SERVING:
+            return self._wrong_state("complete")
+        self.state = MigrationState.COMPLETED
+        self.complete_stats = message.stats
+        self._stats.completed_ns = time.monotonic_ns()
+        self.completed.set()
+        self._ended.set()
+        log.info("migration %s completed: %s", self.migration_id, message.stats)
+        return web.Response(status=204)
+
+    async def vm_status(self, request: web.Request) -> web.Response:
+        services = self.machine.services
+        vcpus = [
+            {"id": thread.id, "state": thread.state.value, "verified": p.verified, "errors": p.errors,
+             "reports": p.reports, "sweeps": p.sweeps, "sweep_pages": p.sweep_pages,
+             "sweep_errors": p.sweep_errors}
+            for thread, p in zip(self.machine.vcpus, services.progress)
+        ]
+        return web.json_response({
+            "state": self.state.value, "guest_bytes": self.machine.memory.size, "vcpus": len(self.machine.vcpus),
+            "verified": services.verified, "errors": services.errors,
+            "exceptions": len(services.exceptions), "vcpus": vcpus,
+        })
+
+    async def vm_sweep(self, request: web.Request) -> web.Response:
+        async with self._transition:
+            if self.state is not MigrationState.RUNNING:
+                return self._wrong_state("sweep the guest")
+            services = self.machine.services
+            loop = asyncio.get_running_loop()
+            finished = await loop.run_in_executor(None, services.sweep, self.sweep_timeout_s)
+            pages = sum(p.sweep_pages for p in services.progress)
+            errors = sum(p.sweep_errors for p in services.progress)
+        return web.json_response({"ok": finished and errors == 0, "finished": finished,
+                                  "pages": pages, "errors": errors})
+
+    async def pages_ws(self, request: web.Request) -> web.StreamResponse:
+        # A destination opens its sockets before it asks for the switchover (so connecting is
+        # not downtime); pages are served only once the guest is paused here.
+        if self.state not in (MigrationState.RUNNING, MigrationState.SERVING):
+            return self._wrong_state("serve pages")
+        ws = web.WebSocketResponse(heartbeat=None, compress=False, max_msg_size=WS_MAX_FRAME_BYTES)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        self._stats.ws_connections += 1
+        try:
+            await self._serve(ws)
+        finally:
+            self._sockets.discard(ws)
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse) -> None:
+        """The hot path: one decode, one build, one send per request, answered in order."""
+        # One view per region, sliced per request (no copy); valid until the machine closes,
+        # which its owner does only after close() has ended every socket.
+        memory = self.machine.memory
+        spans = [(r.gpa, r.end, memory.view(r.gpa, r.size)) for r in memory.regions]
+        stats = self._stats
+        requests = stats.requests
+        async for frame in ws:
+            if frame.type is not WSMsgType.BINARY:
+                if frame.type is WSMsgType.TEXT:
+                    await self._send_error(ws, 400, "page requests are binary msgpack frames, not text")
+                    continue
+                break  # CLOSE, ERROR (an oversized frame included)
+            if self.state is MigrationState.RUNNING:
+                await self._send_error(ws, 409, "the guest still runs here: start the migration first")
+                continue
+            if self.state is not MigrationState.SERVING:
+                await self._send_error(ws, 409, f"the migration is {self.state.value}: no more pages")
+                break
+            assert self.header is not None
+            regions = self.header.regions
+            try:
+                page_request = PageRequest.decode(frame.data)
+            except ProtoError as error:
+                await self._send_error(ws, _decode_error_code(frame.data), str(error))
+                continue
+            try:
+                page_request.validate_range(regions)
+            except ProtoError as error:
+                await self._send_error(ws, 416, str(error))
+                continue
+            gpa, count = page_request.gpa, page_request.count
+            for first, end, region_view in spans:
+                if first <= gpa < end:
+                    break
+            offset = gpa - first
+            batch = build_page_batch(gpa, count, region_view[offset : offset + count * PAGE_SIZE])
+            data_pages = len(batch) // _BATCH_PAGE_BYTES
+            stats.pages_data += data_pages
+            stats.pages_zero += count - data_pages
+            stats.batch_bytes += len(batch)
+            requests[page_request.kind] += 1
+            await ws.send_bytes(batch)
+
+    async def _send_error(self, ws: web.WebSocketResponse, code: int, message: str) -> None:
+        self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
+        await ws.send_bytes(_error_body(code, message))
+
+
+def _decode_error_code(data: bytes) -> int:
+    """The status for a frame that is no valid PageRequest: 413 too big (the frame, or count
+    over MAX_BATCH_PAGES), 416 a gpa misaligned or past MAX_GPA, 400 anything else.
+    Only this error path looks at the frame a second time."""
+    if len(data) > MAX_REQUEST_MESSAGE_BYTES:
+        return 413
+    try:
+        obj = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0,
+                              max_str_len=MAX_REQUEST_MESSAGE_BYTES)
+    except Exception:  # noqa: BLE001 - whatever msgpack raises, the frame is malformed
+        return 400
+    if type(obj) is not dict or obj.get("t") != PageRequest.TYPE:
+        return 400
+    gpa, count = obj.get("gpa"), obj.get("count")
+    if type(count) is int and count > MAX_BATCH_PAGES:
+        return 413
+    if type(gpa) is not int or type(count) is not int or count < 1:
+        return 400
+    if gpa % PAGE_SIZE or not 0 <= gpa <= MAX_GPA - count * PAGE_SIZE:
+        return 416
+    return 400
+
+
+# -- the application: middlewares and routes ----------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PATHS: Final = frozenset({"/v1/health"})
+
+
+@web.middleware
+async def _errors_as_replies(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (404, 405, 413 body too large) and any bug become ErrorReplies."""
+    server = request.app[_SERVER]
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return server.error(error.status, error.reason)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return server.error(500, f"internal error in {request.method} {request.path}")
+
+
+@web.middleware
+async def _bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, request.app[_AUTH]):
+        response = request.app[_SERVER].error(401, "missing or wrong bearer token")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return await handler(request)
+
+
+def make_app(server: PageServer) -> web.Application:
+    app = web.Application(middlewares=[_errors_as_replies, _bearer_auth], client_max_size=MAX_BODY_BYTES)
+    app[_SERVER] = server
+    app[_AUTH] = server._token
+    app.add_routes([
+        web.get("/v1/health", server.health),
+        web.post("/v1/migration/start", server.start_migration),
+        web.get("/v1/pages/ws", server.pages_ws),
+        web.post("/v1/migration/complete", server.complete_migration),
+        web.get("/v1/vm/status", server.vm_status),
+        web.post("/v1/vm/sweep", server.vm_sweep),
+    ])
+    app.on_shutdown.append(server._close_sockets)
+    return app
