@@ -1,0 +1,137 @@
+"""The page tracker: the only code that knows which guest pages are present, in flight or still
+wanted. Demand, readahead and background all ask it, so no race has two owners.
+
+Pages are numbered over all memory regions back to back (GuestMemory.page_index). A page goes
+MISSING -> (IN_FLIGHT ->) PRESENT, never back but for a failed background fetch, which returns
+its claim. Who installed a page is recorded once, at the MISSING/IN_FLIGHT -> PRESENT step, so
+the counts by arrival add up to the guest's page count exactly.
+"""
+from __future__ import annotations
+
+import enum
+import re
+import threading
+from collections.abc import Iterator
+
+from vmm.memory import GuestMemory
+
+MISSING, PRESENT, IN_FLIGHT = 0, 1, 2
+_MISSING = bytes([MISSING])
+
+
+class Arrival(enum.IntEnum):
+    EAGER = 1
+    DEMAND = 2
+    READAHEAD = 3
+    BACKGROUND = 4
+    ZERO = 5
+
+
+ARRIVAL_NAMES = {a: a.name.lower() for a in Arrival}
+
+
+class PageTracker:
+    def __init__(self, memory: GuestMemory, zero_bitmap: bytes | None = None) -> None:
+        self.memory = memory
+        self.npages = memory.pages
+        self.state = bytearray(self.npages)
+        self.arrival = bytearray(self.npages)
+        # The source's zero map as sent (1 bit per page, LSB first): kept packed, because
+        # unpacking a 4 GiB guest's map would cost milliseconds of downtime.
+        nbytes = (self.npages + 7) // 8
+        self.zero_bitmap = bytes(zero_bitmap) if zero_bitmap is not None else bytes(nbytes)
+        if len(self.zero_bitmap) != nbytes:
+            raise ValueError(f"zero map of {len(self.zero_bitmap)} bytes, guest RAM of {self.npages} pages needs {nbytes}")
+        self.counts = dict.fromkeys(Arrival, 0)
+        self.present = 0
+        self._lock = threading.Lock()
+        self.all_present = threading.Event()
+
+    # -- queries (lock-free: single bytes read under the GIL) ---------------------------------
+    def is_present(self, page: int) -> bool:
+        return self.state[page] == PRESENT
+
+    def is_zero(self, page: int) -> bool:
+        return (self.zero_bitmap[page >> 3] >> (page & 7)) & 1 == 1
+
+    def zero_runs(self) -> Iterator[tuple[int, int]]:
+        """(first page, count) of each run of zero-map pages, in order."""
+        run_start, run_len = -1, 0
+        for span in re.finditer(rb"[^\x00]+", self.zero_bitmap):
+            for offset, byte in enumerate(span.group(), span.start()):
+                for bit in range(8) if byte != 0xFF else ():
+                    page = offset * 8 + bit
+                    if byte >> bit & 1:
+                        if run_len and run_start + run_len == page:
+                            run_len += 1
+                        else:
+                            if run_len:
+                                yield run_start, run_len
+                            run_start, run_len = page, 1
+                if byte == 0xFF:
+                    page = offset * 8
+                    if run_len and run_start + run_len == page:
+                        run_len += 8
+                    else:
+                        if run_len:
+                            yield run_start, run_len
+                        run_start, run_len = page, 8
+        if run_len:
+            yield run_start, min(run_len, self.npages - run_start)
+
+    def missing_run(self, page: int, limit: int) -> int:
+        """How many pages from ``page`` on (at most ``limit``) are MISSING and of the same kind
+        (zero or not) as ``page``: the readahead window that is worth asking for."""
+        state, is_zero = self.state, self.is_zero
+        end = min(page + limit, self.npages)
+        kind = is_zero(page)
+        n = 0
+        for p in range(page, end):
+            if state[p] != MISSING or is_zero(p) != kind:
+                break
+            n += 1
+        return n
+
+    def next_missing(self, start: int) -> int:
+        """The first MISSING page at or after ``start``, or -1."""
+        return self.state.find(_MISSING, start)
+
+    # -- transitions -------------------------------------------------------------------------
+    def claim(self, page: int, limit: int) -> int:
+        """Mark up to ``limit`` MISSING pages from ``page`` IN_FLIGHT (stopping at the first one
+        that is not MISSING, or that differs in zero-ness); returns how many were claimed."""
+        with self._lock:
+            n = self.missing_run(page, limit)
+            if n:
+                self.state[page:page + n] = bytes([IN_FLIGHT]) * n
+            return n
+
+    def release(self, page: int, npages: int) -> None:
+        """Give back a claim whose fetch failed: IN_FLIGHT pages become MISSING again."""
+        with self._lock:
+            for p in range(page, page + npages):
+                if self.state[p] == IN_FLIGHT:
+                    self.state[p] = MISSING
+
+    def mark_present(self, page: int, npages: int, how: Arrival) -> int:
+        """Record that [page, page+npages) is installed; returns how many were new."""
+        with self._lock:
+            state, arrival = self.state, self.arrival
+            new = 0
+            for p in range(page, page + npages):
+                if state[p] != PRESENT:
+                    state[p] = PRESENT
+                    arrival[p] = how
+                    new += 1
+            if new:
+                self.counts[how] += new
+                self.present += new
+                if self.present == self.npages:
+                    self.all_present.set()
+            return new
+
+    def counts_by_name(self) -> dict[str, int]:
+        return {ARRIVAL_NAMES[a]: n for a, n in self.counts.items()}
+
+    def missing(self) -> int:
+        return self.npages - self.present

@@ -1,0 +1,126 @@
+"""Decoding fault exits into "these guest pages are missing", for every way a host reports one.
+
+- This host (no annotated -EFAULT, shadow paging): a data access returns KVM_EXIT_MMIO with the
+  faulting GPA; an instruction fetch returns KVM_EXIT_INTERNAL_ERROR (emulation), resolved by
+  KVM_TRANSLATE of RIP.
+- Upstream kernels with KVM_CAP_MEMORY_FAULT_INFO: KVM_RUN fails with EFAULT and
+  exit_reason KVM_EXIT_MEMORY_FAULT, memory_fault.gpa/size.
+- Kernels with the 2021 "Deliver VM fault signals to userspace" patch: a SIGBUS queued to the
+  vCPU thread (kept blocked there, read with sigtimedwait), si_addr = host virtual address.
+
+After the pages are installed, ``complete`` finishes what KVM could not: an emulated MMIO read
+gets its bytes from the now-present RAM, an emulated MMIO write is stored into it.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import signal
+from dataclasses import dataclass
+
+from vmm import libc
+from vmm.abi import kvm as abi
+from vmm.guest.layout import PAGE_SIZE
+from vmm.memory import GuestMemory
+from vmm.vcpu import VcpuThread
+
+X86_MAX_INSTRUCTION = 15
+PAGE_MASK = ~(PAGE_SIZE - 1)
+
+
+class FaultKind(enum.IntEnum):
+    MMIO = 0  # data read or write, emulated by KVM: this host
+    FETCH = 1  # instruction fetch: KVM_EXIT_INTERNAL_ERROR, emulation failure
+    MEMORY_FAULT = 2  # upstream KVM_EXIT_MEMORY_FAULT (-EFAULT)
+    SIGBUS = 3  # a SIGBUS queued to the vCPU thread (2021 patch)
+
+
+FAULT_KIND_NAMES = {k: k.name.lower() for k in FaultKind}
+
+
+class FaultError(Exception):
+    """An exit that looks like a memory fault but cannot be resolved; the message says why."""
+
+
+@dataclass(slots=True)
+class Fault:
+    """The pages one exit needs: [first_gpa, first_gpa + npages * PAGE_SIZE)."""
+
+    kind: FaultKind
+    gpa: int  # the faulting address itself (for MMIO completion)
+    first_gpa: int
+    npages: int
+
+
+class FaultDecoder:
+    """One per vCPU thread: owns the preallocated buffers the decode needs."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self._sigbus = libc.sigset_t.of(signal.SIGBUS)
+        self._siginfo = libc.siginfo_t()
+        self._zero_timeout = libc.timespec(0, 0)
+
+    def decode(self, thread: VcpuThread, ret: int) -> Fault | None:
+        """The fault behind this exit, or None if it is not a missing-page exit."""
+        run = thread.vcpu.run_struct
+        if ret < 0:
+            if ret == -errno.EFAULT and run.exit_reason == abi.KVM_EXIT_MEMORY_FAULT:
+                mf = run.memory_fault
+                return self._span(FaultKind.MEMORY_FAULT, mf.gpa, max(mf.size, 1))
+            if ret in (-errno.EFAULT, -errno.EINTR):
+                return self._pending_sigbus()
+            return None
+        reason = run.exit_reason
+        if reason == abi.KVM_EXIT_MMIO:
+            mmio = run.mmio
+            if not self.memory.contains(mmio.phys_addr, max(mmio.len, 1)):
+                return None  # real MMIO: not ours
+            return self._span(FaultKind.MMIO, mmio.phys_addr, max(mmio.len, 1))
+        if reason == abi.KVM_EXIT_INTERNAL_ERROR and run.internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION:
+            return self._fetch(thread)
+        return None
+
+    def _span(self, kind: FaultKind, gpa: int, length: int) -> Fault:
+        first = gpa & PAGE_MASK
+        last = (gpa + length - 1) & PAGE_MASK
+        if not self.memory.contains(first, last - first + PAGE_SIZE):
+            raise FaultError(f"{kind.name} fault at gpa {gpa:#x}+{length} is outside guest RAM")
+        return Fault(kind, gpa, first, ((last - first) >> 12) + 1)
+
+    def _fetch(self, thread: VcpuThread) -> Fault | None:
+        rip = thread.vcpu.get_regs().rip
+        tr = thread.vcpu.translate(rip)
+        if not tr.valid:
+            return None
+        fault = self._span(FaultKind.FETCH, tr.physical_address, 1)
+        # An instruction may cross into the next page: take it too when it maps to RAM.
+        end = thread.vcpu.translate(rip + X86_MAX_INSTRUCTION - 1)
+        if end.valid and (end.physical_address & PAGE_MASK) == fault.first_gpa + PAGE_SIZE \
+                and self.memory.contains(end.physical_address & PAGE_MASK, PAGE_SIZE):
+            fault.npages = 2
+        return fault
+
+    def _pending_sigbus(self) -> Fault | None:
+        got = libc.sigtimedwait(ctypes.byref(self._sigbus), ctypes.byref(self._siginfo), ctypes.byref(self._zero_timeout))
+        if got != signal.SIGBUS:
+            return None
+        hva = self._siginfo.si_addr
+        gpa = self.memory.gpa_of_hva(hva)
+        if gpa is None:
+            raise FaultError(f"SIGBUS at host address {hva:#x}, outside guest RAM (code {self._siginfo.si_code})")
+        return self._span(FaultKind.SIGBUS, gpa, 1)
+
+
+def complete(thread: VcpuThread, memory: GuestMemory, fault: Fault) -> None:
+    """Finish the access KVM handed back, once its pages are present (MMIO only)."""
+    if fault.kind is not FaultKind.MMIO:
+        return  # the instruction is retried on re-entry
+    mmio = thread.vcpu.run_struct.mmio
+    data = ctypes.addressof(mmio.data)
+    hva = memory.hva(mmio.phys_addr, mmio.len)
+    if mmio.is_write:
+        ctypes.memmove(hva, data, mmio.len)
+    else:
+        ctypes.memmove(data, hva, mmio.len)
