@@ -264,7 +264,10 @@ class Vcpu:
     def close(self) -> None:
         if self.fd >= 0:
             del self.run_struct
-            self._run_map.close()
+            try:
+                self._run_map.close()
+            except BufferError:
+                pass  # a traceback still holds a view of kvm_run: it is unmapped when that goes
             os.close(self.fd)
             self.fd = -1
 

@@ -1,19 +1,31 @@
 """memtouch: a guest that keeps verifying and rewriting its RAM, so a migration that loses,
 misplaces or serves a stale page is caught by the guest itself.
 
+The pattern is sampled (vmm.guest.pattern): a page carries it in SAMPLES qwords, one every
+512 bytes, and only those are written and checked. Guest code at CPL0 is emulated on this host
+(kvm_pvm, shared/HOST.md: ~0.7 us an instruction), so a page costs its instruction count; the
+whole-page pattern this replaced (~4 k instructions a page) ran ~375 pages/s per vCPU. The page
+code is therefore inlined and unrolled: ~45 instructions to fill a page, 60 to verify one
+(16 of them page_base), ~83 for one page of the walk including the LCG, the generation table,
+the rewrite and the counters; ~70 for one page of a sweep.
+
 Per vCPU, over the slice its BootParams describe (pattern: vmm.guest.pattern):
-  1. fill: write every page at generation 0 and zero its generation-table entry; no report.
-  2. forever: pick a page by the LCG walk, verify its 512 qwords (a bad page is reported once
-     with GS_PAGE_ERROR, repaired, and counted as one error), add what it read to the checksum,
-     then bump the page's generation and rewrite its head qwords. Every report_every pages:
-     GS_REPORT, then read an order (`in eax, dx`): continue, sweep (verify every page in order,
-     no rewrite, then GS_SWEEP_DONE) or halt.
+  1. fill: write the samples of every page at generation 0 and zero its generation-table entry;
+     no report. The other qwords are left as they are (zero on a fresh guest).
+  2. forever: pick a page by the LCG walk, verify its samples (a bad page is reported once
+     with GS_PAGE_ERROR, repaired, and counted as one error), add the samples it read to the
+     checksum, then bump the page's generation and rewrite its head sample. Every report_every
+     pages: GS_REPORT, then read an order (`in eax, dx`): continue, sweep (verify every page in
+     order, no rewrite, then GS_SWEEP_DONE) or halt.
 
 Registers held across the main loop: rsi = BootParams, r15 = first pfn, r14 = npages,
 r13 = generation table gpa, r12 = seed, rbp = walk state, rbx = pages verified. Counters that
-change once per page live in a frame on the stack ([rsp + slot]). Subroutines may clobber
-rax, rcx, rdx, rdi, r11 and say what else they use. Memory is touched only by plain `mov`
-(the one instruction form every exit path can complete).
+change once per page live in a frame on the stack ([rsp + slot]), and so do the offsets
+k * QWORD_MUL of samples 1.. (SAMPLE_OFFSETS), which the verify compares against in memory.
+The inline page code (_emit_verify, _emit_write_samples) clobbers rax, rcx, r11 and says what
+else it uses. Pattern pages and the generation table, which a migration may not have delivered
+yet, are touched only by plain `mov` (the one instruction form every exit path can complete);
+the stack, which like the code is always present, is also read and updated by ALU instructions.
 """
 from __future__ import annotations
 
@@ -23,28 +35,36 @@ from vmm.guest.asm import (
 )
 from vmm.guest.layout import CODE_GPA, PAGE_SHIFT, PAGE_SIZE
 from vmm.guest.pattern import (
-    GEN_MUL, HEAD_QWORDS, LCG_INC, LCG_MUL, MIX_MUL1, MIX_MUL2, MIX_SHIFT1, MIX_SHIFT2, MIX_SHIFT3,
-    PFN_MUL, QWORD_MUL, QWORDS_PER_PAGE, WALK_SEED_MUL, WALK_SHIFT,
+    GEN_MUL, HEAD_SAMPLES, LCG_INC, LCG_MUL, MIX_MUL1, MIX_MUL2, MIX_SHIFT1, MIX_SHIFT2, MIX_SHIFT3,
+    PFN_MUL, SAMPLE_QWORDS, WALK_SEED_MUL, WALK_SHIFT, sample_offset,
 )
 from vmm.guest.program import ENTRY_LABEL, GuestProgram, boot_param, emit_exception_stubs, link
 from vmm.guest.services import (
     GS_ORDER_HALT, GS_ORDER_SWEEP, GS_PAGE_ERROR, GS_PORT, GS_REPORT, GS_SWEEP_DONE,
 )
 
-HEAD_BYTES = HEAD_QWORDS * 8
+# The code below keeps the generation term in one register and checks sample 0 against it: it
+# handles exactly one head sample, sample 0 (whose k * QWORD_MUL is 0).
+if HEAD_SAMPLES != 1 or SAMPLE_QWORDS[0] != 0:
+    raise ValueError("memtouch assembles exactly one head sample, at qword 0")
 
-# The main loop's stack frame: one qword per slot.
-ERRORS, CHECKSUM, WRITTEN, COUNTDOWN, INDEX, SWEEP_INDEX, SWEEP_ERRORS, SWEEP_SUM = (8 * i for i in range(8))
-FRAME_BYTES = 64
+# The main loop's stack frame: one qword per slot, then the offsets k * QWORD_MUL of samples 1..
+# (a compare with the slot is one instruction where an imm64 needs a load and a compare).
+ERRORS, CHECKSUM, WRITTEN, COUNTDOWN, SWEEP_INDEX, SWEEP_ERRORS, SWEEP_SUM = (8 * i for i in range(7))
+SAMPLE_OFFSETS = 64  # slot of sample 1's offset; sample j's is at SAMPLE_OFFSETS + 8 * (j - 1)
+FRAME_BYTES = SAMPLE_OFFSETS + 8 * (len(SAMPLE_QWORDS) - 1)
 
 
 def slot(offset: int):
     return qword(RSP, disp=offset)
 
 
+def offset_slot(j: int):
+    return slot(SAMPLE_OFFSETS + 8 * (j - 1))
+
+
 def _emit_page_base(a: Assembler) -> None:
-    """page_base: rax = pattern.page_base(r12 = seed, r8 = pfn). Clobbers rcx."""
-    a.label("page_base")
+    """rax = pattern.page_base(r12 = seed, r8 = pfn). Clobbers rcx."""
     a.mov(RAX, PFN_MUL)
     a.imul(RAX, R8)
     a.xor(RAX, R12)
@@ -55,127 +75,94 @@ def _emit_page_base(a: Assembler) -> None:
         if mul is not None:
             a.mov(RCX, mul)
             a.imul(RAX, RCX)
-    a.ret()
 
 
-def _emit_verify_run(a: Assembler, name: str) -> None:
-    """Checks qwords [rdi + rbp] for rbp = -n*8 .. -8 against rax ^ rdx, rdx += rbx each step.
+def _emit_write_samples(a: Assembler, *, gen_zero: bool = False) -> None:
+    """Writes every sample of page rdi (gpa, base rax) at generation r9 (taken as 0 with
+    gen_zero). Preserves rax, rdi, r8, r9; clobbers rcx, r11."""
+    if gen_zero:
+        a.mov(qword(RDI), RAX)
+    else:
+        a.mov(R11, GEN_MUL)
+        a.imul(R11, R9)
+        a.xor(R11, RAX)
+        a.mov(qword(RDI), R11)
+    for j in range(1, len(SAMPLE_QWORDS)):
+        a.mov(RCX, sample_offset(SAMPLE_QWORDS[j]))
+        a.xor(RCX, RAX)
+        a.mov(qword(RDI, disp=8 * SAMPLE_QWORDS[j]), RCX)
 
-    The loop stays in registers: load, checksum, compare, advance (8 instructions a qword).
+
+def _emit_verify(a: Assembler, name: str) -> None:
+    """Verifies page r8 = pfn at generation r9, adding the samples it reads to r10 (checksum).
+
+    Leaves rax = the page's base and rdi = its gpa, for a rewrite. A bad sample jumps out of
+    line (_emit_verify_bad): GS_PAGE_ERROR (r8 = pfn, r9 = qword index, r10 = expected,
+    r11 = found), a repair of the page at generation r9 (so that one bad page counts once), +1 to
+    the error slots, and back to the end of the check, with r10 holding the samples up to and
+    including the bad one. Clobbers rcx, r11; preserves r8, r9, rdx.
     """
-    a.label(name)
-    a.mov(RCX, qword(RDI, RBP))  # found
-    a.add(R10, RCX)  # checksum: sum of every qword read
-    a.xor(RCX, RDX)  # found ^ k*QWORD_MUL must equal the run's base
-    a.cmp(RCX, RAX)
-    a.jne("verify_bad")
-    a.add(RDX, RBX)
-    a.add(RBP, 8)
-    a.jnz(name)
-
-
-def _emit_verify_page(a: Assembler) -> None:
-    """verify_page: r8 = pfn, r9 = gen, r10 = checksum in/out; rcx = 1 if the page was bad
-    (reported with GS_PAGE_ERROR and rewritten at gen), else 0. Preserves r8, r9, rbx, rbp."""
-    a.label("verify_page")
-    a.push(RBX)
-    a.push(RBP)
-    a.call("page_base")
-    a.mov(RBX, QWORD_MUL)
-    a.mov(R11, GEN_MUL)
-    a.imul(R11, R9)  # r11 = gen * GEN_MUL
-    a.xor(RAX, R11)  # head qwords carry the generation
+    _emit_page_base(a)
     a.mov(RDI, R8)
     a.shl(RDI, PAGE_SHIFT)
-    a.add(RDI, HEAD_BYTES)
-    a.mov(RBP, -HEAD_BYTES)
-    a.xor(RDX, RDX)
-    _emit_verify_run(a, "verify_head")
-    a.xor(RAX, R11)
-    a.add(RDI, PAGE_SIZE - HEAD_BYTES)
-    a.mov(RBP, -(PAGE_SIZE - HEAD_BYTES))
-    _emit_verify_run(a, "verify_tail")
-    a.xor(RCX, RCX)
-    a.pop(RBP)
-    a.pop(RBX)
-    a.ret()
+    a.mov(R11, GEN_MUL)
+    a.imul(R11, R9)  # the head's generation term
+    a.mov(RCX, qword(RDI))
+    a.add(R10, RCX)
+    a.xor(RCX, R11)
+    a.cmp(RCX, RAX)
+    a.jne(f"{name}_bad0")
+    for j in range(1, len(SAMPLE_QWORDS)):
+        a.mov(RCX, qword(RDI, disp=8 * SAMPLE_QWORDS[j]))  # found
+        a.add(R10, RCX)
+        a.xor(RCX, RAX)  # found ^ base must be k * QWORD_MUL
+        a.cmp(RCX, offset_slot(j))
+        a.jne(f"{name}_bad{j}")
+    a.label(f"{name}_ok")
 
-    # A mismatch: rdi + rbp = its address, rcx = found ^ rdx, rax = expected ^ rdx.
-    a.label("verify_bad")
-    a.xor(RCX, RDX)
-    a.xor(RAX, RDX)
-    a.add(RDI, RBP)
+
+def _emit_verify_bad(a: Assembler, name: str, error_slots: tuple[int, ...]) -> None:
+    """The out-of-line half of _emit_verify(name): one stub per sample, then the report."""
+    for j, k in enumerate(SAMPLE_QWORDS):
+        a.label(f"{name}_bad{j}")
+        a.mov(ECX, k)
+        a.jmp(f"{name}_bad")
+    a.label(f"{name}_bad")  # rcx = qword index, rax = base, rdi = page gpa
     a.push(R8)
     a.push(R9)
     a.push(R10)
-    a.mov(R9, RDI)
-    a.and_(R9, PAGE_SIZE - 1)
-    a.shr(R9, 3)  # qword index
-    a.mov(R10, RAX)
-    a.mov(R11, RCX)
+    a.push(RDX)
+    a.push(RAX)
+    a.mov(R11, qword(RDI, RCX, 8))  # found
+    a.mov(RDX, sample_offset(1))  # QWORD_MUL
+    a.mov(R10, RCX)
+    a.imul(R10, RDX)
+    a.xor(R10, RAX)  # expected = base ^ k * QWORD_MUL ...
+    a.test(RCX, RCX)
+    a.jnz(f"{name}_bad_report")
+    a.mov(RDX, GEN_MUL)
+    a.imul(RDX, R9)
+    a.xor(R10, RDX)  # ... ^ gen * GEN_MUL for the head sample
+    a.label(f"{name}_bad_report")
+    a.mov(R9, RCX)
     a.mov(EAX, GS_PAGE_ERROR)
     a.mov(EDX, GS_PORT)
     a.out(DX, EAX)
+    a.pop(RAX)
+    a.pop(RDX)
     a.pop(R10)
     a.pop(R9)
     a.pop(R8)
-    a.mov(ECX, QWORDS_PER_PAGE)
-    a.call("write_page")  # repair, so that one bad page counts once
-    a.mov(ECX, 1)
-    a.pop(RBP)
-    a.pop(RBX)
-    a.ret()
-
-
-def _emit_write_page(a: Assembler) -> None:
-    """write_page: writes qwords 0 .. rcx-1 (HEAD_QWORDS or QWORDS_PER_PAGE) of page r8 = pfn
-    at generation r9. Preserves r8, r9, r10, rbx, rbp."""
-    a.label("write_page")
-    a.push(RBX)
-    a.push(RBP)
-    a.push(R10)
-    a.push(RCX)
-    a.call("page_base")
-    a.pop(RCX)
-    a.shl(RCX, 3)  # end offset in bytes
-    a.mov(RBX, QWORD_MUL)
-    a.mov(R11, GEN_MUL)
-    a.imul(R11, R9)
-    a.xor(RAX, R11)
-    a.mov(RDI, R8)
-    a.shl(RDI, PAGE_SHIFT)
-    a.xor(RBP, RBP)  # byte offset in the page
-    a.xor(RDX, RDX)  # k * QWORD_MUL
-    a.label("write_head")
-    a.mov(R10, RAX)
-    a.xor(R10, RDX)
-    a.mov(qword(RDI, RBP), R10)
-    a.add(RDX, RBX)
-    a.add(RBP, 8)
-    a.cmp(RBP, HEAD_BYTES)
-    a.jne("write_head")
-    a.xor(RAX, R11)
-    a.cmp(RBP, RCX)
-    a.jae("write_done")
-    a.label("write_tail")
-    a.mov(R10, RAX)
-    a.xor(R10, RDX)
-    a.mov(qword(RDI, RBP), R10)
-    a.add(RDX, RBX)
-    a.add(RBP, 8)
-    a.cmp(RBP, RCX)
-    a.jb("write_tail")
-    a.label("write_done")
-    a.pop(R10)
-    a.pop(RBP)
-    a.pop(RBX)
-    a.ret()
+    _emit_write_samples(a)  # repair, so that one bad page counts once
+    for offset in error_slots:
+        _emit_add_slot(a, offset, 1)
+    a.jmp(f"{name}_ok")
 
 
 def _emit_add_slot(a: Assembler, offset: int, value) -> None:
-    a.mov(RAX, slot(offset))
-    a.add(RAX, value)
-    a.mov(slot(offset), RAX)
+    a.mov(RCX, slot(offset))
+    a.add(RCX, value)
+    a.mov(slot(offset), RCX)
 
 
 def _emit_main(a: Assembler) -> None:
@@ -194,17 +181,25 @@ def _emit_main(a: Assembler) -> None:
         a.mov(slot(offset), RAX)
     a.mov(RAX, boot_param("report_every"))
     a.mov(slot(COUNTDOWN), RAX)
+    for j in range(1, len(SAMPLE_QWORDS)):
+        a.mov(RAX, sample_offset(SAMPLE_QWORDS[j]))
+        a.mov(offset_slot(j), RAX)
     a.test(R14, R14)
     a.jz("halt")  # an empty slice has nothing to walk
 
+    # fill: rbx = page index, r8 = its pfn, rdi = its gpa, rdx = its generation-table entry
     a.xor(RBX, RBX)
+    a.mov(R8, R15)
+    a.mov(RDI, R15)
+    a.shl(RDI, PAGE_SHIFT)
+    a.mov(RDX, R13)
     a.label("fill")
-    a.xor(RAX, RAX)
-    a.mov(qword(R13, RBX, 8), RAX)
-    a.lea(R8, qword(R15, RBX))
-    a.xor(R9, R9)
-    a.mov(ECX, QWORDS_PER_PAGE)
-    a.call("write_page")
+    a.mov(qword(RDX), 0)
+    _emit_page_base(a)
+    _emit_write_samples(a, gen_zero=True)
+    a.add(RDX, 8)
+    a.add(RDI, PAGE_SIZE)
+    a.inc(R8)
     a.inc(RBX)
     a.cmp(RBX, R14)
     a.jb("fill")
@@ -219,23 +214,21 @@ def _emit_main(a: Assembler) -> None:
     a.shr(RAX, WALK_SHIFT)
     a.imul(RAX, R14)
     a.shr(RAX, WALK_SHIFT)  # page index in [0, npages)
-    a.mov(slot(INDEX), RAX)
+    a.lea(RDX, qword(R13, RAX, 8))  # its generation-table entry
     a.lea(R8, qword(R15, RAX))
-    a.mov(R9, qword(R13, RAX, 8))
+    a.mov(R9, qword(RDX))
     a.mov(R10, slot(CHECKSUM))
-    a.call("verify_page")
+    _emit_verify(a, "walk_verify")
     a.mov(slot(CHECKSUM), R10)
-    _emit_add_slot(a, ERRORS, RCX)
     a.inc(RBX)
-    a.mov(RAX, slot(INDEX))  # rewrite: next generation of the head
-    a.mov(R9, qword(R13, RAX, 8))
-    a.inc(R9)
-    a.mov(qword(R13, RAX, 8), R9)
-    a.lea(R8, qword(R15, RAX))
-    a.mov(ECX, HEAD_QWORDS)
-    a.call("write_page")
-    _emit_add_slot(a, WRITTEN, 1)
-    _emit_add_slot(a, COUNTDOWN, -1)
+    a.inc(R9)  # rewrite: the next generation of the head
+    a.mov(qword(RDX), R9)
+    a.mov(R11, GEN_MUL)
+    a.imul(R11, R9)
+    a.xor(R11, RAX)
+    a.mov(qword(RDI), R11)
+    a.inc(slot(WRITTEN))
+    a.dec(slot(COUNTDOWN))
     a.jnz("walk")
 
     a.mov(RAX, boot_param("report_every"))
@@ -263,12 +256,10 @@ def _emit_main(a: Assembler) -> None:
     a.lea(R8, qword(R15, RAX))
     a.mov(R9, qword(R13, RAX, 8))
     a.mov(R10, slot(SWEEP_SUM))
-    a.call("verify_page")
+    _emit_verify(a, "sweep_verify")
     a.mov(slot(SWEEP_SUM), R10)
-    _emit_add_slot(a, SWEEP_ERRORS, RCX)
-    _emit_add_slot(a, ERRORS, RCX)
     _emit_add_slot(a, SWEEP_INDEX, 1)
-    a.cmp(RAX, R14)
+    a.cmp(RCX, R14)
     a.jb("sweep_page")
     a.mov(R8, R14)
     a.mov(R9, slot(SWEEP_ERRORS))
@@ -284,12 +275,12 @@ def _emit_main(a: Assembler) -> None:
     a.hlt()
     a.jmp("halt")
 
+    _emit_verify_bad(a, "walk_verify", (ERRORS,))
+    _emit_verify_bad(a, "sweep_verify", (SWEEP_ERRORS, ERRORS))
+
 
 def build(code_gpa: int = CODE_GPA) -> GuestProgram:
     a = Assembler(code_gpa)
     _emit_main(a)
-    _emit_page_base(a)
-    _emit_verify_page(a)
-    _emit_write_page(a)
     emit_exception_stubs(a)
     return link(a)

@@ -1,0 +1,44 @@
+"""The page tracker: claims, releases, arrival accounting and the zero map."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from postcopy.destination.pages import IN_FLIGHT, MISSING, PRESENT, Arrival, PageTracker
+
+
+@dataclass
+class _Memory:
+    pages: int
+
+
+def test_counts_by_arrival_add_up_to_the_guest() -> None:
+    t = PageTracker(_Memory(64))  # type: ignore[arg-type]
+    assert t.mark_present(0, 4, Arrival.EAGER) == 4
+    assert t.mark_present(2, 10, Arrival.BACKGROUND) == 8  # 2 and 3 were already there
+    assert t.mark_present(12, 52, Arrival.DEMAND) == 52
+    assert t.counts[Arrival.EAGER] == 4 and t.counts[Arrival.BACKGROUND] == 8
+    assert sum(t.counts.values()) == 64 and t.all_present.is_set() and t.missing() == 0
+
+
+def test_claim_stops_at_pages_others_have_and_release_returns_them() -> None:
+    t = PageTracker(_Memory(32))  # type: ignore[arg-type]
+    t.mark_present(5, 1, Arrival.DEMAND)
+    assert t.claim(0, 16) == 5
+    assert t.state[:6] == bytes([IN_FLIGHT] * 5 + [PRESENT])
+    assert t.claim(0, 4) == 0  # in flight already
+    assert t.next_missing(0) == 6
+    t.release(0, 5)
+    assert t.state[:5] == bytes([MISSING] * 5)
+
+
+def test_claim_does_not_mix_zero_and_data_pages() -> None:
+    zero = bytes([0b11110000, 0, 0, 0])
+    t = PageTracker(_Memory(32), zero)  # type: ignore[arg-type]
+    assert t.claim(0, 32) == 4  # pages 0..3 are data, 4..7 zero
+    assert t.is_zero(4) and not t.is_zero(3)
+    assert t.claim(4, 32) == 4
+
+
+def test_zero_runs_follow_the_bitmap_lsb_first() -> None:
+    t = PageTracker(_Memory(40), bytes([0b10110001, 0xFF, 0xFF, 0, 1]))  # type: ignore[arg-type]
+    assert list(t.zero_runs()) == [(0, 1), (4, 2), (7, 17), (32, 1)]

@@ -1,0 +1,295 @@
+"""vmm.machine with real guests: the touch and memtouch workloads, pause/resume, guest-detected
+corruption, config errors, and the UART and port-I/O bus (through a guest and directly)."""
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+
+import pytest
+
+from vmm.devices.bus import PioBus
+from vmm.devices.guest_services import GuestServices
+from vmm.devices.uart import UART_LSR, UART_LSR_THRE, Uart
+from vmm.guest import services as gs
+from vmm.guest import workloads
+from vmm.guest.asm import AL, DX, EAX, EDX, R8, RAX, Assembler
+from vmm.guest.layout import CODE_GPA, DATA_GPA, PAGE_SIZE, BootParams
+from vmm.guest.pattern import expected_page
+from vmm.guest.program import ENTRY_LABEL, emit_exception_stubs, link
+from vmm.machine import Machine, MachineConfig, MachineError
+from vmm.vcpu import VcpuState
+
+GUEST_BYTES = 16 << 20
+DATA_PAGES = (GUEST_BYTES - DATA_GPA) // PAGE_SIZE
+# This host's KVM (PVM) emulates guest ring-0 code at ~1.5 M instructions/s, and memtouch
+# spends ~4 k instructions per page: it gets a small guest (~1.3 s to fill) and frequent reports.
+MEMTOUCH_BYTES = 4 << 20
+MEMTOUCH_REPORT_EVERY = 64
+WAIT_S = 10.0
+UNKNOWN_PORT = 0x80  # POST-code port: no device of ours sits there
+
+kvm_only = pytest.mark.usefixtures("kvm_available")
+
+
+class Guests:
+    """Builds, boots and starts machines; closes them all at the end of the test."""
+
+    def __init__(self) -> None:
+        self.machines: list[Machine] = []
+
+    def start(self, workload: str, nvcpus: int, *, write: bool = False, seed: int = 1,
+              console: Callable[[str], None] | None = None) -> tuple[Machine, list[BootParams]]:
+        size = MEMTOUCH_BYTES if workload == "memtouch" else GUEST_BYTES
+        program, params = workloads.plan(workload, size, nvcpus, seed, write=write, report_every=MEMTOUCH_REPORT_EVERY)
+        m = Machine.create(MachineConfig(size, nvcpus), console=console)
+        self.machines.append(m)
+        m.boot(program, params)
+        m.start()
+        return m, params
+
+    def close(self) -> None:
+        for m in self.machines:
+            m.close()
+
+
+@pytest.fixture
+def guests() -> Iterator[Guests]:
+    g = Guests()
+    yield g
+    g.close()
+
+
+def _wait_reports(m: Machine, count: int = 2) -> None:
+    """Waits until every vCPU has sent ``count`` GS_REPORTs (so its fill phase is over)."""
+    ok = m.services.wait_for(lambda: all(p.reports >= count for p in m.services.progress) or bool(m.failures()), WAIT_S)
+    m.check()
+    assert ok, f"memtouch did not report within {WAIT_S} s: reports {[p.reports for p in m.services.progress]}"
+
+
+def _stale_pages(m: Machine, params: list[BootParams]) -> list[list[int]]:
+    """Per vCPU, the pages whose bytes are not the pattern at the generation its table holds."""
+    out = []
+    for p in params:
+        gens = struct.unpack(f"<{p.npages}Q", m.memory.read(p.gen_gpa, 8 * p.npages))
+        data = m.memory.read(p.data_gpa, p.npages * PAGE_SIZE)
+        out.append([i for i in range(p.npages)
+                    if data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != expected_page(p, i, gens[i])])
+    return out
+
+
+# -- touch -------------------------------------------------------------------------------------
+
+@kvm_only
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+@pytest.mark.parametrize("nvcpus", [1, 2])
+def test_touch_reports_every_page_of_each_slice_via_gs_done(guests: Guests, nvcpus: int, write: bool) -> None:
+    m, params = guests.start("touch", nvcpus, write=write)
+    done = m.services.wait_for(lambda: all(p.done_pages >= 0 for p in m.services.progress), WAIT_S)
+    m.check()
+    assert done, f"GS_DONE missing: done_pages {[p.done_pages for p in m.services.progress]}"
+    assert [p.done_pages for p in m.services.progress] == [p.npages for p in params]
+    assert sum(p.done_pages for p in m.services.progress) == DATA_PAGES
+    m.pause()
+    for i in range(DATA_PAGES):
+        gpa = DATA_GPA + i * PAGE_SIZE
+        want = gpa if write else 0  # a write stores the page's own gpa in its first qword
+        assert struct.unpack("<Q", m.memory.read(gpa, 8))[0] == want, f"page at {gpa:#x}"
+
+
+# -- memtouch ------------------------------------------------------------------------------------
+
+@kvm_only
+@pytest.mark.parametrize("nvcpus", [1, 2])
+def test_memtouch_verifies_pages_without_errors_and_a_sweep_covers_every_page(guests: Guests, nvcpus: int) -> None:
+    m, params = guests.start("memtouch", nvcpus, seed=0x1234)
+    _wait_reports(m)
+    assert all(p.verified > 0 for p in m.services.progress)
+    assert m.services.errors == 0
+    assert m.services.sweep(WAIT_S), "the sweep did not finish"
+    m.pause()
+    m.check()
+    for p, bp in zip(m.services.progress, params):
+        assert p.sweep_pages == bp.npages and p.sweep_errors == 0 and not p.page_errors
+    assert m.services.errors == 0
+    # The guest really wrote its pattern: every page matches its generation (at most the one
+    # page each vCPU was rewriting when paused may be caught halfway).
+    assert all(len(stale) <= 1 for stale in _stale_pages(m, params)), _stale_pages(m, params)
+
+
+@kvm_only
+def test_guest_detects_a_page_corrupted_by_the_host_while_paused(guests: Guests) -> None:
+    m, params = guests.start("memtouch", 1)
+    _wait_reports(m)
+    m.pause()
+    assert m.services.errors == 0
+    bad_gpa = params[0].data_gpa + 10 * PAGE_SIZE
+    qword = 448  # the last sample: not the head, which the rewrite phase rewrites
+    addr = bad_gpa + qword * 8
+    (value,) = struct.unpack("<Q", m.memory.read(addr, 8))
+    m.memory.write(addr, struct.pack("<Q", value ^ 1))
+    m.resume()
+    assert m.services.sweep(WAIT_S)
+    m.pause()
+    p = m.services.progress[0]
+    assert p.page_errors, "the guest reported no GS_PAGE_ERROR"
+    pfn, index, expected, found = p.page_errors[0]
+    assert (pfn, index) == (bad_gpa >> 12, qword)
+    assert expected ^ found == 1
+    assert p.errors + p.sweep_errors > 0
+
+
+@kvm_only
+def test_pause_stops_progress_and_resume_continues_it_monotonically(guests: Guests) -> None:
+    m, _ = guests.start("memtouch", 1)
+    _wait_reports(m)
+    seen = []
+    for _ in range(3):
+        m.pause()
+        assert all(t.state is VcpuState.PAUSED for t in m.vcpus)
+        paused_at = m.services.verified
+        time.sleep(0.2)
+        assert m.services.verified == paused_at, "the guest made progress while paused"
+        seen.append(paused_at)
+        m.resume()
+        assert m.services.wait_for(lambda: m.services.verified > paused_at, WAIT_S), "no progress after resume"
+    m.check()
+    assert seen == sorted(seen) and len(set(seen)) == len(seen), seen
+    assert m.services.errors == 0
+
+
+# -- configuration errors --------------------------------------------------------------------
+
+@pytest.mark.parametrize("mem,nvcpus,match", [
+    (GUEST_BYTES + 1, 1, "multiple of 4 KiB"),
+    (GUEST_BYTES - 2048, 1, "multiple of 4 KiB"),
+    (0, 1, "multiple of 4 KiB"),
+    (1 << 20, 1, "boot region"),
+    (17 << 30, 1, "GiB"),
+    (GUEST_BYTES, 0, "vCPUs"),
+    (GUEST_BYTES, 33, "vCPUs"),
+])
+def test_bad_config_raises_machine_error(mem: int, nvcpus: int, match: str) -> None:
+    with pytest.raises(MachineError, match=match):
+        Machine.create(MachineConfig(mem, nvcpus))
+
+
+@kvm_only
+def test_boot_with_the_wrong_number_of_param_blocks_raises_machine_error(guests: Guests) -> None:
+    program, params = workloads.plan("touch", GUEST_BYTES, 1, 1)
+    m = Machine.create(MachineConfig(GUEST_BYTES, 2))
+    guests.machines.append(m)
+    with pytest.raises(MachineError, match="1 boot parameter blocks for 2 vCPUs"):
+        m.boot(program, params)
+
+
+# -- UART and the port bus, through a guest -------------------------------------------------
+
+def _port_program(text: str):
+    """A guest that prints ``text`` on COM1, writes and reads UNKNOWN_PORT, then reports
+    GS_DONE with r8 = what the read returned, and halts."""
+    a = Assembler(CODE_GPA)
+    a.label(ENTRY_LABEL)
+    a.mov(EDX, gs.UART_COM1_PORT)
+    for ch in text.encode():
+        a.mov(EAX, ch)
+        a.out(DX, AL)
+    a.mov(EDX, UNKNOWN_PORT)
+    a.out(DX, AL)
+    a.mov(EAX, 0)
+    a.in_(AL, DX)
+    a.mov(R8, RAX)
+    a.mov(EAX, gs.GS_DONE)
+    a.mov(EDX, gs.GS_PORT)
+    a.out(DX, EAX)
+    a.label("halt")
+    a.hlt()
+    a.jmp("halt")
+    emit_exception_stubs(a)
+    return link(a)
+
+
+@kvm_only
+def test_guest_uart_output_reaches_the_console_and_unknown_ports_do_not_stop_it(guests: Guests) -> None:
+    lines: list[str] = []
+    m = Machine.create(MachineConfig(GUEST_BYTES, 1), console=lines.append)
+    guests.machines.append(m)
+    _, params = workloads.plan("touch", GUEST_BYTES, 1, 1)
+    m.boot(_port_program("hello from the guest\r\nsecond line\n"), params)
+    m.start()
+    assert m.services.wait_for(lambda: m.services.progress[0].done_pages >= 0, WAIT_S), "the guest did not finish"
+    m.check()
+    assert lines == ["hello from the guest", "second line"]
+    assert m.uart.lines == lines
+    assert m.services.progress[0].done_pages == 0xFF  # an unknown port reads as all ones
+    assert m.bus.unknown_accesses == 2
+    assert m.vcpus[0].state is VcpuState.RUNNING  # halted in the kernel, not failed
+
+
+# -- devices on their own -----------------------------------------------------------------------
+
+def test_uart_sends_each_line_to_the_console_callback() -> None:
+    lines: list[str] = []
+    uart = Uart(console=lines.append)
+    for b in b"ab\r\ncd\nrest":
+        uart.pio_write(None, uart.base, 1, b)
+    assert lines == ["ab", "cd"] and uart.lines == ["ab", "cd"]
+    assert uart.pio_read(None, uart.base + UART_LSR, 1) & UART_LSR_THRE
+    assert uart.get_state()["pending"] == b"rest"
+
+
+def test_uart_divisor_latch_and_state_round_trip() -> None:
+    uart = Uart()
+    uart.pio_write(None, uart.base + 3, 1, 0x80)  # LCR.DLAB
+    uart.pio_write(None, uart.base + 0, 1, 0x0C)
+    uart.pio_write(None, uart.base + 1, 1, 0x00)
+    uart.pio_write(None, uart.base + 3, 1, 0x03)
+    uart.pio_write(None, uart.base + 7, 1, 0x5A)  # scratch
+    assert uart.divisor == 0x0C and uart.pio_read(None, uart.base + 7, 1) == 0x5A
+    other = Uart()
+    other.set_state(uart.get_state())
+    assert other.divisor == 0x0C and other.pio_read(None, other.base + 3, 1) == 0x03
+    assert other.pio_read(None, other.base + 7, 1) == 0x5A
+
+
+def test_bus_counts_unknown_port_accesses_reads_all_ones_and_drops_writes() -> None:
+    bus = PioBus()
+    uart = Uart()
+    bus.add(uart)
+    assert bus.read(None, UNKNOWN_PORT, 1) == 0xFF
+    assert bus.read(None, UNKNOWN_PORT, 2) == 0xFFFF
+    assert bus.read(None, UNKNOWN_PORT + 1, 4) == 0xFFFFFFFF
+    bus.write(None, UNKNOWN_PORT, 1, 0x12)
+    assert bus.unknown_accesses == 4
+    bus.write(None, uart.base + 7, 1, 0x33)  # a known port goes to its device, uncounted
+    assert uart.regs[7] == 0x33 and bus.unknown_accesses == 4
+
+
+def test_bus_refuses_a_second_device_on_a_taken_port() -> None:
+    bus = PioBus()
+    bus.add(Uart())
+    with pytest.raises(ValueError, match="already taken by uart"):
+        bus.add(Uart())
+
+
+def _fake_vcpu(vcpu_id: int, r8: int = 0, r9: int = 0, r10: int = 0, r11: int = 0) -> SimpleNamespace:
+    regs = SimpleNamespace(r8=r8, r9=r9, r10=r10, r11=r11)
+    return SimpleNamespace(id=vcpu_id, vcpu=SimpleNamespace(get_regs=lambda: regs))
+
+
+def test_guest_services_records_reports_page_errors_and_sweep_orders() -> None:
+    s = GuestServices(2)
+    s.pio_write(_fake_vcpu(1, 100, 0, 7, 50), gs.GS_PORT, 4, gs.GS_REPORT)
+    assert (s.progress[1].verified, s.progress[1].reports, s.progress[0].reports) == (100, 1, 0)
+    s.pio_write(_fake_vcpu(0, 0x300, 5, 1, 2), gs.GS_PORT, 4, gs.GS_PAGE_ERROR)
+    assert s.progress[0].page_errors == [(0x300, 5, 1, 2)]
+    s.order_all(gs.GS_ORDER_SWEEP)
+    assert s.pio_read(_fake_vcpu(0), gs.GS_PORT, 4) == gs.GS_ORDER_SWEEP
+    assert s.pio_read(_fake_vcpu(0), gs.GS_PORT, 4) == gs.GS_ORDER_CONTINUE  # a sweep is ordered once
+    assert s.pio_read(_fake_vcpu(1), gs.GS_PORT, 4) == gs.GS_ORDER_SWEEP
+    s.pio_write(_fake_vcpu(1, 42), gs.GS_PORT, 4, gs.GS_DONE)
+    assert s.progress[1].done_pages == 42 and s.progress[0].done_pages == -1
+    restored = GuestServices(2)
+    restored.set_state(s.get_state())
+    assert restored.progress == s.progress and restored.orders == s.orders

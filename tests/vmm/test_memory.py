@@ -1,0 +1,166 @@
+"""vmm.memory: guest RAM mappings, GPA arithmetic, access checks, residency and discard."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from vmm.memory import GuestMemory, GuestMemoryError, parse_size
+
+PAGE = 4096
+SIZE = 1 << 20  # 256 pages: these tests need no guest
+
+
+@pytest.fixture(params=["anon", "memfd"])
+def mem(request: pytest.FixtureRequest) -> Iterator[GuestMemory]:
+    m = GuestMemory.create(SIZE, request.param)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def two_regions() -> Iterator[GuestMemory]:
+    """Pages 0..3 at gpa 0, pages 4..11 at gpa 1 MiB: a hole in between."""
+    m = GuestMemory.create_layout([(0, 4 * PAGE), (1 << 20, 8 * PAGE)])
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("text,size", [
+    ("4096", 4096), ("64K", 64 << 10), ("64M", 64 << 20), ("1G", 1 << 30), ("2T", 2 << 40),
+    (" 16m ", 16 << 20), ("256MiB", 256 << 20), ("8MB", 8 << 20), ("1.5K", 1536),
+])
+def test_parse_size_reads_numbers_with_binary_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "abc", "M", "12Q", "1..5M"])
+def test_parse_size_rejects_garbage_with_guest_memory_error(text: str) -> None:
+    with pytest.raises(GuestMemoryError, match="memory size"):
+        parse_size(text)
+
+
+def test_create_maps_one_region_at_gpa_zero(mem: GuestMemory) -> None:
+    assert mem.size == SIZE and mem.pages == SIZE // PAGE
+    [r] = mem.regions
+    assert (r.slot, r.gpa, r.size, r.first_page) == (0, 0, SIZE, 0)
+    assert r.hva != 0 and r.end == SIZE and r.pages == SIZE // PAGE
+    assert (r.fd >= 0) == (mem.backing == "memfd")
+
+
+def test_memfd_backing_is_the_same_memory_as_its_fd() -> None:
+    m = GuestMemory.create(SIZE, "memfd")
+    try:
+        m.write(5 * PAGE + 3, b"through the mapping")
+        assert os.pread(m.regions[0].fd, 19, 5 * PAGE + 3) == b"through the mapping"
+        os.pwrite(m.regions[0].fd, b"through the fd", 9 * PAGE)
+        assert m.read(9 * PAGE, 14) == b"through the fd"
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("layout", [[(0, 4097)], [(0, 0)], [(100, PAGE)], [(0, -PAGE)]])
+def test_create_rejects_unaligned_or_empty_regions(layout: list[tuple[int, int]]) -> None:
+    with pytest.raises(GuestMemoryError, match="4 KiB"):
+        GuestMemory.create_layout(layout)
+
+
+def test_create_rejects_overlapping_regions() -> None:
+    with pytest.raises(GuestMemoryError, match="overlaps"):
+        GuestMemory.create_layout([(0, 2 * PAGE), (PAGE, PAGE)])
+
+
+def test_page_index_and_page_gpa_are_inverse_across_regions(two_regions: GuestMemory) -> None:
+    m = two_regions
+    assert m.pages == 12
+    assert m.page_index(0) == 0 and m.page_index(3 * PAGE + 5) == 3
+    assert m.page_index(1 << 20) == 4 and m.page_index((1 << 20) + 7 * PAGE + 4095) == 11
+    for index in range(m.pages):
+        assert m.page_index(m.page_gpa(index)) == index
+    assert m.page_gpa(4) == 1 << 20
+
+
+def test_page_index_and_page_gpa_outside_ram_raise(two_regions: GuestMemory) -> None:
+    with pytest.raises(GuestMemoryError):
+        two_regions.page_index(4 * PAGE)  # in the hole
+    with pytest.raises(GuestMemoryError, match="page index 12"):
+        two_regions.page_gpa(12)
+    with pytest.raises(GuestMemoryError):
+        two_regions.page_gpa(-1)
+
+
+def test_hva_and_gpa_of_hva_translate_both_ways(two_regions: GuestMemory) -> None:
+    m = two_regions
+    second = m.regions[1]
+    assert m.hva((1 << 20) + 10) == second.hva + 10
+    assert m.gpa_of_hva(second.hva + 10) == (1 << 20) + 10
+    assert m.gpa_of_hva(second.hva + second.size) is None
+
+
+def test_write_then_read_returns_the_bytes(mem: GuestMemory) -> None:
+    mem.write(0x1234, b"hello guest")
+    assert mem.read(0x1234, 11) == b"hello guest"
+    assert mem.read(0x1230, 4) == bytes(4)
+
+
+def test_view_is_a_writable_window_on_the_same_memory(mem: GuestMemory) -> None:
+    view = mem.view(2 * PAGE, PAGE)
+    assert len(view) == PAGE and not view.readonly
+    view[0:4] = b"abcd"
+    assert mem.read(2 * PAGE, 4) == b"abcd"
+    mem.write(2 * PAGE + 100, b"xy")
+    assert bytes(view[100:102]) == b"xy"
+
+
+@pytest.mark.parametrize("gpa,length", [(SIZE - 4, 8), (SIZE, 1), (-PAGE, 8)])
+def test_access_outside_guest_ram_raises_guest_memory_error(mem: GuestMemory, gpa: int, length: int) -> None:
+    with pytest.raises(GuestMemoryError, match="not inside guest RAM"):
+        mem.read(gpa, length)
+    with pytest.raises(GuestMemoryError, match="not inside guest RAM"):
+        mem.write(gpa, bytes(length))
+    with pytest.raises(GuestMemoryError, match="not inside guest RAM"):
+        mem.view(gpa, length)
+
+
+def test_access_across_a_hole_between_regions_raises(two_regions: GuestMemory) -> None:
+    with pytest.raises(GuestMemoryError):
+        two_regions.read(4 * PAGE - 4, 8)
+
+
+def test_resident_pages_shows_written_pages_and_not_untouched_ones(mem: GuestMemory) -> None:
+    assert not any(b & 1 for b in mem.resident_pages())
+    for page in (0, 7, 200):
+        mem.write(page * PAGE + 8, b"\x01")
+    resident = [i for i, b in enumerate(mem.resident_pages()) if b & 1]
+    assert resident == [0, 7, 200]
+
+
+def test_resident_pages_numbers_pages_across_regions(two_regions: GuestMemory) -> None:
+    two_regions.write(1, b"x")
+    two_regions.write((1 << 20) + 2 * PAGE, b"y")
+    assert [i for i, b in enumerate(two_regions.resident_pages()) if b & 1] == [0, 6]
+
+
+def test_discard_gives_pages_back_so_they_read_zero(mem: GuestMemory) -> None:
+    mem.write(3 * PAGE, b"\xff" * (2 * PAGE))
+    mem.write(5 * PAGE, b"kept")
+    mem.discard(3 * PAGE, 2 * PAGE)
+    assert [i for i, b in enumerate(mem.resident_pages()) if b & 1] == [5]
+    assert mem.read(3 * PAGE, 2 * PAGE) == bytes(2 * PAGE)
+    assert mem.read(5 * PAGE, 4) == b"kept"
+
+
+def test_discard_outside_guest_ram_raises(mem: GuestMemory) -> None:
+    with pytest.raises(GuestMemoryError):
+        mem.discard(SIZE, PAGE)
+
+
+def test_close_unmaps_and_is_idempotent() -> None:
+    m = GuestMemory.create(SIZE, "memfd")
+    fd = m.regions[0].fd
+    m.close()
+    assert m.regions[0].hva == 0 and m.regions[0].fd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    m.close()
