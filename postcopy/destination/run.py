@@ -34,7 +34,7 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
         status = await source_json(session, "GET", f"{source_url}/v1/vm/status", token)
     dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base, console=console)
     try:
-        await dest.prepare(int(status["guest_bytes"]), int(status["vcpus"]))
+        await dest.prepare(int(status["guest_bytes"]), int(status["vcpu_count"]))
         await dest.switchover()
         result = await dest.wait_complete(timeout=MIGRATION_TIMEOUT_S)
         assert dest.machine is not None and dest.tracker is not None

@@ -219,7 +219,7 @@ class PageServer:
             for thread, p in zip(self.machine.vcpus, services.progress)
         ]
         return web.json_response({
-            "state": self.state.value, "guest_bytes": self.machine.memory.size, "vcpus": len(self.machine.vcpus),
+            "state": self.state.value, "guest_bytes": self.machine.memory.size, "vcpu_count": len(self.machine.vcpus),
             "verified": services.verified, "errors": services.errors,
             "exceptions": len(services.exceptions), "vcpus": vcpus,
         })
