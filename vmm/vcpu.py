@@ -101,6 +101,8 @@ class VcpuThread:
             if self.state not in (VcpuState.RUNNING, VcpuState.CREATED):
                 return
             self._request = "pause"
+            if not self._thread.is_alive():
+                return  # not started: it parks as soon as it starts
         self.kick()
         settled = (VcpuState.PAUSED, VcpuState.HALTED, VcpuState.FAILED, VcpuState.STOPPED)
         with self._changed:
@@ -109,10 +111,11 @@ class VcpuThread:
 
     def resume(self) -> None:
         with self._changed:
-            if self.state is VcpuState.PAUSED:
+            if self._request == "pause":
                 self._request = None
+            if self.state is VcpuState.PAUSED:
                 self.state = VcpuState.RUNNING
-                self._changed.notify_all()
+            self._changed.notify_all()
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._changed:

@@ -293,3 +293,22 @@ def test_guest_services_records_reports_page_errors_and_sweep_orders() -> None:
     restored = GuestServices(2)
     restored.set_state(s.get_state())
     assert restored.progress == s.progress and restored.orders == s.orders
+
+
+@kvm_only
+def test_a_machine_paused_before_it_starts_parks_at_once_and_runs_when_resumed() -> None:
+    program, params = workloads.plan("touch", GUEST_BYTES, 2, 1)
+    m = Machine.create(MachineConfig(GUEST_BYTES, 2))
+    try:
+        m.boot(program, params)
+        t0 = time.monotonic()
+        m.pause()  # nothing runs yet: must not wait for a vCPU that never started
+        assert time.monotonic() - t0 < 1.0
+        m.start()
+        time.sleep(0.2)
+        assert all(p.done_pages == -1 for p in m.services.progress)  # parked, not running
+        m.resume()
+        assert m.services.wait_for(lambda: all(p.done_pages >= 0 for p in m.services.progress), WAIT_S)
+        assert [p.done_pages for p in m.services.progress] == [p.npages for p in params]
+    finally:
+        m.close()
