@@ -68,7 +68,7 @@ def render(report: dict[str, Any]) -> str:
     lat = report.get("fault_latency_us") or {}
     g = report["guest"]
     lines = [
-        f"post-copy migration of a {report['guest_mib']} MiB, {report['vcpus']}-vCPU memtouch guest over loopback",
+        f"post-copy migration of a {report['guest_mib']} MiB, {report['vcpus']}-vCPU memtouch guest",
         f"  fault mode      {report['fault_mode']}",
         f"  downtime        {report['downtime_ms']} ms (source pause -> first KVM_RUN here)",
         f"  total           {report['total_ms']} ms (source pause -> every page present)",
@@ -76,8 +76,13 @@ def render(report: dict[str, Any]) -> str:
         f"  fault exits     {kinds}",
         f"  fault latency   p50 {lat.get('p50', '-')} us, p99 {lat.get('p99', '-')} us over {lat.get('count', 0)} faults",
         f"  page-in rate    {report['pagein_rate']:.0f} pages/s",
-        f"  guest check     before: {g['before']['swept_pages']} pages swept, {g['before']['errors']} errors; "
-        f"after: {g['after']['swept_pages']} pages swept, {g['after']['errors']} errors",
+        f"  guest check     before: {_sweep(g['before'])}; after: {_sweep(g['after'])}",
         f"  verified        {report['verified']} (guest errors {report['guest_errors']})",
     ]
     return "\n".join(lines)
+
+
+def _sweep(sweep: dict[str, Any]) -> str:
+    if sweep.get("swept_pages") is None:
+        return "not checked"
+    return f"{sweep['swept_pages']} pages swept, {sweep['errors']} errors"

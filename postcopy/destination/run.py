@@ -9,6 +9,7 @@ from typing import Any, Callable
 import aiohttp
 
 from postcopy.destination.client import FetchError, auth_headers
+from proto import ErrorReply, ProtoError, decode_any
 from postcopy.destination.migration import Destination, FaultMode, MigrationError, result_dict
 
 SWEEP_TIMEOUT_S = 60.0
@@ -19,10 +20,18 @@ async def source_json(session: aiohttp.ClientSession, method: str, url: str, tok
     try:
         async with session.request(method, url, headers=auth_headers(token)) as resp:
             if resp.status != 200:
-                raise FetchError(f"{method} {url}: HTTP {resp.status} {(await resp.read())[:200]!r}")
+                raise FetchError(f"{method} {url}: HTTP {resp.status}: {_reason(await resp.read())}")
             return await resp.json(content_type=None)
     except (aiohttp.ClientError, OSError) as e:
         raise FetchError(f"{method} {url}: {e}") from None
+
+
+def _reason(body: bytes) -> str:
+    try:
+        msg = decode_any(body)
+    except ProtoError:
+        return repr(body[:200])
+    return msg.message if isinstance(msg, ErrorReply) else type(msg).__name__
 
 
 async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s: float = 1.0,
