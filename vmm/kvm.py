@@ -3,7 +3,6 @@ after them, in the manner of rust-vmm's kvm-ioctls. Nothing here knows about gue
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 from typing import TypeVar
@@ -25,11 +24,7 @@ class KvmError(Exception):
 
 
 def _ioctl(fd: int, request: int, arg: object, what: str) -> int:
-    ret = libc.ioctl(fd, request, arg)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise KvmError(f"{what}: {os.strerror(err)} (errno {errno.errorcode.get(err, err)})", err)
-    return ret
+    return libc.checked_ioctl(fd, request, arg, what, KvmError)
 
 
 class Kvm:

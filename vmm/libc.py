@@ -6,6 +6,7 @@ comes back to the caller: that is how a vCPU is kicked out of KVM_RUN.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -86,6 +87,15 @@ def check(ret: int, what: str) -> int:
     if ret == -1:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def checked_ioctl(fd: int, request: int, arg: object, what: str, error: type[Exception]) -> int:
+    """ioctl that raises ``error(message, errno)`` naming ``what`` and the kernel's error."""
+    ret = ioctl(fd, request, arg)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise error(f"{what}: {os.strerror(err)} (errno {errno.errorcode.get(err, err)})", err)
     return ret
 
 

@@ -27,11 +27,7 @@ class UffdError(Exception):
 
 
 def _ioctl(fd: int, request: int, arg: object, what: str) -> int:
-    ret = libc.ioctl(fd, request, arg)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise UffdError(f"{what}: {os.strerror(err)} (errno {errno.errorcode.get(err, err)})", err)
-    return ret
+    return libc.checked_ioctl(fd, request, arg, what, UffdError)
 
 
 def _open_fd(flags: int) -> int:

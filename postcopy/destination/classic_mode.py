@@ -89,13 +89,7 @@ class ClassicHandler:
             elif tracker.is_zero(page):
                 self.installer.install_zero(page, 1)
             else:
-                window = self.readahead.window(page)
-                region = self.memory.region_of(self.memory.page_gpa(page))
-                last = region.first_page + region.pages - 1
-                extra = tracker.claim(page + 1, min(window - 1, last - page)) if window > 1 and page < last else 0
-                if extra and tracker.is_zero(page + 1):
-                    tracker.release(page + 1, extra)
-                    extra = 0
+                extra = tracker.claim_readahead(page, self.readahead.window(page))
                 try:
                     batch = await self.connection.submit(self.memory.page_gpa(page), 1 + extra, "demand")
                 except BaseException:

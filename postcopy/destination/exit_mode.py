@@ -75,14 +75,7 @@ class ExitModeResolver:
         if tracker.is_zero(page):
             self.installer.install_zero(page, 1)
             return
-        window = st.readahead.window(page)
-        # Readahead only over pages nobody has or is fetching, and not past this region.
-        region = self.memory.region_of(self.memory.page_gpa(page))
-        last = region.first_page + region.pages - 1
-        extra = tracker.claim(page + 1, min(window - 1, last - page)) if window > 1 and page < last else 0
-        if extra and tracker.is_zero(page + 1):
-            tracker.release(page + 1, extra)
-            extra = 0
+        extra = tracker.claim_readahead(page, st.readahead.window(page))
         try:
             batch = st.connection.fetch(self.memory.page_gpa(page), 1 + extra, "demand")  # type: ignore[union-attr]
         except BaseException:

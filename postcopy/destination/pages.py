@@ -106,6 +106,15 @@ class PageTracker:
                 self.state[page:page + n] = bytes([IN_FLIGHT]) * n
             return n
 
+    def claim_readahead(self, page: int, window: int) -> int:
+        """Claim the readahead behind a demanded ``page``: up to ``window - 1`` MISSING data
+        pages right after it, in the same memory region. Returns how many were claimed."""
+        region = self.memory.region_of(self.memory.page_gpa(page))
+        last = region.first_page + region.pages - 1
+        if window <= 1 or page >= last or self.is_zero(page + 1):
+            return 0
+        return self.claim(page + 1, min(window - 1, last - page))
+
     def release(self, page: int, npages: int) -> None:
         """Give back a claim whose fetch failed: IN_FLIGHT pages become MISSING again."""
         with self._lock:

@@ -16,7 +16,6 @@ from vmm.abi import kvm as kabi
 from vmm.abi.userfaultfd import UFFD_FEATURE_SIGBUS
 from vmm.guest import workloads
 from vmm.guest.layout import CODE_GPA, DATA_GPA, PAGE_SIZE
-from vmm.guest.touch import TOUCH_WRITE
 from vmm.machine import Machine, MachineConfig
 from vmm.memory import GuestMemory
 from vmm.uffd import Uffd

@@ -217,6 +217,7 @@ def test_pattern_samples_every_512_bytes_and_leaves_the_rest_zero():
 def test_pattern_differs_by_pfn_seed_and_only_in_the_head_sample_by_gen():
     a, b = pattern.page_words(5, 600, 0), pattern.page_words(5, 600, 1)
     assert len(a) == PAGE_SIZE and a != pattern.page_words(5, 601, 0) != pattern.page_words(6, 600, 0)
+    assert a != b  # the generation shows in the head sample
     sa, sb = pattern.sample_qwords(5, 600, 0), pattern.sample_qwords(5, 600, 1)
     head = pattern.HEAD_SAMPLES
     assert all(x != y for x, y in zip(sa[:head], sb[:head])) and sa[head:] == sb[head:]
