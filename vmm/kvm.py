@@ -234,8 +234,10 @@ class Vcpu:
     def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
         buf = _msrs_buffer([(i, 0) for i in indices])
         got = _ioctl(self.fd, abi.KVM_GET_MSRS, buf, f"KVM_GET_MSRS on vCPU {self.id}")
+        if got != len(indices):  # a silently shortened list would lose state in a migration
+            raise KvmError(f"KVM_GET_MSRS on vCPU {self.id}: MSR {indices[got]:#x} was refused")
         entries = (abi.kvm_msr_entry * len(indices)).from_buffer(buf, ctypes.sizeof(abi.kvm_msrs))
-        return [(e.index, e.data) for e in entries[:got]]
+        return [(e.index, e.data) for e in entries]
 
     def set_msrs(self, msrs: list[tuple[int, int]]) -> None:
         done = _ioctl(self.fd, abi.KVM_SET_MSRS, _msrs_buffer(msrs), f"KVM_SET_MSRS on vCPU {self.id}")
