@@ -59,23 +59,16 @@ class PageTracker:
         run_start, run_len = -1, 0
         for span in re.finditer(rb"[^\x00]+", self.zero_bitmap):
             for offset, byte in enumerate(span.group(), span.start()):
-                for bit in range(8) if byte != 0xFF else ():
-                    page = offset * 8 + bit
-                    if byte >> bit & 1:
-                        if run_len and run_start + run_len == page:
-                            run_len += 1
-                        else:
-                            if run_len:
-                                yield run_start, run_len
-                            run_start, run_len = page, 1
-                if byte == 0xFF:
-                    page = offset * 8
+                # A full byte is 8 zero pages at once; otherwise look at each bit.
+                pieces = ((offset * 8, 8),) if byte == 0xFF else \
+                    ((offset * 8 + bit, 1) for bit in range(8) if byte >> bit & 1)
+                for page, n in pieces:
                     if run_len and run_start + run_len == page:
-                        run_len += 8
-                    else:
-                        if run_len:
-                            yield run_start, run_len
-                        run_start, run_len = page, 8
+                        run_len += n
+                        continue
+                    if run_len:
+                        yield run_start, run_len
+                    run_start, run_len = page, n
         if run_len:
             yield run_start, min(run_len, self.npages - run_start)
 
