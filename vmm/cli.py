@@ -55,7 +55,7 @@ def run(workload: str, mem_bytes: int, vcpus: int, seconds: float, seed: int, *,
             if machine.services.stop_requested.is_set():
                 break
         swept = 0
-        if workloads.WORKLOADS[workload].gen_table and not machine.failures():
+        if workloads.WORKLOADS[workload].verifies and not machine.failures():
             if not machine.services.sweep(SWEEP_TIMEOUT_S):
                 raise MachineError(f"the guest did not finish its verification sweep in {SWEEP_TIMEOUT_S:.0f} s")
             swept = sum(p.sweep_pages for p in machine.services.progress)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from vmm import libc
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from vmm.kvm import Vm
 
 Backing = Literal["anon", "memfd"]
 
@@ -100,7 +103,7 @@ class GuestMemory:
             prev_end = gpa + size
         return cls(regions, backing)
 
-    def register(self, vm: "Vm", flags: int = 0) -> None:  # noqa: F821 - vmm.kvm.Vm
+    def register(self, vm: Vm, flags: int = 0) -> None:
         for r in self.regions:
             vm.set_user_memory_region(r.slot, r.gpa, r.size, r.hva, flags)
 

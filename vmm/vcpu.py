@@ -75,9 +75,7 @@ class VcpuThread:
         self.state = VcpuState.CREATED
         self.error: str | None = None
         self.exit_counts: dict[int, int] = {}
-        self.entries = 0
         self.first_run_ns = 0  # CLOCK_MONOTONIC of the first KVM_RUN (downtime ends there)
-        self.on_first_run: list = []
         self.block_sigbus = False  # set by fault handlers that read SIGBUS with sigtimedwait
         self.tid = 0
         self._request: str | None = None
@@ -182,11 +180,8 @@ class VcpuThread:
         counts = self.exit_counts
         if self.first_run_ns == 0:
             self.first_run_ns = time.monotonic_ns()
-            for callback in self.on_first_run:
-                callback(self)
         while True:
             ret = kvm_run()
-            self.entries += 1
             if ret:
                 counts[NO_EXIT] = counts.get(NO_EXIT, 0) + 1
                 if self.fault_handler is not None and self.fault_handler.on_fault_exit(self, ret):
@@ -228,14 +223,17 @@ class VcpuThread:
                 cell.value = self.pio.read(self, port, size)
 
     def _mmio(self, run: abi.kvm_run) -> None:
-        mmio = run.mmio
-        if self.memory.contains(mmio.phys_addr, max(mmio.len, 1)):
-            if self.fault_handler is not None and self.fault_handler.on_fault_exit(self, 0):
+        # The fault handler tells a missing RAM page from real MMIO (faults.py); without one,
+        # an MMIO exit inside RAM means a page is missing and nobody can bring it.
+        if self.fault_handler is not None:
+            if self.fault_handler.on_fault_exit(self, 0):
                 return
-            raise VcpuError(f"vCPU {self.id}: an access to guest RAM at gpa {mmio.phys_addr:#x} came back as MMIO: "
+        elif self.memory.contains(run.mmio.phys_addr, max(run.mmio.len, 1)):
+            raise VcpuError(f"vCPU {self.id}: an access to guest RAM at gpa {run.mmio.phys_addr:#x} came back as MMIO: "
                             "the page is missing and no fault handler is set")
         # No MMIO devices: reads return all ones, writes are dropped (logged once by the bus).
-        self.pio._unknown(self, mmio.phys_addr, "MMIO " + ("write" if mmio.is_write else "read"))
+        mmio = run.mmio
+        self.pio.report_unknown(self, mmio.phys_addr, "MMIO " + ("write" if mmio.is_write else "read"))
         if not mmio.is_write:
             ctypes.memset(ctypes.addressof(mmio.data), 0xFF, mmio.len)
 

@@ -15,7 +15,7 @@ import enum
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
 import aiohttp
@@ -280,5 +280,4 @@ def _percentiles(samples_ns: list[int]) -> dict[str, float]:
 
 
 def result_dict(result: MigrationResult) -> dict[str, Any]:
-    from dataclasses import asdict
     return asdict(result)

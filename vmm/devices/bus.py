@@ -43,18 +43,19 @@ class PioBus:
     def read(self, vcpu: Any, port: int, size: int) -> int:
         device = self._by_port.get(port)
         if device is None:
-            self._unknown(vcpu, port, "read")
+            self.report_unknown(vcpu, port, "read")
             return (1 << (8 * size)) - 1
         return device.pio_read(vcpu, port, size)
 
     def write(self, vcpu: Any, port: int, size: int, value: int) -> None:
         device = self._by_port.get(port)
         if device is None:
-            self._unknown(vcpu, port, f"write of {value:#x}")
+            self.report_unknown(vcpu, port, f"write of {value:#x}")
             return
         device.pio_write(vcpu, port, size, value)
 
-    def _unknown(self, vcpu: Any, port: int, what: str) -> None:
+    def report_unknown(self, vcpu: Any, port: int, what: str) -> None:
+        """Count an access nobody serves (port I/O here, MMIO from the vCPU loop); log it once per address."""
         with self._lock:
             self.unknown_accesses += 1
             if port in self._warned:

@@ -27,6 +27,11 @@ class Workload:
     build: Callable[[], GuestProgram]
     gen_table: bool  # each slice also holds a generation table (npages qwords)
 
+    @property
+    def verifies(self) -> bool:
+        """Whether the guest checks its own pages and answers GS_ORDER_SWEEP (memtouch)."""
+        return self.gen_table
+
     def describe(self) -> str:
         return f"{self.name}: {self.summary}"
 
