@@ -11,6 +11,7 @@ import ctypes
 import enum
 import errno
 import logging
+import os
 import signal
 import threading
 import time
@@ -76,6 +77,8 @@ class VcpuThread:
         self.error: str | None = None
         self.exit_counts: dict[int, int] = {}
         self.first_run_ns = 0  # CLOCK_MONOTONIC of the first KVM_RUN (downtime ends there)
+        self.finished_ns = 0  # CLOCK_MONOTONIC when the thread halted, stopped or failed
+        self.cpu: int | None = None  # pin the thread to this host CPU when it starts (placement)
         self.block_sigbus = False  # set by fault handlers that read SIGBUS with sigtimedwait
         self.tid = 0
         self._request: str | None = None
@@ -135,6 +138,8 @@ class VcpuThread:
     # -- the vCPU thread ------------------------------------------------------------------------
     def _main(self) -> None:
         self.tid = libc.gettid()
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})  # 0: this thread
         if self.block_sigbus:
             mask = libc.sigset_t.of(signal.SIGBUS)
             libc.pthread_sigmask(libc.SIG_BLOCK, ctypes.byref(mask), None)
@@ -154,6 +159,7 @@ class VcpuThread:
         self._finish(final)
 
     def _finish(self, state: VcpuState) -> None:
+        self.finished_ns = time.monotonic_ns()
         with self._changed:
             self.state = state
             self._changed.notify_all()

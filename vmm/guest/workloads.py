@@ -5,7 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
-from vmm.guest import memtouch, touch
+from vmm.guest import memtouch, pagein, touch
 from vmm.guest.layout import (
     CODE_MAX, DATA_GPA, GIB, MAX_GUEST_GIB, MAX_VCPUS, PAGE_SHIFT, PAGE_SIZE, BootParams,
 )
@@ -47,6 +47,11 @@ WORKLOADS: dict[str, Workload] = {
         "touches one qword of every page once (read, or write with --write), then reports GS_DONE; "
         "the page-in benchmark",
         touch.build, gen_table=False),
+    "pagein": Workload(
+        "pagein",
+        "reads one qword of every page once, checks it holds the page's gpa, writes back its NOT, "
+        "then reports GS_DONE (r8 pages, r9 mismatches); the page-in benchmark with a check",
+        pagein.build, gen_table=False),
 }
 
 
