@@ -102,9 +102,11 @@ class PageTracker:
     def claim_readahead(self, page: int, window: int) -> int:
         """Claim the readahead behind a demanded ``page``: up to ``window - 1`` MISSING data
         pages right after it, in the same memory region. Returns how many were claimed."""
+        if window <= 1:
+            return 0
         region = self.memory.region_of(self.memory.page_gpa(page))
         last = region.first_page + region.pages - 1
-        if window <= 1 or page >= last or self.is_zero(page + 1):
+        if page >= last or self.is_zero(page + 1):
             return 0
         return self.claim(page + 1, min(window - 1, last - page))
 
