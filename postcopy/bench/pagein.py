@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import sys
 import time
+from array import array
 from collections.abc import Callable
 from typing import Any
 
-from postcopy.bench import BenchError, BenchOptions, limit, median
+from postcopy.bench import BenchError, BenchOptions, costs, limit, median
 from postcopy.bench.source import LocalPageConnection, SourceImage
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, vcpu_cpus
 from postcopy.destination.exit_mode import ExitModeResolver
@@ -68,8 +69,10 @@ def boot(size: int, vcpus: int, memory: GuestMemory | None = None) -> Machine:
     return machine
 
 
-def run_python(image: SourceImage, mode: str, vcpus: int) -> float:
-    """One page-in of the whole guest in ``mode``; returns data pages per second."""
+def run_python(image: SourceImage, mode: str, vcpus: int, handler_ns: array | None = None) -> float:
+    """One page-in of the whole guest in ``mode``; returns data pages per second. The time each
+    fault spent in the fault handler (exit: on the vCPU thread; classic: on the handler) is
+    appended to ``handler_ns`` if given."""
     size = image.size
     memory = GuestMemory.create(size, "anon", "bench-pagein")
     machine = boot(size, vcpus, memory)  # RAM not registered yet: Python may write the low pages
@@ -104,6 +107,10 @@ def run_python(image: SourceImage, mode: str, vcpus: int) -> float:
         machine.start()
         _wait(machine, classic, f"{mode} with {vcpus} vCPUs")
         seconds = (max(p.done_ns for p in machine.services.progress) - t0) / 1e9
+        if classic is not None:
+            classic.stop()  # a handler may still be recording the page whose wake-up ended the run
+        if handler_ns is not None:
+            handler_ns.extend(resolver.latencies_ns() if resolver is not None else classic.latency_ns)  # type: ignore[union-attr]
         _check(machine, memory, tracker, f"{mode} with {vcpus} vCPUs")
         return data_pages(size) / seconds
     finally:
@@ -161,17 +168,21 @@ def measure(opts: BenchOptions) -> dict[str, Any]:
     sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the destination runs
     image = SourceImage(size) if python else None
     dumps = {v: limit.dump_guest(size, v) for v in opts.vcpus} if c_limit is not None else {}
+    handler_ns = {(mode, v): array("Q") for mode in MODES for v in opts.vcpus}
     runs: list[tuple[str, str, int, Callable[[], float]]] = []
     for v in opts.vcpus:
         for mode in MODES:
             if image is not None:
-                runs.append(("python", mode, v, lambda m=mode, v=v: run_python(image, m, v)))  # type: ignore[misc]
+                runs.append(("python", mode, v,
+                             lambda m=mode, v=v: run_python(image, m, v, handler_ns[m, v])))  # type: ignore[misc]
             if c_limit is not None:
                 runs.append(("limit", mode, v, lambda m=mode, v=v: c_limit.run(dumps[v], m)))  # type: ignore[union-attr]
     rates: dict[str, dict[str, dict[str, list[float]]]] = {"python": {}, "limit": {}}
     try:
         for _, _, _, once in runs:  # warm-up round, not counted
             once()
+        for samples in handler_ns.values():
+            del samples[:]
         for _ in range(opts.repeat):
             for who, mode, v, once in runs:
                 rates[who].setdefault(mode, {}).setdefault(str(v), []).append(once())
@@ -179,7 +190,10 @@ def measure(opts: BenchOptions) -> dict[str, Any]:
         for path in dumps.values():
             limit.remove_dump(path)
     result = {"mem_mib": size >> 20, "pages": data_pages(size), "repeat": opts.repeat, "rates": rates,
-              "limit_skipped": skipped}
+              "limit_skipped": skipped,
+              "handler_p50_us": {mode: {str(v): round(median(list(handler_ns[mode, v])) / 1e3, 2)
+                                        for v in opts.vcpus if handler_ns[mode, v]} for mode in MODES},
+              "fault_costs_us": costs.measure(image) if image is not None else {}}
     opts.shared["pagein"] = result
     return result
 
@@ -203,6 +217,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         out["ratio_to_limit"] = {mode: {v: _ratio(py[mode][v], lim[mode][v]) for v in py[mode]} for mode in MODES}
     out["mem_mib"], out["pages"], out["repeat"] = m["mem_mib"], m["pages"], m["repeat"]
     out["runs"] = m["rates"]["python"]
+    out["handler_p50_us"] = m["handler_p50_us"]
+    out["fault_costs_us"] = m["fault_costs_us"]
     return out
 
 
@@ -217,4 +233,10 @@ def table(result: dict[str, Any]) -> list[str]:
     lines.append("  exit / classic  " + "".join(f"{result['ratio_exit_classic'][v]:>14.2f}" for v in vs))
     for mode, by_v in result.get("ratio_to_limit", {}).items():
         lines.append(f"  {mode + ' / C':<16}" + "".join(f"{by_v[v]:>14.2f}" for v in vs))
+    lines.append("  handler p50 us  " + "  ".join(
+        f"{mode} " + "/".join(f"{by_v[v]:.1f}" for v in vs if v in by_v) for mode, by_v in result["handler_p50_us"].items()))
+    c = result["fault_costs_us"]
+    if c:
+        lines.append(f"  one exit-mode fault, alone (p50 us): decode {c['decode_us']:.2f}, UFFDIO_COPY {c['uffdio_copy_us']:.2f}, "
+                     f"whole resolve on the vCPU thread {c['resolve_us']:.2f}")
     return lines

@@ -144,20 +144,21 @@ class ClassicHandler:
 
     def _serve(self, h: _Handler, nmsgs: int, t0: int) -> None:
         """Serve one read's messages: sorted, duplicates dropped, contiguous pages as one run."""
-        q, memory = h.qwords, self.memory
+        q = h.qwords
+        if nmsgs == 1:  # the usual read at one fault at a time: no list, no sort
+            page = self._page(q[EVENT_QWORD], q[ADDRESS_QWORD])
+            if page >= 0:
+                h.faults += 1
+                self._install(h, page, 1)
+                self.latency_ns.append(time.perf_counter_ns() - t0)
+            return
         pages = []
         for i in range(0, nmsgs * MSG_QWORDS, MSG_QWORDS):
-            if q[i + EVENT_QWORD] & 0xFF != UFFD_EVENT_PAGEFAULT:
-                continue
-            address = q[i + ADDRESS_QWORD]
-            gpa = memory.gpa_of_hva(address)
-            if gpa is None:
-                log.error("uffd fault at host address %#x outside guest RAM", address)
-                continue
-            pages.append(memory.page_index(gpa))
+            page = self._page(q[i + EVENT_QWORD], q[i + ADDRESS_QWORD])
+            if page >= 0:
+                pages.append(page)
         h.faults += len(pages)
-        if len(pages) > 1:
-            pages = sorted(set(pages))
+        pages = sorted(set(pages))
         i, n = 0, len(pages)
         while i < n:
             run = 1
@@ -168,6 +169,16 @@ class ClassicHandler:
         done = time.perf_counter_ns() - t0
         for _ in range(n):
             self.latency_ns.append(done)
+
+    def _page(self, event: int, address: int) -> int:
+        """The page a uffd message faults on, or -1 (another event, or outside guest RAM)."""
+        if event & 0xFF != UFFD_EVENT_PAGEFAULT:
+            return -1
+        gpa = self.memory.gpa_of_hva(address)
+        if gpa is None:
+            log.error("uffd fault at host address %#x outside guest RAM", address)
+            return -1
+        return self.memory.page_index(gpa)
 
     def _install(self, h: _Handler, page: int, run: int) -> None:
         """Install ``run`` faulting pages from ``page`` on, with a wake-up."""
@@ -184,7 +195,8 @@ class ClassicHandler:
                 page, run = page + 1, run - 1
                 continue
             n = 1 + tracker.claim(page + 1, run - 1) if run > 1 else 1
-            extra = tracker.claim_readahead(page + n - 1, h.readahead.window(page))
+            window = h.readahead.window(page)
+            extra = tracker.claim_readahead(page + n - 1, window) if window > 1 else 0
             count = n + extra
             try:
                 batch = h.connection.fetch(self.memory.page_gpa(page), count, "demand")  # type: ignore[union-attr]

@@ -122,11 +122,17 @@ class PageTracker:
         with self._lock:
             state, arrival = self.state, self.arrival
             new = 0
-            for p in range(page, page + npages):
-                if state[p] != PRESENT:
-                    state[p] = PRESENT
-                    arrival[p] = how
-                    new += 1
+            if npages == 1:  # a demand fault's page: no loop
+                if state[page] != PRESENT:
+                    state[page] = PRESENT
+                    arrival[page] = how
+                    new = 1
+            else:
+                for p in range(page, page + npages):
+                    if state[p] != PRESENT:
+                        state[p] = PRESENT
+                        arrival[p] = how
+                        new += 1
             if new:
                 self.counts[how] += new
                 self.present += new
