@@ -28,7 +28,7 @@ from typing import Any
 
 from postcopy.bench import BenchError, BenchOptions, costs, limit, median
 from postcopy.bench.source import LocalPageConnection, SourceImage
-from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, vcpu_cpus
+from postcopy.destination.classic_mode import ClassicHandler, place_vcpus
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.migration import SWITCH_INTERVAL_S
@@ -86,21 +86,19 @@ def run_python(image: SourceImage, mode: str, vcpus: int, handler_ns: array | No
         tracker.mark_present(0, DATA_GPA // PAGE_SIZE, Arrival.EAGER)
         installer = Installer(uffd, memory, tracker, wake=mode != "exit")
         if mode == "exit":
+            place_vcpus(machine.vcpus)  # the same placement as classic: the comparison is of fault paths
             resolver = ExitModeResolver(installer, readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
             for thread in machine.vcpus:
                 resolver.prepare(thread, LocalPageConnection(image))  # type: ignore[arg-type]
         elif mode == "classic":
-            cpus = handler_cpus(vcpus)
+            cpus: list[int | None] = list(place_vcpus(machine.vcpus))
             classic = ClassicHandler(uffd, installer, [LocalPageConnection(image) for _ in cpus],  # type: ignore[misc]
-                                     cpus=list(cpus), readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
+                                     cpus=cpus, readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
         elif mode == "classic-naive":
             classic = ClassicHandler.naive(uffd, installer, LocalPageConnection(image),  # type: ignore[arg-type]
                                            readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
         else:
             raise BenchError(f"unknown page-in mode {mode!r}; known: {', '.join(MODES)}")
-        if mode != "classic-naive":
-            for thread, cpu in zip(machine.vcpus, vcpu_cpus(vcpus)):
-                thread.cpu = cpu
         if classic is not None:
             classic.start()
         t0 = time.monotonic_ns()

@@ -27,6 +27,7 @@ from proto import PageBatch
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT, uffd_msg
 from vmm.guest.layout import PAGE_SIZE
 from vmm.uffd import Uffd
+from vmm.vcpu import VcpuThread
 
 log = logging.getLogger("postcopy.classic")
 MSGS_PER_READ = 64
@@ -54,6 +55,13 @@ def vcpu_cpus(nvcpus: int) -> list[int]:
 def handler_cpus(nvcpus: int) -> list[int]:
     """One handler per CPU that runs a vCPU."""
     return sorted(set(vcpu_cpus(nvcpus)))
+
+
+def place_vcpus(threads: list[VcpuThread]) -> list[int]:
+    """Pin each vCPU thread (when it starts) as vcpu_cpus says; returns the handler CPUs."""
+    for thread, cpu in zip(threads, vcpu_cpus(len(threads))):
+        thread.cpu = cpu
+    return handler_cpus(len(threads))
 
 
 class _Handler:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 import aiohttp
 
 from postcopy.destination.background import run_background
-from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, vcpu_cpus
+from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import FetchError, PageConnection, SyncPageConnection, auth_headers, start_migration
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
@@ -156,10 +156,8 @@ class Destination:
                 self.resolver.prepare(thread, conn)
         else:
             # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
-            for thread, cpu in zip(self.machine.vcpus, vcpu_cpus(len(self.machine.vcpus))):
-                thread.cpu = cpu
-            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections),
-                                          cpus=list(handler_cpus(len(self.machine.vcpus))),
+            cpus: list[int | None] = list(place_vcpus(self.machine.vcpus))
+            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections), cpus=cpus,
                                           readahead_base=self.readahead_base, readahead_max=self.readahead_max)
             self.classic.start()
         self.machine.start()
