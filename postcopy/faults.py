@@ -53,8 +53,10 @@ class Fault:
     gpa: int  # the faulting address itself (for MMIO completion)
     first_gpa: int
     npages: int
+    first_page: int = 0  # the page index (GuestMemory.page_index) of first_gpa
     length: int = 0  # MMIO: bytes accessed
     is_write: bool = False  # MMIO: a write (complete stores it) or a read (complete loads it)
+    hva: int = 0  # MMIO: host address of the access
 
 
 class FaultDecoder:
@@ -67,15 +69,18 @@ class FaultDecoder:
         self._sigbus = libc.sigset_t.of(signal.SIGBUS)
         self._siginfo = libc.siginfo_t()
         self._zero_timeout = libc.timespec(0, 0)
-        # Guest RAM as one region is the usual layout: its bounds as plain ints make the
-        # "is this MMIO exit in RAM" test of every fault exit a comparison, not a region search.
-        one = memory.regions[0] if len(memory.regions) == 1 else None
-        self._lo, self._hi = (one.gpa, one.gpa + one.size) if one is not None else (0, -1)
+        # Guest RAM as one region is the usual layout: its bounds, page numbering and host
+        # address as plain ints make the decode of every fault exit arithmetic, not region searches.
+        self._single = len(memory.regions) == 1
+        one = memory.regions[0]
+        self._lo, self._hi = (one.gpa, one.gpa + one.size) if self._single else (0, -1)
+        self._page_base = one.first_page - (one.gpa >> PAGE_SHIFT)
+        self._hva_base = one.hva - one.gpa
 
     def in_ram(self, gpa: int, length: int) -> bool:
         if self._lo <= gpa and gpa + length <= self._hi:
             return True
-        return self._hi < 0 and self.memory.contains(gpa, length)
+        return not self._single and self.memory.contains(gpa, length)
 
     def decode(self, thread: VcpuThread, ret: int) -> Fault | None:
         """The fault behind this exit, or None if it is not a missing-page exit."""
@@ -95,6 +100,7 @@ class FaultDecoder:
                 return None  # real MMIO: not ours
             fault = self._fill(FaultKind.MMIO, gpa, length)
             fault.length, fault.is_write = mmio.len, mmio.is_write
+            fault.hva = gpa + self._hva_base if self._single else self.memory.hva(gpa, length)
             return fault
         if reason == abi.KVM_EXIT_INTERNAL_ERROR and run.internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION:
             return self._fetch(thread)
@@ -111,6 +117,7 @@ class FaultDecoder:
         first = gpa & PAGE_MASK
         f.kind, f.gpa, f.first_gpa = kind, gpa, first
         f.npages = ((((gpa + length - 1) & PAGE_MASK) - first) >> PAGE_SHIFT) + 1
+        f.first_page = (first >> PAGE_SHIFT) + self._page_base if self._single else self.memory.page_index(first)
         return f
 
     def _fetch(self, thread: VcpuThread) -> Fault | None:
@@ -137,13 +144,12 @@ class FaultDecoder:
         return self._span(FaultKind.SIGBUS, gpa, 1)
 
 
-def complete(thread: VcpuThread, memory: GuestMemory, fault: Fault) -> None:
+def complete(thread: VcpuThread, fault: Fault) -> None:
     """Finish the access KVM handed back, once its pages are present (MMIO only)."""
     if fault.kind is not FaultKind.MMIO:
         return  # the instruction is retried on re-entry
     data = thread.vcpu.run_address + MMIO_DATA_OFFSET
-    hva = memory.hva(fault.gpa, fault.length)
     if fault.is_write:
-        memmove(hva, data, fault.length)
+        memmove(fault.hva, data, fault.length)
     else:
-        memmove(data, hva, fault.length)
+        memmove(data, fault.hva, fault.length)

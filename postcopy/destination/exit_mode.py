@@ -62,15 +62,14 @@ class ExitModeResolver:
         if fault is None:
             return False
         tracker = self.tracker
-        gpa = fault.first_gpa
-        page = self.memory.page_index(gpa)
+        gpa, page = fault.first_gpa, fault.first_page
         if not tracker.is_present(page):
             self._resolve(st, page, gpa)
         if fault.npages > 1:  # an access across pages
             for i in range(1, fault.npages):
                 if not tracker.is_present(page + i):
                     self._resolve(st, page + i, gpa + i * PAGE_SIZE)
-        complete(thread, self.memory, fault)
+        complete(thread, fault)
         st.kinds[fault.kind] += 1
         dt = perf_counter_ns() - t0
         st.latency_ns.append(dt)
