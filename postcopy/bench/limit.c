@@ -8,7 +8,7 @@
  * (irqchip, PIT, one memslot at GPA 0), installs those pages, registers all of RAM with
  * userfaultfd and runs the vCPUs: every data page comes from a source buffer, one page per
  * fault, with UFFDIO_COPY; the first qword of each data page is its gpa, which the guest checks
- * (vmm/guest/pagein.py). Placement and mode as in the Python bench:
+ * (vmm/guest/touch.py, TOUCH_CHECK). Placement and mode as in the Python bench:
  *   exit           UFFD_FEATURE_SIGBUS; each vCPU thread installs (DONTWAKE) and completes its
  *                  MMIO / emulation-failure exits itself; vCPUs pinned round robin.
  *   classic        vCPUs pinned; one handler thread per CPU they use, pinned to it: poll, read up
@@ -257,7 +257,7 @@ int main(int argc, char **argv) {
     for (int c = 0; c < CPU_SETSIZE; c++)
         if (CPU_ISSET(c, &allowed)) cpus[ncpus++] = c;
 
-    /* The source: every data page filled, its first qword its gpa (vmm/guest/pagein.expected). */
+    /* The source: every data page filled, its first qword its gpa (vmm/guest/touch.check_expected). */
     src = anon(mem_size);
     memset(src + low_size, FILL, mem_size - low_size);
     for (uint64_t gpa = low_size; gpa < mem_size; gpa += PAGE) memcpy(src + gpa, &gpa, 8);

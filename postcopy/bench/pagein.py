@@ -1,8 +1,9 @@
 """Section `pagein`: demand-paging throughput with a local page source, in the manner of the
 kernel's KVM demand_paging_test, through the destination's own fault modes.
 
-Every vCPU runs the `pagein` guest (vmm/guest/pagein.py): it visits each page of its own slice of
-guest RAM once, reading one qword (which faults the page in) and writing one. Only the pages
+Every vCPU runs the `touch` guest with TOUCH_CHECK (vmm/guest/touch.py): it visits each page of
+its slice of guest RAM once, reading one qword (which faults the page in), checking it and
+writing one. Only the pages
 below DATA_GPA (page tables, GDT/IDT, code, stacks, boot parameters) are present before the
 vCPUs start; every data page is fetched from a local SourceImage, one page per fault (no
 readahead, no zero map) and installed with UFFDIO_COPY. Pages/s = data pages / time from
@@ -34,7 +35,7 @@ from postcopy.destination.install import Installer
 from postcopy.destination.migration import SWITCH_INTERVAL_S
 from postcopy.destination.pages import Arrival, PageTracker
 from vmm.abi.userfaultfd import UFFD_FEATURE_SIGBUS
-from vmm.guest import pagein as guest
+from vmm.guest import touch
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
 from vmm.guest.workloads import plan
 from vmm.machine import Machine, MachineConfig
@@ -58,10 +59,10 @@ def data_pages(size: int) -> int:
 
 
 def boot(size: int, vcpus: int, memory: GuestMemory | None = None) -> Machine:
-    """A VM with the pagein guest booted: only the pages below DATA_GPA are written."""
+    """A VM with the touch guest (TOUCH_CHECK) booted: only the pages below DATA_GPA are written."""
     machine = Machine.create(MachineConfig(size, vcpus), memory=memory)
     try:
-        program, params = plan("pagein", size, vcpus, seed=0)
+        program, params = plan("touch", size, vcpus, seed=0, check=True)
         machine.boot(program, params)
     except BaseException:
         machine.close()
@@ -145,7 +146,7 @@ def _check(machine: Machine, memory: GuestMemory, tracker: PageTracker, what: st
     if tracker.missing():
         raise BenchError(f"pagein {what}: {tracker.missing()} pages never arrived")
     firsts = memory.view(DATA_GPA, memory.size - DATA_GPA).cast("Q")[::PAGE_SIZE // 8]
-    if firsts.tolist() != [guest.written(g) for g in range(DATA_GPA, memory.size, PAGE_SIZE)]:
+    if firsts.tolist() != [touch.check_written(g) for g in range(DATA_GPA, memory.size, PAGE_SIZE)]:
         raise BenchError(f"pagein {what}: guest RAM does not hold what the guest wrote")
 
 

@@ -27,7 +27,7 @@ class VcpuProgress:
     sweep_errors: int = 0
     sweep_checksum: int = 0
     done_pages: int = -1  # GS_DONE of a run-once workload; -1 until then
-    done_errors: int = 0  # r9 at GS_DONE: what the workload found wrong (pagein's mismatches)
+    done_errors: int = 0  # r9 at GS_DONE: what the workload found wrong (touch's check mismatches)
     done_ns: int = 0  # CLOCK_MONOTONIC of GS_DONE (hlt does not exit with an in-kernel irqchip)
     page_errors: list[tuple[int, int, int, int]] = field(default_factory=list)
     exceptions: list[tuple[int, int, int, int]] = field(default_factory=list)
