@@ -112,13 +112,17 @@ class ClassicHandler:
             h.thread.start()
 
     def stop(self) -> None:
+        if self._stop_w < 0:
+            return  # closed already
         os.write(self._stop_w, b"x")  # stays readable: every handler sees it
         for h in self.handlers:
             if h.thread is not None:
                 h.thread.join(STOP_JOIN_S)
 
     def close(self) -> None:
-        """Stop the handlers and close their connections and the stop pipe."""
+        """Stop the handlers and close their connections and the stop pipe (idempotent)."""
+        if self._stop_w < 0:
+            return
         self.stop()
         for h in self.handlers:
             if h.connection is not None:
