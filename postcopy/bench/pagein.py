@@ -76,11 +76,16 @@ def run_python(image: SourceImage, mode: str, vcpus: int, handler_ns: array | No
     appended to ``handler_ns`` if given."""
     size = image.size
     memory = GuestMemory.create(size, "anon", "bench-pagein")
-    machine = boot(size, vcpus, memory)  # RAM not registered yet: Python may write the low pages
-    uffd = Uffd(UFFD_FEATURE_SIGBUS if mode == "exit" else 0)
+    try:
+        machine = boot(size, vcpus, memory)  # RAM not registered yet: Python may write the low pages
+    except BaseException:
+        memory.close()
+        raise
+    uffd: Uffd | None = None
     classic: ClassicHandler | None = None
     resolver: ExitModeResolver | None = None
     try:
+        uffd = Uffd(UFFD_FEATURE_SIGBUS if mode == "exit" else 0)
         for region in memory.regions:
             uffd.register(region.hva, region.size)
         tracker = PageTracker(memory)
@@ -118,7 +123,8 @@ def run_python(image: SourceImage, mode: str, vcpus: int, handler_ns: array | No
         if resolver is not None:
             resolver.close()
         machine.close()  # stops the vCPUs, unmaps RAM
-        uffd.close()
+        if uffd is not None:
+            uffd.close()
 
 
 def _wait(machine: Machine, classic: ClassicHandler | None, what: str) -> None:
