@@ -21,5 +21,8 @@ test: $(STAMP)
 doctor: $(STAMP)
 	$(VENV)/bin/postcopy doctor
 
+bench: $(STAMP)
+	$(VENV)/bin/postcopy bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
