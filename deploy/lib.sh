@@ -1,0 +1,36 @@
+# Shared by deploy/*/run-pair (sourced, not run): messages, the project's tools, the token.
+# The caller sets PAIR (its name, for messages) and REPO (the checkout's root).
+
+log() { echo "$PAIR: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# project_bin: the directory holding this project's `postcopy` and `vmm`. An installed project
+# (on PATH) is used as it is; else make's virtual environment, created or updated here.
+project_bin() {
+  local found
+  if found=$(command -v postcopy) && command -v vmm >/dev/null; then
+    dirname "$found"
+    return
+  fi
+  log "the project is not installed: make .venv/.installed (the README's install)"
+  make -s -C "$REPO" .venv/.installed >&2 || die "make .venv/.installed failed"
+  echo "$REPO/.venv/bin"
+}
+
+# new_token FILE: a fresh migration token, readable by its owner only.
+new_token() {
+  (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '\n=+/' >"$1")
+}
+
+# report_role: which role of deploy/roles prints the report.
+report_role() { "$REPO/deploy/roles" report-role; }
+
+# show_logs FILE...: the last lines of each log, after a failure.
+show_logs() {
+  local f
+  for f in "$@"; do
+    [[ -s $f ]] || continue
+    log "--- last lines of $(basename "$f") ---"
+    tail -n 20 "$f" >&2
+  done
+}
