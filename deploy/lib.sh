@@ -12,7 +12,7 @@ project_bin() {
     dirname "$found"
     return
   fi
-  log "the project is not installed: make .venv/.installed (the README's install)"
+  log "postcopy is not on PATH: using make's virtual environment (make .venv/.installed)"
   make -s -C "$REPO" .venv/.installed >&2 || die "make .venv/.installed failed"
   echo "$REPO/.venv/bin"
 }
