@@ -1,7 +1,7 @@
 # Shared by deploy/*/run-pair (sourced, not run): messages, the project's tools, the token.
 # The caller sets PAIR (its name, for messages) and REPO (the checkout's root).
 
-log() { echo "$PAIR: $*" >&2; }
+log() { echo "$PAIR [${SECONDS}s]: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # project_bin: the directory holding this project's `postcopy` and `vmm`. An installed project
@@ -15,6 +15,15 @@ project_bin() {
   log "postcopy is not on PATH: using make's virtual environment (make .venv/.installed)"
   make -s -C "$REPO" .venv/.installed >&2 || die "make .venv/.installed failed"
   echo "$REPO/.venv/bin"
+}
+
+# check_guest MEM VCPUS FAULT_MODE PYTHON: refuse bad settings before anything is made (the
+# size is read by the project's own parser).
+check_guest() {
+  [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--vcpus wants a positive count, got '$2'"
+  [[ $3 =~ ^(exit|classic|auto)$ ]] || die "--fault-mode wants exit, classic or auto, got '$3'"
+  "$4" -c 'import sys; from vmm.memory import parse_size; parse_size(sys.argv[1])' "$1" 2>/dev/null \
+    || die "--mem wants a size such as 256M, got '$1'"
 }
 
 # new_token FILE: a fresh migration token, readable by its owner only.
