@@ -17,6 +17,9 @@ project_bin() {
   echo "$REPO/.venv/bin"
 }
 
+# project_python BIN: the Python that runs the project's `postcopy` (its script's interpreter).
+project_python() { sed -n '1s/^#! *//p' "$1/postcopy"; }
+
 # check_guest MEM VCPUS FAULT_MODE PYTHON: refuse bad settings before anything is made (the
 # size is read by the project's own parser).
 check_guest() {
