@@ -44,14 +44,15 @@ async def _start_source(mem_bytes: int, vcpus: int, seed: int, token: str) -> tu
 
 async def run_demo(mem_bytes: int = 256 << 20, vcpus: int = 2, fault_mode: FaultMode = "exit", *,
                    warmup_s: float = 1.0, after_s: float = 1.0, seed: int = 7,
-                   readahead_base: int = 4) -> dict[str, Any]:
+                   readahead_base: int = 4, timeline: bool = False) -> dict[str, Any]:
     token = secrets.token_urlsafe(32)
     proc, url = await _start_source(mem_bytes, vcpus, seed, token)
     try:
         await asyncio.sleep(warmup_s)
         async with aiohttp.ClientSession() as session:
             before = await source_json(session, "POST", f"{url}/v1/vm/sweep", token)
-        return await migrate(url, token, fault_mode, after_s=after_s, before=before, readahead_base=readahead_base)
+        return await migrate(url, token, fault_mode, after_s=after_s, before=before, readahead_base=readahead_base,
+                             timeline=timeline)
     except (MigrationError, FetchError) as e:
         raise DemoError(str(e)) from None
     finally:

@@ -1,7 +1,11 @@
 """Fault mode `classic`: the baseline and the fallback. uffd in plain MISSING mode; a vCPU that
 touches a missing page sleeps in the kernel while the handler on the destination's event loop
 reads the fault (add_reader on the uffd fd), fetches the page over its own connection and
-installs it with a wake-up."""
+installs it with a wake-up.
+
+Blocktime: uffd is opened with UFFD_FEATURE_THREAD_ID, so each message names the faulting
+thread (``feat.ptid``); a fault is recorded against that vCPU from the message to the wake of
+its page. Faults of threads that are not vCPUs (none expected) go to vCPU -1."""
 from __future__ import annotations
 
 import asyncio
@@ -10,24 +14,27 @@ import errno
 import logging
 import os
 import time
-from array import array
+from collections.abc import Sequence
 
 from postcopy.destination.client import FetchError, PageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival
 from postcopy.destination.readahead import Readahead
+from postcopy.observe.faultlog import UFFD_KIND, FaultLog
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT, uffd_msg
 from vmm.guest.layout import PAGE_SIZE
 from vmm.uffd import Uffd
+from vmm.vcpu import VcpuThread
 
 log = logging.getLogger("postcopy.classic")
 MSGS_PER_READ = 64
 MSG_SIZE = ctypes.sizeof(uffd_msg)
+UNKNOWN_VCPU = -1
 
 
 class ClassicHandler:
     def __init__(self, uffd: Uffd, installer: Installer, connection: PageConnection, *,
-                 readahead_base: int, readahead_max: int) -> None:
+                 readahead_base: int, readahead_max: int, vcpus: Sequence[VcpuThread] = ()) -> None:
         self.uffd = uffd
         self.installer = installer
         self.tracker = installer.tracker
@@ -36,10 +43,12 @@ class ClassicHandler:
         self.readahead = Readahead(readahead_base, readahead_max)
         self._buf = bytearray(MSG_SIZE * MSGS_PER_READ)
         self._msgs = (uffd_msg * MSGS_PER_READ).from_buffer(self._buf)
-        self._inflight: set[int] = set()
+        # page -> the faults waiting for it, flat: vcpu, t_ns, vcpu, t_ns, ...
+        self._inflight: dict[int, list[int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.faults = 0
-        self.latency_ns = array("Q")
+        self._vcpus = vcpus
+        self._vcpu_of_tid: dict[int, int] = {}
+        self.logs: dict[int, FaultLog] = {t.id: FaultLog() for t in vcpus}
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -62,7 +71,7 @@ class ClassicHandler:
             if e.errno == errno.EAGAIN:
                 return
             raise
-        now = time.perf_counter_ns()
+        now = time.monotonic_ns()
         for msg in self._msgs[: n // MSG_SIZE]:
             if msg.event != UFFD_EVENT_PAGEFAULT:
                 continue
@@ -71,15 +80,36 @@ class ClassicHandler:
                 log.error("uffd fault at host address %#x outside guest RAM", msg.arg.pagefault.address)
                 continue
             page = self.memory.page_index(gpa)
-            self.faults += 1
-            if page in self._inflight:
+            vcpu = self._vcpu_of(msg.arg.pagefault.ptid)
+            waiters = self._inflight.get(page)
+            if waiters is not None:  # another vCPU, or the same one again, waits for this page
+                waiters.append(vcpu)
+                waiters.append(now)
                 continue
-            self._inflight.add(page)
-            task = asyncio.get_running_loop().create_task(self._serve(page, now))
+            self._inflight[page] = [vcpu, now]
+            task = asyncio.get_running_loop().create_task(self._serve(page))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, page: int, t0: int) -> None:
+    def _vcpu_of(self, tid: int) -> int:
+        vcpu = self._vcpu_of_tid.get(tid)
+        if vcpu is None:  # a vCPU thread learns its tid when it starts: look again
+            self._vcpu_of_tid = {t.tid: t.id for t in self._vcpus if t.tid}
+            vcpu = self._vcpu_of_tid.get(tid, UNKNOWN_VCPU)
+        return vcpu
+
+    def _record_woken(self, waiters: list[int]) -> None:
+        """Each fault that waited for a page just installed (and woken) ends now."""
+        now = time.monotonic_ns()
+        for i in range(0, len(waiters), 2):
+            vcpu, t0 = waiters[i], waiters[i + 1]
+            log_ = self.logs.get(vcpu)
+            if log_ is None:
+                log_ = self.logs[vcpu] = FaultLog()
+            log_.record(t0, UFFD_KIND, now - t0)
+
+    async def _serve(self, page: int) -> None:
+        served = False
         try:
             tracker = self.tracker
             if tracker.is_present(page):
@@ -97,9 +127,11 @@ class ClassicHandler:
                     raise
                 self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND)
                 self.readahead.fetched(page, 1 + extra)
-            self.latency_ns.append(time.perf_counter_ns() - t0)
+            served = True
         except FetchError as e:
-            log.error("classic handler: %s", e)
+            log.error("classic handler: %s", e, extra={"event": "fetch_error", "page": page})
             self.error = e
         finally:
-            self._inflight.discard(page)
+            waiters = self._inflight.pop(page)
+            if served:
+                self._record_woken(waiters)

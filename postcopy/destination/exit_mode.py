@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from array import array
 
 from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
 from postcopy.destination.readahead import Readahead
-from postcopy.faults import FAULT_KIND_NAMES, FaultDecoder, FaultKind, complete
+from postcopy.faults import FaultDecoder, complete
+from postcopy.observe.faultlog import FaultLog
 from vmm.vcpu import VcpuThread
 
 
@@ -26,9 +26,7 @@ class VcpuFaultState:
         self.decoder = decoder
         self.connection = connection
         self.readahead = readahead
-        self.kinds = [0] * len(FaultKind)
-        self.latency_ns = array("Q")  # fault exit to re-entry, one per resolved fault
-        self.blocked_ns = 0
+        self.faults = FaultLog()  # fault exit to re-entry, one record per resolved fault
 
 
 class ExitModeResolver:
@@ -55,7 +53,7 @@ class ExitModeResolver:
 
     def on_fault_exit(self, thread: VcpuThread, ret: int) -> bool:
         st = self.states[thread.id]
-        t0 = time.perf_counter_ns()
+        t0 = time.monotonic_ns()  # the clock of the source's pause and of the timeline
         fault = st.decoder.decode(thread, ret)
         if fault is None:
             return False
@@ -64,10 +62,7 @@ class ExitModeResolver:
             if not self.tracker.is_present(page):
                 self._resolve(st, page)
         complete(thread, self.memory, fault)
-        st.kinds[fault.kind] += 1
-        dt = time.perf_counter_ns() - t0
-        st.latency_ns.append(dt)
-        st.blocked_ns += dt
+        st.faults.record(t0, fault.kind, time.monotonic_ns() - t0)
         return True
 
     def _resolve(self, st: VcpuFaultState, page: int) -> None:
@@ -84,18 +79,8 @@ class ExitModeResolver:
         self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND)
         st.readahead.fetched(page, 1 + extra)
 
-    def exit_kinds(self) -> dict[str, int]:
-        totals = dict.fromkeys(FAULT_KIND_NAMES.values(), 0)
-        for st in self.states.values():
-            for kind, n in enumerate(st.kinds):
-                totals[FAULT_KIND_NAMES[FaultKind(kind)]] += n
-        return totals
-
-    def latencies_ns(self) -> list[int]:
-        return [x for st in self.states.values() for x in st.latency_ns]
-
-    def blocktime_ns(self) -> dict[int, int]:
-        return {vcpu: st.blocked_ns for vcpu, st in self.states.items()}
+    def fault_logs(self) -> dict[int, FaultLog]:
+        return {vcpu: st.faults for vcpu, st in self.states.items()}
 
     def close(self) -> None:
         for st in self.states.values():
