@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import sys
@@ -21,6 +22,9 @@ from postcopy.logs import LOG_FORMATS, setup_logging
 from vmm.memory import GuestMemoryError, parse_size
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
+# -v and --log-format, passed on to the processes a command starts (the demo's source).
+LOG_FORMAT_ENV = "POSTCOPY_LOG_FORMAT"
+VERBOSE_ENV = "POSTCOPY_VERBOSE"
 
 
 def _pick_fault_mode(requested: str, quiet: bool) -> str:
@@ -73,7 +77,8 @@ def _write_report(command: str, out: str | None, report: dict[str, Any]) -> bool
     except (ReportError, OSError) as e:
         print(f"postcopy {command}: error: cannot write the report to {out}: {e}", file=sys.stderr)
         return False
-    print(f"report written: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    logging.getLogger("postcopy.report").info("report written to %s", out, extra={
+        "event": "report_written", **{name: str(path) for name, path in paths.items()}})
     return True
 
 
@@ -148,8 +153,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="postcopy", description="Post-copy live migration of KVM guests.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (else WARNING)")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+    parser.add_argument("-v", "--verbose", action="store_true", default=os.environ.get(VERBOSE_ENV) == "1",
+                        help="log at INFO (else WARNING)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get(LOG_FORMAT_ENV, "text"),
                         help="text, or json: one JSON object per line (ts, level, logger, event, fields)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -195,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.log_format)
+    os.environ[LOG_FORMAT_ENV] = args.log_format
+    os.environ[VERBOSE_ENV] = "1" if args.verbose else "0"
     try:
         return int(args.func(args))
     except GuestMemoryError as e:

@@ -111,6 +111,7 @@ class Destination:
         self.error: str | None = None
         self.fetch_errors = 0
         self._done_ns = 0
+        self._resume_ns = 0
         # Sampled for the timeline from the switchover on (pages by arrival; guest progress).
         self.pages_series = Series([ARRIVAL_NAMES[a] for a in Arrival])
         self.progress_series = Series(["verified"])
@@ -288,12 +289,14 @@ class Destination:
         return self.header.paused_at_ns if self.header.boot_id == _boot_id() else self._switch_started_ns
 
     def _first_run_ns(self) -> int:
-        assert self.machine is not None
-        return min((t.first_run_ns for t in self.machine.vcpus if t.first_run_ns), default=0)
+        """The first KVM_RUN here (0: none yet); kept once known, the machine may be gone later."""
+        if not self._resume_ns and self.machine is not None:
+            self._resume_ns = min((t.first_run_ns for t in self.machine.vcpus if t.first_run_ns), default=0)
+        return self._resume_ns
 
     def downtime_ms(self) -> float | None:
         """Source pause -> first KVM_RUN here; known only where both share a clock (same boot)."""
-        if self.header is None or self.machine is None or self.header.boot_id != _boot_id():
+        if self.header is None or self.header.boot_id != _boot_id():
             return None
         first_run = self._first_run_ns()
         return (first_run - self.header.paused_at_ns) / 1e6 if first_run else None

@@ -36,6 +36,15 @@ class Series:
             column.append(value)
         self.t_ns.append(t_ns)
 
+    def cut_after(self, t_ns: int) -> None:
+        """Drop the samples taken after ``t_ns`` (the last ones: samples come in time order)."""
+        keep = len(self.t_ns)
+        while keep and self.t_ns[keep - 1] > t_ns:
+            keep -= 1
+        del self.t_ns[keep:]
+        for column in self.columns:
+            del column[keep:]
+
     def __len__(self) -> int:
         return len(self.t_ns)
 

@@ -205,6 +205,8 @@ class PageServer:
                 self.header, self._header_bytes = header, header.encode()
                 self._stats.started_ns = header.paused_at_ns
                 self._stats.header_bytes = len(self._header_bytes)
+                # Samples taken while the export ran saw a paused guest: the series ends at the pause.
+                self.progress.cut_after(header.paused_at_ns)
                 self.progress.add(header.paused_at_ns, (self.machine.services.verified,))
                 self._to(MigrationState.SERVING, "guest paused, header of %d bytes (%d eager runs)",
                          len(self._header_bytes), len(header.eager), header_bytes=len(self._header_bytes))
