@@ -137,13 +137,22 @@ def _pages_panel(ax: Any, tl: dict[str, Any], marks: dict[str, float | None]) ->
                      colors=[COLORS[k] for k in ARRIVALS_STACKED], step="post")
     ax.axhline(tl["npages"], color="#000000", linewidth=0.5)
     _mark(ax, marks, legend=False)
+    if t:
+        # The vCPUs' own fetches are a sliver of the stack: their own scale, on the right.
+        right = ax.twinx()
+        for kind in ("demand", "readahead"):
+            right.plot(t, pages[kind], color=COLORS[kind], linewidth=1.5, drawstyle="steps-post",
+                       label=f"{kind} (right scale)")
+        right.set_ylabel("demand / readahead pages")
+        right.set_ylim(bottom=0)
+        right.legend(loc="upper left", fontsize=8)
     ax.set_title("pages present here, by how they arrived")
     ax.set_xlabel("ms since the source paused the guest")
     ax.set_ylabel("pages")
     ax.set_ylim(0, tl["npages"] * 1.05)
     if marks.get("complete") is not None:
         ax.set_xlim(min(-5.0, t[0] if t else 0.0), marks["complete"] * 1.1 + 5)  # type: ignore[operator]
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center right", fontsize=8)
 
 
 def _faults_panel(ax: Any, tl: dict[str, Any], marks: dict[str, float | None]) -> None:

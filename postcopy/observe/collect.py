@@ -67,7 +67,7 @@ class DestinationCollector:
             self.received.set(dest.installer.installed_bytes)
         logs = dest.fault_logs()
         for kind in dest.fault_kinds():
-            self.faults.set(sum(fl.counts[kind] for fl in logs.values()), mode=mode, kind=FAULT_KINDS[kind])
+            self.faults.set(sum(fl.count(kind) for fl in logs.values()), mode=mode, kind=FAULT_KINDS[kind])
         for vcpu, fl in logs.items():
             self._observe(vcpu, fl)
             if vcpu >= 0:
