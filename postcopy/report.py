@@ -53,7 +53,8 @@ def _timeline(report: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- figures computed from the timeline ----------------------------------------------------------
-def rate_series(t_ms: Sequence[float], count: Sequence[int], window_ms: float = RATE_WINDOW_MS) -> tuple[list[float], list[float]]:
+def rate_series(t_ms: Sequence[float], count: Sequence[int],
+                window_ms: float = RATE_WINDOW_MS) -> tuple[list[float], list[float]]:
     """Pages per second over the trailing ``window_ms`` at each sample that has a full window."""
     times, rates = [], []
     j = 0
@@ -277,9 +278,10 @@ def render_html(report: dict[str, Any], png: bytes) -> str:
     lat_rows = [(k, lat.get(k)) for k in ("count", "p50", "p90", "p99", "max")]
     block_rows = [(f"vCPU {i}", ms) for i, ms in enumerate(tl["blocktime_ms"])] + \
         [("all vCPUs at once", tl.get("blocktime_all_ms"))]
-    slowdown = None if not before or during is None else f"{100 * during / before:.0f}% of before"
-    rate_rows = [(f"before (last {BEFORE_WINDOW_MS:.0f} ms on the source)", before, ""), ("during post-copy", during, slowdown or ""),
-                 ("after (every page here)", after, "" if not before or after is None else f"{100 * after / before:.0f}% of before")]
+    def share(rate: float | None) -> str:
+        return "" if not before or rate is None else f"{100 * rate / before:.0f}% of before"
+    rate_rows = [(f"before (last {BEFORE_WINDOW_MS:.0f} ms on the source)", before, ""),
+                 ("during post-copy", during, share(during)), ("after (every page here)", after, share(after))]
     g = report.get("guest") or {}
     img = base64.b64encode(png).decode()
     status = f'<span class="{"ok" if verified else "bad"}">{"verified" if verified else "NOT verified"}</span>'

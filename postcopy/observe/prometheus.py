@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -140,8 +140,8 @@ def _sample(name: str, labels: list[tuple[str, str]], value: float) -> str:
     return f"{name}{{{inner}}} {_number(value)}"
 
 
-def metrics_handler(registry: Registry) -> Callable[[web.Request], web.StreamResponse]:
+def metrics_handler(registry: Registry) -> Callable[[web.Request], Awaitable[web.Response]]:
     """An aiohttp handler for GET /metrics serving ``registry`` (auth is the app's business)."""
     async def handle(request: web.Request) -> web.Response:
         return web.Response(body=registry.render_prometheus().encode(), headers={"Content-Type": CONTENT_TYPE})
-    return handle  # type: ignore[return-value]
+    return handle

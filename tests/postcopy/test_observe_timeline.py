@@ -6,7 +6,16 @@ import asyncio
 import pytest
 
 from postcopy.faults import FaultKind
-from postcopy.observe.faultlog import CLASSIC_KINDS, EXIT_KINDS, FAULT_KINDS, UFFD_KIND, FaultLog, blocktime_ns, kind_totals, latencies_ns
+from postcopy.observe.faultlog import (
+    CLASSIC_KINDS,
+    EXIT_KINDS,
+    FAULT_KINDS,
+    UFFD_KIND,
+    FaultLog,
+    blocktime_ns,
+    kind_totals,
+    latencies_ns,
+)
 from postcopy.observe.series import Sampler, Series
 from postcopy.observe.timeline import all_blocked_ns, build_timeline
 
