@@ -14,7 +14,6 @@ the destination asked the source to pause). Layout, version 1:
 """
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,22 +57,26 @@ def build_timeline(*, origin_ns: int, clock: str, marks_ns: Mapping[str, int | N
 
 def all_blocked_ns(fault_logs: Mapping[int, FaultLog], vcpus: int) -> int:
     """How long every one of ``vcpus`` vCPUs waited for a page at the same time: a sweep over
-    the start and end of each vCPU's faults (one vCPU waits for one fault at a time)."""
+    the start and end of every fault. A vCPU counts as waiting while any of its faults is open
+    (in classic mode a vCPU woken early, by a signal, faults again on the same page)."""
     if vcpus < 1 or any(v not in fault_logs for v in range(vcpus)):
         return 0
-    events = heapq.merge(*(
-        ((t, d) for t, lat in zip(fl.t_ns[:len(fl)], fl.latency_ns) for t, d in ((t, 1), (t + lat, -1)))
-        for v, fl in fault_logs.items() if 0 <= v < vcpus), key=lambda e: (e[0], e[1]))
-    # Each vCPU's own events are in time order only if its faults do not overlap, which holds
-    # for one thread; merge keeps the global order.
-    blocked, since, total = 0, 0, 0
-    for t, d in events:
-        if d > 0:
-            blocked += 1
-            if blocked == vcpus:
+    events = sorted(
+        (t + lat * end, -1 if end else 1, v)
+        for v, fl in fault_logs.items() if 0 <= v < vcpus
+        for t, lat in zip(fl.t_ns[:len(fl)], fl.latency_ns)
+        for end in (0, 1))
+    depth = [0] * vcpus
+    waiting, since, total = 0, 0, 0
+    for t, delta, v in events:  # at equal times ends come first: touching faults do not overlap
+        before = depth[v]
+        depth[v] += delta
+        if before == 0 and delta > 0:
+            waiting += 1
+            if waiting == vcpus:
                 since = t
-        else:
-            if blocked == vcpus:
+        elif before == 1 and delta < 0:
+            if waiting == vcpus:
                 total += t - since
-            blocked -= 1
+            waiting -= 1
     return total

@@ -47,6 +47,9 @@ def test_all_blocked_counts_only_time_every_vcpu_waits() -> None:
     assert all_blocked_ns(logs, 2) == 10
     assert all_blocked_ns(logs, 3) == 0  # a vCPU that never faulted never waited
     assert all_blocked_ns({0: _log((0, 0, 10), (20, 0, 10))}, 1) == 20
+    # One vCPU waiting twice at once (woken early, faulted again) is still one vCPU waiting.
+    assert all_blocked_ns({0: _log((0, 0, 10), (5, 0, 10)), 1: _log((100, 0, 1))}, 2) == 0
+    assert all_blocked_ns({0: _log((5, 0, 10), (0, 0, 10)), 1: _log((0, 0, 30))}, 2) == 15
 
 
 def test_series_drops_its_oldest_half_when_full_and_reports_relative_times() -> None:
