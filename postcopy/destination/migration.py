@@ -313,8 +313,8 @@ class Destination:
 
     def metrics(self) -> dict[str, Any]:
         """This migration's timeline as one JSON-able dict of compact arrays (see
-        postcopy/observe/timeline.py); available from the switchover on."""
-        if self.header is None or self.tracker is None or self.machine is None:
+        postcopy/observe/timeline.py); available from the switchover on, and after close."""
+        if self.header is None or self.tracker is None:
             raise MigrationError(f"no metrics before the switchover (state {self.state.value})")
         origin = self._origin_ns()
         return build_timeline(
@@ -322,7 +322,7 @@ class Destination:
             clock="source_pause" if origin == self.header.paused_at_ns else "switchover_request",
             marks_ns={"switchover_request": self._switch_started_ns, "resume": self._first_run_ns() or None,
                       "complete": self._done_ns or None},
-            fault_mode=self.fault_mode, vcpus=len(self.machine.vcpus), npages=self.tracker.npages,
+            fault_mode=self.fault_mode, vcpus=len(self.header.vcpus), npages=self.tracker.npages,
             fault_logs=self.fault_logs(), pages=self.pages_series, progress=self.progress_series)
 
     async def close(self) -> None:

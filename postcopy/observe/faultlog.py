@@ -17,7 +17,11 @@ CLASSIC_KINDS = range(UFFD_KIND, UFFD_KIND + 1)
 
 class FaultLog:
     """One vCPU's faults. ``record`` is the whole hot-path cost: three appends, no more than
-    the counters it replaced (totals are summed by readers, in C, from the arrays)."""
+    the counters it replaced (totals are summed by readers, in C, from the arrays).
+
+    One writer per log: the three appends of a record are not atomic together. Where several
+    threads serve one vCPU's faults (classic handlers on several CPUs), give each thread its
+    own logs and merge them when read."""
 
     __slots__ = ("t_ns", "kind", "latency_ns")
 
