@@ -77,10 +77,15 @@ def render(report: dict[str, Any]) -> str:
         f"  fault exits     {kinds}",
         f"  fault latency   p50 {lat.get('p50', '-')} us, p99 {lat.get('p99', '-')} us over {lat.get('count', 0)} faults",
         f"  page-in rate    {report['pagein_rate']:.0f} pages/s",
+        f"  blocktime       {_blocktime(report.get('blocktime_ms') or {})} (time each vCPU waited for pages)",
         f"  guest check     before: {_sweep(g['before'])}; after: {_sweep(g['after'])}",
         f"  verified        {report['verified']} (guest errors {report['guest_errors']})",
     ]
     return "\n".join(lines)
+
+
+def _blocktime(per_vcpu: dict[Any, float]) -> str:
+    return ", ".join(f"vCPU {v} {ms:.1f} ms" for v, ms in per_vcpu.items()) or "-"
 
 
 def _sweep(sweep: dict[str, Any]) -> str:
