@@ -18,13 +18,10 @@ from typing import Any
 
 import uvloop
 
-from postcopy.logs import LOG_FORMATS, setup_logging
+from postcopy.logs import LOG_FORMAT_ENV, LOG_FORMATS, VERBOSE_ENV, setup_logging
 from vmm.memory import GuestMemoryError, parse_size
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
-# -v and --log-format, passed on to the processes a command starts (the demo's source).
-LOG_FORMAT_ENV = "POSTCOPY_LOG_FORMAT"
-VERBOSE_ENV = "POSTCOPY_VERBOSE"
 
 
 def _pick_fault_mode(requested: str, quiet: bool) -> str:
@@ -155,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="postcopy", description="Post-copy live migration of KVM guests.")
     parser.add_argument("-v", "--verbose", action="store_true", default=os.environ.get(VERBOSE_ENV) == "1",
                         help="log at INFO (else WARNING)")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get(LOG_FORMAT_ENV, "text"),
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get(LOG_FORMAT_ENV) or "text",
                         help="text, or json: one JSON object per line (ts, level, logger, event, fields)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -200,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     o.set_defaults(func=cmd_doctor)
 
     args = parser.parse_args(argv)
+    if args.log_format not in LOG_FORMATS:  # a default from the environment: argparse does not check it
+        parser.error(f"${LOG_FORMAT_ENV}={args.log_format!r}: choose one of {', '.join(LOG_FORMATS)}")
     setup_logging(args.verbose, args.log_format)
-    os.environ[LOG_FORMAT_ENV] = args.log_format
-    os.environ[VERBOSE_ENV] = "1" if args.verbose else "0"
     try:
         return int(args.func(args))
     except GuestMemoryError as e:

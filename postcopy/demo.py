@@ -15,6 +15,7 @@ import aiohttp
 from postcopy.destination.client import FetchError
 from postcopy.destination.migration import FaultMode, MigrationError
 from postcopy.destination.run import migrate, source_json
+from postcopy.logs import child_env
 
 SOURCE_START_TIMEOUT_S = 30.0
 TOKEN_ENV = "POSTCOPY_TOKEN"
@@ -25,7 +26,7 @@ class DemoError(Exception):
 
 
 async def _start_source(mem_bytes: int, vcpus: int, seed: int, token: str) -> tuple[asyncio.subprocess.Process, str]:
-    env = dict(os.environ, **{TOKEN_ENV: token})
+    env = dict(os.environ, **child_env(), **{TOKEN_ENV: token})  # the source logs as we do
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "postcopy.cli", "source", "--mem", str(mem_bytes), "--vcpus", str(vcpus),
         "--seed", str(seed), "--listen", "127.0.0.1:0", "--ready-json",

@@ -18,6 +18,11 @@ LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 # Everything a LogRecord has of its own; whatever else it carries came with ``extra``.
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# How a process passes its -v and --log-format to the processes it starts (the demo's source).
+LOG_FORMAT_ENV = "POSTCOPY_LOG_FORMAT"
+VERBOSE_ENV = "POSTCOPY_VERBOSE"
+_configured: dict[str, str] = {}
+_handler: logging.Handler | None = None  # ours: replaced by the next setup, others left alone
 
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
@@ -62,10 +67,18 @@ def setup_logging(verbose: bool, fmt: LogFormat = "text", stream: TextIO | None 
     """Log to ``stream`` (stderr) at INFO with ``verbose``, else WARNING, in ``fmt``."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format {fmt!r}: choose one of {', '.join(LOG_FORMATS)}")
+    global _handler
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    if _handler is not None:
+        root.removeHandler(_handler)
     root.addHandler(handler)
+    _handler = handler
     root.setLevel(logging.INFO if verbose else logging.WARNING)
+    _configured.update({LOG_FORMAT_ENV: fmt, VERBOSE_ENV: "1" if verbose else "0"})
+
+
+def child_env() -> dict[str, str]:
+    """Environment entries that make a child `postcopy` process log as this one does."""
+    return dict(_configured)

@@ -160,14 +160,11 @@ def test_timeline_and_metrics_agree_with_the_report() -> None:
     assert value(last, "postcopy_guest_pages_verified") == src["verified"][-1]  # frozen at the pause
 
 
-def test_demo_writes_the_report_and_logs_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_writes_the_report_and_logs_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "postcopy.cli", "-v", "--log-format", "json", "demo", "--mem", "64M",
            "--fault-mode", "classic", "--warmup", "0.3", "--after", "0.3", "--report", str(out), "--json"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTCOPY_")}
-    for name in (cli.LOG_FORMAT_ENV, cli.VERBOSE_ENV):  # cli.main below sets them: undo it after
-        monkeypatch.delenv(name, raising=False)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
