@@ -278,10 +278,11 @@ def render_html(report: dict[str, Any], png: bytes) -> str:
     lat_rows = [(k, lat.get(k)) for k in ("count", "p50", "p90", "p99", "max")]
     block_rows = [(f"vCPU {i}", ms) for i, ms in enumerate(tl["blocktime_ms"])] + \
         [("all vCPUs at once", tl.get("blocktime_all_ms"))]
-    def share(rate: float | None) -> str:
-        return "" if not before or rate is None else f"{100 * rate / before:.0f}% of before"
-    rate_rows = [(f"before (last {BEFORE_WINDOW_MS:.0f} ms on the source)", before, ""),
-                 ("during post-copy", during, share(during)), ("after (every page here)", after, share(after))]
+    def share(rate: float | None, of: float | None, name: str) -> str:
+        return "" if not of or rate is None else f"{100 * rate / of:.0f}% of {name}"
+    rate_rows = [(f"before (last {BEFORE_WINDOW_MS:.0f} ms on the source)", before, share(before, after, "after")),
+                 ("during post-copy", during, f"{share(during, before, 'before')}; {share(during, after, 'after')}"),
+                 ("after (every page here)", after, share(after, before, "before"))]
     g = report.get("guest") or {}
     img = base64.b64encode(png).decode()
     status = f'<span class="{"ok" if verified else "bad"}">{"verified" if verified else "NOT verified"}</span>'
