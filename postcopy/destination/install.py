@@ -1,17 +1,23 @@
 """Installing fetched pages into userfaultfd-registered guest RAM and recording them.
 
 A batch is installed run by run: one UFFDIO_COPY per run of data pages, one UFFDIO_ZEROPAGE per
-run of zero pages. EEXIST (another thread got there first) is normal and skipped by Uffd.
+run of zero pages. EEXIST (another thread got there first) is normal and skipped by Uffd. So is
+ENOENT once every page is present: the destination unregisters guest RAM at completion, and an
+install still in flight then (a vCPU fetched a page the background installed meanwhile) finds
+the range unregistered; what it carried is there already.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
+from collections.abc import Iterator
 
 from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
 from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
 from vmm.memory import GuestMemory
-from vmm.uffd import Uffd
+from vmm.uffd import Uffd, UffdError
 
 
 def buffer_address(data: bytes) -> int:
@@ -36,14 +42,15 @@ class Installer:
         (the demanded page) and the rest as ``how`` (its readahead)."""
         base = buffer_address(batch.data)
         offset = 0
-        for gpa, npages, view in batch.runs():
-            length = npages * PAGE_SIZE
-            hva = self.memory.hva(gpa, length)
-            if view is None:
-                self.uffd.zeropage(hva, length, self.zero_mode)
-            else:
-                self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
-                offset += length
+        with self._after_completion_ok():
+            for gpa, npages, view in batch.runs():
+                length = npages * PAGE_SIZE
+                hva = self.memory.hva(gpa, length)
+                if view is None:
+                    self.uffd.zeropage(hva, length, self.zero_mode)
+                else:
+                    self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
+                    offset += length
         page = self.memory.page_index(batch.gpa)
         if first_how is not None:
             self.tracker.mark_present(page, 1, first_how)
@@ -55,8 +62,19 @@ class Installer:
         """Pages the source's zero map says are all zeros: installed here, never fetched."""
         gpa = self.memory.page_gpa(page)
         length = npages * PAGE_SIZE
-        self.uffd.zeropage(self.memory.hva(gpa, length), length, self.zero_mode)
+        with self._after_completion_ok():
+            self.uffd.zeropage(self.memory.hva(gpa, length), length, self.zero_mode)
         self.tracker.mark_present(page, npages, Arrival.ZERO)
+
+    @contextlib.contextmanager
+    def _after_completion_ok(self) -> Iterator[None]:
+        """ENOENT with every page present: guest RAM was unregistered at completion under an
+        install in flight; its pages are all there (marking them again changes nothing)."""
+        try:
+            yield
+        except UffdError as e:
+            if e.errno != errno.ENOENT or not self.tracker.all_present.is_set():
+                raise
 
     def install_run(self, gpa: int, data: bytes, how: Arrival) -> None:
         """A run of pages sent whole (the eager set)."""
