@@ -5,6 +5,7 @@
     postcopy dest     pull a running guest from a source and keep it running
     postcopy doctor   probe this host: KVM, userfaultfd, what a fault exit looks like
     postcopy bench    page-in rates against the host's C limit, fetch latency, stream, migration
+    postcopy report   render a saved JSON report (with its timeline) as report.html + timeline.png
 """
 from __future__ import annotations
 
@@ -18,14 +19,10 @@ from typing import Any
 
 import uvloop
 
+from postcopy.logs import LOG_FORMAT_ENV, LOG_FORMATS, VERBOSE_ENV, setup_logging
 from vmm.memory import GuestMemoryError, parse_size
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def _pick_fault_mode(requested: str, quiet: bool) -> str:
@@ -68,17 +65,34 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _write_report(command: str, out: str | None, report: dict[str, Any]) -> bool:
+    """Write report.json, report.html and timeline.png into ``out`` (if given); False on error."""
+    if out is None:
+        return True
+    from postcopy.report import ReportError, write_report
+    try:
+        paths = write_report(out, report)
+    except (ReportError, OSError) as e:
+        print(f"postcopy {command}: error: cannot write the report to {out}: {e}", file=sys.stderr)
+        return False
+    logging.getLogger("postcopy.report").info("report written to %s", out, extra={
+        "event": "report_written", **{name: str(path) for name, path in paths.items()}})
+    return True
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from postcopy.demo import DemoError, render, run_demo
     mode = _pick_fault_mode(args.fault_mode, args.json)
     try:
         report = uvloop.run(run_demo(parse_size(args.mem), args.vcpus, mode, warmup_s=args.warmup,  # type: ignore[arg-type]
-                                     after_s=args.after, seed=args.seed, readahead_base=args.readahead))
+                                     after_s=args.after, seed=args.seed, readahead_base=args.readahead,
+                                     timeline=args.report is not None))
     except DemoError as e:
         print(f"postcopy demo: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(report) if args.json else render(report))
-    return 0 if report["verified"] else 1
+    written = _write_report("demo", args.report, report)
+    return 0 if report["verified"] and written else 1
 
 
 def cmd_source(args: argparse.Namespace) -> int:
@@ -105,12 +119,27 @@ def cmd_dest(args: argparse.Namespace) -> int:
     token = _token(args, create=False)
     mode = _pick_fault_mode(args.fault_mode, args.json)
     try:
-        report = uvloop.run(migrate(args.source.rstrip("/"), token, mode, after_s=args.after))  # type: ignore[arg-type]
+        report = uvloop.run(migrate(args.source.rstrip("/"), token, mode, after_s=args.after,  # type: ignore[arg-type]
+                                    timeline=args.report is not None))
     except (MigrationError, FetchError) as e:
         print(f"postcopy dest: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(report) if args.json else render(report))
-    return 0 if report["verified"] else 1
+    written = _write_report("dest", args.report, report)
+    return 0 if report["verified"] and written else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        with open(args.report_json) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"postcopy report: error: cannot read {args.report_json}: {e}", file=sys.stderr)
+        return 1
+    if not isinstance(report, dict):
+        print(f"postcopy report: error: {args.report_json} holds no report object", file=sys.stderr)
+        return 1
+    return 0 if _write_report("report", args.out, report) else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -127,7 +156,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="postcopy", description="Post-copy live migration of KVM guests.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", default=os.environ.get(VERBOSE_ENV) == "1",
+                        help="log at INFO (else WARNING)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get(LOG_FORMAT_ENV) or "text",
+                        help="text, or json: one JSON object per line (ts, level, logger, event, fields)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     modes = ("exit", "classic", "auto")
@@ -140,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--readahead", type=int, default=4, help="base readahead window in pages")
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")
+    d.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("source", help="run a guest and serve its pages to a destination")
@@ -157,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--fault-mode", choices=modes, default="auto")
     t.add_argument("--after", type=float, default=1.0)
     t.add_argument("--json", action="store_true")
+    t.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
     t.set_defaults(func=cmd_dest)
+
+    r = sub.add_parser("report", help="render a saved JSON report as report.html and timeline.png")
+    r.add_argument("report_json", metavar="REPORT.json", help="a report printed by demo/dest --json with --report")
+    r.add_argument("--out", required=True, metavar="DIR")
+    r.set_defaults(func=cmd_report)
 
     o = sub.add_parser("doctor", help="probe this host for what post-copy needs")
     o.add_argument("--json", action="store_true")
@@ -169,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    if args.log_format not in LOG_FORMATS:  # a default from the environment: argparse does not check it
+        parser.error(f"${LOG_FORMAT_ENV}={args.log_format!r}: choose one of {', '.join(LOG_FORMATS)}")
+    setup_logging(args.verbose, args.log_format)
     try:
         return int(args.func(args))
     except GuestMemoryError as e:

@@ -15,6 +15,7 @@ import aiohttp
 from postcopy.destination.client import FetchError
 from postcopy.destination.migration import FaultMode, MigrationError
 from postcopy.destination.run import migrate, source_json
+from postcopy.logs import child_env
 
 SOURCE_START_TIMEOUT_S = 30.0
 TOKEN_ENV = "POSTCOPY_TOKEN"
@@ -25,7 +26,7 @@ class DemoError(Exception):
 
 
 async def _start_source(mem_bytes: int, vcpus: int, seed: int, token: str) -> tuple[asyncio.subprocess.Process, str]:
-    env = dict(os.environ, **{TOKEN_ENV: token})
+    env = dict(os.environ, **child_env(), **{TOKEN_ENV: token})  # the source logs as we do
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "postcopy.cli", "source", "--mem", str(mem_bytes), "--vcpus", str(vcpus),
         "--seed", str(seed), "--listen", "127.0.0.1:0", "--ready-json",
@@ -44,14 +45,15 @@ async def _start_source(mem_bytes: int, vcpus: int, seed: int, token: str) -> tu
 
 async def run_demo(mem_bytes: int = 256 << 20, vcpus: int = 2, fault_mode: FaultMode = "exit", *,
                    warmup_s: float = 1.0, after_s: float = 1.0, seed: int = 7,
-                   readahead_base: int = 4) -> dict[str, Any]:
+                   readahead_base: int = 4, timeline: bool = False) -> dict[str, Any]:
     token = secrets.token_urlsafe(32)
     proc, url = await _start_source(mem_bytes, vcpus, seed, token)
     try:
         await asyncio.sleep(warmup_s)
         async with aiohttp.ClientSession() as session:
             before = await source_json(session, "POST", f"{url}/v1/vm/sweep", token)
-        return await migrate(url, token, fault_mode, after_s=after_s, before=before, readahead_base=readahead_base)
+        return await migrate(url, token, fault_mode, after_s=after_s, before=before, readahead_base=readahead_base,
+                             timeline=timeline)
     except (MigrationError, FetchError) as e:
         raise DemoError(str(e)) from None
     finally:
@@ -76,10 +78,15 @@ def render(report: dict[str, Any]) -> str:
         f"  fault exits     {kinds}",
         f"  fault latency   p50 {lat.get('p50', '-')} us, p99 {lat.get('p99', '-')} us over {lat.get('count', 0)} faults",
         f"  page-in rate    {report['pagein_rate']:.0f} pages/s",
+        f"  blocktime       {_blocktime(report.get('blocktime_ms') or {})} (time each vCPU waited for pages)",
         f"  guest check     before: {_sweep(g['before'])}; after: {_sweep(g['after'])}",
         f"  verified        {report['verified']} (guest errors {report['guest_errors']})",
     ]
     return "\n".join(lines)
+
+
+def _blocktime(per_vcpu: dict[Any, float]) -> str:
+    return ", ".join(f"vCPU {v} {ms:.1f} ms" for v, ms in per_vcpu.items()) or "-"
 
 
 def _sweep(sweep: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.migration import SWITCH_INTERVAL_S
 from postcopy.destination.pages import Arrival, PageTracker
+from postcopy.observe.faultlog import latencies_ns
 from vmm.abi.userfaultfd import UFFD_FEATURE_SIGBUS
 from vmm.guest import touch
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
@@ -114,7 +115,8 @@ def run_python(image: SourceImage, mode: str, vcpus: int, handler_ns: array | No
         if classic is not None:
             classic.stop()  # a handler may still be recording the page whose wake-up ended the run
         if handler_ns is not None:
-            handler_ns.extend(resolver.latencies_ns() if resolver is not None else classic.latency_ns)  # type: ignore[union-attr]
+            logs = resolver.fault_logs() if resolver is not None else classic.fault_logs()  # type: ignore[union-attr]
+            handler_ns.extend(latencies_ns(logs.values()))
         _check(machine, memory, tracker, f"{mode} with {vcpus} vCPUs")
         return data_pages(size) / seconds
     finally:

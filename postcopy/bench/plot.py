@@ -1,4 +1,4 @@
-"""Plots of a `postcopy bench --json` result (needs the `bench` extra: matplotlib).
+"""Plots of a `postcopy bench --json` result.
 
     python -m postcopy.bench.plot RESULT.json pagein.png
 

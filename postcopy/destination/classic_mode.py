@@ -8,6 +8,11 @@ it, each with its own blocking connection to the page source. A handler reads th
 queued on the uffd in batches and installs each run of contiguous faulting pages (plus its
 readahead) with one fetch and one UFFDIO_COPY. ``naive()`` gives what most implementations ship:
 one unpinned handler, one message per read.
+
+Blocktime: uffd is opened with UFFD_FEATURE_THREAD_ID, so each message names the faulting
+thread (``feat.ptid``); a fault is recorded against that vCPU from the read of its message to
+the wake of its page. Each handler thread writes its own logs (one writer per FaultLog);
+``fault_logs()`` merges them. Faults of threads that are not vCPUs (none expected) go to vCPU -1.
 """
 from __future__ import annotations
 
@@ -17,12 +22,13 @@ import os
 import select
 import threading
 import time
-from array import array
+from collections.abc import Sequence
 from typing import Protocol
 
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival
 from postcopy.destination.readahead import Readahead
+from postcopy.observe.faultlog import UFFD_KIND, FaultLog, merge_logs
 from proto import PageBatch
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT, uffd_msg
 from vmm.guest.layout import PAGE_SIZE
@@ -34,7 +40,9 @@ MSGS_PER_READ = 64
 MSG_SIZE = ctypes.sizeof(uffd_msg)
 # struct uffd_msg read as qwords: the event is the low byte of qword 0, pagefault.address qword 2.
 MSG_QWORDS = MSG_SIZE // 8
-EVENT_QWORD, ADDRESS_QWORD = 0, 2
+EVENT_QWORD, ADDRESS_QWORD, PTID_QWORD = 0, 2, 3
+PTID_MASK = 0xFFFFFFFF
+UNKNOWN_VCPU = -1
 STOP_JOIN_S = 5.0
 
 
@@ -74,7 +82,15 @@ class _Handler:
         self.buf = bytearray(MSG_SIZE * msgs_per_read)
         self.qwords = memoryview(self.buf).cast("Q")
         self.faults = 0
+        self.logs: dict[int, FaultLog] = {}  # vCPU -> faults this thread served for it
+        self.vcpus: list[int] = []  # the vCPU of each message of the current read
         self.thread: threading.Thread | None = None
+
+    def log(self, vcpu: int) -> FaultLog:
+        fl = self.logs.get(vcpu)
+        if fl is None:
+            fl = self.logs[vcpu] = FaultLog()
+        return fl
 
 
 class ClassicHandler:
@@ -82,7 +98,7 @@ class ClassicHandler:
 
     def __init__(self, uffd: Uffd, installer: Installer, connections: list[PageSource], *,
                  cpus: list[int | None], readahead_base: int, readahead_max: int,
-                 msgs_per_read: int = MSGS_PER_READ) -> None:
+                 msgs_per_read: int = MSGS_PER_READ, vcpus: Sequence[VcpuThread] = ()) -> None:
         if len(connections) != len(cpus) or not cpus:
             raise ValueError(f"classic handler: {len(connections)} connections for {len(cpus)} handler CPUs")
         self.uffd = uffd
@@ -91,20 +107,32 @@ class ClassicHandler:
         self.memory = installer.memory
         self.handlers = [_Handler(cpu, conn, Readahead(readahead_base, readahead_max), msgs_per_read)
                          for cpu, conn in zip(cpus, connections)]
-        self.latency_ns = array("Q")  # fault read to install, one per served fault
+        self._vcpus = vcpus
+        self._vcpu_of_tid: dict[int, int] = {}
         self.error: BaseException | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     @classmethod
     def naive(cls, uffd: Uffd, installer: Installer, connection: PageSource, *,
-              readahead_base: int, readahead_max: int) -> ClassicHandler:
+              readahead_base: int, readahead_max: int, vcpus: Sequence[VcpuThread] = ()) -> ClassicHandler:
         """One handler thread anywhere, one message per read: the usual implementation."""
         return cls(uffd, installer, [connection], cpus=[None], readahead_base=readahead_base,
-                   readahead_max=readahead_max, msgs_per_read=1)
+                   readahead_max=readahead_max, msgs_per_read=1, vcpus=vcpus)
 
     @property
     def faults(self) -> int:
         return sum(h.faults for h in self.handlers)
+
+    def fault_logs(self) -> dict[int, FaultLog]:
+        """Every served fault by vCPU, merged over the handler threads (read between faults)."""
+        return merge_logs([h.logs for h in self.handlers], (t.id for t in self._vcpus))
+
+    def _vcpu_of(self, tid: int) -> int:
+        vcpu = self._vcpu_of_tid.get(tid)
+        if vcpu is None:  # a vCPU thread learns its tid when it starts: look again
+            self._vcpu_of_tid = {t.tid: t.id for t in self._vcpus if t.tid}
+            vcpu = self._vcpu_of_tid.get(tid, UNKNOWN_VCPU)
+        return vcpu
 
     def start(self) -> None:
         for i, h in enumerate(self.handlers):
@@ -149,7 +177,7 @@ class ClassicHandler:
                     n = os.readv(fd, buf)
                 except BlockingIOError:
                     continue  # another handler read them
-                self._serve(h, n // MSG_SIZE, time.perf_counter_ns())
+                self._serve(h, n // MSG_SIZE, time.monotonic_ns())
         except BaseException as e:  # noqa: BLE001 - a handler must report, never vanish
             log.error("classic handler: %s", e)
             self.error = e
@@ -162,13 +190,16 @@ class ClassicHandler:
             if page >= 0:
                 h.faults += 1
                 self._install(h, page, 1)
-                self.latency_ns.append(time.perf_counter_ns() - t0)
+                h.log(self._vcpu_of(q[PTID_QWORD] & PTID_MASK)).record(t0, UFFD_KIND, time.monotonic_ns() - t0)
             return
         pages = []
+        vcpus = h.vcpus
+        vcpus.clear()
         for i in range(0, nmsgs * MSG_QWORDS, MSG_QWORDS):
             page = self._page(q[i + EVENT_QWORD], q[i + ADDRESS_QWORD])
             if page >= 0:
                 pages.append(page)
+                vcpus.append(self._vcpu_of(q[i + PTID_QWORD] & PTID_MASK))
         h.faults += len(pages)
         pages = sorted(set(pages))
         i, n = 0, len(pages)
@@ -178,9 +209,9 @@ class ClassicHandler:
                 run += 1
             self._install(h, pages[i], run)
             i += run
-        done = time.perf_counter_ns() - t0
-        for _ in range(n):
-            self.latency_ns.append(done)
+        done = time.monotonic_ns() - t0
+        for vcpu in vcpus:
+            h.log(vcpu).record(t0, UFFD_KIND, done)
 
     def _page(self, event: int, address: int) -> int:
         """The page a uffd message faults on, or -1 (another event, or outside guest RAM)."""

@@ -8,14 +8,14 @@ and re-enters the guest.
 from __future__ import annotations
 
 import threading
-from time import perf_counter_ns
-from array import array
+from time import monotonic_ns
 
 from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
 from postcopy.destination.readahead import Readahead
-from postcopy.faults import FAULT_KIND_NAMES, FaultDecoder, FaultKind, complete
+from postcopy.faults import FaultDecoder, complete
+from postcopy.observe.faultlog import FaultLog
 from vmm.guest.layout import PAGE_SIZE
 from vmm.vcpu import VcpuThread
 
@@ -27,9 +27,7 @@ class VcpuFaultState:
         self.decoder = decoder
         self.connection = connection
         self.readahead = readahead
-        self.kinds = [0] * len(FaultKind)
-        self.latency_ns = array("Q")  # fault exit to re-entry, one per resolved fault
-        self.blocked_ns = 0
+        self.faults = FaultLog()  # fault exit to re-entry, one record per resolved fault
 
 
 class ExitModeResolver:
@@ -57,7 +55,7 @@ class ExitModeResolver:
     def on_fault_exit(self, thread: VcpuThread, ret: int) -> bool:
         # The hot path of this fault mode: one call per fault exit, nothing allocated per page.
         st = self.states[thread.id]
-        t0 = perf_counter_ns()
+        t0 = monotonic_ns()  # the clock of the source's pause and of the timeline
         fault = st.decoder.decode(thread, ret)
         if fault is None:
             return False
@@ -70,10 +68,7 @@ class ExitModeResolver:
                 if not tracker.is_present(page + i):
                     self._resolve(st, page + i, gpa + i * PAGE_SIZE)
         complete(thread, fault)
-        st.kinds[fault.kind] += 1
-        dt = perf_counter_ns() - t0
-        st.latency_ns.append(dt)
-        st.blocked_ns += dt
+        st.faults.record(t0, fault.kind, monotonic_ns() - t0)
         return True
 
     def _resolve(self, st: VcpuFaultState, page: int, gpa: int) -> None:
@@ -92,18 +87,8 @@ class ExitModeResolver:
         self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND)
         st.readahead.fetched(page, 1 + extra)
 
-    def exit_kinds(self) -> dict[str, int]:
-        totals = dict.fromkeys(FAULT_KIND_NAMES.values(), 0)
-        for st in self.states.values():
-            for kind, n in enumerate(st.kinds):
-                totals[FAULT_KIND_NAMES[FaultKind(kind)]] += n
-        return totals
-
-    def latencies_ns(self) -> list[int]:
-        return [x for st in self.states.values() for x in st.latency_ns]
-
-    def blocktime_ns(self) -> dict[int, int]:
-        return {vcpu: st.blocked_ns for vcpu, st in self.states.items()}
+    def fault_logs(self) -> dict[int, FaultLog]:
+        return {vcpu: st.faults for vcpu, st in self.states.items()}
 
     def close(self) -> None:
         for st in self.states.values():

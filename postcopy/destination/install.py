@@ -1,7 +1,10 @@
 """Installing fetched pages into userfaultfd-registered guest RAM and recording them.
 
 A batch is installed run by run: one UFFDIO_COPY per run of data pages, one UFFDIO_ZEROPAGE per
-run of zero pages. EEXIST (another thread got there first) is normal and skipped by Uffd.
+run of zero pages. EEXIST (another thread got there first) is normal and skipped by Uffd. So is
+ENOENT once every page is present: the destination unregisters guest RAM at completion, and an
+install still in flight then (a vCPU fetched a page the background installed meanwhile) finds
+the range unregistered; what it carried is there already.
 """
 from __future__ import annotations
 
@@ -50,9 +53,7 @@ class Installer:
                     self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
                     offset += length
         except UffdError as e:
-            # Every page arrived meanwhile (the background transfer) and RAM was unregistered:
-            # these pages are there already.
-            if e.errno == errno.ENOENT and self.tracker.all_present.is_set():
+            if self._gone_after_completion(e):
                 return
             raise
         page = self.memory.page_index(batch.gpa)
@@ -67,8 +68,18 @@ class Installer:
         """Pages the source's zero map says are all zeros: installed here, never fetched."""
         gpa = self.memory.page_gpa(page)
         length = npages * PAGE_SIZE
-        self.uffd.zeropage(self.memory.hva(gpa, length), length, self.zero_mode)
+        try:
+            self.uffd.zeropage(self.memory.hva(gpa, length), length, self.zero_mode)
+        except UffdError as e:
+            if self._gone_after_completion(e):
+                return
+            raise
         self.tracker.mark_present(page, npages, Arrival.ZERO)
+
+    def _gone_after_completion(self, e: UffdError) -> bool:
+        """ENOENT with every page present: guest RAM was unregistered at completion under an
+        install in flight (try/except, not a context manager: this is the fault path)."""
+        return e.errno == errno.ENOENT and self.tracker.all_present.is_set()
 
     def install_run(self, gpa: int, data: bytes, how: Arrival) -> None:
         """A run of pages sent whole (the eager set)."""

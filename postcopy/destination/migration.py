@@ -25,10 +25,15 @@ from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, plac
 from postcopy.destination.client import FetchError, PageConnection, SyncPageConnection, auth_headers, start_migration
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
-from postcopy.destination.pages import Arrival, PageTracker
+from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
+from postcopy.observe.collect import register_destination
+from postcopy.observe.faultlog import CLASSIC_KINDS, EXIT_KINDS, FaultLog, blocktime_ns, kind_totals, latencies_ns
+from postcopy.observe.prometheus import Registry
+from postcopy.observe.series import Sampler, Series
+from postcopy.observe.timeline import build_timeline
 from proto import Complete, MigrationHeader
 from vmm import state as vmstate
-from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS
+from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID
 from vmm.machine import Machine, MachineConfig
 from vmm.memory import GuestMemory
 from vmm.uffd import Uffd, UffdError
@@ -38,6 +43,8 @@ FaultMode = Literal["exit", "classic"]
 # The GIL is handed between threads every switch interval: a vCPU thread back from KVM_RUN
 # must not wait 5 ms (the default) behind the background transfer.
 SWITCH_INTERVAL_S = 0.0002
+# Pages present and guest progress are sampled this often, from the event loop, for the timeline.
+SAMPLE_INTERVAL_S = 0.01
 
 
 class DestinationState(enum.Enum):
@@ -81,7 +88,7 @@ class MigrationResult:
 class Destination:
     def __init__(self, source_url: str, token: str, *, fault_mode: FaultMode = "exit",
                  readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
-                 console: Callable[[str], None] | None = None) -> None:
+                 console: Callable[[str], None] | None = None, registry: Registry | None = None) -> None:
         self.source_url = source_url.rstrip("/")
         self.token = token
         self.fault_mode = fault_mode
@@ -102,11 +109,26 @@ class Destination:
         self._session: aiohttp.ClientSession | None = None
         self._vcpu_connections: list[SyncPageConnection] = []  # exit: one per vCPU; classic: one per handler
         self.error: str | None = None
+        self.fetch_errors = 0
+        self._done_ns = 0
+        self._resume_ns = 0
+        # Sampled for the timeline from the switchover on (pages by arrival; guest progress).
+        self.pages_series = Series([ARRIVAL_NAMES[a] for a in Arrival])
+        self.progress_series = Series(["verified"])
+        self._sampler = Sampler(SAMPLE_INTERVAL_S, self._sample)
+        self.registry = registry if registry is not None else Registry()
+        register_destination(self.registry, self)
+
+    @property
+    def migration_id(self) -> str | None:
+        return self.header.migration_id if self.header is not None else None
 
     def _to(self, new: DestinationState) -> None:
         if new not in _ALLOWED[self.state]:
             raise MigrationError(f"destination cannot go from {self.state.value} to {new.value}")
-        log.info("destination: %s -> %s", self.state.value, new.value)
+        log.info("destination: %s -> %s", self.state.value, new.value,
+                 extra={"event": "state", "side": "destination", "migration_id": self.migration_id,
+                        "from": self.state.value, "to": new.value, "fault_mode": self.fault_mode})
         self.state = new
 
     # -- LISTEN --------------------------------------------------------------------------------
@@ -114,7 +136,8 @@ class Destination:
         """Build the VM with empty, registered RAM and open every connection, before the source
         pauses: none of this is downtime."""
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        features = UFFD_FEATURE_SIGBUS if self.fault_mode == "exit" else 0
+        # Classic: each fault message names its thread, so blocktime is per vCPU.
+        features = UFFD_FEATURE_SIGBUS if self.fault_mode == "exit" else UFFD_FEATURE_THREAD_ID
         try:
             self.uffd = Uffd(features | UFFD_FEATURE_MISSING_SHMEM)
         except UffdError as e:
@@ -158,10 +181,13 @@ class Destination:
             # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
             cpus: list[int | None] = list(place_vcpus(self.machine.vcpus))
             self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections), cpus=cpus,
-                                          readahead_base=self.readahead_base, readahead_max=self.readahead_max)
+                                          readahead_base=self.readahead_base, readahead_max=self.readahead_max,
+                                          vcpus=self.machine.vcpus)
             self.classic.start()
         self.machine.start()
         self._started_ns = time.monotonic_ns()
+        self._sample(self._started_ns)  # the series start at the resume, whenever the loop gets to sample
+        self._sampler.start()
         self._to(DestinationState.RUNNING)
 
     async def wait_complete(self, timeout: float | None = None) -> MigrationResult:
@@ -185,13 +211,18 @@ class Destination:
                 await asyncio.sleep(0.002)
         except (FetchError, MigrationError, UffdError) as e:
             self.error = str(e)
+            if isinstance(e, FetchError) or (self.classic is not None and self.classic.error is not None):
+                self.fetch_errors += 1
+            log.error("migration failed while running: %s", e, extra={
+                "event": "migration_failed", "migration_id": self.migration_id, "error": str(e),
+                "pages_missing": self.tracker.missing()})
             self._to(DestinationState.FAILED)
             self.machine.pause()  # never run a guest on memory it did not get
             raise MigrationError(f"migration failed while running: {e}") from None
         finally:
             if background is not None and not background.done():
                 background.cancel()
-        done_ns = time.monotonic_ns()
+        done_ns = self._done_ns = time.monotonic_ns()
         for region in self.memory.regions:
             self.uffd.unregister(region.hva, region.size)
         if self.classic is not None:
@@ -214,19 +245,12 @@ class Destination:
 
     def _result(self, done_ns: int) -> MigrationResult:
         assert self.header and self.tracker and self.machine
-        first_run = min((t.first_run_ns for t in self.machine.vcpus if t.first_run_ns), default=0)
-        same_clock = self.header.boot_id == _boot_id()
-        downtime = (first_run - self.header.paused_at_ns) / 1e6 if same_clock and first_run else None
-        begin = self.header.paused_at_ns if same_clock else self._switch_started_ns
-        if self.resolver is not None:
-            exit_kinds = self.resolver.exit_kinds()
-            latencies = self.resolver.latencies_ns()
-            blocktime = {v: ns / 1e6 for v, ns in self.resolver.blocktime_ns().items()}
-        else:
-            assert self.classic is not None
-            exit_kinds = {"uffd": self.classic.faults}
-            latencies = list(self.classic.latency_ns)
-            blocktime = {}
+        downtime = self.downtime_ms()
+        begin = self._origin_ns()
+        logs = self.fault_logs()
+        exit_kinds = kind_totals(logs.values(), self.fault_kinds())
+        latencies = latencies_ns(logs.values())
+        blocktime = {v: ns / 1e6 for v, ns in blocktime_ns(logs).items()}
         running_s = max((done_ns - self._started_ns) / 1e9, 1e-9)
         fetched = self.tracker.npages - self.tracker.counts[Arrival.EAGER]
         return MigrationResult(
@@ -245,7 +269,64 @@ class Destination:
             blocktime_ms=blocktime,
         )
 
+    # -- what it looked like -------------------------------------------------------------------
+    def fault_logs(self) -> dict[int, FaultLog]:
+        """Each vCPU's fault records (vCPU -1: faults no vCPU could be named for)."""
+        if self.resolver is not None:
+            return self.resolver.fault_logs()
+        if self.classic is not None:
+            return self.classic.fault_logs()
+        return {}
+
+    def fault_kinds(self) -> range:
+        return EXIT_KINDS if self.fault_mode == "exit" else CLASSIC_KINDS
+
+    def _origin_ns(self) -> int:
+        """Time zero of the timeline: the source's pause where it shares our clock (same boot),
+        else the moment we asked for the switchover (which is when the source paused, give or
+        take the request's flight)."""
+        assert self.header is not None
+        return self.header.paused_at_ns if self.header.boot_id == _boot_id() else self._switch_started_ns
+
+    def _first_run_ns(self) -> int:
+        """The first KVM_RUN here (0: none yet); kept once known, the machine may be gone later."""
+        if not self._resume_ns and self.machine is not None:
+            self._resume_ns = min((t.first_run_ns for t in self.machine.vcpus if t.first_run_ns), default=0)
+        return self._resume_ns
+
+    def downtime_ms(self) -> float | None:
+        """Source pause -> first KVM_RUN here; known only where both share a clock (same boot)."""
+        if self.header is None or self.header.boot_id != _boot_id():
+            return None
+        first_run = self._first_run_ns()
+        return (first_run - self.header.paused_at_ns) / 1e6 if first_run else None
+
+    def _sample(self, now_ns: int) -> None:
+        if self.tracker is not None:
+            self.pages_series.add(now_ns, list(self.tracker.counts.values()))
+        if self.machine is not None:
+            self.progress_series.add(now_ns, (self.machine.services.verified,))
+
+    async def stop_sampling(self) -> None:
+        """End the timeline's series here (else they run until close)."""
+        await self._sampler.stop()
+
+    def metrics(self) -> dict[str, Any]:
+        """This migration's timeline as one JSON-able dict of compact arrays (see
+        postcopy/observe/timeline.py); available from the switchover on, and after close."""
+        if self.header is None or self.tracker is None:
+            raise MigrationError(f"no metrics before the switchover (state {self.state.value})")
+        origin = self._origin_ns()
+        return build_timeline(
+            origin_ns=origin,
+            clock="source_pause" if origin == self.header.paused_at_ns else "switchover_request",
+            marks_ns={"switchover_request": self._switch_started_ns, "resume": self._first_run_ns() or None,
+                      "complete": self._done_ns or None},
+            fault_mode=self.fault_mode, vcpus=len(self.header.vcpus), npages=self.tracker.npages,
+            fault_logs=self.fault_logs(), pages=self.pages_series, progress=self.progress_series)
+
     async def close(self) -> None:
+        await self._sampler.stop()
         if self.resolver is not None:
             await asyncio.to_thread(self.resolver.close)
         elif self.classic is not None:

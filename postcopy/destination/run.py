@@ -3,6 +3,7 @@ destination's whole job, used by `postcopy dest` and the demo alike."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Callable
 
@@ -11,6 +12,9 @@ import aiohttp
 from postcopy.destination.client import FetchError, auth_headers
 from proto import ErrorReply, ProtoError, decode_any
 from postcopy.destination.migration import Destination, FaultMode, MigrationError, result_dict
+from postcopy.observe.prometheus import Registry
+
+log = logging.getLogger("postcopy.destination.run")
 
 SWEEP_TIMEOUT_S = 60.0
 MIGRATION_TIMEOUT_S = 300.0
@@ -34,17 +38,41 @@ def _reason(body: bytes) -> str:
     return msg.message if isinstance(msg, ErrorReply) else type(msg).__name__
 
 
+async def source_progress(session: aiohttp.ClientSession, source_url: str, token: str) -> dict[str, Any] | None:
+    """The guest's progress series from the source (ms from its pause), or None if it has none."""
+    try:
+        return await source_json(session, "GET", f"{source_url}/v1/vm/progress", token)
+    except FetchError as e:
+        log.warning("no guest progress from the source: %s", e, extra={"event": "source_progress_missing"})
+        return None
+
+
 async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s: float = 1.0,
                   before: dict[str, Any] | None = None, readahead_base: int = 4,
-                  console: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  console: Callable[[str], None] | None = None, timeline: bool = False,
+                  registry: Registry | None = None) -> dict[str, Any]:
     """Migrate, let the guest run ``after_s`` here, order a full sweep; return the report.
-    ``before`` is the source-side sweep result, if one was made."""
+    ``before`` is the source-side sweep result, if one was made. ``timeline`` adds
+    report["timeline"] (Destination.metrics(), with the source's progress series);
+    ``registry`` is where the destination's Prometheus metrics go."""
     async with aiohttp.ClientSession() as session:
         status = await source_json(session, "GET", f"{source_url}/v1/vm/status", token)
-    dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base, console=console)
+        dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base,
+                           console=console, registry=registry)
+        try:
+            return await _migrate(dest, session, status, after_s=after_s, before=before, timeline=timeline)
+        finally:
+            await dest.close()
+
+
+async def _migrate(dest: Destination, session: aiohttp.ClientSession, status: dict[str, Any], *,
+                   after_s: float, before: dict[str, Any] | None, timeline: bool) -> dict[str, Any]:
+    await dest.prepare(int(status["guest_bytes"]), int(status["vcpu_count"]))
+    await dest.switchover()
+    # The source's series ends at its pause: fetch it while the source still serves (it exits
+    # once it hears Complete), off the vCPUs' path.
+    progress = asyncio.ensure_future(source_progress(session, dest.source_url, dest.token)) if timeline else None
     try:
-        await dest.prepare(int(status["guest_bytes"]), int(status["vcpu_count"]))
-        await dest.switchover()
         result = await dest.wait_complete(timeout=MIGRATION_TIMEOUT_S)
         assert dest.machine is not None and dest.tracker is not None
         services = dest.machine.services
@@ -52,6 +80,7 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
         t_end = time.monotonic() + after_s
         while time.monotonic() < t_end and not dest.machine.failures():
             await asyncio.sleep(0.05)
+        await dest.stop_sampling()  # the timeline ends before the sweep, which is not the workload
         after_ok = await asyncio.to_thread(services.sweep, SWEEP_TIMEOUT_S)
         dest.machine.pause()
         failures = dest.machine.failures()
@@ -76,9 +105,14 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
             "all_pages_present": dest.tracker.missing() == 0,
             "failures": failures,
         })
+        if progress is not None:
+            report["timeline"] = dest.metrics()
+            report["timeline"]["progress"]["source"] = await progress
+            progress = None
         return report
     finally:
-        await dest.close()
+        if progress is not None:
+            progress.cancel()
 
 
-__all__ = ["migrate", "source_json", "MigrationError", "FetchError"]
+__all__ = ["migrate", "source_json", "source_progress", "MigrationError", "FetchError"]

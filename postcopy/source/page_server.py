@@ -20,6 +20,9 @@ from typing import Any, Final, Self
 import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from postcopy.observe.collect import register_source
+from postcopy.observe.prometheus import Registry, metrics_handler
+from postcopy.observe.series import Sampler, Series
 from postcopy.source.export import ExportError, export
 from proto import (
     MAX_BATCH_PAGES,
@@ -52,6 +55,8 @@ WS_MAX_FRAME_BYTES: Final = 64 * 1024
 # HTTP request bodies: the largest is a Complete.
 MAX_BODY_BYTES: Final = MAX_COMPLETE_MESSAGE_BYTES
 SWEEP_TIMEOUT_S: Final = 60.0
+# The guest's progress is sampled this often while it runs here, for the destination's timeline.
+PROGRESS_INTERVAL_S: Final = 0.02
 # A non-zero page costs its data and its checksum in an encoded PageBatch; everything else in
 # the batch (keys, gpa, count, the zero bitmap, bin headers) is far smaller than one such page,
 # so the encoded length alone tells how many pages went as data.
@@ -91,7 +96,8 @@ class PageServer:
     """Serves one migration of `machine`. Use as ``async with PageServer(...) as s: await s.start(...)``."""
 
     def __init__(self, machine: Machine, *, token: str, migration_id: str,
-                 workload: dict[str, int | str], sweep_timeout_s: float = SWEEP_TIMEOUT_S) -> None:
+                 workload: dict[str, int | str], sweep_timeout_s: float = SWEEP_TIMEOUT_S,
+                 registry: Registry | None = None) -> None:
         self.machine = machine
         self.migration_id = migration_id
         self.workload = workload
@@ -108,6 +114,10 @@ class PageServer:
         self._stats = ServerStats()
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self._runner: web.AppRunner | None = None
+        self.progress = Series(["verified"])
+        self._sampler = Sampler(PROGRESS_INTERVAL_S, self._sample_progress)
+        self.registry = registry if registry is not None else Registry()
+        register_source(self.registry, self)
 
     # -- lifecycle: the whole setup and teardown ------------------------------------------------
     async def start(self, host: str, port: int) -> str:
@@ -116,12 +126,14 @@ class PageServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
+        self._sampler.start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         return f"http://{shown}:{bound_port}"
 
     async def close(self) -> None:
         """Stop listening and close every WebSocket; guest memory is not touched after this."""
+        await self._sampler.stop()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()  # runs on_shutdown: closes the sockets
@@ -154,6 +166,17 @@ class PageServer:
             stats["pause_to_complete_s"] = (self._stats.completed_ns - self._stats.started_ns) / 1e9
         return stats
 
+    def _to(self, new: MigrationState, why: str, *args: object, level: int = logging.INFO, **fields: object) -> None:
+        """The one place the state changes: one structured log event per transition."""
+        log.log(level, "migration %s: %s -> %s: " + why, self.migration_id, self.state.value, new.value, *args,
+                extra={"event": "state", "side": "source", "migration_id": self.migration_id,
+                       "from": self.state.value, "to": new.value, **fields})
+        self.state = new
+
+    def _sample_progress(self, now_ns: int) -> None:
+        if self.state is MigrationState.RUNNING:
+            self.progress.add(now_ns, (self.machine.services.verified,))
+
     # -- replies --------------------------------------------------------------------------------
     def error(self, code: int, message: str) -> web.Response:
         self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
@@ -175,16 +198,18 @@ class PageServer:
                     header = await loop.run_in_executor(None, export, self.machine, self.migration_id,
                                                         self.workload)
                 except ExportError as error:
-                    self.state, self._failure = MigrationState.FAILED, str(error)
+                    self._failure = str(error)
+                    self._to(MigrationState.FAILED, "%s", error, level=logging.ERROR, error=str(error))
                     self._ended.set()
-                    log.error("migration %s: %s", self.migration_id, error)
                     return self.error(500, str(error))
                 self.header, self._header_bytes = header, header.encode()
                 self._stats.started_ns = header.paused_at_ns
                 self._stats.header_bytes = len(self._header_bytes)
-                self.state = MigrationState.SERVING
-                log.info("migration %s: guest paused, header of %d bytes (%d eager runs)",
-                         self.migration_id, len(self._header_bytes), len(header.eager))
+                # Samples taken while the export ran saw a paused guest: the series ends at the pause.
+                self.progress.cut_after(header.paused_at_ns)
+                self.progress.add(header.paused_at_ns, (self.machine.services.verified,))
+                self._to(MigrationState.SERVING, "guest paused, header of %d bytes (%d eager runs)",
+                         len(self._header_bytes), len(header.eager), header_bytes=len(self._header_bytes))
             if self.state is not MigrationState.SERVING:
                 return self._wrong_state("start")
         return web.Response(body=self._header_bytes, content_type=MSGPACK)
@@ -202,12 +227,12 @@ class PageServer:
             return web.Response(status=204)  # a retried Complete
         if self.state is not MigrationState.SERVING:
             return self._wrong_state("complete")
-        self.state = MigrationState.COMPLETED
         self.complete_stats = message.stats
         self._stats.completed_ns = time.monotonic_ns()
+        self._to(MigrationState.COMPLETED, "destination has every page: %s", message.stats,
+                 destination_stats=message.stats)
         self.completed.set()
         self._ended.set()
-        log.info("migration %s completed: %s", self.migration_id, message.stats)
         return web.Response(status=204)
 
     async def vm_status(self, request: web.Request) -> web.Response:
@@ -223,6 +248,14 @@ class PageServer:
             "verified": services.verified, "errors": services.errors,
             "exceptions": len(services.exceptions), "vcpus": vcpus,
         })
+
+    async def vm_progress(self, request: web.Request) -> web.Response:
+        """The guest's progress while it ran here, sampled every PROGRESS_INTERVAL_S, in ms from
+        the pause (from now, while it still runs): two hosts' clocks never meet."""
+        paused = self.header is not None
+        origin = self.header.paused_at_ns if self.header is not None else time.monotonic_ns()
+        return web.json_response({"clock": "pause" if paused else "now",
+                                  "interval_ms": PROGRESS_INTERVAL_S * 1e3, **self.progress.as_dict(origin)})
 
     async def vm_sweep(self, request: web.Request) -> web.Response:
         async with self._transition:
@@ -368,6 +401,9 @@ def make_app(server: PageServer) -> web.Application:
         web.post("/v1/migration/complete", server.complete_migration),
         web.get("/v1/vm/status", server.vm_status),
         web.post("/v1/vm/sweep", server.vm_sweep),
+        web.get("/v1/vm/progress", server.vm_progress),
+        # Behind the bearer token like the rest: the counts tell how far a migration got.
+        web.get("/metrics", metrics_handler(server.registry)),
     ])
     app.on_shutdown.append(server._close_sockets)
     return app

@@ -53,7 +53,8 @@ async def run_source(mem_bytes: int, vcpus: int, *, host: str, port: int, token:
     try:
         async with PageServer(machine, token=token, migration_id=migration_id, workload=workload) as server:
             url = await server.start(host, port)
-            log.info("page server for %s at %s; guest warming up %.1f s", migration_id, url, warmup_s)
+            log.info("page server for %s at %s; guest warming up %.1f s", migration_id, url, warmup_s,
+                     extra={"event": "listening", "side": "source", "migration_id": migration_id, "url": url})
             await asyncio.sleep(warmup_s)
             if on_ready is not None:
                 on_ready(url)
