@@ -78,6 +78,15 @@ class MigrationResult:
     blocktime_ms: dict[int, float] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class DestinationProgress:
+    state: str
+    pages_total: int
+    pages_present: int
+    pages: dict[str, int]  # present pages by arrival kind
+    running_s: float  # since the vCPUs started here; 0 before the switchover
+
+
 class Destination:
     def __init__(self, source_url: str, token: str, *, fault_mode: FaultMode = "exit",
                  readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
@@ -101,6 +110,7 @@ class Destination:
         self._connections: list[PageConnection] = []
         self._session: aiohttp.ClientSession | None = None
         self._vcpu_connections: list[SyncPageConnection] = []
+        self._started_ns = 0
         self.error: str | None = None
 
     def _to(self, new: DestinationState) -> None:
@@ -244,6 +254,22 @@ class Destination:
             pagein_rate=round(fetched / running_s, 1),
             blocktime_ms=blocktime,
         )
+
+    def progress(self) -> DestinationProgress:
+        """A snapshot for the control API, read from any thread without locks (counters only grow)."""
+        tracker = self.tracker
+        total = self.memory.pages if self.memory is not None else 0
+        if tracker is None:
+            return DestinationProgress(self.state.value, total, 0, {}, 0.0)
+        running_s = (time.monotonic_ns() - self._started_ns) / 1e9 if self._started_ns else 0.0
+        return DestinationProgress(self.state.value, tracker.npages, tracker.present,
+                                   tracker.counts_by_name(), running_s)
+
+    def detach_machine(self) -> Machine:
+        """Hand the running guest to a new owner: close() then leaves it running."""
+        assert self.machine is not None
+        machine, self.machine = self.machine, None
+        return machine
 
     async def close(self) -> None:
         if self.resolver is not None:

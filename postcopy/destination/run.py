@@ -6,6 +6,8 @@ import asyncio
 import time
 from typing import Any, Callable
 
+from vmm.machine import Machine
+
 import aiohttp
 
 from postcopy.destination.client import FetchError, auth_headers
@@ -36,12 +38,18 @@ def _reason(body: bytes) -> str:
 
 async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s: float = 1.0,
                   before: dict[str, Any] | None = None, readahead_base: int = 4,
-                  console: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  console: Callable[[str], None] | None = None,
+                  on_destination: Callable[[Destination], None] | None = None,
+                  adopt: Callable[[Machine], None] | None = None) -> dict[str, Any]:
     """Migrate, let the guest run ``after_s`` here, order a full sweep; return the report.
-    ``before`` is the source-side sweep result, if one was made."""
+    ``before`` is the source-side sweep result, if one was made. ``on_destination`` sees the
+    Destination before it prepares (to follow its progress); ``adopt``, if given, receives the
+    running guest (every page present) instead of it being paused and closed."""
     async with aiohttp.ClientSession() as session:
         status = await source_json(session, "GET", f"{source_url}/v1/vm/status", token)
     dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base, console=console)
+    if on_destination is not None:
+        on_destination(dest)
     try:
         await dest.prepare(int(status["guest_bytes"]), int(status["vcpu_count"]))
         await dest.switchover()
@@ -53,7 +61,8 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
         while time.monotonic() < t_end and not dest.machine.failures():
             await asyncio.sleep(0.05)
         after_ok = await asyncio.to_thread(services.sweep, SWEEP_TIMEOUT_S)
-        dest.machine.pause()
+        if adopt is None:
+            dest.machine.pause()
         failures = dest.machine.failures()
         after_pages = sum(p.sweep_pages for p in services.progress)
         after_errors = sum(p.sweep_errors for p in services.progress)
@@ -76,6 +85,8 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
             "all_pages_present": dest.tracker.missing() == 0,
             "failures": failures,
         })
+        if adopt is not None and report["all_pages_present"]:
+            adopt(dest.detach_machine())
         return report
     finally:
         await dest.close()

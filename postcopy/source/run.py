@@ -16,7 +16,7 @@ from postcopy.source.page_server import MigrationState, PageServer
 from vmm.guest import workloads
 from vmm.machine import Machine, MachineConfig
 
-__all__ = ["SourceError", "boot_memtouch", "run_source", "serve"]
+__all__ = ["SourceError", "boot_memtouch", "boot_workload", "run_source", "serve", "server_summary"]
 
 log = logging.getLogger("postcopy.source.run")
 WORKLOAD = "memtouch"
@@ -28,7 +28,13 @@ class SourceError(Exception):
 
 def boot_memtouch(mem_bytes: int, vcpus: int, seed: int) -> tuple[Machine, dict[str, int | str]]:
     """A started memtouch guest on memfd-backed RAM, and the workload record for its header."""
-    program, params = workloads.plan(WORKLOAD, mem_bytes, vcpus, seed)
+    return boot_workload(WORKLOAD, mem_bytes, vcpus, seed)
+
+
+def boot_workload(name: str, mem_bytes: int, vcpus: int, seed: int) -> tuple[Machine, dict[str, int | str]]:
+    """A started guest running workload ``name`` on memfd-backed RAM, and the workload record
+    for its header."""
+    program, params = workloads.plan(name, mem_bytes, vcpus, seed)
     machine = Machine.create(MachineConfig(mem_bytes, vcpus, backing="memfd"))
     try:
         machine.boot(program, params)
@@ -36,7 +42,7 @@ def boot_memtouch(mem_bytes: int, vcpus: int, seed: int) -> tuple[Machine, dict[
     except BaseException:
         machine.close()
         raise
-    workload: dict[str, int | str] = {"name": WORKLOAD, "seed": seed, "mem_bytes": mem_bytes, "vcpus": vcpus}
+    workload: dict[str, int | str] = {"name": name, "seed": seed, "mem_bytes": mem_bytes, "vcpus": vcpus}
     return machine, workload
 
 
@@ -64,13 +70,13 @@ async def run_source(mem_bytes: int, vcpus: int, *, host: str, port: int, token:
                                   f"(state {server.state.value})") from None
             if state is not MigrationState.COMPLETED:
                 raise SourceError(f"migration {migration_id} ended {state.value}: {server.failure}")
-            summary = _summary(server)
+            summary = server_summary(server)
     finally:
         machine.close()
     return summary
 
 
-def _summary(server: PageServer) -> dict[str, Any]:
+def server_summary(server: PageServer) -> dict[str, Any]:
     stats = server.stats()
     header = server.header
     assert header is not None
