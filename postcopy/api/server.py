@@ -6,6 +6,7 @@ Every answer is JSON; every error is ``{"error": "...", "code": N}`` with that H
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -13,17 +14,19 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
 from aiohttp import web
 
+from postcopy.api.client import ApiClient
 from postcopy.api.models import ApiError, IncomingSpec, OutgoingSpec, VmSpec, parse_listen
 from postcopy.api.service import VmmService
 
-__all__ = ["ApiAddress", "ApiServer", "default_socket_path", "make_app", "serve"]
+__all__ = ["ApiAddress", "ApiServer", "ApiStartError", "default_socket_path", "local_vmm", "make_app", "serve"]
 
 log = logging.getLogger("postcopy.api.server")
 
@@ -281,3 +284,13 @@ async def serve(address: ApiAddress, token: str | None, on_ready: Callable[[str]
             on_ready(server.address)
         await service.stopping.wait()
     log.info("VMM API at %s: stopped", server.address)
+
+
+@contextlib.asynccontextmanager
+async def local_vmm(console: Callable[[str], None] | None = None) -> AsyncIterator[ApiClient]:
+    """A VMM in this process, its API on a private unix socket, and a client for it: what
+    `postcopy source` and `postcopy dest` drive (the same API a `vmm serve` answers)."""
+    with tempfile.TemporaryDirectory(prefix="postcopy-vmm-") as tmp:
+        async with ApiServer(VmmService(console=console), ApiAddress(path=Path(tmp) / "api.sock")) as server:
+            async with ApiClient(server.address) as client:
+                yield client

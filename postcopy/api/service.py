@@ -86,8 +86,8 @@ def _vm_state(machine: Machine) -> str:
     states = {t.state for t in machine.vcpus}
     if VcpuState.FAILED in states:
         return "failed"
-    if VcpuState.RUNNING in states:
-        return "running"
+    if VcpuState.RUNNING in states or (VcpuState.CREATED in states and machine.started_ns):
+        return "running"  # a started vCPU thread is CREATED until its first KVM_RUN
     if states == {VcpuState.PAUSED}:
         return "paused"
     return machine.vcpus[0].state.value

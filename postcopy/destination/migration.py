@@ -84,7 +84,7 @@ class DestinationProgress:
     pages_total: int
     pages_present: int
     pages: dict[str, int]  # present pages by arrival kind
-    running_s: float  # since the vCPUs started here; 0 before the switchover
+    running_s: float  # vCPUs started here -> all pages present (or now); 0 before the switchover
 
 
 class Destination:
@@ -111,6 +111,7 @@ class Destination:
         self._session: aiohttp.ClientSession | None = None
         self._vcpu_connections: list[SyncPageConnection] = []
         self._started_ns = 0
+        self._done_ns = 0
         self.error: str | None = None
 
     def _to(self, new: DestinationState) -> None:
@@ -201,7 +202,7 @@ class Destination:
         finally:
             if background is not None and not background.done():
                 background.cancel()
-        done_ns = time.monotonic_ns()
+        done_ns = self._done_ns = time.monotonic_ns()
         for region in self.memory.regions:
             self.uffd.unregister(region.hva, region.size)
         if self.classic is not None:
@@ -261,7 +262,8 @@ class Destination:
         total = self.memory.pages if self.memory is not None else 0
         if tracker is None:
             return DestinationProgress(self.state.value, total, 0, {}, 0.0)
-        running_s = (time.monotonic_ns() - self._started_ns) / 1e9 if self._started_ns else 0.0
+        end_ns = self._done_ns or time.monotonic_ns()
+        running_s = (end_ns - self._started_ns) / 1e9 if self._started_ns else 0.0
         return DestinationProgress(self.state.value, tracker.npages, tracker.present,
                                    tracker.counts_by_name(), running_s)
 
