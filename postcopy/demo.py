@@ -33,7 +33,7 @@ async def start_vmm(socket_path: Path, name: str) -> tuple[asyncio.subprocess.Pr
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), VMM_START_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         await stop_vmm(proc, None)
         raise DemoError(f"the {name} VMM did not come up within {VMM_START_TIMEOUT_S:.0f} s") from None
     if not line:
@@ -54,7 +54,7 @@ async def stop_vmm(proc: asyncio.subprocess.Process, api: ApiClient | None) -> N
         try:
             await asyncio.wait_for(proc.wait(), VMM_STOP_TIMEOUT_S)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
 
 

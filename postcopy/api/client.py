@@ -56,7 +56,7 @@ class ApiClient:
         try:
             async with self._session.request(method, self._base + path, json=body) as resp:
                 data = await resp.json(content_type=None) if resp.status != 204 else {}
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
             raise ApiClientError(0, f"{method} {path} at {self.address}: {type(e).__name__}: {e}") from None
         if resp.status >= 400:
             message = data.get("error") if isinstance(data, dict) else None

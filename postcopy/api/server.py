@@ -291,6 +291,6 @@ async def local_vmm(console: Callable[[str], None] | None = None) -> AsyncIterat
     """A VMM in this process, its API on a private unix socket, and a client for it: what
     `postcopy source` and `postcopy dest` drive (the same API a `vmm serve` answers)."""
     with tempfile.TemporaryDirectory(prefix="postcopy-vmm-") as tmp:
-        async with ApiServer(VmmService(console=console), ApiAddress(path=Path(tmp) / "api.sock")) as server:
-            async with ApiClient(server.address) as client:
-                yield client
+        async with ApiServer(VmmService(console=console), ApiAddress(path=Path(tmp) / "api.sock")) as server, \
+                ApiClient(server.address) as client:
+            yield client

@@ -15,8 +15,9 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Final
+from typing import Any, Final
 
 from postcopy.api.models import ApiError, IncomingSpec, OutgoingSpec, VmSpec
 from postcopy.destination.client import FetchError
@@ -254,7 +255,7 @@ class VmmService:
         except (MigrationError, FetchError, MachineError, VcpuError, OSError) as e:
             inc.error = str(e)
             log.error("incoming migration failed: %s", e)
-        except Exception as e:  # noqa: BLE001 - a bug must still end the migration as failed
+        except Exception as e:
             inc.error = f"internal error: {type(e).__name__}: {e}"
             log.exception("incoming migration failed")
 

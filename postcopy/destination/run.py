@@ -1,18 +1,17 @@
 """Pull a running guest from a source, keep it running, and have it verify itself: the
-destination's whole job, used by `postcopy dest` and the demo alike."""
+destination's whole job, run by the VMM service (postcopy/api/service.py) for each incoming migration."""
 from __future__ import annotations
 
 import asyncio
 import time
 from typing import Any, Callable
 
-from vmm.machine import Machine
-
 import aiohttp
 
 from postcopy.destination.client import FetchError, auth_headers
 from proto import ErrorReply, ProtoError, decode_any
 from postcopy.destination.migration import Destination, FaultMode, MigrationError, result_dict
+from vmm.machine import Machine
 
 SWEEP_TIMEOUT_S = 60.0
 MIGRATION_TIMEOUT_S = 300.0

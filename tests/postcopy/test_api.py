@@ -147,9 +147,8 @@ def test_vm_control_pause_resume_and_a_cancelled_outgoing_migration_leave_the_gu
             assert (await vmm.resume())["state"] == "running"
             out = await vmm.outgoing("127.0.0.1:0", TOKEN)
             assert out["state"] == "listen"
-            async with aiohttp.ClientSession() as s:  # the page server answers, with its own token
-                async with s.get(out["url"] + "/v1/health") as resp:
-                    assert resp.status == 200
+            async with aiohttp.ClientSession() as s, s.get(out["url"] + "/v1/health") as resp:
+                assert resp.status == 200  # the page server answers
             for action in (vmm.pause, vmm.sweep, vmm.delete_vm):
                 with pytest.raises(ApiClientError) as e:
                     await action()
@@ -172,17 +171,16 @@ def test_vm_control_pause_resume_and_a_cancelled_outgoing_migration_leave_the_gu
 def test_the_api_token_is_enforced_when_set() -> None:
     async def scenario() -> None:
         server = ApiServer(VmmService(), ApiAddress(host="127.0.0.1", port=0), token="api-secret")
-        async with server:
-            async with ApiClient(server.address) as anonymous, \
+        async with server, ApiClient(server.address) as anonymous, \
                     ApiClient(server.address, "wrong") as wrong, ApiClient(server.address, "api-secret") as right:
-                assert (await anonymous.health())["status"] == "ok"  # liveness stays public
-                for client in (anonymous, wrong):
-                    status, answer = await _raw(client, "GET", "/v1/migration")
-                    assert status == 401 and answer == {"error": "missing or wrong API bearer token", "code": 401}
-                    status, _ = await _raw(client, "PUT", "/v1/vm", {"mem": "16M"})
-                    assert status == 401
-                assert (await right.migration())["state"] == "none"
-                assert (await right.health())["vm"] == "none"  # the refused PUT created nothing
+            assert (await anonymous.health())["status"] == "ok"  # liveness stays public
+            for client in (anonymous, wrong):
+                status, answer = await _raw(client, "GET", "/v1/migration")
+                assert status == 401 and answer == {"error": "missing or wrong API bearer token", "code": 401}
+                status, _ = await _raw(client, "PUT", "/v1/vm", {"mem": "16M"})
+                assert status == 401
+            assert (await right.migration())["state"] == "none"
+            assert (await right.health())["vm"] == "none"  # the refused PUT created nothing
 
     asyncio.run(scenario())
 
