@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from postcopy.api.client import ApiClient, ApiClientError
-from postcopy.api.server import ApiAddress, ApiServer, ApiStartError, local_vmm
+from postcopy.api.server import ApiAddress, ApiServer, ApiStartError, local_vmm, make_app
 from postcopy.api.service import VmmService
 from postcopy.demo import start_vmm, stop_vmm
 from postcopy.progress import ProgressLine, render_line
@@ -254,3 +254,16 @@ def test_the_progress_line_redraws_in_place_on_a_terminal_and_is_silent_otherwis
     quiet = Tty()
     ProgressLine(quiet, enabled=False).update(STATUS, force=True)  # --json turns it off
     assert quiet.getvalue() == ""
+
+
+def test_every_route_is_documented_in_api_md_and_openapi_yaml() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    api_md = (docs / "api.md").read_text()
+    openapi = (docs / "openapi.yaml").read_text()
+    routes = {(r.method, r.resource.canonical) for r in make_app(VmmService()).router.routes()
+              if r.method != "HEAD" and r.resource is not None}
+    assert len(routes) == 12
+    for method, path in routes:
+        assert f"`{method} {path}`" in api_md, (method, path)
+        section = "\n" + openapi.split(f"\n  {path}:\n", 1)[1].split("\n  /", 1)[0]
+        assert f"\n    {method.lower()}:\n" in section, (method, path)
