@@ -6,12 +6,13 @@ run of zero pages. EEXIST (another thread got there first) is normal and skipped
 from __future__ import annotations
 
 import ctypes
+import errno
 
 from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
 from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
 from vmm.memory import GuestMemory
-from vmm.uffd import Uffd
+from vmm.uffd import Uffd, UffdError
 
 
 def buffer_address(data: bytes) -> int:
@@ -36,14 +37,21 @@ class Installer:
         (the demanded page) and the rest as ``how`` (its readahead)."""
         base = buffer_address(batch.data)
         offset = 0
-        for gpa, npages, view in batch.runs():
-            length = npages * PAGE_SIZE
-            hva = self.memory.hva(gpa, length)
-            if view is None:
-                self.uffd.zeropage(hva, length, self.zero_mode)
-            else:
-                self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
-                offset += length
+        try:
+            for gpa, npages, view in batch.runs():
+                length = npages * PAGE_SIZE
+                hva = self.memory.hva(gpa, length)
+                if view is None:
+                    self.uffd.zeropage(hva, length, self.zero_mode)
+                else:
+                    self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
+                    offset += length
+        except UffdError as e:
+            # A demand fetch (its page is not claimed) can race the background to the last
+            # page: then every page is present and RAM was unregistered under us (ENOENT).
+            if e.errno != errno.ENOENT or not self.tracker.all_present.is_set():
+                raise
+            return
         page = self.memory.page_index(batch.gpa)
         if first_how is not None:
             self.tracker.mark_present(page, 1, first_how)
