@@ -59,7 +59,8 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
         t_end = time.monotonic() + after_s
         while time.monotonic() < t_end and not dest.machine.failures():
             await asyncio.sleep(0.05)
-        after_ok = await asyncio.to_thread(services.sweep, SWEEP_TIMEOUT_S)
+        # A failed vCPU never answers a sweep: do not wait SWEEP_TIMEOUT_S to learn it.
+        after_ok = not dest.machine.failures() and await asyncio.to_thread(services.sweep, SWEEP_TIMEOUT_S)
         if adopt is None:
             dest.machine.pause()
         failures = dest.machine.failures()

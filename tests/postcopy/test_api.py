@@ -165,6 +165,30 @@ def test_vm_control_pause_resume_and_a_cancelled_outgoing_migration_leave_the_gu
     asyncio.run(scenario())
 
 
+def test_an_incoming_migration_from_an_unreachable_source_fails_with_the_reason() -> None:
+    async def scenario() -> None:
+        async with local_vmm() as vmm:
+            with socket.socket() as s:  # a port nobody listens on
+                s.bind(("127.0.0.1", 0))
+                url = f"http://127.0.0.1:{s.getsockname()[1]}"
+            started = await vmm.incoming(url, TOKEN, fault_mode="classic")
+            assert started["role"] == "destination" and started["state"] in ("setup", "failed")
+            for _ in range(100):
+                status = await vmm.migration()
+                if status["state"] == "failed":
+                    break
+                await asyncio.sleep(0.02)
+            assert status["state"] == "failed" and status["report"] is None
+            assert url in status["errors"][0] and "/v1/vm/status" in status["errors"][0]
+            assert (await vmm.health())["vm"] == "none"
+            with pytest.raises(ApiClientError) as e:
+                await vmm.cancel_migration()
+            assert e.value.code == 409
+            assert (await vmm.incoming(url, TOKEN))["role"] == "destination"  # a failed one may be retried
+
+    asyncio.run(scenario())
+
+
 # -- the API's own token and address --------------------------------------------------------------
 
 @needs_kvm
