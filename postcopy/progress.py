@@ -20,6 +20,8 @@ def render_line(status: dict[str, Any]) -> str:
     rate = status.get("rate") or 0.0
     eta = status.get("eta_s")
     left = f"{eta:.1f} s" if eta is not None else "?"
+    if present == total and state == "running":
+        left = "0 s, the guest checks itself"  # the after-sweep runs before the report
     return (f"migration {state}: {present}/{total} pages ({100 * present / total:5.1f}%)  "
             f"demand {pages.get('demand', 0)} + readahead {pages.get('readahead', 0)}  "
             f"background {pages.get('background', 0)}  zero {pages.get('zero', 0)}  "

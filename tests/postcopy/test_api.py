@@ -259,6 +259,7 @@ def test_the_progress_line_shows_pages_kinds_rate_and_time_left() -> None:
     assert "250/1000 pages ( 25.0%)" in line and "demand 40 + readahead 100" in line
     assert "background 90" in line and "12.0 k pages/s" in line and "left 0.1 s" in line
     assert render_line({"state": "setup"}) == "migration setup"
+    assert "left 0 s, the guest checks itself" in render_line({**STATUS, "pages_present": 1000})
 
 
 def test_the_progress_line_redraws_in_place_on_a_terminal_and_is_silent_otherwise() -> None:
