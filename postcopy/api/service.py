@@ -46,6 +46,7 @@ class Vm:
     machine: Machine
     spec: VmSpec
     origin: str  # "created" (PUT /v1/vm) or "migrated" (arrived by an incoming migration)
+    workload: dict[str, int | str]  # the record a migration header carries
 
 
 @dataclass(slots=True)
@@ -133,12 +134,12 @@ class VmmService:
             if (why := self._migrating()) is not None:
                 raise ApiError(409, f"cannot create a VM: {why}")
             try:
-                machine, _ = boot_workload(spec.workload, spec.mem_bytes, spec.vcpus, spec.seed)
+                machine, workload = boot_workload(spec.workload, spec.mem_bytes, spec.vcpus, spec.seed)
             except WorkloadError as e:
                 raise ApiError(400, f"PUT /v1/vm: {e}") from None
             except MachineError as e:
                 raise ApiError(500, f"cannot boot the VM: {e}") from None
-            self.vm = Vm(machine, spec, "created")
+            self.vm = Vm(machine, spec, "created", workload)
             log.info("VM created: %d MiB, %d vCPUs, %s", spec.mem_bytes >> 20, spec.vcpus, spec.workload)
         return self.vm_status()
 
@@ -189,10 +190,8 @@ class VmmService:
     async def start_outgoing(self, spec: OutgoingSpec) -> dict[str, Any]:
         async with self._lock:
             vm = self._need_idle_vm("start an outgoing migration")
-            workload: dict[str, int | str] = {"name": vm.spec.workload, "seed": vm.spec.seed,
-                                              "mem_bytes": vm.spec.mem_bytes, "vcpus": vm.spec.vcpus}
             server = PageServer(vm.machine, token=spec.token, migration_id=f"mig-{secrets.token_hex(8)}",
-                                workload=workload)
+                                workload=vm.workload)
             try:
                 url = await server.start(spec.host, spec.port)
             except OSError as e:
@@ -244,7 +243,7 @@ class VmmService:
                 w = inc.dest.header.workload
                 vm_spec = VmSpec(machine.memory.size, len(machine.vcpus), str(w.get("name", "memtouch")),
                                  int(w.get("seed", 0)))
-                self.vm = Vm(machine, vm_spec, "migrated")
+                self.vm = Vm(machine, vm_spec, "migrated", dict(w))
 
             inc.report = await migrate(spec.source_url, spec.token, inc.fault_mode,  # type: ignore[arg-type]
                                        after_s=spec.after_s, before=before, readahead_base=spec.readahead,

@@ -17,6 +17,7 @@ from postcopy.api.client import ApiClient, ApiClientError
 from postcopy.api.server import ApiAddress, ApiServer, ApiStartError, local_vmm, make_app
 from postcopy.api.service import VmmService
 from postcopy.demo import start_vmm, stop_vmm
+from postcopy.orchestrate import MigrateOptions, run_migration
 from postcopy.progress import ProgressLine, render_line
 from vmm import cli as vmm_cli
 
@@ -37,7 +38,7 @@ async def _raw(client: ApiClient, method: str, path: str, body: Any = None, data
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("kvm_available", "uffd_available")
-def test_a_migration_driven_through_the_api_alone_is_verified(tmp_path: Path) -> None:
+def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tmp_path: Path) -> None:
     async def scenario() -> None:
         src_proc, src_addr = await start_vmm(tmp_path / "src.sock", "source")
         dst_proc, dst_addr = await start_vmm(tmp_path / "dst.sock", "destination")
@@ -79,6 +80,12 @@ def test_a_migration_driven_through_the_api_alone_is_verified(tmp_path: Path) ->
                 status, smig = await _raw(src, "GET", "/v1/migration")
                 assert smig["state"] == "completed" and smig["migration_id"] == mig["migration_id"]
                 assert smig["report"]["destination_stats"] == report["pages"]
+                # And back, by the orchestrator `postcopy migrate` runs: the migrated guest is
+                # an ordinary VM of its new VMM, and the old source takes an incoming one.
+                back = await run_migration(dst, src, MigrateOptions(token=TOKEN, after_s=0.3))
+                assert back["verified"] is True and back["guest"]["before"]["swept_pages"] == before["pages"]
+                assert (await src.vm())["origin"] == "migrated" and (await src.vm())["seed"] == 3
+                assert (await dst.migration())["role"] == "source"
             finally:
                 await asyncio.gather(stop_vmm(src_proc, src), stop_vmm(dst_proc, dst))
         assert src_proc.returncode == 0 and dst_proc.returncode == 0
