@@ -45,9 +45,8 @@ def _token(args: argparse.Namespace, create: bool, announce: bool = True) -> str
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token
-    token = os.environ.get(TOKEN_ENV)
-    if token:
-        return token
+    if env_token := os.environ.get(TOKEN_ENV):
+        return env_token
     if not create:
         raise SystemExit(f"postcopy: error: give the migration token with --token-file or ${TOKEN_ENV}")
     token = secrets.token_urlsafe(32)

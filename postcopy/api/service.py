@@ -150,30 +150,34 @@ class VmmService:
                 "workload": spec.workload, "seed": spec.seed, "guest": guest_progress(vm.machine)}
 
     async def pause(self) -> dict[str, Any]:
-        vm = self._need_idle_vm("pause the VM")
-        try:
-            await asyncio.to_thread(vm.machine.pause)
-        except VcpuError as e:
-            raise ApiError(500, str(e)) from None
+        async with self._lock:
+            vm = self._need_idle_vm("pause the VM")
+            try:
+                await asyncio.to_thread(vm.machine.pause)
+            except VcpuError as e:
+                raise ApiError(500, str(e)) from None
         return self.vm_status()
 
     async def resume(self) -> dict[str, Any]:
-        vm = self._need_idle_vm("resume the VM")
-        if vm.machine.failures():
-            raise ApiError(409, f"cannot resume a failed VM: {'; '.join(vm.machine.failures())}")
-        vm.machine.resume()
+        async with self._lock:
+            vm = self._need_idle_vm("resume the VM")
+            if failures := vm.machine.failures():
+                raise ApiError(409, f"cannot resume a failed VM: {'; '.join(failures)}")
+            vm.machine.resume()
         return self.vm_status()
 
     async def sweep(self) -> dict[str, Any]:
-        vm = self._need_idle_vm("sweep the guest")
-        if not workloads.WORKLOADS[vm.spec.workload].verifies:
-            raise ApiError(409, f"workload {vm.spec.workload} does not verify its memory: nothing to sweep")
-        if _vm_state(vm.machine) != "running":
-            raise ApiError(409, f"cannot sweep the guest while the VM is {_vm_state(vm.machine)}")
-        services = vm.machine.services
-        finished = await asyncio.to_thread(services.sweep, SWEEP_TIMEOUT_S)
-        pages = sum(p.sweep_pages for p in services.progress)
-        errors = sum(p.sweep_errors for p in services.progress)
+        """The guest checks all its memory once; under the lock, so no migration starts meanwhile."""
+        async with self._lock:
+            vm = self._need_idle_vm("sweep the guest")
+            if not workloads.WORKLOADS[vm.spec.workload].verifies:
+                raise ApiError(409, f"workload {vm.spec.workload} does not verify its memory: nothing to sweep")
+            if _vm_state(vm.machine) != "running":
+                raise ApiError(409, f"cannot sweep the guest while the VM is {_vm_state(vm.machine)}")
+            services = vm.machine.services
+            finished = await asyncio.to_thread(services.sweep, SWEEP_TIMEOUT_S)
+            pages = sum(p.sweep_pages for p in services.progress)
+            errors = sum(p.sweep_errors for p in services.progress)
         return {"ok": finished and errors == 0, "finished": finished, "pages": pages, "errors": errors}
 
     async def delete_vm(self) -> None:
