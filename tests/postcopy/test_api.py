@@ -196,6 +196,29 @@ def test_an_incoming_migration_from_an_unreachable_source_fails_with_the_reason(
     asyncio.run(scenario())
 
 
+@pytest.mark.usefixtures("kvm_available", "uffd_available")
+def test_cancelling_an_incoming_migration_fails_it_and_the_source_refuses_to_cancel_after_switchover() -> None:
+    async def scenario() -> None:
+        async with local_vmm() as src, local_vmm() as dst:
+            await src.create_vm("64M", 1, "memtouch", 2)
+            out = await src.outgoing("127.0.0.1:0", TOKEN)
+            await dst.incoming(out["url"], TOKEN, fault_mode="exit", after_s=5.0)
+            for _ in range(500):
+                status = await dst.migration()
+                if status["state"] in ("running", "completed", "failed"):
+                    break
+                await asyncio.sleep(0.01)
+            assert status["state"] == "running", status
+            cancelled = await dst.cancel_migration()
+            assert cancelled["state"] == "failed" and cancelled["errors"] == ["cancelled by DELETE /v1/migration"]
+            assert cancelled["report"] is None and (await dst.health())["vm"] == "none"
+            with pytest.raises(ApiClientError) as e:
+                await src.cancel_migration()
+            assert e.value.code == 409 and "runs there now" in e.value.message
+
+    asyncio.run(scenario())
+
+
 # -- the API's own token and address --------------------------------------------------------------
 
 @needs_kvm
