@@ -170,7 +170,8 @@ class VmmService:
         """The guest checks all its memory once; under the lock, so no migration starts meanwhile."""
         async with self._lock:
             vm = self._need_idle_vm("sweep the guest")
-            if not workloads.WORKLOADS[vm.spec.workload].verifies:
+            known = workloads.WORKLOADS.get(vm.spec.workload)
+            if known is None or not known.verifies:
                 raise ApiError(409, f"workload {vm.spec.workload} does not verify its memory: nothing to sweep")
             if _vm_state(vm.machine) != "running":
                 raise ApiError(409, f"cannot sweep the guest while the VM is {_vm_state(vm.machine)}")
