@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test doctor bench clean
+.PHONY: demo test doctor bench clean pair-netns pair-container
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# Two hosts on one machine (README): network namespaces, then containers. Root; this venv.
+pair-netns: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deploy/netns/run-pair
+
+pair-container: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deploy/container/run-pair
+
 doctor: $(STAMP)
 	$(VENV)/bin/postcopy doctor
+
+bench: $(STAMP)
+	$(VENV)/bin/postcopy bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -6,6 +6,7 @@
     postcopy source   a VMM in this process: run a guest and serve its pages (the source)
     postcopy dest     a VMM in this process: pull a running guest from a source, keep it running
     postcopy doctor   probe this host: KVM, userfaultfd, what a fault exit looks like
+    postcopy bench    page-in rates against the host's C limit, fetch latency, stream, migration
 """
 from __future__ import annotations
 
@@ -179,6 +180,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.kvm and report.uffd else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from postcopy.bench import runner
+    return runner.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="postcopy", description="Post-copy live migration of KVM guests.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -238,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("doctor", help="probe this host for what post-copy needs")
     o.add_argument("--json", action="store_true")
     o.set_defaults(func=cmd_doctor)
+
+    from postcopy.bench.runner import add_arguments as bench_arguments
+    b = sub.add_parser("bench", help="measure page-in, fetch, stream and migration side by side")
+    bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

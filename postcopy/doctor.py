@@ -60,7 +60,7 @@ class _ProbeResolver:
             return False
         length = fault.npages * PAGE_SIZE
         self.uffd.zeropage(self.memory.hva(fault.first_gpa, length), length, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
-        complete(thread, self.memory, fault)
+        complete(thread, fault)
         name = FAULT_KIND_NAMES[fault.kind]
         self.kinds[name] = self.kinds.get(name, 0) + 1
         return True

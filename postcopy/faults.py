@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 from vmm import libc
 from vmm.abi import kvm as abi
-from vmm.guest.layout import PAGE_SIZE
+from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.memory import GuestMemory
 from vmm.vcpu import VcpuThread
 
 X86_MAX_INSTRUCTION = 15
 PAGE_MASK = ~(PAGE_SIZE - 1)
+MMIO_DATA_OFFSET = abi.kvm_run.mmio.offset + abi.kvm_run_mmio.data.offset  # in the kvm_run page
+memmove = ctypes.memmove
 
 
 class FaultKind(enum.IntEnum):
@@ -51,16 +53,34 @@ class Fault:
     gpa: int  # the faulting address itself (for MMIO completion)
     first_gpa: int
     npages: int
+    first_page: int = 0  # the page index (GuestMemory.page_index) of first_gpa
+    length: int = 0  # MMIO: bytes accessed
+    is_write: bool = False  # MMIO: a write (complete stores it) or a read (complete loads it)
+    hva: int = 0  # MMIO: host address of the access
 
 
 class FaultDecoder:
-    """One per vCPU thread: owns the preallocated buffers the decode needs."""
+    """One per vCPU thread: owns the preallocated buffers the decode needs, and the one Fault
+    it fills (a decode's answer is valid until the next decode: no object per fault)."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
+        self.fault = Fault(FaultKind.MMIO, 0, 0, 0)
         self._sigbus = libc.sigset_t.of(signal.SIGBUS)
         self._siginfo = libc.siginfo_t()
         self._zero_timeout = libc.timespec(0, 0)
+        # Guest RAM as one region is the usual layout: its bounds, page numbering and host
+        # address as plain ints make the decode of every fault exit arithmetic, not region searches.
+        self._single = len(memory.regions) == 1
+        one = memory.regions[0]
+        self._lo, self._hi = (one.gpa, one.gpa + one.size) if self._single else (0, -1)
+        self._page_base = one.first_page - (one.gpa >> PAGE_SHIFT)
+        self._hva_base = one.hva - one.gpa
+
+    def in_ram(self, gpa: int, length: int) -> bool:
+        if self._lo <= gpa and gpa + length <= self._hi:
+            return True
+        return not self._single and self.memory.contains(gpa, length)
 
     def decode(self, thread: VcpuThread, ret: int) -> Fault | None:
         """The fault behind this exit, or None if it is not a missing-page exit."""
@@ -75,19 +95,30 @@ class FaultDecoder:
         reason = run.exit_reason
         if reason == abi.KVM_EXIT_MMIO:
             mmio = run.mmio
-            if not self.memory.contains(mmio.phys_addr, max(mmio.len, 1)):
+            gpa, length = mmio.phys_addr, mmio.len or 1
+            if not self.in_ram(gpa, length):
                 return None  # real MMIO: not ours
-            return self._span(FaultKind.MMIO, mmio.phys_addr, max(mmio.len, 1))
+            fault = self._fill(FaultKind.MMIO, gpa, length)
+            fault.length, fault.is_write = mmio.len, mmio.is_write
+            fault.hva = gpa + self._hva_base if self._single else self.memory.hva(gpa, length)
+            return fault
         if reason == abi.KVM_EXIT_INTERNAL_ERROR and run.internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION:
             return self._fetch(thread)
         return None
 
     def _span(self, kind: FaultKind, gpa: int, length: int) -> Fault:
-        first = gpa & PAGE_MASK
-        last = (gpa + length - 1) & PAGE_MASK
-        if not self.memory.contains(first, last - first + PAGE_SIZE):
+        if not self.in_ram(gpa, length):
             raise FaultError(f"{kind.name} fault at gpa {gpa:#x}+{length} is outside guest RAM")
-        return Fault(kind, gpa, first, ((last - first) >> 12) + 1)
+        return self._fill(kind, gpa, length)
+
+    def _fill(self, kind: FaultKind, gpa: int, length: int) -> Fault:
+        """The pages [gpa, gpa + length) touches (regions are page-aligned: all in RAM)."""
+        f = self.fault
+        first = gpa & PAGE_MASK
+        f.kind, f.gpa, f.first_gpa = kind, gpa, first
+        f.npages = ((((gpa + length - 1) & PAGE_MASK) - first) >> PAGE_SHIFT) + 1
+        f.first_page = (first >> PAGE_SHIFT) + self._page_base if self._single else self.memory.page_index(first)
+        return f
 
     def _fetch(self, thread: VcpuThread) -> Fault | None:
         rip = thread.vcpu.get_regs().rip
@@ -98,7 +129,7 @@ class FaultDecoder:
         # An instruction may cross into the next page: take it too when it maps to RAM.
         end = thread.vcpu.translate(rip + X86_MAX_INSTRUCTION - 1)
         if end.valid and (end.physical_address & PAGE_MASK) == fault.first_gpa + PAGE_SIZE \
-                and self.memory.contains(end.physical_address & PAGE_MASK, PAGE_SIZE):
+                and self.in_ram(end.physical_address & PAGE_MASK, PAGE_SIZE):
             fault.npages = 2
         return fault
 
@@ -113,14 +144,12 @@ class FaultDecoder:
         return self._span(FaultKind.SIGBUS, gpa, 1)
 
 
-def complete(thread: VcpuThread, memory: GuestMemory, fault: Fault) -> None:
+def complete(thread: VcpuThread, fault: Fault) -> None:
     """Finish the access KVM handed back, once its pages are present (MMIO only)."""
     if fault.kind is not FaultKind.MMIO:
         return  # the instruction is retried on re-entry
-    mmio = thread.vcpu.run_struct.mmio
-    data = ctypes.addressof(mmio.data)
-    hva = memory.hva(mmio.phys_addr, mmio.len)
-    if mmio.is_write:
-        ctypes.memmove(hva, data, mmio.len)
+    data = thread.vcpu.run_address + MMIO_DATA_OFFSET
+    if fault.is_write:
+        memmove(fault.hva, data, fault.length)
     else:
-        ctypes.memmove(data, hva, mmio.len)
+        memmove(data, fault.hva, fault.length)

@@ -107,14 +107,18 @@ class GuestMemory:
         for r in self.regions:
             vm.set_user_memory_region(r.slot, r.gpa, r.size, r.hva, flags)
 
+    # region_of, contains, hva and page_index are on the fault path: plain loops, no properties.
     def region_of(self, gpa: int, length: int = 1) -> MemoryRegion:
         for r in self.regions:
-            if r.gpa <= gpa and gpa + length <= r.end:
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
                 return r
         raise GuestMemoryError(f"guest physical range {gpa:#x}+{length:#x} is not inside guest RAM")
 
     def contains(self, gpa: int, length: int = 1) -> bool:
-        return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
+                return True
+        return False
 
     def hva(self, gpa: int, length: int = 1) -> int:
         r = self.region_of(gpa, length)

@@ -11,6 +11,7 @@ import ctypes
 import enum
 import errno
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ log = logging.getLogger("vmm.vcpu")
 KICK_SIGNAL = signal.SIGUSR1
 EINTR, EFAULT = errno.EINTR, errno.EFAULT
 NO_EXIT = -1  # exit_counts key for KVM_RUN returning -1
+KVM_EXIT_MMIO, KVM_EXIT_IO = abi.KVM_EXIT_MMIO, abi.KVM_EXIT_IO  # the hot loop's two exits
 
 
 class VcpuState(enum.Enum):
@@ -76,6 +78,8 @@ class VcpuThread:
         self.error: str | None = None
         self.exit_counts: dict[int, int] = {}
         self.first_run_ns = 0  # CLOCK_MONOTONIC of the first KVM_RUN (downtime ends there)
+        self.finished_ns = 0  # CLOCK_MONOTONIC when the thread halted, stopped or failed
+        self.cpu: int | None = None  # pin the thread to this host CPU when it starts (placement)
         self.block_sigbus = False  # set by fault handlers that read SIGBUS with sigtimedwait
         self.tid = 0
         self._request: str | None = None
@@ -135,6 +139,8 @@ class VcpuThread:
     # -- the vCPU thread ------------------------------------------------------------------------
     def _main(self) -> None:
         self.tid = libc.gettid()
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})  # 0: this thread
         if self.block_sigbus:
             mask = libc.sigset_t.of(signal.SIGBUS)
             libc.pthread_sigmask(libc.SIG_BLOCK, ctypes.byref(mask), None)
@@ -154,6 +160,7 @@ class VcpuThread:
         self._finish(final)
 
     def _finish(self, state: VcpuState) -> None:
+        self.finished_ns = time.monotonic_ns()
         with self._changed:
             self.state = state
             self._changed.notify_all()
@@ -195,10 +202,12 @@ class VcpuThread:
                                 f"(exit reason {abi.KVM_EXIT_NAMES.get(run.exit_reason, run.exit_reason)})")
             reason = run.exit_reason
             counts[reason] = counts.get(reason, 0) + 1
-            if reason == abi.KVM_EXIT_IO:
+            if reason == KVM_EXIT_MMIO:  # first: on this host, a missing page of guest RAM
+                handler = self.fault_handler
+                if handler is None or not handler.on_fault_exit(self, 0):
+                    self._mmio(run)
+            elif reason == KVM_EXIT_IO:
                 self._pio(run.io)
-            elif reason == abi.KVM_EXIT_MMIO:
-                self._mmio(run)
             elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
                 if self.fault_handler is None or not self.fault_handler.on_fault_exit(self, 0):
                     raise VcpuError(self._describe_internal_error(run.internal))
@@ -223,12 +232,10 @@ class VcpuThread:
                 cell.value = self.pio.read(self, port, size)
 
     def _mmio(self, run: abi.kvm_run) -> None:
-        # The fault handler tells a missing RAM page from real MMIO (faults.py); without one,
-        # an MMIO exit inside RAM means a page is missing and nobody can bring it.
-        if self.fault_handler is not None:
-            if self.fault_handler.on_fault_exit(self, 0):
-                return
-        elif self.memory.contains(run.mmio.phys_addr, max(run.mmio.len, 1)):
+        """An MMIO exit the fault handler did not take (faults.py tells a missing RAM page from
+        real MMIO); without a handler, one inside RAM means a page is missing and nobody can
+        bring it."""
+        if self.fault_handler is None and self.memory.contains(run.mmio.phys_addr, max(run.mmio.len, 1)):
             raise VcpuError(f"vCPU {self.id}: an access to guest RAM at gpa {run.mmio.phys_addr:#x} came back as MMIO: "
                             "the page is missing and no fault handler is set")
         # No MMIO devices: reads return all ones, writes are dropped (logged once by the bus).

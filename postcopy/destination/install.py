@@ -15,8 +15,11 @@ from vmm.memory import GuestMemory
 from vmm.uffd import Uffd, UffdError
 
 
-def buffer_address(data: bytes) -> int:
-    """Address of a bytes object's buffer, without a copy (valid while ``data`` lives)."""
+def buffer_address(data: bytes | int) -> int:
+    """Address of a batch's page data without a copy: a bytes object's buffer (valid while
+    ``data`` lives), or an address already (a local page source serves from its own buffer)."""
+    if type(data) is int:
+        return data
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
@@ -32,9 +35,9 @@ class Installer:
         self.zero_mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
         self.installed_bytes = 0
 
-    def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None) -> None:
-        """Install every page of a verified batch; the first page is recorded as ``first_how``
-        (the demanded page) and the rest as ``how`` (its readahead)."""
+    def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1) -> None:
+        """Install every page of a verified batch; the first ``demanded`` pages are recorded as
+        ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead)."""
         base = buffer_address(batch.data)
         offset = 0
         try:
@@ -47,15 +50,16 @@ class Installer:
                     self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
                     offset += length
         except UffdError as e:
-            # A demand fetch (its page is not claimed) can race the background to the last
-            # page: then every page is present and RAM was unregistered under us (ENOENT).
-            if e.errno != errno.ENOENT or not self.tracker.all_present.is_set():
-                raise
-            return
+            # Every page arrived meanwhile (the background transfer) and RAM was unregistered:
+            # these pages are there already.
+            if e.errno == errno.ENOENT and self.tracker.all_present.is_set():
+                return
+            raise
         page = self.memory.page_index(batch.gpa)
         if first_how is not None:
-            self.tracker.mark_present(page, 1, first_how)
-            self.tracker.mark_present(page + 1, batch.count - 1, how)
+            self.tracker.mark_present(page, demanded, first_how)
+            if batch.count > demanded:
+                self.tracker.mark_present(page + demanded, batch.count - demanded, how)
         else:
             self.tracker.mark_present(page, batch.count, how)
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 import aiohttp
 
 from postcopy.destination.background import run_background
-from postcopy.destination.classic_mode import ClassicHandler
+from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import FetchError, PageConnection, SyncPageConnection, auth_headers, start_migration
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
@@ -109,7 +109,7 @@ class Destination:
         self.header: MigrationHeader | None = None
         self._connections: list[PageConnection] = []
         self._session: aiohttp.ClientSession | None = None
-        self._vcpu_connections: list[SyncPageConnection] = []
+        self._vcpu_connections: list[SyncPageConnection] = []  # exit: one per vCPU; classic: one per handler
         self._started_ns = 0
         self._done_ns = 0
         self.error: str | None = None
@@ -136,14 +136,12 @@ class Destination:
             self.uffd.register(region.hva, region.size)
         self.machine = Machine.create(MachineConfig(mem_bytes, vcpus), console=self.console, memory=self.memory)
         self._session = aiohttp.ClientSession()
-        if self.fault_mode == "exit":
-            self._vcpu_connections = list(await asyncio.gather(
-                *(asyncio.to_thread(SyncPageConnection, self.source_url, self.token) for _ in range(vcpus))))
-        conns = 2 if self.fault_mode == "classic" else 1
-        for _ in range(conns):
-            c = PageConnection(self.source_url, self.token)
-            await c.connect()
-            self._connections.append(c)
+        fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
+        self._vcpu_connections = list(await asyncio.gather(
+            *(asyncio.to_thread(SyncPageConnection, self.source_url, self.token) for _ in range(fetchers))))
+        c = PageConnection(self.source_url, self.token)  # the background transfer's
+        await c.connect()
+        self._connections.append(c)
         self._to(DestinationState.LISTEN)
 
     # -- RUNNING -------------------------------------------------------------------------------
@@ -168,7 +166,9 @@ class Destination:
             for thread, conn in zip(self.machine.vcpus, self._vcpu_connections):
                 self.resolver.prepare(thread, conn)
         else:
-            self.classic = ClassicHandler(self.uffd, self.installer, self._connections[1],
+            # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
+            cpus: list[int | None] = list(place_vcpus(self.machine.vcpus))
+            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections), cpus=cpus,
                                           readahead_base=self.readahead_base, readahead_max=self.readahead_max)
             self.classic.start()
         self.machine.start()
@@ -276,11 +276,13 @@ class Destination:
     async def close(self) -> None:
         if self.resolver is not None:
             await asyncio.to_thread(self.resolver.close)
+        elif self.classic is not None:
+            await asyncio.to_thread(self.classic.close)
+        else:
+            for sync in self._vcpu_connections:
+                await asyncio.to_thread(sync.close)
         for c in self._connections:
             await c.close()
-        for c in self._vcpu_connections:
-            if self.resolver is None:
-                await asyncio.to_thread(c.close)
         if self._session is not None:
             await self._session.close()
         if self.machine is not None:

@@ -102,9 +102,11 @@ class PageTracker:
     def claim_readahead(self, page: int, window: int) -> int:
         """Claim the readahead behind a demanded ``page``: up to ``window - 1`` MISSING data
         pages right after it, in the same memory region. Returns how many were claimed."""
+        if window <= 1:
+            return 0
         region = self.memory.region_of(self.memory.page_gpa(page))
         last = region.first_page + region.pages - 1
-        if window <= 1 or page >= last or self.is_zero(page + 1):
+        if page >= last or self.is_zero(page + 1):
             return 0
         return self.claim(page + 1, min(window - 1, last - page))
 
@@ -120,11 +122,17 @@ class PageTracker:
         with self._lock:
             state, arrival = self.state, self.arrival
             new = 0
-            for p in range(page, page + npages):
-                if state[p] != PRESENT:
-                    state[p] = PRESENT
-                    arrival[p] = how
-                    new += 1
+            if npages == 1:  # a demand fault's page: no loop
+                if state[page] != PRESENT:
+                    state[page] = PRESENT
+                    arrival[page] = how
+                    new = 1
+            else:
+                for p in range(page, page + npages):
+                    if state[p] != PRESENT:
+                        state[p] = PRESENT
+                        arrival[p] = how
+                        new += 1
             if new:
                 self.counts[how] += new
                 self.present += new

@@ -122,7 +122,7 @@ class _ImageResolver:
         length = fault.npages * PAGE_SIZE
         src = self.image[fault.first_gpa:fault.first_gpa + length]
         self.uffd.copy(self.memory.hva(fault.first_gpa, length), ctypes.cast(src, ctypes.c_void_p).value, length, 1)
-        complete(thread, self.memory, fault)
+        complete(thread, fault)
         self.kinds[fault.kind] = self.kinds.get(fault.kind, 0) + 1
         return True
 

@@ -27,6 +27,8 @@ class VcpuProgress:
     sweep_errors: int = 0
     sweep_checksum: int = 0
     done_pages: int = -1  # GS_DONE of a run-once workload; -1 until then
+    done_errors: int = 0  # r9 at GS_DONE: what the workload found wrong (touch's check mismatches)
+    done_ns: int = 0  # CLOCK_MONOTONIC of GS_DONE (hlt does not exit with an in-kernel irqchip)
     page_errors: list[tuple[int, int, int, int]] = field(default_factory=list)
     exceptions: list[tuple[int, int, int, int]] = field(default_factory=list)
 
@@ -63,7 +65,8 @@ class GuestServices:
             p.sweep_pages, p.sweep_errors, p.sweep_checksum = args[:3]
             p.sweeps += 1
         elif value == gs.GS_DONE:
-            p.done_pages = args[0]
+            p.done_ns = time.monotonic_ns()
+            p.done_pages, p.done_errors = args[:2]
         elif value == gs.GS_PAGE_ERROR:
             pfn, index, expected, found = args
             log.error("vCPU %d: guest found a bad page: gpa %#x qword %d expected %#018x found %#018x",

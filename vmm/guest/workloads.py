@@ -44,8 +44,8 @@ WORKLOADS: dict[str, Workload] = {
         memtouch.build, gen_table=True),
     "touch": Workload(
         "touch",
-        "touches one qword of every page once (read, or write with --write), then reports GS_DONE; "
-        "the page-in benchmark",
+        "touches one qword of every page once (read, or write with --write, or read, check and "
+        "write back for the page-in bench), then reports GS_DONE; the page-in benchmark",
         touch.build, gen_table=False),
 }
 
@@ -62,7 +62,7 @@ def pattern_pages(share: int) -> int:
 
 
 def plan(name: str, guest_bytes: int, nvcpus: int, seed: int, *, write: bool = False,
-         report_every: int = 256) -> tuple[GuestProgram, list[BootParams]]:
+         check: bool = False, report_every: int = 256) -> tuple[GuestProgram, list[BootParams]]:
     """Splits the data region (DATA_GPA .. guest_bytes) between ``nvcpus`` vCPUs in whole pages.
 
     vCPU i gets a contiguous share (the first ``data pages % nvcpus`` shares one page more);
@@ -82,8 +82,11 @@ def plan(name: str, guest_bytes: int, nvcpus: int, seed: int, *, write: bool = F
         raise WorkloadError(f"{what}: seed {seed:#x} is not a 64-bit value")
     if report_every < 1:
         raise WorkloadError(f"{what}: report_every must be at least 1, not {report_every}")
-    if write and name != "touch":
-        raise WorkloadError(f"{what}: write applies only to touch")
+    for flag, asked in (("write", write), ("check", check)):
+        if asked and name != "touch":
+            raise WorkloadError(f"{what}: {flag} applies only to touch")
+    if write and check:
+        raise WorkloadError(f"{what}: write and check are two different touches; pick one")
 
     data_pages = max(0, (guest_bytes - DATA_GPA) // PAGE_SIZE)
     share, extra = divmod(data_pages, nvcpus)
@@ -97,7 +100,7 @@ def plan(name: str, guest_bytes: int, nvcpus: int, seed: int, *, write: bool = F
     if len(prog.code) > CODE_MAX:
         raise WorkloadError(f"{name}: program is {len(prog.code)} bytes, above CODE_MAX {CODE_MAX}")
 
-    flags = touch.TOUCH_WRITE if write else 0
+    flags = touch.TOUCH_WRITE if write else touch.TOUCH_CHECK if check else 0
     params = []
     start = DATA_GPA
     for vcpu in range(nvcpus):

@@ -1,0 +1,247 @@
+"""Section `pagein`: demand-paging throughput with a local page source, in the manner of the
+kernel's KVM demand_paging_test, through the destination's own fault modes.
+
+Every vCPU runs the `touch` guest with TOUCH_CHECK (vmm/guest/touch.py): it visits each page of
+its slice of guest RAM once, reading one qword (which faults the page in), checking it and
+writing one. Only the pages
+below DATA_GPA (page tables, GDT/IDT, code, stacks, boot parameters) are present before the
+vCPUs start; every data page is fetched from a local SourceImage, one page per fault (no
+readahead, no zero map) and installed with UFFDIO_COPY. Pages/s = data pages / time from
+starting the vCPU threads to the last vCPU's GS_DONE. Modes:
+
+- exit: UFFD_FEATURE_SIGBUS; each vCPU thread resolves its own fault exits with the
+  destination's ExitModeResolver (faults.py, install.py, pages.py), vCPUs pinned.
+- classic: the destination's ClassicHandler: pinned vCPUs, one pinned handler per their CPUs,
+  batched reads, contiguous runs, wake.
+- classic-naive: ClassicHandler.naive(): one unpinned handler, one message per read.
+
+Each configuration runs ``repeat`` times after one warm-up round (HOST.md: the first pass over
+fresh host memory is slower), modes interleaved, and with the C limit interleaved too when
+that section is asked for; the median is reported.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+from postcopy.bench import BenchError, BenchOptions, costs, limit, median
+from postcopy.bench.source import LocalPageConnection, SourceImage
+from postcopy.destination.classic_mode import ClassicHandler, place_vcpus
+from postcopy.destination.exit_mode import ExitModeResolver
+from postcopy.destination.install import Installer
+from postcopy.destination.migration import SWITCH_INTERVAL_S
+from postcopy.destination.pages import Arrival, PageTracker
+from vmm.abi.userfaultfd import UFFD_FEATURE_SIGBUS
+from vmm.guest import touch
+from vmm.guest.layout import DATA_GPA, PAGE_SIZE
+from vmm.guest.workloads import plan
+from vmm.machine import Machine, MachineConfig
+from vmm.memory import GuestMemory
+from vmm.uffd import Uffd
+
+MODES = ("exit", "classic", "classic-naive")
+FULL_MEM = 256 << 20
+QUICK_MEM = 32 << 20
+ONE_PAGE = 1  # readahead window: one page per fault
+RUN_TIMEOUT_S = float(__import__("os").environ.get("PAGEIN_TIMEOUT", 120))
+POLL_S = 0.005
+
+
+def guest_bytes(opts: BenchOptions) -> int:
+    return opts.mem or (QUICK_MEM if opts.quick else FULL_MEM)
+
+
+def data_pages(size: int) -> int:
+    return (size - DATA_GPA) // PAGE_SIZE
+
+
+def boot(size: int, vcpus: int, memory: GuestMemory | None = None) -> Machine:
+    """A VM with the touch guest (TOUCH_CHECK) booted: only the pages below DATA_GPA are written."""
+    machine = Machine.create(MachineConfig(size, vcpus), memory=memory)
+    try:
+        program, params = plan("touch", size, vcpus, seed=0, check=True)
+        machine.boot(program, params)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def run_python(image: SourceImage, mode: str, vcpus: int, handler_ns: array | None = None) -> float:
+    """One page-in of the whole guest in ``mode``; returns data pages per second. The time each
+    fault spent in the fault handler (exit: on the vCPU thread; classic: on the handler) is
+    appended to ``handler_ns`` if given."""
+    size = image.size
+    memory = GuestMemory.create(size, "anon", "bench-pagein")
+    try:
+        machine = boot(size, vcpus, memory)  # RAM not registered yet: Python may write the low pages
+    except BaseException:
+        memory.close()
+        raise
+    uffd: Uffd | None = None
+    classic: ClassicHandler | None = None
+    resolver: ExitModeResolver | None = None
+    try:
+        uffd = Uffd(UFFD_FEATURE_SIGBUS if mode == "exit" else 0)
+        for region in memory.regions:
+            uffd.register(region.hva, region.size)
+        tracker = PageTracker(memory)
+        tracker.mark_present(0, DATA_GPA // PAGE_SIZE, Arrival.EAGER)
+        installer = Installer(uffd, memory, tracker, wake=mode != "exit")
+        if mode == "exit":
+            place_vcpus(machine.vcpus)  # the same placement as classic: the comparison is of fault paths
+            resolver = ExitModeResolver(installer, readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
+            for thread in machine.vcpus:
+                resolver.prepare(thread, LocalPageConnection(image))  # type: ignore[arg-type]
+        elif mode == "classic":
+            cpus: list[int | None] = list(place_vcpus(machine.vcpus))
+            classic = ClassicHandler(uffd, installer, [LocalPageConnection(image) for _ in cpus],  # type: ignore[misc]
+                                     cpus=cpus, readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
+        elif mode == "classic-naive":
+            classic = ClassicHandler.naive(uffd, installer, LocalPageConnection(image),  # type: ignore[arg-type]
+                                           readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
+        else:
+            raise BenchError(f"unknown page-in mode {mode!r}; known: {', '.join(MODES)}")
+        if classic is not None:
+            classic.start()
+        t0 = time.monotonic_ns()
+        machine.start()
+        _wait(machine, classic, f"{mode} with {vcpus} vCPUs")
+        seconds = (max(p.done_ns for p in machine.services.progress) - t0) / 1e9
+        if classic is not None:
+            classic.stop()  # a handler may still be recording the page whose wake-up ended the run
+        if handler_ns is not None:
+            handler_ns.extend(resolver.latencies_ns() if resolver is not None else classic.latency_ns)  # type: ignore[union-attr]
+        _check(machine, memory, tracker, f"{mode} with {vcpus} vCPUs")
+        return data_pages(size) / seconds
+    finally:
+        if classic is not None:
+            classic.close()
+        if resolver is not None:
+            resolver.close()
+        machine.close()  # stops the vCPUs, unmaps RAM
+        if uffd is not None:
+            uffd.close()
+
+
+def _wait(machine: Machine, classic: ClassicHandler | None, what: str) -> None:
+    """Until every vCPU has reported GS_DONE (its hlt does not come back: in-kernel irqchip)."""
+    progress = machine.services.progress
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not machine.services.wait_for(lambda: all(p.done_ns for p in progress), POLL_S):
+        if classic is not None and classic.error is not None:
+            raise BenchError(f"pagein {what}: the classic handler failed: {classic.error}")
+        if machine.failures() or machine.services.exceptions:
+            machine.check()
+        if time.monotonic() > deadline:
+            raise BenchError(f"pagein {what}: the guest did not finish within {RUN_TIMEOUT_S} s")
+
+
+def _check(machine: Machine, memory: GuestMemory, tracker: PageTracker, what: str) -> None:
+    """The guest's own check (pages visited, mismatches, reported with GS_DONE) and the host's:
+    every data page holds what the guest wrote after reading the right value."""
+    machine.check()
+    progress = machine.services.progress
+    visited, mismatches = sum(p.done_pages for p in progress), sum(p.done_errors for p in progress)
+    pages = data_pages(memory.size)
+    if visited != pages or mismatches:
+        raise BenchError(f"pagein {what}: the guest visited {visited} of {pages} pages and found {mismatches} wrong")
+    if tracker.missing():
+        raise BenchError(f"pagein {what}: {tracker.missing()} pages never arrived")
+    firsts = memory.view(DATA_GPA, memory.size - DATA_GPA).cast("Q")[::PAGE_SIZE // 8]
+    if firsts.tolist() != [touch.check_written(g) for g in range(DATA_GPA, memory.size, PAGE_SIZE)]:
+        raise BenchError(f"pagein {what}: guest RAM does not hold what the guest wrote")
+
+
+def measure(opts: BenchOptions) -> dict[str, Any]:
+    """Every run of the Python modes (section pagein) and of the C limit (section limit), in
+    one interleaved loop; computed once per bench and shared by both sections."""
+    if "pagein" in opts.shared:
+        return opts.shared["pagein"]
+    size = guest_bytes(opts)
+    python = "pagein" in opts.sections
+    c_limit: limit.Limit | None = None
+    skipped = None
+    if "limit" in opts.sections:
+        try:
+            c_limit = limit.Limit.build()
+        except limit.LimitUnavailable as e:
+            skipped = str(e)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the destination runs
+    image = SourceImage(size) if python else None
+    dumps = {v: limit.dump_guest(size, v) for v in opts.vcpus} if c_limit is not None else {}
+    handler_ns = {(mode, v): array("Q") for mode in MODES for v in opts.vcpus}
+    runs: list[tuple[str, str, int, Callable[[], float]]] = []
+    for v in opts.vcpus:
+        for mode in MODES:
+            if image is not None:
+                runs.append(("python", mode, v,
+                             lambda m=mode, v=v: run_python(image, m, v, handler_ns[m, v])))  # type: ignore[misc]
+            if c_limit is not None:
+                runs.append(("limit", mode, v, lambda m=mode, v=v: c_limit.run(dumps[v], m)))  # type: ignore[union-attr]
+    rates: dict[str, dict[str, dict[str, list[float]]]] = {"python": {}, "limit": {}}
+    try:
+        for _, _, _, once in runs:  # warm-up round, not counted
+            once()
+        for samples in handler_ns.values():
+            del samples[:]
+        for _ in range(opts.repeat):
+            for who, mode, v, once in runs:
+                rates[who].setdefault(mode, {}).setdefault(str(v), []).append(once())
+    finally:
+        for path in dumps.values():
+            limit.remove_dump(path)
+    result = {"mem_mib": size >> 20, "pages": data_pages(size), "repeat": opts.repeat, "rates": rates,
+              "limit_skipped": skipped,
+              "handler_p50_us": {mode: {str(v): round(median(list(handler_ns[mode, v])) / 1e3, 2)
+                                        for v in opts.vcpus if handler_ns[mode, v]} for mode in MODES},
+              "fault_costs_us": costs.measure(image) if image is not None else {}}
+    opts.shared["pagein"] = result
+    return result
+
+
+def medians(rates: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {mode: {v: round(median(xs), 1) for v, xs in by_v.items()} for mode, by_v in rates.items()}
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def run(opts: BenchOptions) -> dict[str, Any]:
+    m = measure(opts)
+    py = medians(m["rates"]["python"])
+    out: dict[str, Any] = {mode: py[mode] for mode in MODES if mode in py}
+    out["ratio_exit_classic"] = {v: _ratio(py["exit"][v], py["classic"][v]) for v in py.get("exit", {})}
+    lim = medians(m["rates"]["limit"])
+    if lim:
+        # Each mode against the C limit's figure for the same mode; classic against C's best classic.
+        out["ratio_to_limit"] = {mode: {v: _ratio(py[mode][v], lim[mode][v]) for v in py[mode]} for mode in MODES}
+    out["mem_mib"], out["pages"], out["repeat"] = m["mem_mib"], m["pages"], m["repeat"]
+    out["runs"] = m["rates"]["python"]
+    out["handler_p50_us"] = m["handler_p50_us"]
+    out["fault_costs_us"] = m["fault_costs_us"]
+    return out
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    vs = sorted(result["ratio_exit_classic"], key=int)
+    lines = [f"pagein: {result['mem_mib']} MiB, {result['pages']} data pages, local source, one page per fault, "
+             f"median of {result['repeat']}",
+             "  mode            " + "".join(f"{v + ' vCPU':>14}" for v in vs) + "   (pages/s)"]
+    for mode in MODES:
+        if mode in result:
+            lines.append(f"  {mode:<16}" + "".join(f"{result[mode][v]:>14,.0f}" for v in vs))
+    lines.append("  exit / classic  " + "".join(f"{result['ratio_exit_classic'][v]:>14.2f}" for v in vs))
+    for mode, by_v in result.get("ratio_to_limit", {}).items():
+        lines.append(f"  {mode + ' / C':<16}" + "".join(f"{by_v[v]:>14.2f}" for v in vs))
+    lines.append("  handler p50 us  " + "  ".join(
+        f"{mode} " + "/".join(f"{by_v[v]:.1f}" for v in vs if v in by_v) for mode, by_v in result["handler_p50_us"].items()))
+    c = result["fault_costs_us"]
+    if c:
+        lines.append(f"  one exit-mode fault, alone (p50 us): decode {c['decode_us']:.2f}, UFFDIO_COPY {c['uffdio_copy_us']:.2f}, "
+                     f"whole resolve on the vCPU thread {c['resolve_us']:.2f}")
+    return lines

@@ -1,0 +1,108 @@
+"""The `postcopy bench` command's engine: the sections by name, their options, one JSON object
+or a table.
+
+Sections run in the order of SECTIONS; `pagein` and `limit` share one interleaved measurement
+loop (pagein.measure), so asking for both costs one loop, and their ratios come from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+from postcopy.bench import BenchError, BenchOptions
+from vmm.memory import parse_size
+
+# Every section, in run order: name -> module (with run(opts) -> dict and table(result) -> list[str]).
+SECTIONS: dict[str, str] = {
+    "pagein": "postcopy.bench.pagein",
+    "limit": "postcopy.bench.limit",
+    # The network sections (branch `transport`): registered here, imported only if present.
+    "fetch": "postcopy.bench.fetch",
+    "stream": "postcopy.bench.stream",
+    "migrate": "postcopy.bench.migrate",
+}
+
+
+def available() -> dict[str, ModuleType]:
+    """The registered sections whose module is installed."""
+    found = {}
+    for name, module in SECTIONS.items():
+        try:
+            found[name] = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise  # the section exists but something it needs does not
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a small version of every section (under a minute)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, from {', '.join(SECTIONS)} (default: all present)")
+    parser.add_argument("--vcpus", default="1,2", help="vCPU counts to run, comma-separated (default 1,2)")
+    parser.add_argument("--mem", help="guest size for the page-in sections (default 256M, 32M with --quick)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each configuration; the median is reported")
+
+
+def options(args: argparse.Namespace) -> BenchOptions:
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise BenchError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    try:
+        vcpus = tuple(int(v) for v in args.vcpus.split(","))
+    except ValueError:
+        raise BenchError(f"--vcpus wants numbers separated by commas, got {args.vcpus!r}") from None
+    if not vcpus or any(v < 1 for v in vcpus):
+        raise BenchError(f"--vcpus wants counts of at least 1, got {args.vcpus!r}")
+    if args.repeat < 1:
+        raise BenchError(f"--repeat must be at least 1, got {args.repeat}")
+    mem = parse_size(args.mem) if args.mem else None
+    return BenchOptions(sections=sections, quick=args.quick, vcpus=vcpus, mem=mem, repeat=args.repeat)
+
+
+def run(opts: BenchOptions, progress=None) -> dict[str, Any]:
+    """Run the asked sections that are present; a section that is not installed is reported so."""
+    present = available()
+    out: dict[str, Any] = {}
+    for name in SECTIONS:
+        if name not in opts.sections:
+            continue
+        module = present.get(name)
+        if module is None:
+            out[name] = {"skipped": "not installed in this build"}
+            continue
+        t0 = time.monotonic()
+        out[name] = module.run(opts)
+        if progress is not None:
+            progress(f"bench: {name} done in {time.monotonic() - t0:.1f} s")
+    return out
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    present = available()
+    lines: list[str] = []
+    for name, part in result.items():
+        if "skipped" in part and name not in ("limit",):
+            lines.append(f"{name}: skipped: {part['skipped']}")
+        elif name in present:
+            lines += present[name].table(part)
+        lines.append("")
+    return lines
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        opts = options(args)
+        result = run(opts, progress=None if args.json else lambda s: print(s, file=sys.stderr, flush=True))
+    except BenchError as e:
+        print(f"postcopy bench: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result) if args.json else "\n".join(table(result)).rstrip())
+    return 0

@@ -1,0 +1,69 @@
+"""A local page source: the bench's stand-in for the source's page server, with no network.
+
+``SourceImage`` holds what the source would serve: every data page filled, its first qword the
+page's gpa (what the `touch` guest checks with TOUCH_CHECK). ``LocalPageConnection`` answers
+``fetch(gpa, count, kind)`` as a ``SyncPageConnection`` does, with a batch that points into the
+image, so the installer's UFFDIO_COPY reads the image directly: nothing is copied or allocated
+per page, and every page is a data page (no zero map).
+"""
+from __future__ import annotations
+
+import ctypes
+from array import array
+
+from vmm.guest import touch
+from vmm.guest.layout import DATA_GPA, PAGE_SIZE
+
+FILL = 0xA5  # every byte of a data page but its first qword: not a zero page
+QWORDS_PER_PAGE = PAGE_SIZE // 8
+
+
+class SourceImage:
+    """``size`` bytes of guest RAM as the source holds it (data pages from DATA_GPA on)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buffer = bytearray([FILL]) * size
+        first = DATA_GPA // PAGE_SIZE
+        qwords = memoryview(self.buffer).cast("Q")
+        qwords[first * QWORDS_PER_PAGE::QWORDS_PER_PAGE] = array(
+            "Q", map(touch.check_expected, range(DATA_GPA, size, PAGE_SIZE)))
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+
+
+class LocalBatch:
+    """A PageBatch-shaped answer (gpa, count, data, runs()) whose data is an address in the
+    image; one per connection, refilled by each fetch."""
+
+    __slots__ = ("gpa", "count", "data", "_runs", "_view")
+
+    def __init__(self, image: SourceImage) -> None:
+        self.gpa = self.count = self.data = 0
+        self._view = memoryview(image.buffer)  # not None: the installer takes the run as data
+        self._runs: list[tuple[int, int, memoryview | None]] = [(0, 0, self._view)]
+
+    def fill(self, gpa: int, count: int, image_address: int) -> LocalBatch:
+        self.gpa, self.count, self.data = gpa, count, image_address + gpa
+        self._runs[0] = (gpa, count, self._view)
+        return self
+
+    def runs(self) -> list[tuple[int, int, memoryview | None]]:
+        return self._runs
+
+
+class LocalPageConnection:
+    """Serves pages from a SourceImage; the same interface as SyncPageConnection."""
+
+    def __init__(self, image: SourceImage) -> None:
+        self.image = image
+        self.batch = LocalBatch(image)
+        self.requests = 0
+
+    def fetch(self, gpa: int, count: int, kind: str) -> LocalBatch:
+        if gpa < DATA_GPA or gpa + count * PAGE_SIZE > self.image.size:
+            raise ValueError(f"local source asked for {count} pages at gpa {gpa:#x}, outside its data pages")
+        self.requests += 1
+        return self.batch.fill(gpa, count, self.image.address)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,115 @@
+"""The page-in bench: every mode pages in every data page of a real guest through the
+destination's fault paths and the guest's check passes; a wrong page is caught; the C limit
+builds and runs (or says why not); `postcopy bench --json` has the keys the issue names."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import threading
+
+import pytest
+
+from postcopy import cli
+from postcopy.bench import BenchError, limit, pagein
+from postcopy.bench.source import SourceImage
+from postcopy.destination import classic_mode
+from vmm.guest.layout import DATA_GPA, PAGE_SIZE
+
+pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
+MEM = 8 << 20  # 1536 data pages
+
+
+@pytest.fixture(scope="module")
+def image() -> SourceImage:
+    return SourceImage(MEM)
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+@pytest.mark.parametrize("mode", pagein.MODES)
+def test_every_mode_pages_in_every_page_and_the_guest_check_passes(image: SourceImage, mode: str, vcpus: int) -> None:
+    rate = pagein.run_python(image, mode, vcpus)  # raises BenchError if any check fails
+    assert rate > 0
+
+
+def test_a_wrong_page_from_the_source_fails_the_guest_check() -> None:
+    bad = SourceImage(MEM)
+    gpa = DATA_GPA + 100 * PAGE_SIZE
+    bad.buffer[gpa:gpa + 8] = (gpa + PAGE_SIZE).to_bytes(8, "little")
+    with pytest.raises(BenchError, match="found 1 wrong"):
+        pagein.run_python(bad, "exit", 1)
+
+
+def test_classic_handlers_are_pinned_to_the_vcpus_cpus(image: SourceImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[set[int]] = []
+    serve = classic_mode.ClassicHandler._serve
+
+    def spy(self, h, nmsgs, t0):  # type: ignore[no-untyped-def]
+        if len(seen) < 64:
+            seen.append(os.sched_getaffinity(threading.get_native_id()))
+        serve(self, h, nmsgs, t0)
+
+    monkeypatch.setattr(classic_mode.ClassicHandler, "_serve", spy)
+    pagein.run_python(image, "classic", 2)
+    cpus = classic_mode.handler_cpus(2)
+    assert seen and all(len(s) == 1 and s <= set(cpus) for s in seen)
+
+
+@pytest.fixture(scope="module")
+def c_limit(tmp_path_factory: pytest.TempPathFactory) -> limit.Limit:
+    try:
+        return limit.Limit.build()
+    except limit.LimitUnavailable as e:
+        pytest.skip(f"the C limit cannot be built here: {e}")
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_the_c_limit_runs_the_same_guest_in_every_mode(c_limit: limit.Limit, vcpus: int) -> None:
+    dump = limit.dump_guest(MEM, vcpus)
+    try:
+        for mode in pagein.MODES:
+            report = c_limit.run_report(dump, mode)
+            assert report["pages"] == report["visited"] == pagein.data_pages(MEM)
+            assert report["mismatches"] == report["wrong_after"] == 0 and report["pages_per_s"] > 0
+    finally:
+        limit.remove_dump(dump)
+
+
+def test_without_a_compiler_the_limit_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(limit.LimitUnavailable, match="no C compiler"):
+        limit.Limit.build()
+
+
+def _bench_json(*args: str) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["bench", "--json", "--sections", "pagein,limit", "--mem", "8M", "--repeat", "1", *args]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_bench_json_has_the_pagein_and_limit_keys(c_limit: limit.Limit) -> None:
+    d = _bench_json("--vcpus", "1,2")
+    p, lim = d["pagein"], d["limit"]
+    for v in ("1", "2"):
+        for mode in pagein.MODES:
+            assert p[mode][v] > 0 and lim[mode][v] > 0
+            assert p["ratio_to_limit"][mode][v] == pytest.approx(p[mode][v] / lim[mode][v], rel=1e-2)
+        assert p["ratio_exit_classic"][v] == pytest.approx(p["exit"][v] / p["classic"][v], rel=1e-2)
+
+
+def test_bench_json_without_a_compiler_leaves_the_limit_out(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    d = _bench_json("--vcpus", "1")
+    assert "no C compiler" in d["limit"]["skipped"]
+    assert "ratio_to_limit" not in d["pagein"] and d["pagein"]["exit"]["1"] > 0
+
+
+def test_bench_rejects_an_unknown_section() -> None:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main(["bench", "--sections", "pagein,bogus"]) == 1
+    assert "unknown section(s) bogus" in err.getvalue()
