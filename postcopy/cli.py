@@ -1,8 +1,10 @@
-"""`postcopy`: the post-copy migration commands. Each calls the same code the API does.
+"""`postcopy`: the post-copy migration commands. Each is a client of the VMMs' control API
+(docs/api.md): the migration itself runs inside a VMM, never here.
 
-    postcopy demo     migrate a running memtouch guest over loopback and report
-    postcopy source   run a guest and serve its pages (the migration source)
-    postcopy dest     pull a running guest from a source and keep it running
+    postcopy migrate  migrate a guest between two running VMMs (`vmm serve`), through their APIs
+    postcopy demo     two local VMMs, one migration of a running memtouch guest, the report
+    postcopy source   a VMM in this process: run a guest and serve its pages (the source)
+    postcopy dest     a VMM in this process: pull a running guest from a source, keep it running
     postcopy doctor   probe this host: KVM, userfaultfd, what a fault exit looks like
     postcopy bench    page-in rates against the host's C limit, fetch latency, stream, migration
     postcopy report   render a saved JSON report (with its timeline) as report.html + timeline.png
@@ -20,22 +22,15 @@ from typing import Any
 import uvloop
 
 from postcopy.logs import LOG_FORMAT_ENV, LOG_FORMATS, VERBOSE_ENV, setup_logging
+from postcopy.progress import ProgressLine
 from vmm.memory import GuestMemoryError, parse_size
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
 
 
-def _pick_fault_mode(requested: str, quiet: bool) -> str:
-    if requested != "auto":
-        return requested
-    from postcopy import doctor
-    report = doctor.diagnose()
-    if not quiet:
-        print(f"fault mode auto: {report.recommended_fault_mode} ({report.reason})", file=sys.stderr)
-    return report.recommended_fault_mode
-
-
-def _token(args: argparse.Namespace, create: bool) -> str:
+def _token(args: argparse.Namespace, create: bool, announce: bool = True) -> str:
+    """The migration token: --token-file (created, mode 0600, if missing and ``create``), else
+    $POSTCOPY_TOKEN, else a new one (announced on stderr when the other side needs it)."""
     if getattr(args, "token_file", None):
         path = args.token_file
         if os.path.exists(path):
@@ -48,21 +43,14 @@ def _token(args: argparse.Namespace, create: bool) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token
-    token = os.environ.get(TOKEN_ENV)
-    if token:
-        return token
+    if env_token := os.environ.get(TOKEN_ENV):
+        return env_token
     if not create:
         raise SystemExit(f"postcopy: error: give the migration token with --token-file or ${TOKEN_ENV}")
     token = secrets.token_urlsafe(32)
-    print(f"migration token (give it to the destination): {token}", file=sys.stderr)
+    if announce:
+        print(f"migration token (give it to the destination): {token}", file=sys.stderr)
     return token
-
-
-def _listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"postcopy: error: --listen wants HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 def _write_report(command: str, out: str | None, report: dict[str, Any]) -> bool:
@@ -80,53 +68,123 @@ def _write_report(command: str, out: str | None, report: dict[str, Any]) -> bool
     return True
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from postcopy.demo import DemoError, render, run_demo
-    mode = _pick_fault_mode(args.fault_mode, args.json)
+def _api_token(args: argparse.Namespace) -> str | None:
+    """The control API's bearer token (--api-token-file), if the VMMs want one."""
+    if not getattr(args, "api_token_file", None):
+        return None
     try:
-        report = uvloop.run(run_demo(parse_size(args.mem), args.vcpus, mode, warmup_s=args.warmup,  # type: ignore[arg-type]
-                                     after_s=args.after, seed=args.seed, readahead_base=args.readahead,
-                                     timeline=args.report is not None))
-    except DemoError as e:
-        print(f"postcopy demo: error: {e}", file=sys.stderr)
-        return 1
+        with open(args.api_token_file) as f:
+            return f.read().strip() or None
+    except OSError as e:
+        raise SystemExit(f"postcopy: error: cannot read --api-token-file: {e}") from None
+
+
+def _api_address(text: str) -> str:
+    """unix:/path, http://host:port or tcp:HOST:PORT, as ApiClient takes them."""
+    if not text.startswith(("unix:", "http://", "https://", "tcp:")):
+        raise SystemExit(f"postcopy: error: an API address is unix:/path or http://host:port, got {text!r}")
+    return text
+
+
+def _progress(args: argparse.Namespace) -> ProgressLine:
+    return ProgressLine(sys.stderr, enabled=False if args.json else None)
+
+
+def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    from postcopy.demo import render
     print(json.dumps(report) if args.json else render(report))
-    written = _write_report("demo", args.report, report)
+    written = _write_report(args.command, getattr(args, "report", None), report)
     return 0 if report["verified"] and written else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from postcopy.demo import DemoError, run_demo
+    try:
+        report = uvloop.run(run_demo(parse_size(args.mem), args.vcpus, args.fault_mode, warmup_s=args.warmup,
+                                     after_s=args.after, seed=args.seed, readahead_base=args.readahead,
+                                     progress=_progress(args), timeline=args.report is not None))
+    except DemoError as e:
+        print(f"postcopy demo: error: {e}", file=sys.stderr)
+        return 1
+    return _print_report(args, report)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from postcopy.api.client import ApiClient
+    from postcopy.orchestrate import MigrateOptions, OrchestrationError, run_migration
+    opts = MigrateOptions(
+        token=_token(args, create=True, announce=False), page_listen=args.page_listen, page_url=args.page_url,
+        fault_mode=args.fault_mode, create=args.create, mem=args.mem, vcpus=args.vcpus, seed=args.seed,
+        warmup_s=args.warmup, after_s=args.after, readahead=args.readahead, timeout_s=args.timeout,
+        timeline=args.report is not None)
+    api_token = _api_token(args)
+
+    async def run() -> dict[str, Any]:
+        async with ApiClient(_api_address(args.source_api), api_token) as source, \
+                ApiClient(_api_address(args.dest_api), api_token) as dest:
+            return await run_migration(source, dest, opts, _progress(args))
+
+    try:
+        report = uvloop.run(run())
+    except OrchestrationError as e:
+        print(f"postcopy migrate: error: {e}", file=sys.stderr)
+        return 1
+    return _print_report(args, report)
+
+
 def cmd_source(args: argparse.Namespace) -> int:
-    from postcopy.source.run import run_source
-    host, port = _listen(args.listen)
+    """A VMM in this process: PUT /v1/vm, PUT /v1/migration/outgoing, wait for the destination."""
+    from postcopy.api.client import ApiClientError
+    from postcopy.api.server import local_vmm
+    from postcopy.orchestrate import OrchestrationError, follow
     token = _token(args, create=True)
 
-    def ready(url: str) -> None:
-        if args.ready_json:
-            print(json.dumps({"event": "ready", "url": url, "pid": os.getpid()}), flush=True)
-        else:
-            print(f"source ready at {url}; waiting for a destination", file=sys.stderr, flush=True)
+    async def run() -> dict[str, Any]:
+        async with local_vmm() as vmm:
+            await vmm.create_vm(args.mem, args.vcpus, "memtouch", args.seed)
+            url = (await vmm.outgoing(args.listen, token, args.advertise_url))["url"]
+            if args.ready_json:
+                print(json.dumps({"event": "ready", "url": url, "pid": os.getpid()}), flush=True)
+            else:
+                print(f"source ready at {url}; waiting for a destination", file=sys.stderr, flush=True)
+            return await follow(vmm, float("inf"))
 
-    summary: dict[str, Any] = uvloop.run(run_source(parse_size(args.mem), args.vcpus, host=host, port=port, token=token,
-                                                    seed=args.seed, warmup_s=0.0, on_ready=ready))
+    try:
+        status = uvloop.run(run())
+    except (ApiClientError, OrchestrationError) as e:
+        print(f"postcopy source: error: {e}", file=sys.stderr)
+        return 1
+    if status["state"] != "completed":
+        print(f"postcopy source: error: the migration {status['state']}: {'; '.join(status['errors'])}",
+              file=sys.stderr)
+        return 1
     if not args.ready_json:
-        print(json.dumps(summary))
+        print(json.dumps(status["report"]))
     return 0
 
 
 def cmd_dest(args: argparse.Namespace) -> int:
-    from postcopy.demo import render
-    from postcopy.destination.run import FetchError, MigrationError, migrate
+    """A VMM in this process: PUT /v1/migration/incoming, follow it, print the report."""
+    from postcopy.api.client import ApiClientError
+    from postcopy.api.server import local_vmm
+    from postcopy.orchestrate import OrchestrationError, follow
     token = _token(args, create=False)
-    mode = _pick_fault_mode(args.fault_mode, args.json)
+
+    async def run() -> dict[str, Any]:
+        async with local_vmm() as vmm:
+            await vmm.incoming(args.source.rstrip("/"), token, fault_mode=args.fault_mode, after_s=args.after,
+                               readahead=args.readahead, timeline=args.report is not None)
+            return await follow(vmm, args.timeout, _progress(args))
+
     try:
-        report = uvloop.run(migrate(args.source.rstrip("/"), token, mode, after_s=args.after,  # type: ignore[arg-type]
-                                    timeline=args.report is not None))
-    except (MigrationError, FetchError) as e:
+        status = uvloop.run(run())
+    except (ApiClientError, OrchestrationError) as e:
         print(f"postcopy dest: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(report) if args.json else render(report))
-    written = _write_report("dest", args.report, report)
-    return 0 if report["verified"] and written else 1
+    if status["report"] is None:
+        print(f"postcopy dest: error: the migration failed: {'; '.join(status['errors'])}", file=sys.stderr)
+        return 1
+    return _print_report(args, status["report"])
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -175,11 +233,32 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
     d.set_defaults(func=cmd_demo)
 
+    m = sub.add_parser("migrate", help="migrate a guest between two VMMs through their control APIs")
+    m.add_argument("--source-api", required=True, help="the source VMM's API: unix:/path or http://host:port")
+    m.add_argument("--dest-api", required=True, help="the destination VMM's API")
+    m.add_argument("--create", action="store_true", help="boot a memtouch guest on the source first")
+    m.add_argument("--mem", default="256M")
+    m.add_argument("--vcpus", type=int, default=2)
+    m.add_argument("--seed", type=int, default=7)
+    m.add_argument("--page-listen", default="127.0.0.1:0", help="HOST:PORT of the source's page server")
+    m.add_argument("--page-url", help="the page server's URL as the destination reaches it (default: as bound)")
+    m.add_argument("--fault-mode", choices=modes, default="exit", help="auto: the destination's host decides")
+    m.add_argument("--warmup", type=float, default=1.0, help="seconds a created guest runs before the migration")
+    m.add_argument("--after", type=float, default=1.0)
+    m.add_argument("--readahead", type=int, default=4)
+    m.add_argument("--timeout", type=float, default=600.0, help="seconds the migration may take")
+    m.add_argument("--token-file", help=f"the migration token (created if missing); else ${TOKEN_ENV}, else a new one")
+    m.add_argument("--api-token-file", help="the bearer token of both VMMs' APIs")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
+    m.set_defaults(func=cmd_migrate)
+
     s = sub.add_parser("source", help="run a guest and serve its pages to a destination")
     s.add_argument("--mem", default="256M")
     s.add_argument("--vcpus", type=int, default=2)
     s.add_argument("--seed", type=int, default=7)
     s.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT of the page server (nowhere else)")
+    s.add_argument("--advertise-url", help="the page server's URL as the destination reaches it")
     s.add_argument("--token-file", help=f"the migration token (created if missing); else ${TOKEN_ENV}")
     s.add_argument("--ready-json", action="store_true", help="print one JSON line with the URL when ready")
     s.set_defaults(func=cmd_source)
@@ -189,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--token-file")
     t.add_argument("--fault-mode", choices=modes, default="auto")
     t.add_argument("--after", type=float, default=1.0)
+    t.add_argument("--readahead", type=int, default=4)
+    t.add_argument("--timeout", type=float, default=600.0)
     t.add_argument("--json", action="store_true")
     t.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
     t.set_defaults(func=cmd_dest)

@@ -1,67 +1,103 @@
-"""`postcopy demo`: one machine, two processes. A source process runs memtouch and serves its
-pages; this process is the destination: it migrates the running guest post-copy over loopback,
-keeps it running, and has the guest itself verify every page before and after."""
+"""`postcopy demo`: one machine, two VMM processes (`vmm serve` on unix sockets in a temporary
+folder), one migration between them through their control APIs (postcopy.orchestrate), and
+both shut down afterwards, also on error or Ctrl-C. The guest verifies itself before and after."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import sys
-from typing import Any
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
 
-import aiohttp
-
-from postcopy.destination.client import FetchError
-from postcopy.destination.migration import FaultMode, MigrationError
-from postcopy.destination.run import migrate, source_json
+from postcopy.api.client import ApiClient, ApiClientError
 from postcopy.logs import child_env
+from postcopy.orchestrate import MigrateOptions, OrchestrationError, run_migration
+from postcopy.progress import ProgressLine
 
-SOURCE_START_TIMEOUT_S = 30.0
-TOKEN_ENV = "POSTCOPY_TOKEN"
+VMM_START_TIMEOUT_S: Final = 30.0
+VMM_STOP_TIMEOUT_S: Final = 15.0
 
 
 class DemoError(Exception):
     pass
 
 
-async def _start_source(mem_bytes: int, vcpus: int, seed: int, token: str) -> tuple[asyncio.subprocess.Process, str]:
-    env = dict(os.environ, **child_env(), **{TOKEN_ENV: token})  # the source logs as we do
+async def start_vmm(socket_path: Path, name: str) -> tuple[asyncio.subprocess.Process, str]:
+    """A `vmm serve` child on ``socket_path``; returns it and its API address once ready."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postcopy.cli", "source", "--mem", str(mem_bytes), "--vcpus", str(vcpus),
-        "--seed", str(seed), "--listen", "127.0.0.1:0", "--ready-json",
-        stdout=asyncio.subprocess.PIPE, env=env)
+        sys.executable, "-m", "vmm.cli", "serve", "--api", f"unix:{socket_path}", "--ready-json",
+        stdout=asyncio.subprocess.PIPE, env=dict(os.environ, **child_env()))  # the VMMs log as we do
     assert proc.stdout is not None
     try:
-        line = await asyncio.wait_for(proc.stdout.readline(), SOURCE_START_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        proc.kill()
-        raise DemoError(f"the source did not come up within {SOURCE_START_TIMEOUT_S:.0f} s") from None
+        line = await asyncio.wait_for(proc.stdout.readline(), VMM_START_TIMEOUT_S)
+    except TimeoutError:
+        await stop_vmm(proc, None)
+        raise DemoError(f"the {name} VMM did not come up within {VMM_START_TIMEOUT_S:.0f} s") from None
     if not line:
         await proc.wait()
-        raise DemoError(f"the source exited with status {proc.returncode} before it was ready")
-    return proc, json.loads(line)["url"]
+        raise DemoError(f"the {name} VMM exited with status {proc.returncode} before it was ready")
+    return proc, json.loads(line)["api"]
 
 
-async def run_demo(mem_bytes: int = 256 << 20, vcpus: int = 2, fault_mode: FaultMode = "exit", *,
-                   warmup_s: float = 1.0, after_s: float = 1.0, seed: int = 7,
-                   readahead_base: int = 4, timeline: bool = False) -> dict[str, Any]:
-    token = secrets.token_urlsafe(32)
-    proc, url = await _start_source(mem_bytes, vcpus, seed, token)
-    try:
-        await asyncio.sleep(warmup_s)
-        async with aiohttp.ClientSession() as session:
-            before = await source_json(session, "POST", f"{url}/v1/vm/sweep", token)
-        return await migrate(url, token, fault_mode, after_s=after_s, before=before, readahead_base=readahead_base,
-                             timeline=timeline)
-    except (MigrationError, FetchError) as e:
-        raise DemoError(str(e)) from None
-    finally:
+async def stop_vmm(proc: asyncio.subprocess.Process, api: ApiClient | None) -> None:
+    """POST /v1/shutdown, then wait; SIGTERM, then SIGKILL, if it does not go."""
+    if proc.returncode is None and api is not None:
+        with contextlib.suppress(ApiClientError):
+            await api.shutdown()
+    for step in (None, proc.terminate, proc.kill):
+        if step is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                step()
         try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await asyncio.wait_for(proc.wait(), VMM_STOP_TIMEOUT_S)
+            return
+        except TimeoutError:
+            continue
+
+
+@contextlib.asynccontextmanager
+async def vmm_pair() -> AsyncIterator[tuple[ApiClient, ApiClient]]:
+    """Two local VMMs (source, destination) and a client for each; both stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="postcopy-demo-") as tmp:
+        procs: list[tuple[asyncio.subprocess.Process, ApiClient]] = []
+        try:
+            # Both start at once: a VMM's start (its imports) is most of a small demo's time.
+            started = await asyncio.gather(*(start_vmm(Path(tmp) / f"{name}.sock", name)
+                                             for name in ("source", "destination")), return_exceptions=True)
+            for result in started:
+                if not isinstance(result, BaseException):
+                    procs.append((result[0], ApiClient(result[1])))
+            for result in started:
+                if isinstance(result, BaseException):
+                    raise result
+            yield procs[0][1], procs[1][1]
+        finally:
+            # Shielded: a Ctrl-C (cancellation) must not leave a VMM running.
+            await asyncio.shield(_stop_all(procs))
+
+
+async def _stop_all(procs: list[tuple[asyncio.subprocess.Process, ApiClient]]) -> None:
+    await asyncio.gather(*(stop_vmm(proc, api) for proc, api in procs))
+    for _, api in procs:
+        await api.close()
+
+
+async def run_demo(mem_bytes: int = 256 << 20, vcpus: int = 2, fault_mode: str = "exit", *,
+                   warmup_s: float = 1.0, after_s: float = 1.0, seed: int = 7, readahead_base: int = 4,
+                   progress: ProgressLine | None = None, timeline: bool = False) -> dict[str, Any]:
+    opts = MigrateOptions(token=secrets.token_urlsafe(32), page_listen="127.0.0.1:0", fault_mode=fault_mode,
+                          create=True, mem=mem_bytes, vcpus=vcpus, seed=seed, warmup_s=warmup_s,
+                          after_s=after_s, readahead=readahead_base, timeline=timeline)
+    try:
+        async with vmm_pair() as (source, dest):
+            return await run_migration(source, dest, opts, progress)
+    except OrchestrationError as e:
+        raise DemoError(str(e)) from None
 
 
 def render(report: dict[str, Any]) -> str:

@@ -1,9 +1,11 @@
-"""`vmm run`: boot a guest workload on KVM, show its console and progress, print a summary."""
+"""`vmm run`: boot a guest workload on KVM, show its console and progress, print a summary.
+`vmm serve`: run this VMM as a service with a control API (postcopy.api, imported lazily)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -74,9 +76,61 @@ def run(workload: str, mem_bytes: int, vcpus: int, seconds: float, seed: int, *,
         machine.close()
 
 
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise SystemExit(f"vmm serve: error: cannot read --api-token-file: {e}") from None
+    if not token:
+        raise SystemExit(f"vmm serve: error: --api-token-file {path} is empty")
+    return token
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from postcopy.api.server import ApiAddress, ApiStartError
+    from postcopy.api.server import serve as serve_api
+    try:
+        address = ApiAddress.parse(args.api)
+        token = _read_token_file(args.api_token_file) if args.api_token_file else None
+        if address.is_tcp and token is None and not args.insecure_api:
+            raise ApiStartError("a TCP API needs --api-token-file (or --insecure-api to serve it to anyone "
+                                "who can reach the port)")
+    except ApiStartError as e:
+        print(f"vmm serve: error: {e}", file=sys.stderr)
+        return 2
+
+    def ready(api: str) -> None:
+        if args.ready_json:
+            print(json.dumps({"event": "ready", "api": api}), flush=True)
+        else:
+            print(f"vmm: API at {api}", file=sys.stderr, flush=True)
+
+    console = (lambda line: print(f"[guest] {line}", file=sys.stderr)) if args.console else None
+    try:
+        uvloop.run(serve_api(address, token, on_ready=ready, console=console))
+    except ApiStartError as e:
+        print(f"vmm serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmm", description="A small KVM VMM that runs guest workloads.")
     sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("serve", help="serve a control API (docs/api.md): create, run and migrate one VM")
+    v.add_argument("--api", help="unix:/path/api.sock (default: under $XDG_RUNTIME_DIR or /run, "
+                                 "postcopy-vmm/api.sock) or tcp:HOST:PORT")
+    v.add_argument("--api-token-file", help="a file holding the API's bearer token (required for tcp)")
+    v.add_argument("--insecure-api", action="store_true", help="allow a TCP API without a token")
+    v.add_argument("--ready-json", action="store_true",
+                   help='print one line {"event":"ready","api":ADDR} on stdout when serving')
+    v.add_argument("--console", action="store_true", help="show the guest's serial console on stderr")
+    v.add_argument("-v", "--verbose", action="store_true")
+    v.add_argument("--log-format", choices=("text", "json"),
+                   help="text (default), or json: one JSON object per line ($POSTCOPY_LOG_FORMAT)")
     r = sub.add_parser("run", help="boot a workload and let it run")
     r.add_argument("--mem", default="256M", help="guest RAM, e.g. 256M or 1G (a multiple of 4 KiB)")
     r.add_argument("--vcpus", type=int, default=1)
@@ -87,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     r.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        # The service logs as `postcopy` does, and as the process that started it asked (env).
+        from postcopy.logs import LOG_FORMAT_ENV, VERBOSE_ENV, setup_logging
+        fmt = args.log_format or os.environ.get(LOG_FORMAT_ENV) or "text"
+        if fmt not in ("text", "json"):
+            parser.error(f"${LOG_FORMAT_ENV}={fmt!r}: choose text or json")
+        setup_logging(args.verbose or os.environ.get(VERBOSE_ENV) == "1", fmt)  # type: ignore[arg-type]
+        return serve(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -85,6 +85,15 @@ class MigrationResult:
     blocktime_ms: dict[int, float] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class DestinationProgress:
+    state: str
+    pages_total: int
+    pages_present: int
+    pages: dict[str, int]  # present pages by arrival kind
+    running_s: float  # vCPUs started here -> all pages present (or now); 0 before the switchover
+
+
 class Destination:
     def __init__(self, source_url: str, token: str, *, fault_mode: FaultMode = "exit",
                  readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
@@ -108,9 +117,10 @@ class Destination:
         self._connections: list[PageConnection] = []
         self._session: aiohttp.ClientSession | None = None
         self._vcpu_connections: list[SyncPageConnection] = []  # exit: one per vCPU; classic: one per handler
+        self._started_ns = 0
+        self._done_ns = 0
         self.error: str | None = None
         self.fetch_errors = 0
-        self._done_ns = 0
         self._resume_ns = 0
         # Sampled for the timeline from the switchover on (pages by arrival; guest progress).
         self.pages_series = Series([ARRIVAL_NAMES[a] for a in Arrival])
@@ -324,6 +334,23 @@ class Destination:
                       "complete": self._done_ns or None},
             fault_mode=self.fault_mode, vcpus=len(self.header.vcpus), npages=self.tracker.npages,
             fault_logs=self.fault_logs(), pages=self.pages_series, progress=self.progress_series)
+
+    def progress(self) -> DestinationProgress:
+        """A snapshot for the control API, read from any thread without locks (counters only grow)."""
+        tracker = self.tracker
+        total = self.memory.pages if self.memory is not None else 0
+        if tracker is None:
+            return DestinationProgress(self.state.value, total, 0, {}, 0.0)
+        end_ns = self._done_ns or time.monotonic_ns()
+        running_s = (end_ns - self._started_ns) / 1e9 if self._started_ns else 0.0
+        return DestinationProgress(self.state.value, tracker.npages, tracker.present,
+                                   tracker.counts_by_name(), running_s)
+
+    def detach_machine(self) -> Machine:
+        """Hand the running guest to a new owner: close() then leaves it running."""
+        assert self.machine is not None
+        machine, self.machine = self.machine, None
+        return machine
 
     async def close(self) -> None:
         await self._sampler.stop()

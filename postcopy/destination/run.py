@@ -13,6 +13,7 @@ from postcopy.destination.client import FetchError, auth_headers
 from proto import ErrorReply, ProtoError, decode_any
 from postcopy.destination.migration import Destination, FaultMode, MigrationError, result_dict
 from postcopy.observe.prometheus import Registry
+from vmm.machine import Machine
 
 log = logging.getLogger("postcopy.destination.run")
 
@@ -50,23 +51,31 @@ async def source_progress(session: aiohttp.ClientSession, source_url: str, token
 async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s: float = 1.0,
                   before: dict[str, Any] | None = None, readahead_base: int = 4,
                   console: Callable[[str], None] | None = None, timeline: bool = False,
-                  registry: Registry | None = None) -> dict[str, Any]:
+                  registry: Registry | None = None,
+                  on_destination: Callable[[Destination], None] | None = None,
+                  adopt: Callable[[Machine], None] | None = None) -> dict[str, Any]:
     """Migrate, let the guest run ``after_s`` here, order a full sweep; return the report.
     ``before`` is the source-side sweep result, if one was made. ``timeline`` adds
     report["timeline"] (Destination.metrics(), with the source's progress series);
-    ``registry`` is where the destination's Prometheus metrics go."""
+    ``registry`` is where the destination's Prometheus metrics go. ``on_destination`` sees the
+    Destination before it prepares (to follow its progress); ``adopt``, if given, receives the
+    running guest (every page present) instead of it being paused and closed."""
     async with aiohttp.ClientSession() as session:
         status = await source_json(session, "GET", f"{source_url}/v1/vm/status", token)
         dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base,
                            console=console, registry=registry)
+        if on_destination is not None:
+            on_destination(dest)
         try:
-            return await _migrate(dest, session, status, after_s=after_s, before=before, timeline=timeline)
+            return await _migrate(dest, session, status, after_s=after_s, before=before, timeline=timeline,
+                                  adopt=adopt)
         finally:
             await dest.close()
 
 
 async def _migrate(dest: Destination, session: aiohttp.ClientSession, status: dict[str, Any], *,
-                   after_s: float, before: dict[str, Any] | None, timeline: bool) -> dict[str, Any]:
+                   after_s: float, before: dict[str, Any] | None, timeline: bool,
+                   adopt: Callable[[Machine], None] | None) -> dict[str, Any]:
     await dest.prepare(int(status["guest_bytes"]), int(status["vcpu_count"]))
     await dest.switchover()
     # The source's series ends at its pause: fetch it while the source still serves (it exits
@@ -81,8 +90,10 @@ async def _migrate(dest: Destination, session: aiohttp.ClientSession, status: di
         while time.monotonic() < t_end and not dest.machine.failures():
             await asyncio.sleep(0.05)
         await dest.stop_sampling()  # the timeline ends before the sweep, which is not the workload
-        after_ok = await asyncio.to_thread(services.sweep, SWEEP_TIMEOUT_S)
-        dest.machine.pause()
+        # A failed vCPU never answers a sweep: do not wait SWEEP_TIMEOUT_S to learn it.
+        after_ok = not dest.machine.failures() and await asyncio.to_thread(services.sweep, SWEEP_TIMEOUT_S)
+        if adopt is None:
+            dest.machine.pause()
         failures = dest.machine.failures()
         after_pages = sum(p.sweep_pages for p in services.progress)
         after_errors = sum(p.sweep_errors for p in services.progress)
@@ -109,6 +120,8 @@ async def _migrate(dest: Destination, session: aiohttp.ClientSession, status: di
             report["timeline"] = dest.metrics()
             report["timeline"]["progress"]["source"] = await progress
             progress = None
+        if adopt is not None and report["all_pages_present"]:
+            adopt(dest.detach_machine())
         return report
     finally:
         if progress is not None:

@@ -1,34 +1,27 @@
-"""The source side of a migration, end to end: boot a memtouch guest, serve it, release it.
-
-``run_source`` is what the command line and the tests call; ``serve`` runs it on uvloop.
-"""
+"""The source side's pieces around the page server: boot a guest to serve, and summarise what
+was served. The VMM service (postcopy/api/service.py) runs the source side with them."""
 from __future__ import annotations
 
-import asyncio
-import logging
-import secrets
-from collections.abc import Callable
 from typing import Any
 
-import uvloop
-
-from postcopy.source.page_server import MigrationState, PageServer
+from postcopy.source.page_server import PageServer
 from vmm.guest import workloads
 from vmm.machine import Machine, MachineConfig
 
-__all__ = ["SourceError", "boot_memtouch", "run_source", "serve"]
+__all__ = ["boot_memtouch", "boot_workload", "server_summary"]
 
-log = logging.getLogger("postcopy.source.run")
 WORKLOAD = "memtouch"
-
-
-class SourceError(Exception):
-    """The source could not hand its guest over; the message says at which step."""
 
 
 def boot_memtouch(mem_bytes: int, vcpus: int, seed: int) -> tuple[Machine, dict[str, int | str]]:
     """A started memtouch guest on memfd-backed RAM, and the workload record for its header."""
-    program, params = workloads.plan(WORKLOAD, mem_bytes, vcpus, seed)
+    return boot_workload(WORKLOAD, mem_bytes, vcpus, seed)
+
+
+def boot_workload(name: str, mem_bytes: int, vcpus: int, seed: int) -> tuple[Machine, dict[str, int | str]]:
+    """A started guest running workload ``name`` on memfd-backed RAM, and the workload record
+    for its header."""
+    program, params = workloads.plan(name, mem_bytes, vcpus, seed)
     machine = Machine.create(MachineConfig(mem_bytes, vcpus, backing="memfd"))
     try:
         machine.boot(program, params)
@@ -36,42 +29,12 @@ def boot_memtouch(mem_bytes: int, vcpus: int, seed: int) -> tuple[Machine, dict[
     except BaseException:
         machine.close()
         raise
-    workload: dict[str, int | str] = {"name": WORKLOAD, "seed": seed, "mem_bytes": mem_bytes, "vcpus": vcpus}
+    workload: dict[str, int | str] = {"name": name, "seed": seed, "mem_bytes": mem_bytes, "vcpus": vcpus}
     return machine, workload
 
 
-async def run_source(mem_bytes: int, vcpus: int, *, host: str, port: int, token: str, seed: int,
-                     warmup_s: float, on_ready: Callable[[str], None] | None = None,
-                     timeout_s: float | None = None) -> dict[str, Any]:
-    """Boot the guest, let it run `warmup_s`, announce the page server's URL with `on_ready`,
-    then serve until the destination sends Complete (or `timeout_s` passes: SourceError).
-
-    The guest is released (its RAM unmapped) only after the server has closed every socket.
-    """
-    machine, workload = boot_memtouch(mem_bytes, vcpus, seed)
-    migration_id = f"mig-{secrets.token_hex(8)}"
-    try:
-        async with PageServer(machine, token=token, migration_id=migration_id, workload=workload) as server:
-            url = await server.start(host, port)
-            log.info("page server for %s at %s; guest warming up %.1f s", migration_id, url, warmup_s,
-                     extra={"event": "listening", "side": "source", "migration_id": migration_id, "url": url})
-            await asyncio.sleep(warmup_s)
-            if on_ready is not None:
-                on_ready(url)
-            try:
-                state = await asyncio.wait_for(server.wait(), timeout_s)
-            except TimeoutError:
-                raise SourceError(f"migration {migration_id}: no Complete within {timeout_s} s "
-                                  f"(state {server.state.value})") from None
-            if state is not MigrationState.COMPLETED:
-                raise SourceError(f"migration {migration_id} ended {state.value}: {server.failure}")
-            summary = _summary(server)
-    finally:
-        machine.close()
-    return summary
-
-
-def _summary(server: PageServer) -> dict[str, Any]:
+def server_summary(server: PageServer) -> dict[str, Any]:
+    """What a completed page server served, and what the destination said it received."""
     stats = server.stats()
     header = server.header
     assert header is not None
@@ -92,8 +55,3 @@ def _summary(server: PageServer) -> dict[str, Any]:
         "pause_to_complete_s": stats.get("pause_to_complete_s"),
         "destination_stats": dict(server.complete_stats),
     }
-
-
-def serve(mem_bytes: int, vcpus: int, **options: Any) -> dict[str, Any]:
-    """run_source on a uvloop event loop (the entry point for a process)."""
-    return uvloop.run(run_source(mem_bytes, vcpus, **options))

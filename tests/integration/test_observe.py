@@ -1,6 +1,7 @@
 """Seeing a migration, end to end: a real post-copy migration (64 MiB, 2 vCPUs, fault mode exit)
-with its timeline; the destination's /metrics served over HTTP and the source's /metrics scraped
-while it serves, both parsed and checked against the report; the demo command (fault mode
+with its timeline, run through two VMMs' control APIs; the destination VMM's GET /metrics and
+the source's page-server /metrics scraped while it serves, both parsed and checked against the
+report; the demo command (fault mode
 classic) writing report.html and timeline.png, with JSON log lines."""
 from __future__ import annotations
 
@@ -16,13 +17,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from postcopy import cli
-from postcopy.demo import _start_source
-from postcopy.destination.run import migrate
-from postcopy.observe.prometheus import Registry, metrics_handler
+from postcopy.demo import vmm_pair
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kvm_available", "uffd_available")]
 MEM = 64 << 20
@@ -55,44 +53,33 @@ async def _scrape_source(url: str, token: str, into: list[str]) -> None:
             await asyncio.sleep(0.01)
 
 
-async def _until_verifying(url: str, token: str, timeout_s: float = 20.0) -> None:
+async def _until_verifying(source: Any, timeout_s: float = 20.0) -> None:
     """memtouch fills its RAM first and only then verifies: wait for its first report."""
-    async with aiohttp.ClientSession() as http:
-        for _ in range(int(timeout_s / 0.05)):
-            async with http.get(f"{url}/v1/vm/status", headers={"Authorization": f"Bearer {token}"}) as resp:
-                if (await resp.json())["verified"] > 0:
-                    return
-            await asyncio.sleep(0.05)
+    for _ in range(int(timeout_s / 0.05)):
+        if (await source.vm())["guest"]["verified"] > 0:
+            return
+        await asyncio.sleep(0.05)
     raise AssertionError(f"the guest verified no page within {timeout_s} s")
 
 
 async def _migrate_and_scrape(mode: str) -> tuple[dict[str, Any], str, list[str]]:
     token = secrets.token_urlsafe(16)
-    proc, url = await _start_source(MEM, VCPUS, 7, token)
-    registry = Registry()
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler(registry))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
     source_scrapes: list[str] = []
-    scraper = asyncio.ensure_future(_scrape_source(url, token, source_scrapes))
-    try:
-        await _until_verifying(url, token)
-        report = await migrate(url, token, mode, after_s=0.3, timeline=True, registry=registry)  # type: ignore[arg-type]
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{runner.addresses[0][1]}/metrics") as resp:
-                assert resp.status == 200
-                dest_text = await resp.text()
-        await asyncio.wait_for(proc.wait(), 10)
-        await asyncio.wait_for(scraper, 5)
-    finally:
-        scraper.cancel()
-        await runner.cleanup()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return report, dest_text, source_scrapes
+    async with vmm_pair() as (source, dest):
+        await source.create_vm(MEM, VCPUS, "memtouch", 7)
+        await _until_verifying(source)
+        url = (await source.outgoing("127.0.0.1:0", token))["url"]
+        scraper = asyncio.ensure_future(_scrape_source(url, token, source_scrapes))
+        try:
+            await dest.incoming(url, token, fault_mode=mode, after_s=0.3, timeline=True)
+            while (status := await dest.migration())["state"] not in ("completed", "failed"):
+                await asyncio.sleep(0.05)
+            assert status["state"] == "completed", status
+            dest_text = await dest.metrics()  # the destination VMM's control API
+            await asyncio.sleep(0.1)
+        finally:
+            scraper.cancel()
+    return status["report"], dest_text, source_scrapes
 
 
 def test_timeline_and_metrics_agree_with_the_report() -> None:

@@ -1,0 +1,209 @@
+"""The control API's request bodies: each is parsed into a record here, once, and anything
+wrong with it (a missing, unknown or invalid field) is an ApiError 400 that names the field."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from vmm.guest.workloads import WORKLOADS
+from vmm.machine import MachineConfig, MachineError
+from vmm.memory import GuestMemoryError, parse_size
+
+FaultModeChoice = Literal["exit", "classic", "auto"]
+FAULT_MODES: Final = ("exit", "classic", "auto")
+MAX_TOKEN_LEN: Final = 1024
+MAX_URL_LEN: Final = 2048
+MAX_AFTER_S: Final = 3600.0
+MAX_READAHEAD: Final = 256
+MAX_SEED: Final = (1 << 63) - 1
+
+
+class ApiError(Exception):
+    """A request the service refuses; ``code`` is the HTTP status of the answer."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Fields:
+    """Takes the fields of one JSON object by name; ``done()`` refuses whatever is left."""
+
+    def __init__(self, body: Any, what: str) -> None:
+        if not isinstance(body, dict):
+            raise ApiError(400, f"{what}: the body must be a JSON object, got {type(body).__name__}")
+        self._body = dict(body)
+        self._what = what
+
+    def _bad(self, name: str, why: str) -> ApiError:
+        return ApiError(400, f"{self._what}: field {name!r} {why}")
+
+    def take(self, name: str, required: bool) -> Any:
+        if name not in self._body:
+            if required:
+                raise self._bad(name, "is required")
+            return None
+        return self._body.pop(name)
+
+    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int:
+        value = self.take(name, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if type(value) is not int or not lo <= value <= hi:
+            raise self._bad(name, f"must be an integer from {lo} to {hi}, got {value!r}")
+        return value
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        value = self.take(name, False)
+        if value is None:
+            return default
+        if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
+            raise self._bad(name, f"must be a number from {lo} to {hi}, got {value!r}")
+        return float(value)
+
+    def text(self, name: str, *, required: bool, max_len: int) -> str | None:
+        value = self.take(name, required)
+        if value is None:
+            return None
+        if type(value) is not str or not value or len(value) > max_len:
+            raise self._bad(name, f"must be a non-empty string of at most {max_len} characters")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.take(name, False)
+        if value is None:
+            return default
+        if value not in choices:
+            raise self._bad(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    def url(self, name: str, *, required: bool) -> str | None:
+        value = self.text(name, required=required, max_len=MAX_URL_LEN)
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise self._bad(name, f"must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/") if value is not None else None
+
+    def nested(self, name: str) -> _Fields | None:
+        value = self.take(name, False)
+        return None if value is None else _Fields(value, f"{self._what}: {name}")
+
+    def done(self) -> None:
+        if self._body:
+            raise ApiError(400, f"{self._what}: unknown field(s) {', '.join(sorted(map(repr, self._body)))}")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); ValueError says what is wrong."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"want HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(slots=True, frozen=True)
+class VmSpec:
+    """PUT /v1/vm: the guest to boot."""
+
+    mem_bytes: int
+    vcpus: int
+    workload: str
+    seed: int
+
+    @classmethod
+    def parse(cls, body: Any) -> VmSpec:
+        f = _Fields(body, "PUT /v1/vm")
+        mem = f.take("mem", False)
+        try:
+            mem_bytes = 256 << 20 if mem is None else mem if type(mem) is int else parse_size(str(mem))
+        except GuestMemoryError as e:
+            raise ApiError(400, f"PUT /v1/vm: field 'mem': {e}") from None
+        vcpus = f.integer("vcpus", 1, 1, 1 << 16)
+        workload = f.choice("workload", tuple(WORKLOADS), "memtouch")
+        seed = f.integer("seed", 1, 0, MAX_SEED)
+        f.done()
+        try:
+            MachineConfig(mem_bytes, vcpus).validate()
+        except MachineError as e:
+            raise ApiError(400, f"PUT /v1/vm: {e}") from None
+        return cls(mem_bytes, vcpus, workload, seed)
+
+
+@dataclass(slots=True, frozen=True)
+class OutgoingSpec:
+    """PUT /v1/migration/outgoing: where the page server listens and the token it wants."""
+
+    host: str
+    port: int
+    token: str
+    advertise_url: str | None
+
+    @classmethod
+    def parse(cls, body: Any) -> OutgoingSpec:
+        f = _Fields(body, "PUT /v1/migration/outgoing")
+        listen = f.text("listen", required=True, max_len=MAX_URL_LEN)
+        token = f.text("token", required=True, max_len=MAX_TOKEN_LEN)
+        advertise_url = f.url("advertise_url", required=False)
+        f.done()
+        assert listen is not None and token is not None
+        try:
+            host, port = parse_listen(listen)
+        except ValueError as e:
+            raise ApiError(400, f"PUT /v1/migration/outgoing: field 'listen': {e}") from None
+        return cls(host, port, token, advertise_url)
+
+
+@dataclass(slots=True, frozen=True)
+class SourceCheck:
+    """The guest's verification sweep on the source, made before the migration."""
+
+    ok: bool
+    pages: int | None
+    errors: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "pages": self.pages, "errors": self.errors}
+
+
+@dataclass(slots=True, frozen=True)
+class IncomingSpec:
+    """PUT /v1/migration/incoming: the page server to pull the guest from, and how."""
+
+    source_url: str
+    token: str
+    fault_mode: FaultModeChoice
+    after_s: float
+    readahead: int
+    source_check: SourceCheck | None
+    timeline: bool  # the report carries the timeline (Destination.metrics()), for report.html
+
+    @classmethod
+    def parse(cls, body: Any) -> IncomingSpec:
+        what = "PUT /v1/migration/incoming"
+        f = _Fields(body, what)
+        source_url = f.url("source_url", required=True)
+        token = f.text("token", required=True, max_len=MAX_TOKEN_LEN)
+        fault_mode = f.choice("fault_mode", FAULT_MODES, "exit")
+        after_s = f.number("after_s", 1.0, 0.0, MAX_AFTER_S)
+        readahead = f.integer("readahead", 4, 1, MAX_READAHEAD)
+        timeline = f.take("timeline", False)
+        if timeline is None:
+            timeline = False
+        elif type(timeline) is not bool:
+            raise ApiError(400, f"{what}: field 'timeline' must be true or false")
+        check = f.nested("source_check")
+        f.done()
+        source_check = None
+        if check is not None:
+            ok = check.take("ok", True)
+            if type(ok) is not bool:
+                raise ApiError(400, f"{what}: field 'source_check.ok' must be true or false")
+            pages = check.integer("pages", -1, -1, 1 << 40)
+            errors = check.integer("errors", -1, -1, 1 << 40)
+            check.take("finished", False)  # POST /v1/vm/sweep's answer may be passed on whole
+            check.done()
+            source_check = SourceCheck(ok, pages if pages >= 0 else None, errors if errors >= 0 else None)
+        assert source_url is not None and token is not None
+        return cls(source_url, token, fault_mode, after_s, readahead, source_check, timeline)  # type: ignore[arg-type]
