@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,12 +21,15 @@ from typing import Any, Callable, Literal
 
 import aiohttp
 
-from postcopy.destination.background import run_background
+from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
 from postcopy.destination.classic_mode import ClassicHandler
-from postcopy.destination.client import FetchError, PageConnection, SyncPageConnection, auth_headers, start_migration
+from postcopy.destination.client import (FetchError, PageConnection, SyncPageConnection, auth_headers,
+                                         start_migration, tls_option)
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
+from postcopy.destination.retry import (RetryContext, RetryingPageConnection, RetryingSyncConnection, RetryPolicy,
+                                        retry_async)
 from proto import Complete, MigrationHeader
 from vmm import state as vmstate
 from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS
@@ -76,12 +80,15 @@ class MigrationResult:
     fault_latency_us: dict[str, float] = field(default_factory=dict)
     pagein_rate: float = 0.0  # pages/s from switchover to completion
     blocktime_ms: dict[int, float] = field(default_factory=dict)
+    retries: dict[str, Any] = field(default_factory=dict)  # what the retry wrappers did
 
 
 class Destination:
     def __init__(self, source_url: str, token: str, *, fault_mode: FaultMode = "exit",
                  readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
-                 console: Callable[[str], None] | None = None) -> None:
+                 console: Callable[[str], None] | None = None, retry: RetryPolicy | None = None,
+                 ssl_context: ssl.SSLContext | None = None, background_batch_pages: int = DEFAULT_BATCH_PAGES,
+                 background_depth: int = DEFAULT_DEPTH) -> None:
         self.source_url = source_url.rstrip("/")
         self.token = token
         self.fault_mode = fault_mode
@@ -89,6 +96,10 @@ class Destination:
         self.readahead_max = readahead_max
         self.background = background
         self.console = console
+        self.retry = RetryContext(retry)
+        self.ssl_context = ssl_context
+        self.background_batch_pages = background_batch_pages
+        self.background_depth = background_depth
         self.state = DestinationState.NEW
         self.machine: Machine | None = None
         self.memory: GuestMemory | None = None
@@ -98,9 +109,9 @@ class Destination:
         self.resolver: ExitModeResolver | None = None
         self.classic: ClassicHandler | None = None
         self.header: MigrationHeader | None = None
-        self._connections: list[PageConnection] = []
+        self._connections: list[RetryingPageConnection] = []
         self._session: aiohttp.ClientSession | None = None
-        self._vcpu_connections: list[SyncPageConnection] = []
+        self._vcpu_connections: list[RetryingSyncConnection] = []
         self.error: str | None = None
 
     def _to(self, new: DestinationState) -> None:
@@ -124,23 +135,34 @@ class Destination:
         for region in self.memory.regions:
             self.uffd.register(region.hva, region.size)
         self.machine = Machine.create(MachineConfig(mem_bytes, vcpus), console=self.console, memory=self.memory)
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(self.ssl_context)))
         if self.fault_mode == "exit":
             self._vcpu_connections = list(await asyncio.gather(
-                *(asyncio.to_thread(SyncPageConnection, self.source_url, self.token) for _ in range(vcpus))))
+                *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(vcpus))))
         conns = 2 if self.fault_mode == "classic" else 1
         for _ in range(conns):
-            c = PageConnection(self.source_url, self.token)
+            c = RetryingPageConnection(self._open_async, self.retry)
             await c.connect()
             self._connections.append(c)
         self._to(DestinationState.LISTEN)
+
+    def _open_sync(self) -> SyncPageConnection:
+        return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
+                                  receive_timeout=self.retry.policy.request_timeout_s)
+
+    async def _open_async(self) -> PageConnection:
+        conn = PageConnection(self.source_url, self.token, ssl_context=self.ssl_context)
+        await conn.connect()
+        return conn
 
     # -- RUNNING -------------------------------------------------------------------------------
     async def switchover(self) -> None:
         assert self.machine and self.memory and self.uffd and self._session
         t0 = time.monotonic_ns()
         self._switch_started_ns = t0
-        header, self.header_bytes = await start_migration(self._session, self.source_url, self.token)
+        session = self._session
+        header, self.header_bytes = await retry_async(  # idempotent: the source answers the same header
+            self.retry, "migration start", lambda: start_migration(session, self.source_url, self.token))
         self.header = header
         if [(r.gpa, r.size) for r in header.regions] != [(r.gpa, r.size) for r in self.memory.regions]:
             raise MigrationError(f"source memory layout {header.regions} differs from the one prepared here")
@@ -167,8 +189,9 @@ class Destination:
     async def wait_complete(self, timeout: float | None = None) -> MigrationResult:
         """Run the background transfer (or wait for demand alone) until every page is present."""
         assert self.tracker and self.machine and self.uffd and self.memory and self.header
-        background = asyncio.ensure_future(run_background(self._connections[0], self.installer)) \
-            if self.background else None
+        background = asyncio.ensure_future(run_background(
+            self._connections[0], self.installer, batch_pages=self.background_batch_pages,  # type: ignore[arg-type]
+            depth=self.background_depth)) if self.background else None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self.tracker.all_present.is_set():
@@ -185,6 +208,7 @@ class Destination:
                 await asyncio.sleep(0.002)
         except (FetchError, MigrationError, UffdError) as e:
             self.error = str(e)
+            self.retry.abort()  # vCPUs waiting out a backoff give up now, so they can be paused
             self._to(DestinationState.FAILED)
             self.machine.pause()  # never run a guest on memory it did not get
             raise MigrationError(f"migration failed while running: {e}") from None
@@ -204,13 +228,20 @@ class Destination:
         assert self.header and self.tracker and self._session
         stats = {k: v for k, v in self.tracker.counts_by_name().items()}
         msg = Complete(self.header.migration_id, stats)
-        try:
-            async with self._session.post(f"{self.source_url}/v1/migration/complete", data=msg.encode(),
-                                          headers=auth_headers(self.token)) as resp:
-                if resp.status >= 300:
-                    log.warning("source answered completion with HTTP %d: %s", resp.status, await resp.text())
-        except (aiohttp.ClientError, OSError) as e:
-            log.warning("could not tell the source the migration is complete: %s", e)
+        session = self._session
+
+        async def post() -> None:
+            try:
+                async with session.post(f"{self.source_url}/v1/migration/complete", data=msg.encode(),
+                                        headers=auth_headers(self.token)) as resp:
+                    if resp.status >= 300:
+                        log.warning("source answered completion with HTTP %d: %s", resp.status, await resp.text())
+            except (aiohttp.ClientError, OSError) as e:
+                raise FetchError(f"cannot tell the source the migration is complete: {e}") from None
+        try:  # a restarted page server waits for this Complete to exit: keep trying
+            await retry_async(self.retry, "migration complete", post)
+        except FetchError as e:
+            log.warning("%s", e)
 
     def _result(self, done_ns: int) -> MigrationResult:
         assert self.header and self.tracker and self.machine
@@ -243,9 +274,11 @@ class Destination:
             fault_latency_us=_percentiles(latencies),
             pagein_rate=round(fetched / running_s, 1),
             blocktime_ms=blocktime,
+            retries=self.retry.report(),
         )
 
     async def close(self) -> None:
+        self.retry.abort()
         if self.resolver is not None:
             await asyncio.to_thread(self.resolver.close)
         for c in self._connections:

@@ -3,12 +3,15 @@ destination's whole job, used by `postcopy dest` and the demo alike."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import Any, Callable
 
 import aiohttp
 
-from postcopy.destination.client import FetchError, auth_headers
+from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH
+from postcopy.destination.client import FetchError, auth_headers, tls_option
+from postcopy.destination.retry import RetryContext, RetryPolicy, retry_async
 from proto import ErrorReply, ProtoError, decode_any
 from postcopy.destination.migration import Destination, FaultMode, MigrationError, result_dict
 
@@ -36,12 +39,17 @@ def _reason(body: bytes) -> str:
 
 async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s: float = 1.0,
                   before: dict[str, Any] | None = None, readahead_base: int = 4,
-                  console: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  console: Callable[[str], None] | None = None, retry: RetryPolicy | None = None,
+                  ssl_context: ssl.SSLContext | None = None, background_batch_pages: int = DEFAULT_BATCH_PAGES,
+                  background_depth: int = DEFAULT_DEPTH) -> dict[str, Any]:
     """Migrate, let the guest run ``after_s`` here, order a full sweep; return the report.
     ``before`` is the source-side sweep result, if one was made."""
-    async with aiohttp.ClientSession() as session:
-        status = await source_json(session, "GET", f"{source_url}/v1/vm/status", token)
-    dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base, console=console)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(ssl_context))) as session:
+        status = await retry_async(RetryContext(retry), "source status",
+                                   lambda: source_json(session, "GET", f"{source_url}/v1/vm/status", token))
+    dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base, console=console,
+                       retry=retry, ssl_context=ssl_context, background_batch_pages=background_batch_pages,
+                       background_depth=background_depth)
     try:
         await dest.prepare(int(status["guest_bytes"]), int(status["vcpu_count"]))
         await dest.switchover()
