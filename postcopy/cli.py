@@ -17,6 +17,7 @@ from typing import Any
 
 import uvloop
 
+from postcopy.chaos import schedule_args
 from vmm.memory import GuestMemoryError, parse_size
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
@@ -69,15 +70,23 @@ def _listen(text: str) -> tuple[str, int]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from postcopy.demo import DemoError, render, run_demo
+    from postcopy.chaos import schedule_from
     mode = _pick_fault_mode(args.fault_mode, args.json)
+    chaos = schedule_from(args) if args.chaos else None
     try:
         report = uvloop.run(run_demo(parse_size(args.mem), args.vcpus, mode, warmup_s=args.warmup,  # type: ignore[arg-type]
-                                     after_s=args.after, seed=args.seed, readahead_base=args.readahead))
+                                     after_s=args.after, seed=args.seed, readahead_base=args.readahead,
+                                     chaos=chaos, retry=_retry_policy(args)))
     except DemoError as e:
         print(f"postcopy demo: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(report) if args.json else render(report))
     return 0 if report["verified"] else 1
+
+
+def _retry_policy(args: argparse.Namespace) -> Any:
+    from postcopy.destination.retry import RetryPolicy
+    return RetryPolicy(deadline_s=args.retry_deadline)
 
 
 def cmd_source(args: argparse.Namespace) -> int:
@@ -104,7 +113,8 @@ def cmd_dest(args: argparse.Namespace) -> int:
     token = _token(args, create=False)
     mode = _pick_fault_mode(args.fault_mode, args.json)
     try:
-        report = uvloop.run(migrate(args.source.rstrip("/"), token, mode, after_s=args.after))  # type: ignore[arg-type]
+        report = uvloop.run(migrate(args.source.rstrip("/"), token, mode, after_s=args.after,  # type: ignore[arg-type]
+                                    retry=_retry_policy(args)))
     except (MigrationError, FetchError) as e:
         print(f"postcopy dest: error: {e}", file=sys.stderr)
         return 1
@@ -117,6 +127,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor.diagnose()
     print(json.dumps(doctor.as_dict(report)) if args.json else doctor.render(report))
     return 0 if report.kvm and report.uffd else 1
+
+
+def _retry_args(parser: argparse.ArgumentParser) -> None:
+    from postcopy.destination.retry import DEFAULT_DEADLINE_S
+    parser.add_argument("--retry-deadline", type=float, default=DEFAULT_DEADLINE_S, metavar="SECONDS",
+                        help="how long one outage of the page server may last before the migration fails")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--readahead", type=int, default=4, help="base readahead window in pages")
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")
+    d.add_argument("--chaos", action="store_true", help="migrate through the fault-injection proxy (postcopy/chaos.py)")
+    schedule_args(d)
+    _retry_args(d)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("source", help="run a guest and serve its pages to a destination")
@@ -151,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--fault-mode", choices=modes, default="auto")
     t.add_argument("--after", type=float, default=1.0)
     t.add_argument("--json", action="store_true")
+    _retry_args(t)
     t.set_defaults(func=cmd_dest)
 
     o = sub.add_parser("doctor", help="probe this host for what post-copy needs")

@@ -247,6 +247,8 @@ class PageServer:
         self._stats.ws_connections += 1
         try:
             await self._serve(ws)
+        except ConnectionResetError as error:  # the destination went away mid-answer: it will ask again
+            log.info("page socket closed by the peer: %s", error)
         finally:
             self._sockets.discard(ws)
         return ws
