@@ -2,8 +2,8 @@
 and a source and, on a seeded schedule, drops connections, stalls them, truncates answers and
 corrupts answer bytes. It counts what it injected.
 
-The schedule picks, for every ``every``-th connection (after the first ``skip`` connections),
-one fault, the number of answer bytes (source -> destination) after which it strikes, and for
+The schedule gives every ``every``-th connection (after the first ``skip`` connections) one
+fault, the kinds in turn (so a short run still sees each kind), and draws from its seed the number of answer bytes (source -> destination) after which it strikes, and for
 a stall its length and whether the stream then resumes or is dropped. ``at_s`` also drops every
 open connection at those times after the proxy started. Faults act on the answer stream, where
 page data flows: a flipped byte lands in a page (its checksum catches it), a WebSocket frame
@@ -36,7 +36,7 @@ class ChaosSchedule:
     seed: int = 1
     every: int = 1  # fault every Nth connection
     skip: int = 0  # the first connections pass untouched
-    after_bytes: tuple[int, int] = (16 * 1024, 4 << 20)  # answer bytes before the fault, uniform
+    after_bytes: tuple[int, int] = (16 * 1024, 16 << 20)  # answer bytes before each fault, uniform
     kinds: tuple[FaultKind, ...] = FAULT_KINDS
     stall_s: tuple[float, float] = (0.05, 0.4)
     stall_drop: float = 0.5  # chance that a stall ends in a drop rather than a resume
@@ -46,8 +46,8 @@ class ChaosSchedule:
     def validate(self) -> None:
         if self.every < 1 or self.skip < 0:
             raise ValueError(f"chaos: every must be >= 1 and skip >= 0, got {self.every} and {self.skip}")
-        if not 0 <= self.after_bytes[0] <= self.after_bytes[1]:
-            raise ValueError(f"chaos: after_bytes must be an ordered range, got {self.after_bytes}")
+        if not 1 <= self.after_bytes[0] <= self.after_bytes[1]:
+            raise ValueError(f"chaos: after_bytes must be an ordered range of positive counts, got {self.after_bytes}")
         bad = set(self.kinds) - set(FAULT_KINDS)
         if bad or not self.kinds:
             raise ValueError(f"chaos: fault kinds must be some of {', '.join(FAULT_KINDS)}, got {self.kinds}")
@@ -88,6 +88,7 @@ class ChaosProxy:
         self._server: asyncio.Server | None = None
         self._live: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._timer: asyncio.Task[None] | None = None
+        self._planned = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._handle, host, port)
@@ -110,14 +111,16 @@ class ChaosProxy:
         report["faults_injected"] = self.stats.faults_injected
         return report
 
-    def _plan(self, index: int) -> Fault | None:
+    def _plan(self, index: int, position: int = 0) -> Fault | None:
+        """The next fault of connection ``index``, ``after_bytes`` past ``position``."""
         s = self.schedule
         if index < s.skip or (index - s.skip) % s.every:
             return None
         if s.max_faults is not None and self.stats.faults_injected >= s.max_faults:
             return None
         rng = self._rng
-        return Fault(kind=rng.choice(s.kinds), at=rng.randint(*s.after_bytes),
+        self._planned += 1
+        return Fault(kind=s.kinds[(self._planned - 1) % len(s.kinds)], at=position + rng.randint(*s.after_bytes),
                      stall_s=rng.uniform(*s.stall_s), then_drop=rng.random() < s.stall_drop)
 
     async def _drop_at_times(self) -> None:
@@ -140,10 +143,9 @@ class ChaosProxy:
             return
         pair = (writer, up_writer)
         self._live.add(pair)
-        fault = self._plan(index)
         try:
             up = asyncio.ensure_future(self._pump_up(reader, up_writer))
-            down = asyncio.ensure_future(self._pump_down(up_reader, writer, fault))
+            down = asyncio.ensure_future(self._pump_down(up_reader, writer, index))
             await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
             up.cancel()
             down.cancel()
@@ -160,15 +162,22 @@ class ChaosProxy:
         except OSError:
             pass
 
-    async def _pump_down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fault: Fault | None) -> None:
+    async def _pump_down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int) -> None:
+        """Answers to the destination, with connection ``index``'s faults; a fault that leaves
+        the stream open (a corruption, a stall that resumes) is followed by another."""
         position = 0
+        fault = self._plan(index)
         try:
             while data := await reader.read(CHUNK):
-                if fault is not None and position + len(data) > fault.at:
-                    data = await self._strike(fault, data, fault.at - position, writer)
-                    fault = None
-                    if data is None:
+                while fault is not None and position + len(data) > fault.at:
+                    struck = await self._strike(fault, data, fault.at - position, writer)
+                    if struck is None:
                         return  # the connection is dropped
+                    if fault.kind == "stall":  # what was sent before the silence
+                        sent = len(data) - len(struck)
+                        position, self.stats.bytes_down = position + sent, self.stats.bytes_down + sent
+                    data = struck
+                    fault = self._plan(index, fault.at)
                 position += len(data)
                 self.stats.bytes_down += len(data)
                 writer.write(data)
@@ -215,7 +224,7 @@ def schedule_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chaos-seed", type=int, default=1)
     parser.add_argument("--chaos-every", type=int, default=1, help="fault every Nth connection")
     parser.add_argument("--chaos-skip", type=int, default=0, help="first connections left alone")
-    parser.add_argument("--chaos-after", default="16384:4194304", help="MIN:MAX answer bytes before a fault")
+    parser.add_argument("--chaos-after", default="16384:16777216", help="MIN:MAX answer bytes before a fault")
     parser.add_argument("--chaos-kinds", default=",".join(FAULT_KINDS))
     parser.add_argument("--chaos-at", default="", help="comma-separated seconds at which to drop everything")
     parser.add_argument("--chaos-max", type=int, default=None, help="inject at most this many faults")

@@ -90,9 +90,12 @@ def _retry_policy(args: argparse.Namespace) -> Any:
 
 
 def cmd_source(args: argparse.Namespace) -> int:
-    from postcopy.source.run import run_source
+    from postcopy.source.run import SourceError, resume_source, run_source
+    from postcopy.source.state_dir import StateDirError
+    from postcopy.tls import TlsError, server_context
     host, port = _listen(args.listen)
-    token = _token(args, create=True)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("postcopy source: error: --tls-cert and --tls-key go together")
 
     def ready(url: str) -> None:
         if args.ready_json:
@@ -100,22 +103,33 @@ def cmd_source(args: argparse.Namespace) -> int:
         else:
             print(f"source ready at {url}; waiting for a destination", file=sys.stderr, flush=True)
 
-    summary: dict[str, Any] = uvloop.run(run_source(parse_size(args.mem), args.vcpus, host=host, port=port, token=token,
-                                                    seed=args.seed, warmup_s=0.0, on_ready=ready))
-    if not args.ready_json:
-        print(json.dumps(summary))
+    try:
+        tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        if args.resume:  # the token and everything else come from the state directory
+            summary: dict[str, Any] = uvloop.run(resume_source(args.resume, host=host, port=port, ssl_context=tls,
+                                                               on_ready=ready))
+        else:
+            summary = uvloop.run(run_source(parse_size(args.mem), args.vcpus, host=host, port=port,
+                                            token=_token(args, create=True), seed=args.seed, warmup_s=0.0,
+                                            on_ready=ready, state_dir=args.state_dir, ssl_context=tls))
+    except (SourceError, StateDirError, TlsError, OSError) as e:
+        print(f"postcopy source: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"event": "summary", **summary}) if args.ready_json else json.dumps(summary), flush=True)
     return 0
 
 
 def cmd_dest(args: argparse.Namespace) -> int:
     from postcopy.demo import render
     from postcopy.destination.run import FetchError, MigrationError, migrate
+    from postcopy.tls import TlsError, client_context
     token = _token(args, create=False)
     mode = _pick_fault_mode(args.fault_mode, args.json)
     try:
+        tls = client_context(args.tls_ca) if args.tls_ca else None
         report = uvloop.run(migrate(args.source.rstrip("/"), token, mode, after_s=args.after,  # type: ignore[arg-type]
-                                    retry=_retry_policy(args)))
-    except (MigrationError, FetchError) as e:
+                                    retry=_retry_policy(args), ssl_context=tls))
+    except (MigrationError, FetchError, TlsError) as e:
         print(f"postcopy dest: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(report) if args.json else render(report))
@@ -162,11 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT of the page server (nowhere else)")
     s.add_argument("--token-file", help=f"the migration token (created if missing); else ${TOKEN_ENV}")
     s.add_argument("--ready-json", action="store_true", help="print one JSON line with the URL when ready")
+    s.add_argument("--state-dir", help="keep guest RAM in DIR/ram (use tmpfs, e.g. /dev/shm/...) and save the "
+                                       "header there at the switchover, so that --resume DIR can take over")
+    s.add_argument("--resume", metavar="DIR", help="serve a migration again from its state directory, "
+                                                   "after its page server died (no guest runs here)")
+    s.add_argument("--tls-cert", help="serve over TLS with this certificate (PEM) ...")
+    s.add_argument("--tls-key", help="... and this private key (PEM)")
     s.set_defaults(func=cmd_source)
 
     t = sub.add_parser("dest", help="pull a running guest from a source")
     t.add_argument("--source", required=True, help="the source's URL, e.g. http://10.0.0.1:7000")
     t.add_argument("--token-file")
+    t.add_argument("--tls-ca", help="reach the source over TLS, trusting only this CA certificate (PEM)")
     t.add_argument("--fault-mode", choices=modes, default="auto")
     t.add_argument("--after", type=float, default=1.0)
     t.add_argument("--json", action="store_true")

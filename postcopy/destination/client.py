@@ -17,6 +17,8 @@ from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoErro
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
+# Closing waits this long for the peer's close frame: a broken stream is not waited on.
+WS_CLOSE_TIMEOUT_S = 0.5
 
 
 class FetchError(Exception):
@@ -79,7 +81,7 @@ class PageConnection:
                                                       max_msg_size=MAX_WS_MESSAGE, autoping=False, heartbeat=None,
                                                       ssl=tls_option(self.ssl_context),
                                                       timeout=aiohttp.ClientWSTimeout(ws_receive=self.receive_timeout,
-                                                                                      ws_close=10.0))
+                                                                                      ws_close=WS_CLOSE_TIMEOUT_S))
         except (aiohttp.ClientError, OSError) as e:
             await self._session.close()
             raise FetchError(f"cannot open the page stream at {self.base_url}: {e}") from None
