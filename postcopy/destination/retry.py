@@ -44,6 +44,11 @@ class RetryExhausted(FetchError):
     """Retrying stopped: the deadline passed or the migration was aborted."""
 
 
+class FatalFetchError(FetchError):
+    """A refusal that asking again cannot change (a wrong token, an untrusted certificate):
+    never retried."""
+
+
 @dataclass(slots=True)
 class RetryStats:
     """What the wrappers did, for the report (updated under the context's lock)."""
@@ -121,6 +126,8 @@ class Outage:
         ctx, policy = self.ctx, self.ctx.policy
         elapsed = time.monotonic() - self.started
         jitter = ctx._record(error, elapsed)
+        if isinstance(error, FatalFetchError):
+            raise error
         if ctx.aborted.is_set():
             raise RetryExhausted(f"retry aborted: {error}")
         if elapsed >= policy.deadline_s:

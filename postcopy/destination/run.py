@@ -11,7 +11,7 @@ import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH
 from postcopy.destination.client import FetchError, auth_headers, tls_option
-from postcopy.destination.retry import RetryContext, RetryPolicy, retry_async
+from postcopy.destination.retry import FatalFetchError, RetryContext, RetryPolicy, retry_async
 from proto import ErrorReply, ProtoError, decode_any
 from postcopy.destination.migration import Destination, FaultMode, MigrationError, result_dict
 
@@ -20,11 +20,19 @@ MIGRATION_TIMEOUT_S = 300.0
 
 
 async def source_json(session: aiohttp.ClientSession, method: str, url: str, token: str) -> dict[str, Any]:
+    """A JSON control request. A 4xx answer (a wrong token above all) and a certificate the
+    given CA does not trust are FatalFetchErrors: retrying cannot change them."""
     try:
         async with session.request(method, url, headers=auth_headers(token)) as resp:
             if resp.status != 200:
-                raise FetchError(f"{method} {url}: HTTP {resp.status}: {_reason(await resp.read())}")
+                error = FatalFetchError if 400 <= resp.status < 500 else FetchError
+                raise error(f"{method} {url}: HTTP {resp.status}: {_reason(await resp.read())}")
             return await resp.json(content_type=None)
+    except aiohttp.ClientConnectorCertificateError as e:
+        raise FatalFetchError(f"{method} {url}: TLS: the source's certificate is not trusted by the given CA "
+                              f"({e.certificate_error})") from None
+    except aiohttp.ClientSSLError as e:
+        raise FatalFetchError(f"{method} {url}: TLS handshake failed: {e}") from None
     except (aiohttp.ClientError, OSError) as e:
         raise FetchError(f"{method} {url}: {e}") from None
 
