@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 from aiohttp import web
 
@@ -179,3 +181,27 @@ def test_every_single_byte_flip_of_a_batch_is_refused_or_harmless() -> None:
         assert isinstance(batch, PageBatch)
         assert b"".join(bytes(d) if d is not None else bytes(n * PAGE_SIZE) for _, n, d in batch.runs()) == want
     assert refused == len(good), f"{len(good) - refused} flips accepted"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "drop"]), st.integers(0, 10_000),
+                          st.integers(1, 255)), min_size=1, max_size=4))
+def test_any_mangling_of_a_batch_is_refused_or_yields_exactly_the_source_pages(edits: list[tuple[str, int, int]]) -> None:
+    request = PageRequest(4 * PAGE_SIZE, 2, "readahead")
+    frame = bytearray(build_page_batch(request.gpa, 2, SOURCE[request.gpa:request.gpa + 2 * PAGE_SIZE]))
+    for what, at, value in edits:
+        at %= max(len(frame), 1)
+        if what == "flip" and frame:
+            frame[at] ^= value
+        elif what == "cut":
+            del frame[at:]
+        elif what == "insert":
+            frame[at:at] = bytes([value])
+        elif frame:
+            del frame[at]
+    try:
+        batch = decode_batch(bytes(frame), request)
+    except FetchError:
+        return
+    assert b"".join(bytes(d) if d is not None else bytes(n * PAGE_SIZE) for _, n, d in batch.runs()) == \
+        SOURCE[request.gpa:request.gpa + 2 * PAGE_SIZE]
