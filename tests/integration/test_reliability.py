@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -23,6 +24,9 @@ from postcopy.demo import run_demo
 from postcopy.destination.retry import RetryPolicy
 from postcopy.destination.run import migrate
 from postcopy.source import state_dir as states
+
+if TYPE_CHECKING:
+    from tests.conftest import TlsFiles
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("kvm_available", "uffd_available")]
 MEM = 64 << 20
@@ -127,3 +131,51 @@ def test_page_server_sigkilled_mid_migration_is_restarted_with_one_command_and_t
                 proc.kill()
                 proc.wait()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_migration_over_tls_with_a_throwaway_ca_verifies(tls_files: TlsFiles) -> None:
+    from postcopy.tls import client_context
+    token = secrets.token_urlsafe(16)
+    source, url = _source(["--mem", str(MEM), "--vcpus", "2", "--listen", "127.0.0.1:0",
+                           "--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key)], token)
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        report = asyncio.run(migrate(url, token, "exit", after_s=0.3,
+                                     ssl_context=client_context(str(tls_files.ca))))
+        assert_verified(report)
+        assert source.wait(10) == 0
+    finally:
+        if source.poll() is None:
+            source.kill()
+            source.wait()
+
+
+def test_a_source_that_never_comes_back_fails_the_migration_after_the_deadline_with_the_guest_paused() -> None:
+    from postcopy.destination.migration import Destination, DestinationState, MigrationError
+    from vmm.vcpu import VcpuState
+    token = secrets.token_urlsafe(16)
+    source, url = _source(["--mem", str(MEM), "--vcpus", "2", "--listen", "127.0.0.1:0"], token)
+
+    async def scenario() -> None:
+        dest = Destination(url, token, fault_mode="exit", retry=RetryPolicy(deadline_s=1.0),
+                           background_batch_pages=4, background_depth=1)
+        try:
+            await dest.prepare(MEM, 2)
+            await dest.switchover()
+            source.kill()
+            source.wait()
+            t0 = time.monotonic()
+            with pytest.raises(MigrationError, match=r"gave up after .*\(retry deadline 1.0 s\)"):
+                await dest.wait_complete(timeout=30)
+            assert time.monotonic() - t0 < 5
+            assert dest.state is DestinationState.FAILED and "gave up" in (dest.error or "")
+            assert dest.machine is not None and dest.tracker is not None and dest.tracker.missing() > 0
+            assert all(t.state is not VcpuState.RUNNING for t in dest.machine.vcpus)  # never runs on missing memory
+        finally:
+            await dest.close()
+    try:
+        asyncio.run(scenario())
+    finally:
+        if source.poll() is None:
+            source.kill()
+            source.wait()

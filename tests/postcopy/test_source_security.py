@@ -8,6 +8,7 @@ import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgpack
@@ -21,7 +22,10 @@ from postcopy.tls import TlsError, client_context, server_context
 from proto import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION, Complete, ErrorReply, PageBatch, PageRequest, decode_any
 from proto.version import MAX_BATCH_MESSAGE_BYTES
 
-from conftest import SERVED_TOKEN, Served, TlsFiles  # type: ignore[import-not-found]
+from conftest import SERVED_TOKEN, Served  # type: ignore[import-not-found]
+
+if TYPE_CHECKING:
+    from tests.conftest import TlsFiles  # the session fixture tls_files
 
 AUTH = {"Authorization": f"Bearer {SERVED_TOKEN}"}
 
