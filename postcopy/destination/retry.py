@@ -259,11 +259,11 @@ class RetryingPageConnection:
                 await self._recover(conn, error)
 
     async def _recover(self, conn: PageConnection | None, error: FetchError | None) -> None:
-        """Replace ``conn`` (if it is still the current socket): close it, wake every request
-        waiting on it, back off, and open a new one, until one opens."""
+        """Replace ``conn`` (None: no socket) if it is still the current one: close it, wake
+        every request waiting on it, back off, and open a new one, until one opens."""
         async with self._lock:
-            if conn is not None and conn is not self._conn:
-                return  # replaced while we waited for the lock
+            if conn is not self._conn:
+                return  # replaced (or opened) while we waited for the lock
             if self._conn is not None:
                 old, self._conn = self._conn, None
                 self._broken.set()
