@@ -36,9 +36,9 @@ class ChaosSchedule:
     seed: int = 1
     every: int = 1  # fault every Nth connection
     skip: int = 0  # the first connections pass untouched
-    after_bytes: tuple[int, int] = (16 * 1024, 16 << 20)  # answer bytes before each fault, uniform
+    after_bytes: tuple[int, int] = (64 * 1024, 24 << 20)  # answer bytes before each fault, uniform
     kinds: tuple[FaultKind, ...] = FAULT_KINDS
-    stall_s: tuple[float, float] = (0.05, 0.4)
+    stall_s: tuple[float, float] = (0.02, 0.3)
     stall_drop: float = 0.5  # chance that a stall ends in a drop rather than a resume
     at_s: tuple[float, ...] = ()  # drop every open connection at these times
     max_faults: int | None = None  # inject no more than this many
@@ -224,7 +224,7 @@ def schedule_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chaos-seed", type=int, default=1)
     parser.add_argument("--chaos-every", type=int, default=1, help="fault every Nth connection")
     parser.add_argument("--chaos-skip", type=int, default=0, help="first connections left alone")
-    parser.add_argument("--chaos-after", default="16384:16777216", help="MIN:MAX answer bytes before a fault")
+    parser.add_argument("--chaos-after", default="65536:25165824", help="MIN:MAX answer bytes before a fault")
     parser.add_argument("--chaos-kinds", default=",".join(FAULT_KINDS))
     parser.add_argument("--chaos-at", default="", help="comma-separated seconds at which to drop everything")
     parser.add_argument("--chaos-max", type=int, default=None, help="inject at most this many faults")

@@ -18,7 +18,7 @@ from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoErro
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 # Closing waits this long for the peer's close frame: a broken stream is not waited on.
-WS_CLOSE_TIMEOUT_S = 0.5
+WS_CLOSE_TIMEOUT_S = 0.1
 
 
 class FetchError(Exception):

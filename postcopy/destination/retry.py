@@ -56,7 +56,7 @@ class RetryStats:
     failures: int = 0  # failed attempts (each is followed by a retry or gives up)
     reconnects: int = 0  # new sockets opened after a failure
     exhausted: int = 0
-    longest_outage_ms: float = 0.0
+    longest_outage_ms: float = 0.0  # first failure -> new socket open
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -91,19 +91,24 @@ class RetryContext:
     def outage(self) -> Outage:
         return Outage(self)
 
-    def _record(self, error: BaseException, elapsed_s: float) -> float:
+    def _record(self, error: BaseException) -> float:
         """Count a failure; return the jitter factor for its delay."""
         with self._lock:
             s = self.stats
             s.failures += 1
             reason = reason_of(error)
             s.reasons[reason] = s.reasons.get(reason, 0) + 1
-            s.longest_outage_ms = max(s.longest_outage_ms, round(elapsed_s * 1e3, 3))
             return 1.0 - self.policy.jitter * self._rng.random()
 
     def _count(self, what: str) -> None:
         with self._lock:
             setattr(self.stats, what, getattr(self.stats, what) + 1)
+
+    def _reconnected(self, outage: Outage) -> None:
+        with self._lock:
+            self.stats.reconnects += 1
+            self.stats.longest_outage_ms = max(self.stats.longest_outage_ms,
+                                               round((time.monotonic() - outage.started) * 1e3, 3))
 
     def report(self) -> dict[str, Any]:
         with self._lock:
@@ -125,7 +130,7 @@ class Outage:
         RetryExhausted if the deadline has passed or the migration was aborted."""
         ctx, policy = self.ctx, self.ctx.policy
         elapsed = time.monotonic() - self.started
-        jitter = ctx._record(error, elapsed)
+        jitter = ctx._record(error)
         if isinstance(error, FatalFetchError):
             raise error
         if ctx.aborted.is_set():
@@ -191,7 +196,7 @@ class RetryingSyncConnection:
                 error = e
                 continue
             if outage.attempts:
-                self.ctx._count("reconnects")
+                self.ctx._reconnected(outage)
             return
 
     def _drop(self) -> None:
@@ -221,6 +226,7 @@ class RetryingPageConnection:
         self._lock = asyncio.Lock()
         self._outage: Outage | None = None
         self._tasks: set[asyncio.Task[PageBatch]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         await self._recover(None, None)
@@ -268,7 +274,10 @@ class RetryingPageConnection:
                 old, self._conn = self._conn, None
                 self._broken.set()
                 self._broken = asyncio.Event()
-                await old.close()
+                # Closing waits for the peer's close frame: not on the way to the new socket.
+                closing = asyncio.get_running_loop().create_task(old.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             if error is not None and self._outage is None:
                 self._outage = self.ctx.outage()
             while True:
@@ -284,7 +293,7 @@ class RetryingPageConnection:
                     continue
                 self._conn = new
                 if self._outage is not None:
-                    self.ctx._count("reconnects")
+                    self.ctx._reconnected(self._outage)
                 return
 
     async def close(self) -> None:
@@ -293,6 +302,8 @@ class RetryingPageConnection:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 async def retry_async(ctx: RetryContext, what: str, call: Callable[[], Awaitable[T]]) -> T:
