@@ -42,6 +42,7 @@ class ChaosSchedule:
     stall_drop: float = 0.5  # chance that a stall ends in a drop rather than a resume
     at_s: tuple[float, ...] = ()  # drop every open connection at these times
     max_faults: int | None = None  # inject no more than this many
+    repeat: bool = True  # a fault that leaves the stream open is followed by another
 
     def validate(self) -> None:
         if self.every < 1 or self.skip < 0:
@@ -177,7 +178,7 @@ class ChaosProxy:
                         sent = len(data) - len(struck)
                         position, self.stats.bytes_down = position + sent, self.stats.bytes_down + sent
                     data = struck
-                    fault = self._plan(index, fault.at)
+                    fault = self._plan(index, fault.at) if self.schedule.repeat else None
                 position += len(data)
                 self.stats.bytes_down += len(data)
                 writer.write(data)
@@ -228,6 +229,7 @@ def schedule_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chaos-kinds", default=",".join(FAULT_KINDS))
     parser.add_argument("--chaos-at", default="", help="comma-separated seconds at which to drop everything")
     parser.add_argument("--chaos-max", type=int, default=None, help="inject at most this many faults")
+    parser.add_argument("--chaos-once", action="store_true", help="one fault per connection at most")
 
 
 def schedule_from(args: argparse.Namespace) -> ChaosSchedule:
@@ -236,7 +238,7 @@ def schedule_from(args: argparse.Namespace) -> ChaosSchedule:
                              after_bytes=(int(low), int(high or low)),
                              kinds=tuple(k for k in args.chaos_kinds.split(",") if k),  # type: ignore[misc]
                              at_s=tuple(float(t) for t in args.chaos_at.split(",") if t),
-                             max_faults=args.chaos_max)
+                             max_faults=args.chaos_max, repeat=not args.chaos_once)
     schedule.validate()
     return schedule
 
@@ -248,6 +250,8 @@ def schedule_argv(schedule: ChaosSchedule) -> list[str]:
             "--chaos-kinds", ",".join(schedule.kinds), "--chaos-at", ",".join(map(str, schedule.at_s))]
     if schedule.max_faults is not None:
         argv += ["--chaos-max", str(schedule.max_faults)]
+    if not schedule.repeat:
+        argv.append("--chaos-once")
     return argv
 
 

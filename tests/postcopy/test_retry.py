@@ -213,3 +213,27 @@ def test_a_server_that_never_comes_back_fails_after_the_deadline() -> None:
     with pytest.raises(RetryExhausted, match="cannot open the page stream"):
         RetryingSyncConnection.open(lambda: SyncPageConnection("http://127.0.0.1:9", SERVED_TOKEN), ctx)
     assert 0.3 <= time.monotonic() - t0 < 2.0
+
+
+def test_bytes_flipped_around_the_upgrade_and_the_first_frame_header_never_install_a_wrong_page(served: Served) -> None:
+    # Each connection gets one flipped byte 120-400 bytes in: in the HTTP upgrade answer (202
+    # bytes here), in the first WebSocket frame header (a desynchronised stream) or in the
+    # msgpack framing and page data after it. Each fetch opens a new connection.
+    schedule = ChaosSchedule(seed=9, kinds=("corrupt",), after_bytes=(120, 400), repeat=False)
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        ctx = RetryContext(RetryPolicy(deadline_s=10, **FAST))  # type: ignore[arg-type]
+
+        def fetch_one(page: int) -> PageBatch:
+            conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=1), ctx)
+            try:
+                return conn.fetch(page * PAGE_SIZE, 1, "demand")
+            finally:
+                conn.close()
+
+        for page in range(1, 60):
+            batch = await asyncio.to_thread(fetch_one, page)
+            assert pages_of(batch) == served.memory.read(page * PAGE_SIZE, PAGE_SIZE)
+        assert proxy.stats.injected["corrupt"] >= 59 and ctx.report()["failures"] >= 20, (proxy.report(), ctx.report())
+
+    run_behind_proxy(served, schedule, body)
