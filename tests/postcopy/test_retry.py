@@ -23,7 +23,7 @@ from postcopy.destination.retry import (
 from postcopy.source.page_server import PageServer
 from proto import PAGE_SIZE, PageBatch
 
-from conftest import SERVED_TOKEN, Served  # type: ignore[import-not-found]
+from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
 
 FAST = dict(backoff_initial_s=0.001, backoff_max_s=0.01, seed=3)
 

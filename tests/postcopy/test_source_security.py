@@ -22,7 +22,7 @@ from postcopy.tls import TlsError, client_context, server_context
 from proto import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION, Complete, ErrorReply, PageBatch, PageRequest, decode_any
 from proto.version import MAX_BATCH_MESSAGE_BYTES
 
-from conftest import SERVED_TOKEN, Served  # type: ignore[import-not-found]
+from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
 
 if TYPE_CHECKING:
     from tests.conftest import TlsFiles  # the session fixture tls_files

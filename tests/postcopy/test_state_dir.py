@@ -13,7 +13,7 @@ from postcopy.source.state_dir import ResumeRecord, StateDirError
 from proto import PAGE_SIZE
 from vmm.memory import GuestMemory
 
-from conftest import served_header  # type: ignore[import-not-found]
+from served_memory import served_header  # type: ignore[import-not-found]
 
 
 def _new_migration(path: Path) -> GuestMemory:
