@@ -6,12 +6,13 @@ run of zero pages. EEXIST (another thread got there first) is normal and skipped
 from __future__ import annotations
 
 import ctypes
+import errno
 
 from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
 from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
 from vmm.memory import GuestMemory
-from vmm.uffd import Uffd
+from vmm.uffd import Uffd, UffdError
 
 
 def buffer_address(data: bytes) -> int:
@@ -36,14 +37,18 @@ class Installer:
         (the demanded page) and the rest as ``how`` (its readahead)."""
         base = buffer_address(batch.data)
         offset = 0
-        for gpa, npages, view in batch.runs():
-            length = npages * PAGE_SIZE
-            hva = self.memory.hva(gpa, length)
-            if view is None:
-                self.uffd.zeropage(hva, length, self.zero_mode)
-            else:
-                self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
-                offset += length
+        try:
+            for gpa, npages, view in batch.runs():
+                length = npages * PAGE_SIZE
+                hva = self.memory.hva(gpa, length)
+                if view is None:
+                    self.uffd.zeropage(hva, length, self.zero_mode)
+                else:
+                    self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
+                    offset += length
+        except UffdError as error:
+            self._raise_unless_complete(error)
+            return
         page = self.memory.page_index(batch.gpa)
         if first_how is not None:
             self.tracker.mark_present(page, 1, first_how)
@@ -55,8 +60,18 @@ class Installer:
         """Pages the source's zero map says are all zeros: installed here, never fetched."""
         gpa = self.memory.page_gpa(page)
         length = npages * PAGE_SIZE
-        self.uffd.zeropage(self.memory.hva(gpa, length), length, self.zero_mode)
+        try:
+            self.uffd.zeropage(self.memory.hva(gpa, length), length, self.zero_mode)
+        except UffdError as error:
+            self._raise_unless_complete(error)
+            return
         self.tracker.mark_present(page, npages, Arrival.ZERO)
+
+    def _raise_unless_complete(self, error: UffdError) -> None:
+        # Once every page is present the destination unregisters guest RAM and UFFDIO_* fail
+        # with ENOENT: a fetch still under way then (a vCPU retrying, say) brought nothing new.
+        if error.errno != errno.ENOENT or not self.tracker.all_present.is_set():
+            raise error
 
     def install_run(self, gpa: int, data: bytes, how: Arrival) -> None:
         """A run of pages sent whole (the eager set)."""

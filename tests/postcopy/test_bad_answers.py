@@ -19,14 +19,14 @@ from aiohttp import web
 from postcopy.destination.client import FetchError, SyncPageConnection, decode_batch
 from postcopy.destination.exit_mode import ExitModeResolver, VcpuFaultState
 from postcopy.destination.install import Installer, buffer_address
-from postcopy.destination.pages import MISSING, PageTracker
+from postcopy.destination.pages import MISSING, Arrival, PageTracker
 from postcopy.destination.readahead import Readahead
 from postcopy.destination.retry import RetryContext, RetryExhausted, RetryingSyncConnection, RetryPolicy
 from postcopy.faults import FaultDecoder
 from proto import PAGE_SIZE, PROTOCOL_VERSION, ErrorReply, PageBatch, PageRequest, build_page_batch
 from vmm.abi.userfaultfd import UFFD_FEATURE_SIGBUS
 from vmm.memory import GuestMemory
-from vmm.uffd import Uffd
+from vmm.uffd import Uffd, UffdError
 
 pytestmark = pytest.mark.usefixtures("uffd_available")
 GUEST = 1 << 20
@@ -205,3 +205,20 @@ def test_any_mangling_of_a_batch_is_refused_or_yields_exactly_the_source_pages(e
         return
     assert b"".join(bytes(d) if d is not None else bytes(n * PAGE_SIZE) for _, n, d in batch.runs()) == \
         SOURCE[request.gpa:request.gpa + 2 * PAGE_SIZE]
+
+
+def test_a_fetch_that_lands_after_the_migration_completed_is_dropped_not_an_error(destination: Any) -> None:
+    """A vCPU still retrying when the background brought the last page: RAM is unregistered by
+    then (UFFDIO_COPY: ENOENT), and its batch is redundant."""
+    memory, uffd, tracker, installer = destination
+    late = decode_batch(build_page_batch(0, 2, SOURCE[:2 * PAGE_SIZE]), PageRequest(0, 2, "demand"))
+    with pytest.raises(UffdError, match="ENOENT"):  # not complete: an error
+        uffd.unregister(memory.regions[0].hva, GUEST)
+        installer.install_batch(late, Arrival.DEMAND)
+    uffd.register(memory.regions[0].hva, GUEST)
+    installer.install_zero(0, memory.pages)  # the last page arrives
+    assert tracker.all_present.is_set()
+    uffd.unregister(memory.regions[0].hva, GUEST)
+    installer.install_batch(late, Arrival.DEMAND)  # no error
+    installer.install_zero(0, 1)
+    assert tracker.counts[Arrival.DEMAND] == 0 and memory.read(0, PAGE_SIZE) == bytes(PAGE_SIZE)
