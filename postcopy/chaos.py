@@ -234,11 +234,16 @@ def schedule_args(parser: argparse.ArgumentParser) -> None:
 
 def schedule_from(args: argparse.Namespace) -> ChaosSchedule:
     low, _, high = args.chaos_after.partition(":")
+    try:
+        after_bytes = (int(low), int(high or low))
+        at_s = tuple(float(t) for t in args.chaos_at.split(",") if t)
+    except ValueError:
+        raise ValueError(f"chaos: --chaos-after wants MIN:MAX bytes and --chaos-at seconds, "
+                         f"got {args.chaos_after!r} and {args.chaos_at!r}") from None
     schedule = ChaosSchedule(seed=args.chaos_seed, every=args.chaos_every, skip=args.chaos_skip,
-                             after_bytes=(int(low), int(high or low)),
+                             after_bytes=after_bytes,
                              kinds=tuple(k for k in args.chaos_kinds.split(",") if k),  # type: ignore[misc]
-                             at_s=tuple(float(t) for t in args.chaos_at.split(",") if t),
-                             max_faults=args.chaos_max, repeat=not args.chaos_once)
+                             at_s=at_s, max_faults=args.chaos_max, repeat=not args.chaos_once)
     schedule.validate()
     return schedule
 

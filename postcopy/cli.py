@@ -72,7 +72,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from postcopy.demo import DemoError, render, run_demo
     from postcopy.chaos import schedule_from
     mode = _pick_fault_mode(args.fault_mode, args.json)
-    chaos = schedule_from(args) if args.chaos else None
+    try:
+        chaos = schedule_from(args) if args.chaos else None
+    except ValueError as e:
+        print(f"postcopy demo: error: {e}", file=sys.stderr)
+        return 2
     try:
         report = uvloop.run(run_demo(parse_size(args.mem), args.vcpus, mode, warmup_s=args.warmup,  # type: ignore[arg-type]
                                      after_s=args.after, seed=args.seed, readahead_base=args.readahead,
