@@ -24,6 +24,9 @@ __all__ = ["SourceError", "boot_memtouch", "resume_source", "run_source", "serve
 
 log = logging.getLogger("postcopy.source.run")
 WORKLOAD = "memtouch"
+# After Complete the server stays up this long, so that a destination whose first Complete lost
+# its answer on the way back (it retries) gets its 204 instead of a refused connection.
+COMPLETE_GRACE_S = 0.2
 
 
 class SourceError(Exception):
@@ -110,6 +113,7 @@ async def _serve_until_complete(server: PageServer, host: str, port: int, ssl_co
                               f"(state {server.state.value})") from None
         if state is not MigrationState.COMPLETED:
             raise SourceError(f"migration {migration_id} ended {state.value}: {server.failure}")
+        await asyncio.sleep(COMPLETE_GRACE_S)
         return _summary(server)
 
 
