@@ -98,11 +98,19 @@ def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from postcopy.chaos import schedule_from
     from postcopy.demo import DemoError, run_demo
+    from postcopy.destination.retry import RetryPolicy
+    try:
+        chaos = schedule_from(args) if args.chaos else None
+    except ValueError as e:
+        print(f"postcopy demo: error: {e}", file=sys.stderr)
+        return 2
     try:
         report = uvloop.run(run_demo(parse_size(args.mem), args.vcpus, args.fault_mode, warmup_s=args.warmup,
                                      after_s=args.after, seed=args.seed, readahead_base=args.readahead,
-                                     progress=_progress(args), timeline=args.report is not None))
+                                     progress=_progress(args), timeline=args.report is not None,
+                                     chaos=chaos, retry=RetryPolicy(deadline_s=args.retry_deadline)))
     except DemoError as e:
         print(f"postcopy demo: error: {e}", file=sys.stderr)
         return 1
@@ -116,7 +124,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         token=_token(args, create=True, announce=False), page_listen=args.page_listen, page_url=args.page_url,
         fault_mode=args.fault_mode, create=args.create, mem=args.mem, vcpus=args.vcpus, seed=args.seed,
         warmup_s=args.warmup, after_s=args.after, readahead=args.readahead, timeout_s=args.timeout,
-        timeline=args.report is not None)
+        timeline=args.report is not None, state_dir=args.state_dir, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_ca=args.tls_ca, retry_deadline_s=args.retry_deadline)
     api_token = _api_token(args)
 
     async def run() -> dict[str, Any]:
@@ -137,12 +146,16 @@ def cmd_source(args: argparse.Namespace) -> int:
     from postcopy.api.client import ApiClientError
     from postcopy.api.server import local_vmm
     from postcopy.orchestrate import OrchestrationError, follow
-    token = _token(args, create=True)
+    _tls_pair(args)
+    # Resuming: the token and everything else come from the state directory.
+    token = None if args.resume else _token(args, create=True)
 
     async def run() -> dict[str, Any]:
         async with local_vmm() as vmm:
-            await vmm.create_vm(args.mem, args.vcpus, "memtouch", args.seed)
-            url = (await vmm.outgoing(args.listen, token, args.advertise_url))["url"]
+            if not args.resume:
+                await vmm.create_vm(args.mem, args.vcpus, "memtouch", args.seed, state_dir=args.state_dir)
+            url = (await vmm.outgoing(args.listen, token, args.advertise_url, tls_cert=args.tls_cert,
+                                      tls_key=args.tls_key, resume=args.resume))["url"]
             if args.ready_json:
                 print(json.dumps({"event": "ready", "url": url, "pid": os.getpid()}), flush=True)
             else:
@@ -158,9 +171,36 @@ def cmd_source(args: argparse.Namespace) -> int:
         print(f"postcopy source: error: the migration {status['state']}: {'; '.join(status['errors'])}",
               file=sys.stderr)
         return 1
-    if not args.ready_json:
-        print(json.dumps(status["report"]))
+    # With --ready-json a second line, the summary, follows the ready line.
+    print(json.dumps({"event": "summary", **status["report"]}) if args.ready_json else json.dumps(status["report"]),
+          flush=True)
     return 0
+
+
+def _tls_pair(args: argparse.Namespace) -> None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit(f"postcopy {args.command}: error: --tls-cert and --tls-key go together")
+
+
+def _retry_args(parser: argparse.ArgumentParser) -> None:
+    from postcopy.destination.retry import DEFAULT_DEADLINE_S
+    parser.add_argument("--retry-deadline", type=float, default=DEFAULT_DEADLINE_S, metavar="SECONDS",
+                        help="how long one outage of the page server may last before the migration fails")
+
+
+def _tls_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", help="the page server speaks TLS with this certificate (PEM) ...")
+    parser.add_argument("--tls-key", help="... and this private key (PEM)")
+
+
+def _tls_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", help="reach the page server over TLS, trusting only this CA certificate (PEM)")
+
+
+def _state_dir_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="keep guest RAM in DIR/ram (use tmpfs, e.g. /dev/shm/...) and save the header there at "
+                             "the switchover, so that `postcopy source --resume DIR` can take over")
 
 
 def cmd_dest(args: argparse.Namespace) -> int:
@@ -173,7 +213,8 @@ def cmd_dest(args: argparse.Namespace) -> int:
     async def run() -> dict[str, Any]:
         async with local_vmm() as vmm:
             await vmm.incoming(args.source.rstrip("/"), token, fault_mode=args.fault_mode, after_s=args.after,
-                               readahead=args.readahead, timeline=args.report is not None)
+                               readahead=args.readahead, timeline=args.report is not None, tls_ca=args.tls_ca,
+                               retry_deadline_s=args.retry_deadline)
             return await follow(vmm, args.timeout, _progress(args))
 
     try:
@@ -221,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     modes = ("exit", "classic", "auto")
+    from postcopy.chaos import schedule_args
     d = sub.add_parser("demo", help="migrate a running guest over loopback and report")
     d.add_argument("--mem", default="256M")
     d.add_argument("--vcpus", type=int, default=2)
@@ -231,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")
     d.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
+    d.add_argument("--chaos", action="store_true", help="migrate through the fault-injection proxy (postcopy/chaos.py)")
+    schedule_args(d)
+    _retry_args(d)
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("migrate", help="migrate a guest between two VMMs through their control APIs")
@@ -251,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--api-token-file", help="the bearer token of both VMMs' APIs")
     m.add_argument("--json", action="store_true")
     m.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
+    _state_dir_args(m)
+    _tls_server_args(m)
+    _tls_client_args(m)
+    _retry_args(m)
     m.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("source", help="run a guest and serve its pages to a destination")
@@ -261,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--advertise-url", help="the page server's URL as the destination reaches it")
     s.add_argument("--token-file", help=f"the migration token (created if missing); else ${TOKEN_ENV}")
     s.add_argument("--ready-json", action="store_true", help="print one JSON line with the URL when ready")
+    _state_dir_args(s)
+    s.add_argument("--resume", metavar="DIR", help="serve a migration again from its state directory, "
+                                                   "after its page server died (no guest runs here)")
+    _tls_server_args(s)
     s.set_defaults(func=cmd_source)
 
     t = sub.add_parser("dest", help="pull a running guest from a source")
@@ -272,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--timeout", type=float, default=600.0)
     t.add_argument("--json", action="store_true")
     t.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
+    _tls_client_args(t)
+    _retry_args(t)
     t.set_defaults(func=cmd_dest)
 
     r = sub.add_parser("report", help="render a saved JSON report as report.html and timeline.png")

@@ -1,6 +1,9 @@
 """`postcopy demo`: one machine, two VMM processes (`vmm serve` on unix sockets in a temporary
 folder), one migration between them through their control APIs (postcopy.orchestrate), and
-both shut down afterwards, also on error or Ctrl-C. The guest verifies itself before and after."""
+both shut down afterwards, also on error or Ctrl-C. The guest verifies itself before and after.
+With ``chaos`` the destination reaches the source's page server only through the
+fault-injection proxy (postcopy/chaos.py, a process of its own), and the report adds what it
+injected."""
 from __future__ import annotations
 
 import asyncio
@@ -8,18 +11,23 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from postcopy.api.client import ApiClient, ApiClientError
+from postcopy.chaos import ChaosSchedule, schedule_argv
+from postcopy.destination.retry import RetryPolicy
 from postcopy.logs import child_env
 from postcopy.orchestrate import MigrateOptions, OrchestrationError, run_migration
 from postcopy.progress import ProgressLine
 
 VMM_START_TIMEOUT_S: Final = 30.0
+CHAOS_STOP_TIMEOUT_S: Final = 10.0
 VMM_STOP_TIMEOUT_S: Final = 15.0
 
 
@@ -27,21 +35,48 @@ class DemoError(Exception):
     pass
 
 
-async def start_vmm(socket_path: Path, name: str) -> tuple[asyncio.subprocess.Process, str]:
-    """A `vmm serve` child on ``socket_path``; returns it and its API address once ready."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmm.cli", "serve", "--api", f"unix:{socket_path}", "--ready-json",
-        stdout=asyncio.subprocess.PIPE, env=dict(os.environ, **child_env()))  # the VMMs log as we do
+async def spawn_ready(what: str, argv: list[str], key: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start ``python -m <argv>`` (logging as we do) and wait for its one-line JSON ready event;
+    returns the process and the event's ``key``."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", *argv, stdout=asyncio.subprocess.PIPE,
+                                                env=dict(os.environ, **child_env()))
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), VMM_START_TIMEOUT_S)
     except TimeoutError:
         await stop_vmm(proc, None)
-        raise DemoError(f"the {name} VMM did not come up within {VMM_START_TIMEOUT_S:.0f} s") from None
+        raise DemoError(f"the {what} did not come up within {VMM_START_TIMEOUT_S:.0f} s") from None
     if not line:
         await proc.wait()
-        raise DemoError(f"the {name} VMM exited with status {proc.returncode} before it was ready")
-    return proc, json.loads(line)["api"]
+        raise DemoError(f"the {what} exited with status {proc.returncode} before it was ready")
+    return proc, json.loads(line)[key]
+
+
+async def start_vmm(socket_path: Path, name: str) -> tuple[asyncio.subprocess.Process, str]:
+    """A `vmm serve` child on ``socket_path``; returns it and its API address once ready."""
+    return await spawn_ready(f"{name} VMM", ["vmm.cli", "serve", "--api", f"unix:{socket_path}", "--ready-json"],
+                             "api")
+
+
+async def start_chaos(upstream_url: str, schedule: ChaosSchedule) -> tuple[asyncio.subprocess.Process, str]:
+    """The fault-injection proxy in a process of its own, in front of the page server."""
+    upstream = urlsplit(upstream_url)
+    return await spawn_ready("chaos proxy", ["postcopy.chaos", "--upstream", f"{upstream.hostname}:{upstream.port}",
+                                             "--listen", "127.0.0.1:0", *schedule_argv(schedule)], "url")
+
+
+async def stop_chaos(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    """SIGTERM the proxy and read its report line (what it injected)."""
+    assert proc.stdout is not None
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), CHAOS_STOP_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        line = b""
+    await proc.wait()
+    return json.loads(line) if line else {}
 
 
 async def stop_vmm(proc: asyncio.subprocess.Process, api: ApiClient | None) -> None:
@@ -89,15 +124,34 @@ async def _stop_all(procs: list[tuple[asyncio.subprocess.Process, ApiClient]]) -
 
 async def run_demo(mem_bytes: int = 256 << 20, vcpus: int = 2, fault_mode: str = "exit", *,
                    warmup_s: float = 1.0, after_s: float = 1.0, seed: int = 7, readahead_base: int = 4,
-                   progress: ProgressLine | None = None, timeline: bool = False) -> dict[str, Any]:
+                   progress: ProgressLine | None = None, timeline: bool = False,
+                   chaos: ChaosSchedule | None = None, retry: RetryPolicy | None = None) -> dict[str, Any]:
     opts = MigrateOptions(token=secrets.token_urlsafe(32), page_listen="127.0.0.1:0", fault_mode=fault_mode,
                           create=True, mem=mem_bytes, vcpus=vcpus, seed=seed, warmup_s=warmup_s,
-                          after_s=after_s, readahead=readahead_base, timeline=timeline)
+                          after_s=after_s, readahead=readahead_base, timeline=timeline,
+                          retry_deadline_s=retry.deadline_s if retry is not None else None)
+    proxy: asyncio.subprocess.Process | None = None
+
+    async def through_chaos(url: str) -> str:
+        nonlocal proxy
+        assert chaos is not None
+        proxy, via = await start_chaos(url, chaos)
+        return via
+
     try:
         async with vmm_pair() as (source, dest):
-            return await run_migration(source, dest, opts, progress)
+            report = await run_migration(source, dest, opts, progress, through_chaos if chaos is not None else None)
+        if proxy is not None:
+            injected = await stop_chaos(proxy)
+            report["faults_injected"] = injected.get("faults_injected", 0)
+            report["chaos"] = {k: v for k, v in injected.items() if k != "event"}
+        return report
     except OrchestrationError as e:
         raise DemoError(str(e)) from None
+    finally:
+        if proxy is not None and proxy.returncode is None:
+            proxy.kill()
+            await proxy.wait()
 
 
 def render(report: dict[str, Any]) -> str:
@@ -118,6 +172,11 @@ def render(report: dict[str, Any]) -> str:
         f"  guest check     before: {_sweep(g['before'])}; after: {_sweep(g['after'])}",
         f"  verified        {report['verified']} (guest errors {report['guest_errors']})",
     ]
+    if "faults_injected" in report:
+        injected = ", ".join(f"{k} {v}" for k, v in report["chaos"].get("injected", {}).items())
+        retries = report.get("retries") or {}
+        lines.append(f"  chaos           {report['faults_injected']} faults injected ({injected}); "
+                     f"{retries.get('failures', 0)} failed fetches, {retries.get('reconnects', 0)} reconnects")
     return "\n".join(lines)
 
 

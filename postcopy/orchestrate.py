@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -41,25 +42,35 @@ class MigrateOptions:
     readahead: int = 4
     timeout_s: float = 600.0  # from incoming started to completed
     timeline: bool = False  # the report carries the migration's timeline (for --report)
+    state_dir: str | None = None  # a created guest's RAM in DIR/ram, restartable page server
+    tls_cert: str | None = None  # the page server speaks TLS with this certificate and key
+    tls_key: str | None = None
+    tls_ca: str | None = None  # the destination trusts only this CA for the page server
+    retry_deadline_s: float | None = None  # how long one outage of the page server may last
 
 
 async def run_migration(source: ApiClient, dest: ApiClient, opts: MigrateOptions,
-                        progress: ProgressLine | None = None) -> dict[str, Any]:
+                        progress: ProgressLine | None = None,
+                        route: Callable[[str], Awaitable[str]] | None = None) -> dict[str, Any]:
     """Create (optionally) and check the guest on the source, start outgoing there and incoming
-    on the destination, follow the destination; return its report (`postcopy demo --json`)."""
+    on the destination, follow the destination; return its report (`postcopy demo --json`).
+    ``route`` maps the page server's URL to the one the destination is given (the demo's
+    fault-injection proxy sits there)."""
     try:
         if opts.create:
-            await source.create_vm(opts.mem, opts.vcpus, opts.workload, opts.seed)
+            await source.create_vm(opts.mem, opts.vcpus, opts.workload, opts.seed, state_dir=opts.state_dir)
             await asyncio.sleep(opts.warmup_s)
         before = await source.sweep()  # the guest's own check, on the source
-        outgoing = await source.outgoing(opts.page_listen, opts.token, opts.page_url)
+        outgoing = await source.outgoing(opts.page_listen, opts.token, opts.page_url,
+                                         tls_cert=opts.tls_cert, tls_key=opts.tls_key)
     except ApiClientError as e:
         raise OrchestrationError(f"source: {e}") from None
-    page_url = outgoing["url"]
+    page_url = outgoing["url"] if route is None else await route(outgoing["url"])
     log.info("source page server at %s", page_url)
     try:
         await dest.incoming(page_url, opts.token, fault_mode=opts.fault_mode, after_s=opts.after_s,
-                            readahead=opts.readahead, source_check=before, timeline=opts.timeline)
+                            readahead=opts.readahead, source_check=before, timeline=opts.timeline,
+                            tls_ca=opts.tls_ca, retry_deadline_s=opts.retry_deadline_s)
     except ApiClientError as e:
         await _cancel_quietly(source)  # the guest keeps running on the source
         raise OrchestrationError(f"destination: {e}") from None

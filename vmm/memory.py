@@ -17,7 +17,10 @@ from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 if TYPE_CHECKING:
     from vmm.kvm import Vm
 
-Backing = Literal["anon", "memfd"]
+# anon: private memory; memfd: shared, reachable through its fd; file: a shared mapping of a
+# file (on tmpfs such as /dev/shm), which outlives the process: a page server can be restarted.
+Backing = Literal["anon", "memfd", "file"]
+FILE_MODE = 0o600
 
 
 class GuestMemoryError(ValueError):
@@ -54,21 +57,42 @@ def parse_size(text: str) -> int:
         raise GuestMemoryError(f"cannot read memory size {text!r}: use a number with K, M or G, e.g. 256M") from None
 
 
-def _map(size: int, backing: Backing, name: str) -> tuple[int, int]:
+def _map(size: int, backing: Backing, name: str, file_fd: int = -1, offset: int = 0) -> tuple[int, int]:
     fd = -1
     if backing == "memfd":
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         flags = libc.MAP_SHARED | libc.MAP_NORESERVE
+    elif backing == "file":
+        fd = os.dup(file_fd)  # each region owns its fd, as with memfd
+        flags = libc.MAP_SHARED | libc.MAP_NORESERVE
     else:
         flags = libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
-    hva = libc.mmap(None, size, libc.PROT_READ | libc.PROT_WRITE, flags, fd, 0)
+    hva = libc.mmap(None, size, libc.PROT_READ | libc.PROT_WRITE, flags, fd, offset)
     if hva in (None, libc.MAP_FAILED):
         err = ctypes.get_errno()
         if fd >= 0:
             os.close(fd)
         raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest RAM: {os.strerror(err)}")
     return hva, fd
+
+
+def _open_backing_file(path: str | None, size: int, existing: bool) -> int:
+    if not path:
+        raise GuestMemoryError("file-backed guest RAM needs a path")
+    try:
+        if existing:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                os.close(fd)
+                raise GuestMemoryError(f"guest RAM file {path} holds {actual} bytes, the layout needs {size}")
+            return fd
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        os.ftruncate(fd, size)
+        return fd
+    except OSError as e:
+        raise GuestMemoryError(f"cannot open guest RAM file {path}: {e.strerror}") from None
 
 
 class GuestMemory:
@@ -81,26 +105,46 @@ class GuestMemory:
         self.pages = self.size >> PAGE_SHIFT
 
     @classmethod
-    def create(cls, size: int, backing: Backing = "anon", name: str = "guest-ram") -> GuestMemory:
-        """One region of ``size`` bytes at GPA 0."""
-        return cls.create_layout([(0, size)], backing, name)
+    def create(cls, size: int, backing: Backing = "anon", name: str = "guest-ram", *,
+               path: str | None = None) -> GuestMemory:
+        """One region of ``size`` bytes at GPA 0 (backing ``file``: a new file at ``path``)."""
+        return cls.create_layout([(0, size)], backing, name, path=path)
+
+    @classmethod
+    def open_file(cls, path: str, layout: list[tuple[int, int]]) -> GuestMemory:
+        """Map an existing RAM file (regions back to back, as ``file`` backing writes them)
+        without changing it: how a restarted page server gets the guest's RAM back."""
+        return cls.create_layout(layout, "file", path=path, existing=True)
 
     @classmethod
     def create_layout(cls, layout: list[tuple[int, int]], backing: Backing = "anon",
-                      name: str = "guest-ram") -> GuestMemory:
-        """Regions at the given (gpa, size) pairs, in GPA order, none overlapping."""
-        regions: list[MemoryRegion] = []
-        first_page, prev_end = 0, 0
+                      name: str = "guest-ram", *, path: str | None = None, existing: bool = False) -> GuestMemory:
+        """Regions at the given (gpa, size) pairs, in GPA order, none overlapping. Backing
+        ``file`` keeps them back to back in the file at ``path``: created (mode 0600, an old one
+        is refused) unless ``existing``, in which case its size must match."""
+        total = 0
         for slot, (gpa, size) in enumerate(layout):
             if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
                 raise GuestMemoryError(f"guest memory region at {gpa:#x} of {size} bytes: "
                                        f"address and size must be positive multiples of {PAGE_SIZE} (4 KiB)")
-            if gpa < prev_end:
+            if slot and gpa < layout[slot - 1][0] + layout[slot - 1][1]:
                 raise GuestMemoryError(f"guest memory region at {gpa:#x} overlaps the one before it")
-            hva, fd = _map(size, backing, name)
-            regions.append(MemoryRegion(slot, gpa, size, hva, first_page, fd))
-            first_page += size >> PAGE_SHIFT
-            prev_end = gpa + size
+            total += size
+        file_fd = _open_backing_file(path, total, existing) if backing == "file" else -1
+        regions: list[MemoryRegion] = []
+        first_page = 0
+        try:
+            for slot, (gpa, size) in enumerate(layout):
+                offset = first_page << PAGE_SHIFT if backing == "file" else 0
+                hva, fd = _map(size, backing, name, file_fd, offset)
+                regions.append(MemoryRegion(slot, gpa, size, hva, first_page, fd))
+                first_page += size >> PAGE_SHIFT
+        except GuestMemoryError:
+            cls(regions, backing).close()
+            raise
+        finally:
+            if file_fd >= 0:
+                os.close(file_fd)
         return cls(regions, backing)
 
     def register(self, vm: Vm, flags: int = 0) -> None:

@@ -79,8 +79,9 @@ class ApiClient:
         return await self.request("GET", "/v1/health")
 
     async def create_vm(self, mem: str | int = "256M", vcpus: int = 2, workload: str = "memtouch",
-                        seed: int = 7) -> dict[str, Any]:
-        return await self.request("PUT", "/v1/vm", {"mem": mem, "vcpus": vcpus, "workload": workload, "seed": seed})
+                        seed: int = 7, *, state_dir: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"mem": mem, "vcpus": vcpus, "workload": workload, "seed": seed}
+        return await self.request("PUT", "/v1/vm", _with(body, state_dir=state_dir))
 
     async def vm(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/vm")
@@ -97,19 +98,20 @@ class ApiClient:
     async def delete_vm(self) -> None:
         await self.request("DELETE", "/v1/vm")
 
-    async def outgoing(self, listen: str, token: str, advertise_url: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"listen": listen, "token": token}
-        if advertise_url:
-            body["advertise_url"] = advertise_url
+    async def outgoing(self, listen: str, token: str | None, advertise_url: str | None = None, *,
+                       tls_cert: str | None = None, tls_key: str | None = None,
+                       resume: str | None = None) -> dict[str, Any]:
+        body = _with({"listen": listen}, token=token, advertise_url=advertise_url, tls_cert=tls_cert,
+                     tls_key=tls_key, resume=resume)
         return await self.request("PUT", "/v1/migration/outgoing", body)
 
     async def incoming(self, source_url: str, token: str, *, fault_mode: str = "exit", after_s: float = 1.0,
                        readahead: int = 4, source_check: dict[str, Any] | None = None,
-                       timeline: bool = False) -> dict[str, Any]:
+                       timeline: bool = False, tls_ca: str | None = None,
+                       retry_deadline_s: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"source_url": source_url, "token": token, "fault_mode": fault_mode,
                                 "after_s": after_s, "readahead": readahead, "timeline": timeline}
-        if source_check is not None:
-            body["source_check"] = source_check
+        body = _with(body, source_check=source_check, tls_ca=tls_ca, retry_deadline_s=retry_deadline_s)
         return await self.request("PUT", "/v1/migration/incoming", body)
 
     async def migration(self) -> dict[str, Any]:
@@ -131,3 +133,9 @@ class ApiClient:
 
     async def shutdown(self) -> dict[str, Any]:
         return await self.request("POST", "/v1/shutdown")
+
+
+def _with(body: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    """``body`` plus the optional fields that have a value (absent ones take the API's default)."""
+    body.update({name: value for name, value in optional.items() if value is not None})
+    return body

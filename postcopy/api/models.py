@@ -17,6 +17,8 @@ MAX_URL_LEN: Final = 2048
 MAX_AFTER_S: Final = 3600.0
 MAX_READAHEAD: Final = 256
 MAX_SEED: Final = (1 << 63) - 1
+MAX_PATH_LEN: Final = 4096
+MAX_RETRY_DEADLINE_S: Final = 3600.0
 
 
 class ApiError(Exception):
@@ -72,6 +74,13 @@ class _Fields:
             raise self._bad(name, f"must be a non-empty string of at most {max_len} characters")
         return value
 
+    def path(self, name: str) -> str | None:
+        """A file or directory path on the VMM's host (optional)."""
+        value = self.text(name, required=False, max_len=MAX_PATH_LEN)
+        if value is not None and "\0" in value:
+            raise self._bad(name, "must not contain NUL")
+        return value
+
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         value = self.take(name, False)
         if value is None:
@@ -111,6 +120,7 @@ class VmSpec:
     vcpus: int
     workload: str
     seed: int
+    state_dir: str | None = None  # guest RAM in DIR/ram (tmpfs), the header saved there at switchover
 
     @classmethod
     def parse(cls, body: Any) -> VmSpec:
@@ -123,36 +133,46 @@ class VmSpec:
         vcpus = f.integer("vcpus", 1, 1, 1 << 16)
         workload = f.choice("workload", tuple(WORKLOADS), "memtouch")
         seed = f.integer("seed", 1, 0, MAX_SEED)
+        state_dir = f.path("state_dir")
         f.done()
         try:
             MachineConfig(mem_bytes, vcpus).validate()
         except MachineError as e:
             raise ApiError(400, f"PUT /v1/vm: {e}") from None
-        return cls(mem_bytes, vcpus, workload, seed)
+        return cls(mem_bytes, vcpus, workload, seed, state_dir)
 
 
 @dataclass(slots=True, frozen=True)
 class OutgoingSpec:
-    """PUT /v1/migration/outgoing: where the page server listens and the token it wants."""
+    """PUT /v1/migration/outgoing: where the page server listens and the token it wants; TLS
+    with a certificate and key; or ``resume``: serve again, from its state directory, a
+    migration whose page server died (on a VMM without a VM; the token comes from there)."""
 
     host: str
     port: int
-    token: str
+    token: str | None
     advertise_url: str | None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    resume: str | None = None
 
     @classmethod
     def parse(cls, body: Any) -> OutgoingSpec:
         f = _Fields(body, "PUT /v1/migration/outgoing")
         listen = f.text("listen", required=True, max_len=MAX_URL_LEN)
-        token = f.text("token", required=True, max_len=MAX_TOKEN_LEN)
+        resume = f.path("resume")
+        token = f.text("token", required=resume is None, max_len=MAX_TOKEN_LEN)
         advertise_url = f.url("advertise_url", required=False)
+        tls_cert, tls_key = f.path("tls_cert"), f.path("tls_key")
         f.done()
-        assert listen is not None and token is not None
+        if (tls_cert is None) != (tls_key is None):
+            raise ApiError(400, "PUT /v1/migration/outgoing: fields 'tls_cert' and 'tls_key' go together")
+        assert listen is not None
         try:
             host, port = parse_listen(listen)
         except ValueError as e:
             raise ApiError(400, f"PUT /v1/migration/outgoing: field 'listen': {e}") from None
-        return cls(host, port, token, advertise_url)
+        return cls(host, port, token, advertise_url, tls_cert, tls_key, resume)
 
 
 @dataclass(slots=True, frozen=True)
@@ -178,6 +198,8 @@ class IncomingSpec:
     readahead: int
     source_check: SourceCheck | None
     timeline: bool  # the report carries the timeline (Destination.metrics()), for report.html
+    tls_ca: str | None = None  # reach the page server over TLS, trusting only this CA
+    retry_deadline_s: float | None = None  # how long one outage of the page server may last
 
     @classmethod
     def parse(cls, body: Any) -> IncomingSpec:
@@ -193,6 +215,8 @@ class IncomingSpec:
             timeline = False
         elif type(timeline) is not bool:
             raise ApiError(400, f"{what}: field 'timeline' must be true or false")
+        tls_ca = f.path("tls_ca")
+        retry_deadline = f.number("retry_deadline_s", -1.0, 0.0, MAX_RETRY_DEADLINE_S)
         check = f.nested("source_check")
         f.done()
         source_check = None
@@ -206,4 +230,5 @@ class IncomingSpec:
             check.done()
             source_check = SourceCheck(ok, pages if pages >= 0 else None, errors if errors >= 0 else None)
         assert source_url is not None and token is not None
-        return cls(source_url, token, fault_mode, after_s, readahead, source_check, timeline)  # type: ignore[arg-type]
+        return cls(source_url, token, fault_mode, after_s, readahead, source_check, timeline,  # type: ignore[arg-type]
+                   tls_ca, retry_deadline if retry_deadline >= 0 else None)

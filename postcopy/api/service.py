@@ -25,17 +25,25 @@ from postcopy.destination.migration import Destination, MigrationError
 from postcopy.destination.run import migrate
 from postcopy.observe.prometheus import Registry
 from postcopy.source.page_server import MigrationState, PageServer
+from postcopy.source import state_dir as states
 from postcopy.source.run import boot_workload, server_summary
+from postcopy.destination.retry import RetryPolicy
+from postcopy.tls import TlsError, client_context, server_context
+from proto import MigrationHeader
 from proto import PAGE_SIZE
 from vmm.guest import workloads
 from vmm.guest.workloads import WorkloadError
 from vmm.machine import Machine, MachineError
+from vmm.memory import GuestMemory
 from vmm.vcpu import VcpuError, VcpuState, install_kick_handler
 
 log = logging.getLogger("postcopy.api.service")
 
 SWEEP_TIMEOUT_S: Final = 60.0
 CANCELLED: Final = "cancelled by DELETE /v1/migration"
+# After Complete the page server stays up this long, so that a destination whose first Complete
+# lost its answer on the way back (it retries) gets its 204 instead of a refused connection.
+COMPLETE_GRACE_S: Final = 0.2
 _SOURCE_STATES: Final = {MigrationState.RUNNING: "listen", MigrationState.SERVING: "serving",
                          MigrationState.COMPLETED: "completed", MigrationState.FAILED: "failed"}
 _DEST_STATES: Final = {"new": "setup", "listen": "listen", "running": "running",
@@ -57,6 +65,8 @@ class Outgoing:
     watcher: asyncio.Task[None] | None = None
     summary: dict[str, Any] | None = None
     error: str | None = None
+    state_dir: str | None = None  # removed after Complete: the destination has every page
+    memory: GuestMemory | None = None  # a resumed server's RAM (no VM owns it)
 
 
 @dataclass(slots=True)
@@ -137,8 +147,10 @@ class VmmService:
             if (why := self._migrating()) is not None:
                 raise ApiError(409, f"cannot create a VM: {why}")
             try:
-                machine, workload = boot_workload(spec.workload, spec.mem_bytes, spec.vcpus, spec.seed)
-            except WorkloadError as e:
+                ram_path = states.prepare(spec.state_dir) if spec.state_dir else None
+                machine, workload = boot_workload(spec.workload, spec.mem_bytes, spec.vcpus, spec.seed,
+                                                  ram_path=ram_path)
+            except (WorkloadError, states.StateDirError) as e:
                 raise ApiError(400, f"PUT /v1/vm: {e}") from None
             except MachineError as e:
                 raise ApiError(500, f"cannot boot the VM: {e}") from None
@@ -197,28 +209,65 @@ class VmmService:
     # -- outgoing (the source) ------------------------------------------------------------------
     async def start_outgoing(self, spec: OutgoingSpec) -> dict[str, Any]:
         async with self._lock:
-            vm = self._need_idle_vm("start an outgoing migration")
-            server = PageServer(vm.machine, token=spec.token, migration_id=f"mig-{secrets.token_hex(8)}",
-                                registry=self.registry,
-                                workload=vm.workload)
             try:
-                url = await server.start(spec.host, spec.port)
+                tls = server_context(spec.tls_cert, spec.tls_key) if spec.tls_cert and spec.tls_key else None
+            except TlsError as e:
+                raise ApiError(400, f"PUT /v1/migration/outgoing: {e}") from None
+            if spec.resume is not None:
+                server, memory, state_dir = await self._resumed_server(spec.resume)
+            else:
+                server, memory, state_dir = self._new_server(spec), None, self._need_vm().spec.state_dir
+            try:
+                url = await server.start(spec.host, spec.port, ssl_context=tls)
             except OSError as e:
                 await server.close()
+                if memory is not None:
+                    memory.close()
                 raise ApiError(400, f"the page server cannot listen on {spec.host}:{spec.port}: {e}") from None
-            out = Outgoing(server, spec.advertise_url or url)
+            out = Outgoing(server, spec.advertise_url or url, state_dir=state_dir, memory=memory)
             out.watcher = asyncio.create_task(self._watch_outgoing(out))
             self.outgoing, self.incoming = out, None
             log.info("outgoing migration %s: page server at %s", server.migration_id, url)
         return self.migration_status()
 
+    def _new_server(self, spec: OutgoingSpec) -> PageServer:
+        vm = self._need_idle_vm("start an outgoing migration")
+        migration_id = f"mig-{secrets.token_hex(8)}"
+        assert spec.token is not None
+        token, state_dir = spec.token, vm.spec.state_dir
+
+        def save(header: MigrationHeader, header_bytes: bytes) -> None:
+            assert state_dir is not None
+            states.save(state_dir, header_bytes, states.ResumeRecord(migration_id, token))
+        return PageServer(vm.machine, token=token, migration_id=migration_id, workload=vm.workload,
+                          registry=self.registry, on_export=save if state_dir else None)
+
+    async def _resumed_server(self, state_dir: str) -> tuple[PageServer, GuestMemory, str]:
+        """A page server for a migration past its switchover whose server died: pages come
+        straight from the state directory's RAM file; no VM runs here."""
+        if self.vm is not None:
+            raise ApiError(409, "resuming a migration needs a VMM without a VM")
+        if (why := self._migrating()) is not None:
+            raise ApiError(409, f"cannot resume a migration: {why}")
+        try:
+            header, header_bytes, record, memory = await asyncio.to_thread(states.load, state_dir)
+        except states.StateDirError as e:
+            raise ApiError(400, f"PUT /v1/migration/outgoing: {e}") from None
+        server = PageServer.resumed(memory, header, header_bytes, token=record.token, registry=self.registry)
+        return server, memory, state_dir
+
     async def _watch_outgoing(self, out: Outgoing) -> None:
         state = await out.server.wait()
         if state is MigrationState.COMPLETED:
             out.summary = server_summary(out.server)
+            if out.state_dir is not None:  # the destination has every page: give the RAM file back
+                states.remove(out.state_dir)
+            await asyncio.sleep(COMPLETE_GRACE_S)
         else:
             out.error = out.server.failure
         await out.server.close()  # every page socket closed: now the guest's RAM may go
+        if out.memory is not None:
+            out.memory.close()
         if state is MigrationState.COMPLETED:
             await self._release_vm()  # the guest lives on the destination now
         log.info("outgoing migration %s ended %s", out.server.migration_id, state.value)
@@ -257,11 +306,14 @@ class VmmService:
             inc.report = await migrate(spec.source_url, spec.token, inc.fault_mode,  # type: ignore[arg-type]
                                        after_s=spec.after_s, before=before, readahead_base=spec.readahead,
                                        console=self.console, on_destination=watch, adopt=adopt,
-                                       timeline=spec.timeline, registry=self.registry)
+                                       timeline=spec.timeline, registry=self.registry,
+                                       ssl_context=client_context(spec.tls_ca) if spec.tls_ca else None,
+                                       retry=RetryPolicy(deadline_s=spec.retry_deadline_s)
+                                       if spec.retry_deadline_s is not None else None)
             log.info("incoming migration completed: verified %s", inc.report["verified"])
         except asyncio.CancelledError:
             inc.error = CANCELLED
-        except (MigrationError, FetchError, MachineError, VcpuError, OSError) as e:
+        except (MigrationError, FetchError, MachineError, VcpuError, TlsError, OSError) as e:
             inc.error = str(e)
             log.error("incoming migration failed: %s", e)
         except Exception as e:
@@ -363,7 +415,8 @@ class VmmService:
             await asyncio.gather(self.incoming.task, return_exceptions=True)
         if self.outgoing is not None:
             if self.outgoing.watcher is not None:
-                self.outgoing.watcher.cancel()
+                if self.outgoing.server.state is not MigrationState.COMPLETED:
+                    self.outgoing.watcher.cancel()  # else it ends by itself, after the grace
                 await asyncio.gather(self.outgoing.watcher, return_exceptions=True)
             await self.outgoing.server.close()
         await self._release_vm()

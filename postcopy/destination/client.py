@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 
 import aiohttp
 import uvloop
@@ -16,6 +17,8 @@ from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoErro
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
+# Closing waits this long for the peer's close frame: a broken stream is not waited on.
+WS_CLOSE_TIMEOUT_S = 0.1
 
 
 class FetchError(Exception):
@@ -24,6 +27,11 @@ class FetchError(Exception):
 
 def auth_headers(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def tls_option(ssl_context: ssl.SSLContext | None) -> ssl.SSLContext | bool:
+    """aiohttp's ``ssl=`` argument: our context, or its default verification."""
+    return ssl_context if ssl_context is not None else True
 
 
 def _session() -> aiohttp.ClientSession:
@@ -53,9 +61,12 @@ def decode_batch(data: bytes, request: PageRequest) -> PageBatch:
 class PageConnection:
     """A pipelined WebSocket to /v1/pages/ws; use from one event loop."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, *, ssl_context: ssl.SSLContext | None = None,
+                 receive_timeout: float | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.ssl_context = ssl_context
+        self.receive_timeout = receive_timeout  # a stalled answer is a FetchError after this long
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._waiting: collections.deque[tuple[PageRequest, asyncio.Future[PageBatch]]] = collections.deque()
@@ -67,7 +78,10 @@ class PageConnection:
         self._session = _session()
         try:
             self._ws = await self._session.ws_connect(f"{self.base_url}/v1/pages/ws", headers=auth_headers(self.token),
-                                                      max_msg_size=MAX_WS_MESSAGE, autoping=False, heartbeat=None)
+                                                      max_msg_size=MAX_WS_MESSAGE, autoping=False, heartbeat=None,
+                                                      ssl=tls_option(self.ssl_context),
+                                                      timeout=aiohttp.ClientWSTimeout(ws_receive=self.receive_timeout,
+                                                                                      ws_close=WS_CLOSE_TIMEOUT_S))
         except (aiohttp.ClientError, OSError) as e:
             await self._session.close()
             raise FetchError(f"cannot open the page stream at {self.base_url}: {e}") from None
@@ -146,10 +160,15 @@ class SyncPageConnection:
     """A PageConnection on an event loop of its own, for a vCPU thread that blocks in KVM_RUN
     between faults: each fetch runs the loop just long enough to get its answer."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, *, ssl_context: ssl.SSLContext | None = None,
+                 receive_timeout: float | None = None) -> None:
         self.loop = uvloop.new_event_loop()
-        self.conn = PageConnection(base_url, token)
-        self.loop.run_until_complete(self.conn.connect())
+        self.conn = PageConnection(base_url, token, ssl_context=ssl_context, receive_timeout=receive_timeout)
+        try:
+            self.loop.run_until_complete(self.conn.connect())
+        except BaseException:
+            self.loop.close()
+            raise
 
     def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
         return self.loop.run_until_complete(self.conn.fetch(gpa, count, kind))

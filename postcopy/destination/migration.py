@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,12 +21,15 @@ from typing import Any, Callable, Literal
 
 import aiohttp
 
-from postcopy.destination.background import run_background
+from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
-from postcopy.destination.client import FetchError, PageConnection, SyncPageConnection, auth_headers, start_migration
+from postcopy.destination.client import (FetchError, PageConnection, SyncPageConnection, auth_headers,
+                                         start_migration, tls_option)
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
+from postcopy.destination.retry import (RetryContext, RetryingPageConnection, RetryingSyncConnection, RetryPolicy,
+                                        retry_async)
 from postcopy.observe.collect import register_destination
 from postcopy.observe.faultlog import CLASSIC_KINDS, EXIT_KINDS, FaultLog, blocktime_ns, kind_totals, latencies_ns
 from postcopy.observe.prometheus import Registry
@@ -83,6 +87,7 @@ class MigrationResult:
     fault_latency_us: dict[str, float] = field(default_factory=dict)
     pagein_rate: float = 0.0  # pages/s from switchover to completion
     blocktime_ms: dict[int, float] = field(default_factory=dict)
+    retries: dict[str, Any] = field(default_factory=dict)  # what the retry wrappers did
 
 
 @dataclass(slots=True)
@@ -97,7 +102,9 @@ class DestinationProgress:
 class Destination:
     def __init__(self, source_url: str, token: str, *, fault_mode: FaultMode = "exit",
                  readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
-                 console: Callable[[str], None] | None = None, registry: Registry | None = None) -> None:
+                 console: Callable[[str], None] | None = None, registry: Registry | None = None,
+                 retry: RetryPolicy | None = None, ssl_context: ssl.SSLContext | None = None,
+                 background_batch_pages: int = DEFAULT_BATCH_PAGES, background_depth: int = DEFAULT_DEPTH) -> None:
         self.source_url = source_url.rstrip("/")
         self.token = token
         self.fault_mode = fault_mode
@@ -105,6 +112,10 @@ class Destination:
         self.readahead_max = readahead_max
         self.background = background
         self.console = console
+        self.retry = RetryContext(retry)
+        self.ssl_context = ssl_context
+        self.background_batch_pages = background_batch_pages
+        self.background_depth = background_depth
         self.state = DestinationState.NEW
         self.machine: Machine | None = None
         self.memory: GuestMemory | None = None
@@ -114,9 +125,10 @@ class Destination:
         self.resolver: ExitModeResolver | None = None
         self.classic: ClassicHandler | None = None
         self.header: MigrationHeader | None = None
-        self._connections: list[PageConnection] = []
+        self._connections: list[RetryingPageConnection] = []
         self._session: aiohttp.ClientSession | None = None
-        self._vcpu_connections: list[SyncPageConnection] = []  # exit: one per vCPU; classic: one per handler
+        # exit: one per vCPU; classic: one per handler thread
+        self._vcpu_connections: list[RetryingSyncConnection] = []
         self._started_ns = 0
         self._done_ns = 0
         self.error: str | None = None
@@ -157,21 +169,32 @@ class Destination:
         for region in self.memory.regions:
             self.uffd.register(region.hva, region.size)
         self.machine = Machine.create(MachineConfig(mem_bytes, vcpus), console=self.console, memory=self.memory)
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(self.ssl_context)))
         fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
         self._vcpu_connections = list(await asyncio.gather(
-            *(asyncio.to_thread(SyncPageConnection, self.source_url, self.token) for _ in range(fetchers))))
-        c = PageConnection(self.source_url, self.token)  # the background transfer's
+            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(fetchers))))
+        c = RetryingPageConnection(self._open_async, self.retry)  # the background transfer's
         await c.connect()
         self._connections.append(c)
         self._to(DestinationState.LISTEN)
+
+    def _open_sync(self) -> SyncPageConnection:
+        return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
+                                  receive_timeout=self.retry.policy.request_timeout_s)
+
+    async def _open_async(self) -> PageConnection:
+        conn = PageConnection(self.source_url, self.token, ssl_context=self.ssl_context)
+        await conn.connect()
+        return conn
 
     # -- RUNNING -------------------------------------------------------------------------------
     async def switchover(self) -> None:
         assert self.machine and self.memory and self.uffd and self._session
         t0 = time.monotonic_ns()
         self._switch_started_ns = t0
-        header, self.header_bytes = await start_migration(self._session, self.source_url, self.token)
+        session = self._session
+        header, self.header_bytes = await retry_async(  # idempotent: the source answers the same header
+            self.retry, "migration start", lambda: start_migration(session, self.source_url, self.token))
         self.header = header
         if [(r.gpa, r.size) for r in header.regions] != [(r.gpa, r.size) for r in self.memory.regions]:
             raise MigrationError(f"source memory layout {header.regions} differs from the one prepared here")
@@ -203,8 +226,9 @@ class Destination:
     async def wait_complete(self, timeout: float | None = None) -> MigrationResult:
         """Run the background transfer (or wait for demand alone) until every page is present."""
         assert self.tracker and self.machine and self.uffd and self.memory and self.header
-        background = asyncio.ensure_future(run_background(self._connections[0], self.installer)) \
-            if self.background else None
+        background = asyncio.ensure_future(run_background(
+            self._connections[0], self.installer, batch_pages=self.background_batch_pages,  # type: ignore[arg-type]
+            depth=self.background_depth)) if self.background else None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self.tracker.all_present.is_set():
@@ -226,6 +250,7 @@ class Destination:
             log.error("migration failed while running: %s", e, extra={
                 "event": "migration_failed", "migration_id": self.migration_id, "error": str(e),
                 "pages_missing": self.tracker.missing()})
+            self.retry.abort()  # vCPUs waiting out a backoff give up now, so they can be paused
             self._to(DestinationState.FAILED)
             self.machine.pause()  # never run a guest on memory it did not get
             raise MigrationError(f"migration failed while running: {e}") from None
@@ -245,13 +270,20 @@ class Destination:
         assert self.header and self.tracker and self._session
         stats = {k: v for k, v in self.tracker.counts_by_name().items()}
         msg = Complete(self.header.migration_id, stats)
-        try:
-            async with self._session.post(f"{self.source_url}/v1/migration/complete", data=msg.encode(),
-                                          headers=auth_headers(self.token)) as resp:
-                if resp.status >= 300:
-                    log.warning("source answered completion with HTTP %d: %s", resp.status, await resp.text())
-        except (aiohttp.ClientError, OSError) as e:
-            log.warning("could not tell the source the migration is complete: %s", e)
+        session = self._session
+
+        async def post() -> None:
+            try:
+                async with session.post(f"{self.source_url}/v1/migration/complete", data=msg.encode(),
+                                        headers=auth_headers(self.token)) as resp:
+                    if resp.status >= 300:
+                        log.warning("source answered completion with HTTP %d: %s", resp.status, await resp.text())
+            except (aiohttp.ClientError, OSError) as e:
+                raise FetchError(f"cannot tell the source the migration is complete: {e}") from None
+        try:  # a restarted page server waits for this Complete to exit: keep trying
+            await retry_async(self.retry, "migration complete", post)
+        except FetchError as e:
+            log.warning("%s", e)
 
     def _result(self, done_ns: int) -> MigrationResult:
         assert self.header and self.tracker and self.machine
@@ -277,6 +309,7 @@ class Destination:
             fault_latency_us=_percentiles(latencies),
             pagein_rate=round(fetched / running_s, 1),
             blocktime_ms=blocktime,
+            retries=self.retry.report(),
         )
 
     # -- what it looked like -------------------------------------------------------------------
@@ -353,6 +386,7 @@ class Destination:
         return machine
 
     async def close(self) -> None:
+        self.retry.abort()
         await self._sampler.stop()
         if self.resolver is not None:
             await asyncio.to_thread(self.resolver.close)

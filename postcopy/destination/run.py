@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any, Callable
 
 import aiohttp
 
-from postcopy.destination.client import FetchError, auth_headers
+from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH
+from postcopy.destination.client import FetchError, auth_headers, tls_option
+from postcopy.destination.retry import FatalFetchError, RetryContext, RetryPolicy, retry_async
 from proto import ErrorReply, ProtoError, decode_any
 from postcopy.destination.migration import Destination, FaultMode, MigrationError, result_dict
 from postcopy.observe.prometheus import Registry
@@ -22,11 +25,19 @@ MIGRATION_TIMEOUT_S = 300.0
 
 
 async def source_json(session: aiohttp.ClientSession, method: str, url: str, token: str) -> dict[str, Any]:
+    """A JSON control request. A 4xx answer (a wrong token above all) and a certificate the
+    given CA does not trust are FatalFetchErrors: retrying cannot change them."""
     try:
         async with session.request(method, url, headers=auth_headers(token)) as resp:
             if resp.status != 200:
-                raise FetchError(f"{method} {url}: HTTP {resp.status}: {_reason(await resp.read())}")
+                error = FatalFetchError if 400 <= resp.status < 500 else FetchError
+                raise error(f"{method} {url}: HTTP {resp.status}: {_reason(await resp.read())}")
             return await resp.json(content_type=None)
+    except aiohttp.ClientConnectorCertificateError as e:
+        raise FatalFetchError(f"{method} {url}: TLS: the source's certificate is not trusted by the given CA "
+                              f"({e.certificate_error})") from None
+    except aiohttp.ClientSSLError as e:
+        raise FatalFetchError(f"{method} {url}: TLS handshake failed: {e}") from None
     except (aiohttp.ClientError, OSError) as e:
         raise FetchError(f"{method} {url}: {e}") from None
 
@@ -53,17 +64,22 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
                   console: Callable[[str], None] | None = None, timeline: bool = False,
                   registry: Registry | None = None,
                   on_destination: Callable[[Destination], None] | None = None,
-                  adopt: Callable[[Machine], None] | None = None) -> dict[str, Any]:
+                  adopt: Callable[[Machine], None] | None = None, retry: RetryPolicy | None = None,
+                  ssl_context: ssl.SSLContext | None = None, background_batch_pages: int = DEFAULT_BATCH_PAGES,
+                  background_depth: int = DEFAULT_DEPTH) -> dict[str, Any]:
     """Migrate, let the guest run ``after_s`` here, order a full sweep; return the report.
     ``before`` is the source-side sweep result, if one was made. ``timeline`` adds
     report["timeline"] (Destination.metrics(), with the source's progress series);
     ``registry`` is where the destination's Prometheus metrics go. ``on_destination`` sees the
     Destination before it prepares (to follow its progress); ``adopt``, if given, receives the
-    running guest (every page present) instead of it being paused and closed."""
-    async with aiohttp.ClientSession() as session:
-        status = await source_json(session, "GET", f"{source_url}/v1/vm/status", token)
+    running guest (every page present) instead of it being paused and closed. ``retry`` says
+    how long a lost source is waited for; ``ssl_context`` is the TLS the source must speak."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(ssl_context))) as session:
+        status = await retry_async(RetryContext(retry), "source status",
+                                   lambda: source_json(session, "GET", f"{source_url}/v1/vm/status", token))
         dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base,
-                           console=console, registry=registry)
+                           console=console, registry=registry, retry=retry, ssl_context=ssl_context,
+                           background_batch_pages=background_batch_pages, background_depth=background_depth)
         if on_destination is not None:
             on_destination(dest)
         try:

@@ -111,5 +111,6 @@ def register_source(registry: Registry, server: PageServer) -> None:
         for code, n in stats["errors"].items():
             errors.set(n, code=code)
         header.set(stats["header_bytes"])
-        verified.set(server.machine.services.verified)
+        if server.machine is not None:  # a page server resumed from its state directory has no guest
+            verified.set(server.machine.services.verified)
     registry.set_collector("source", collect)

@@ -11,6 +11,7 @@ import asyncio
 import enum
 import hmac
 import logging
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ from proto.version import (
     MAX_REQUEST_MESSAGE_BYTES,
 )
 from vmm.machine import Machine
+from vmm.memory import GuestMemory
 
 __all__ = ["MSGPACK", "MigrationState", "PageServer", "ServerStats", "make_app"]
 
@@ -93,12 +95,24 @@ def _error_body(code: int, message: str) -> bytes:
 
 
 class PageServer:
-    """Serves one migration of `machine`. Use as ``async with PageServer(...) as s: await s.start(...)``."""
+    """Serves one migration of `machine`. Use as ``async with PageServer(...) as s: await s.start(...)``.
 
-    def __init__(self, machine: Machine, *, token: str, migration_id: str,
+    Serving pages needs only guest RAM and the header: the machine is needed until the
+    switchover (export, status, sweep). ``resumed`` builds a server without one, from a state
+    directory, after the first server died. ``on_export`` is called with the header before it
+    is answered (the state directory saves it there)."""
+
+    def __init__(self, machine: Machine | None, *, token: str, migration_id: str,
                  workload: dict[str, int | str], sweep_timeout_s: float = SWEEP_TIMEOUT_S,
+                 memory: GuestMemory | None = None,
+                 on_export: Callable[[MigrationHeader, bytes], None] | None = None,
                  registry: Registry | None = None) -> None:
         self.machine = machine
+        memory = memory if memory is not None else machine.memory if machine is not None else None
+        if memory is None:
+            raise ValueError("a page server needs a machine or guest memory to serve")
+        self.memory = memory
+        self.on_export = on_export
         self.migration_id = migration_id
         self.workload = workload
         self.sweep_timeout_s = sweep_timeout_s
@@ -119,17 +133,33 @@ class PageServer:
         self.registry = registry if registry is not None else Registry()
         register_source(self.registry, self)
 
+    @classmethod
+    def resumed(cls, memory: GuestMemory, header: MigrationHeader, header_bytes: bytes, *, token: str,
+                registry: Registry | None = None) -> PageServer:
+        """A server for a migration already past its switchover: SERVING at once, no machine."""
+        server = cls(None, token=token, migration_id=header.migration_id, workload=dict(header.workload),
+                     memory=memory, registry=registry)
+        server._serving(header, header_bytes)
+        server._to(MigrationState.SERVING, "resumed from its state directory: serving from the RAM file")
+        return server
+
+    def _serving(self, header: MigrationHeader, header_bytes: bytes) -> None:
+        self.header, self._header_bytes = header, header_bytes
+        self._stats.started_ns = header.paused_at_ns
+        self._stats.header_bytes = len(header_bytes)
+
     # -- lifecycle: the whole setup and teardown ------------------------------------------------
-    async def start(self, host: str, port: int) -> str:
-        """Listen on host:port (0 picks a free port); returns the base URL."""
+    async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Listen on host:port only (0 picks a free port), with TLS if ``ssl_context`` is
+        given; returns the base URL."""
         self._runner = web.AppRunner(make_app(self), handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         self._sampler.start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        return f"http://{shown}:{bound_port}"
+        return f"{'https' if ssl_context is not None else 'http'}://{shown}:{bound_port}"
 
     async def close(self) -> None:
         """Stop listening and close every WebSocket; guest memory is not touched after this."""
@@ -182,6 +212,9 @@ class PageServer:
         self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
         return web.Response(status=code, body=_error_body(code, message), content_type=MSGPACK)
 
+    def _no_guest(self) -> web.Response:
+        return self.error(409, "no guest here: this page server resumed a migration from its state directory")
+
     def _wrong_state(self, action: str) -> web.Response:
         why = f": {self._failure}" if self._failure else ""
         return self.error(409, f"cannot {action} while the migration is {self.state.value}{why}")
@@ -193,18 +226,20 @@ class PageServer:
     async def start_migration(self, request: web.Request) -> web.Response:
         async with self._transition:
             if self.state is MigrationState.RUNNING:
+                assert self.machine is not None  # only a resumed server has none, and it is SERVING
                 loop = asyncio.get_running_loop()
                 try:
                     header = await loop.run_in_executor(None, export, self.machine, self.migration_id,
                                                         self.workload)
-                except ExportError as error:
+                    header_bytes = header.encode()
+                    if self.on_export is not None:
+                        await loop.run_in_executor(None, self.on_export, header, header_bytes)
+                except (ExportError, OSError) as error:
                     self._failure = str(error)
                     self._to(MigrationState.FAILED, "%s", error, level=logging.ERROR, error=str(error))
                     self._ended.set()
                     return self.error(500, str(error))
-                self.header, self._header_bytes = header, header.encode()
-                self._stats.started_ns = header.paused_at_ns
-                self._stats.header_bytes = len(self._header_bytes)
+                self._serving(header, header_bytes)
                 # Samples taken while the export ran saw a paused guest: the series ends at the pause.
                 self.progress.cut_after(header.paused_at_ns)
                 self.progress.add(header.paused_at_ns, (self.machine.services.verified,))
@@ -236,6 +271,8 @@ class PageServer:
         return web.Response(status=204)
 
     async def vm_status(self, request: web.Request) -> web.Response:
+        if self.machine is None:
+            return self._no_guest()
         services = self.machine.services
         vcpus = [
             {"id": thread.id, "state": thread.state.value, "verified": p.verified, "errors": p.errors,
@@ -261,6 +298,8 @@ class PageServer:
         async with self._transition:
             if self.state is not MigrationState.RUNNING:
                 return self._wrong_state("sweep the guest")
+            if self.machine is None:
+                return self._no_guest()
             services = self.machine.services
             loop = asyncio.get_running_loop()
             finished = await loop.run_in_executor(None, services.sweep, self.sweep_timeout_s)
@@ -280,6 +319,8 @@ class PageServer:
         self._stats.ws_connections += 1
         try:
             await self._serve(ws)
+        except ConnectionResetError as error:  # the destination went away mid-answer: it will ask again
+            log.info("page socket closed by the peer: %s", error)
         finally:
             self._sockets.discard(ws)
         return ws
@@ -288,7 +329,7 @@ class PageServer:
         """The hot path: one decode, one build, one send per request, answered in order."""
         # One view per region, sliced per request (no copy); valid until the machine closes,
         # which its owner does only after close() has ended every socket.
-        memory = self.machine.memory
+        memory = self.memory
         spans = [(r.gpa, r.end, memory.view(r.gpa, r.size)) for r in memory.regions]
         stats = self._stats
         requests = stats.requests

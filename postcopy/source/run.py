@@ -7,22 +7,27 @@ from typing import Any
 from postcopy.source.page_server import PageServer
 from vmm.guest import workloads
 from vmm.machine import Machine, MachineConfig
+from vmm.memory import GuestMemory
 
 __all__ = ["boot_memtouch", "boot_workload", "server_summary"]
 
 WORKLOAD = "memtouch"
 
 
-def boot_memtouch(mem_bytes: int, vcpus: int, seed: int) -> tuple[Machine, dict[str, int | str]]:
-    """A started memtouch guest on memfd-backed RAM, and the workload record for its header."""
-    return boot_workload(WORKLOAD, mem_bytes, vcpus, seed)
+def boot_memtouch(mem_bytes: int, vcpus: int, seed: int, *,
+                  ram_path: str | None = None) -> tuple[Machine, dict[str, int | str]]:
+    """A started memtouch guest, and the workload record for its header."""
+    return boot_workload(WORKLOAD, mem_bytes, vcpus, seed, ram_path=ram_path)
 
 
-def boot_workload(name: str, mem_bytes: int, vcpus: int, seed: int) -> tuple[Machine, dict[str, int | str]]:
-    """A started guest running workload ``name`` on memfd-backed RAM, and the workload record
+def boot_workload(name: str, mem_bytes: int, vcpus: int, seed: int, *,
+                  ram_path: str | None = None) -> tuple[Machine, dict[str, int | str]]:
+    """A started guest running workload ``name`` on memfd-backed RAM (or on the file
+    ``ram_path``, which outlives this process: a state directory's), and the workload record
     for its header."""
     program, params = workloads.plan(name, mem_bytes, vcpus, seed)
-    machine = Machine.create(MachineConfig(mem_bytes, vcpus, backing="memfd"))
+    memory = GuestMemory.create(mem_bytes, "file", path=ram_path) if ram_path else None
+    machine = Machine.create(MachineConfig(mem_bytes, vcpus, backing="memfd"), memory=memory)
     try:
         machine.boot(program, params)
         machine.start()

@@ -178,7 +178,8 @@ def test_an_incoming_migration_from_an_unreachable_source_fails_with_the_reason(
             with socket.socket() as s:  # a port nobody listens on
                 s.bind(("127.0.0.1", 0))
                 url = f"http://127.0.0.1:{s.getsockname()[1]}"
-            started = await vmm.incoming(url, TOKEN, fault_mode="classic")
+            # Nobody there is an outage like any other: retried until the deadline, then failed.
+            started = await vmm.incoming(url, TOKEN, fault_mode="classic", retry_deadline_s=0.3)
             assert started["role"] == "destination" and started["state"] in ("setup", "failed")
             for _ in range(100):
                 status = await vmm.migration()
@@ -187,6 +188,7 @@ def test_an_incoming_migration_from_an_unreachable_source_fails_with_the_reason(
                 await asyncio.sleep(0.02)
             assert status["state"] == "failed" and status["report"] is None
             assert url in status["errors"][0] and "/v1/vm/status" in status["errors"][0]
+            assert "retry deadline 0.3 s" in status["errors"][0]
             assert (await vmm.health())["vm"] == "none"
             with pytest.raises(ApiClientError) as e:
                 await vmm.cancel_migration()

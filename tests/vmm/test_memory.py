@@ -171,3 +171,34 @@ def test_close_unmaps_and_is_idempotent() -> None:
     with pytest.raises(OSError):
         os.fstat(fd)
     m.close()
+
+
+def test_file_backing_keeps_regions_back_to_back_in_a_file_that_outlives_the_mapping(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "ram")
+    layout = [(0, 4 * PAGE), (1 << 20, 8 * PAGE)]
+    m = GuestMemory.create_layout(layout, "file", path=path)
+    try:
+        assert os.stat(path).st_size == 12 * PAGE and os.stat(path).st_mode & 0o777 == 0o600
+        m.write(3 * PAGE, b"A" * PAGE)
+        m.write((1 << 20) + PAGE, b"B" * PAGE)  # region 1's second page: file page 5
+    finally:
+        m.close()
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[3 * PAGE:4 * PAGE] == b"A" * PAGE and data[5 * PAGE:6 * PAGE] == b"B" * PAGE
+    again = GuestMemory.open_file(path, layout)  # what a restarted page server does
+    try:
+        assert again.read((1 << 20) + PAGE, PAGE) == b"B" * PAGE and again.read(0, PAGE) == bytes(PAGE)
+    finally:
+        again.close()
+
+
+def test_file_backing_refuses_an_existing_file_a_wrong_size_and_no_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "ram")
+    GuestMemory.create(4 * PAGE, "file", path=path).close()
+    with pytest.raises(GuestMemoryError, match="cannot open guest RAM file .*exists"):
+        GuestMemory.create(4 * PAGE, "file", path=path)
+    with pytest.raises(GuestMemoryError, match="holds 16384 bytes, the layout needs 32768"):
+        GuestMemory.open_file(path, [(0, 8 * PAGE)])
+    with pytest.raises(GuestMemoryError, match="needs a path"):
+        GuestMemory.create(4 * PAGE, "file")

@@ -1,0 +1,317 @@
+"""Riding out network faults: a retry policy (exponential backoff with jitter, bounded by a
+deadline) and connection wrappers that drop a broken page stream, reconnect and ask again.
+
+Whatever goes wrong with an answer (the socket closed or stalled, a frame that does not decode,
+a checksum that does not match) is a FetchError from the connection, and nothing of that answer
+was installed. The wrappers never touch page state: a request's pages stay claimed in the page
+tracker while it is retried, so the same pages are asked for again, on a new socket, and
+installed once. The guest only waits. When one outage outlasts the deadline (or the migration
+is aborted) the wrapper raises RetryExhausted with the last error, and the destination fails
+the migration with the guest paused.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from postcopy.destination.client import FetchError, PageConnection, SyncPageConnection
+from proto import PageBatch
+
+T = TypeVar("T")
+DEFAULT_DEADLINE_S = 30.0
+
+
+@dataclass(slots=True)
+class RetryPolicy:
+    """How hard the destination tries. ``deadline_s`` bounds one outage: from the first failure
+    of a request (or reconnect) with no success since, retrying stops after this long."""
+
+    deadline_s: float = DEFAULT_DEADLINE_S
+    backoff_initial_s: float = 0.005
+    backoff_max_s: float = 0.5
+    backoff_multiplier: float = 2.0
+    jitter: float = 0.5  # each delay is scaled by a uniform factor in [1 - jitter, 1]
+    request_timeout_s: float = 5.0  # an answer slower than this is a stalled stream
+    seed: int | None = None
+
+
+class RetryExhausted(FetchError):
+    """Retrying stopped: the deadline passed or the migration was aborted."""
+
+
+class FatalFetchError(FetchError):
+    """A refusal that asking again cannot change (a wrong token, an untrusted certificate):
+    never retried."""
+
+
+@dataclass(slots=True)
+class RetryStats:
+    """What the wrappers did, for the report (updated under the context's lock)."""
+
+    failures: int = 0  # failed attempts (each is followed by a retry or gives up)
+    reconnects: int = 0  # new sockets opened after a failure
+    exhausted: int = 0
+    longest_outage_ms: float = 0.0  # first failure -> new socket open
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+# A FetchError's message -> a short reason for the report; the first matching word wins.
+_REASONS: tuple[tuple[str, str], ...] = (
+    ("checksum", "checksum"), ("no answer", "stall"), ("timed out", "stall"), ("cannot open", "connect"),
+    ("malformed", "malformed"), ("refused", "refused"), ("answers", "mismatch"), ("closed", "closed"),
+    ("broke", "closed"),
+)
+
+
+def reason_of(error: BaseException) -> str:
+    text = str(error).lower()
+    return next((name for word, name in _REASONS if word in text), "other")
+
+
+class RetryContext:
+    """One migration's retry state, shared by all its connections (vCPU threads and the event
+    loop): the policy, the counters, and the abort switch that ends every retry at once."""
+
+    def __init__(self, policy: RetryPolicy | None = None) -> None:
+        self.policy = policy or RetryPolicy()
+        self.stats = RetryStats()
+        self.aborted = threading.Event()
+        self._lock = threading.Lock()
+        self._rng = random.Random(self.policy.seed)
+
+    def abort(self) -> None:
+        """Stop every retry now (the migration failed or is closing)."""
+        self.aborted.set()
+
+    def outage(self) -> Outage:
+        return Outage(self)
+
+    def _record(self, error: BaseException) -> float:
+        """Count a failure; return the jitter factor for its delay."""
+        with self._lock:
+            s = self.stats
+            s.failures += 1
+            reason = reason_of(error)
+            s.reasons[reason] = s.reasons.get(reason, 0) + 1
+            return 1.0 - self.policy.jitter * self._rng.random()
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            setattr(self.stats, what, getattr(self.stats, what) + 1)
+
+    def _reconnected(self, outage: Outage) -> None:
+        with self._lock:
+            self.stats.reconnects += 1
+            self.stats.longest_outage_ms = max(self.stats.longest_outage_ms,
+                                               round((time.monotonic() - outage.started) * 1e3, 3))
+
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            return asdict(self.stats)
+
+
+class Outage:
+    """One run of consecutive failures: its start, its attempts, its next delay."""
+
+    __slots__ = ("ctx", "started", "attempts")
+
+    def __init__(self, ctx: RetryContext) -> None:
+        self.ctx = ctx
+        self.started = time.monotonic()
+        self.attempts = 0
+
+    def failed(self, error: BaseException) -> float:
+        """Record ``error``; return how long to wait before the next attempt, or raise
+        RetryExhausted if the deadline has passed or the migration was aborted."""
+        ctx, policy = self.ctx, self.ctx.policy
+        elapsed = time.monotonic() - self.started
+        jitter = ctx._record(error)
+        if isinstance(error, FatalFetchError):
+            raise error
+        if ctx.aborted.is_set():
+            raise RetryExhausted(f"retry aborted: {error}")
+        if elapsed >= policy.deadline_s:
+            ctx._count("exhausted")
+            raise RetryExhausted(f"gave up after {elapsed:.1f} s and {self.attempts + 1} attempts "
+                                 f"(retry deadline {policy.deadline_s} s): {error}")
+        delay = min(policy.backoff_max_s, policy.backoff_initial_s * policy.backoff_multiplier ** self.attempts)
+        self.attempts += 1
+        return min(delay * jitter, max(0.0, policy.deadline_s - elapsed))
+
+
+def _as_fetch_error(error: BaseException, what: str) -> FetchError:
+    if isinstance(error, FetchError):
+        return error
+    if isinstance(error, TimeoutError):
+        return FetchError(f"no answer to {what} within the request timeout")
+    return FetchError(f"{what}: {error}")
+
+
+# -- the blocking connection of a vCPU thread ------------------------------------------------
+
+class RetryingSyncConnection:
+    """A SyncPageConnection that survives its socket: a fetch that fails closes it, backs off
+    (the vCPU thread sleeps: the guest only waits), reconnects and asks again."""
+
+    def __init__(self, connect: Callable[[], SyncPageConnection], ctx: RetryContext) -> None:
+        self._connect = connect
+        self.ctx = ctx
+        self._conn: SyncPageConnection | None = None
+
+    @classmethod
+    def open(cls, connect: Callable[[], SyncPageConnection], ctx: RetryContext) -> RetryingSyncConnection:
+        self = cls(connect, ctx)
+        self._reconnect(ctx.outage(), None)
+        return self
+
+    def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
+        outage: Outage | None = None
+        while True:
+            conn = self._conn
+            if conn is not None:
+                try:
+                    return conn.fetch(gpa, count, kind)
+                except FetchError as error:
+                    self._drop()
+                    outage = outage or self.ctx.outage()
+                    self._reconnect(outage, error)
+            else:
+                outage = outage or self.ctx.outage()
+                self._reconnect(outage, FetchError("page stream closed"))
+
+    def _reconnect(self, outage: Outage, error: FetchError | None) -> None:
+        """Back off after ``error`` (if any) and open a new socket, until one opens."""
+        while True:
+            if error is not None:
+                if self.ctx.aborted.wait(outage.failed(error)):
+                    raise RetryExhausted(f"retry aborted: {error}")
+            try:
+                self._conn = self._connect()
+            except FetchError as e:
+                error = e
+                continue
+            if outage.attempts:
+                self.ctx._reconnected(outage)
+            return
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken socket may fail to close; it is gone either way
+                pass
+
+    def close(self) -> None:
+        self._drop()
+
+
+# -- the pipelined connection on the event loop (background, classic handler) ----------------
+
+class RetryingPageConnection:
+    """A PageConnection that survives its socket. Every request is a task that waits for its
+    answer on the current socket; when any request fails, the socket is replaced once (after a
+    backoff) and every request that was waiting on it is sent again on the new one, in order."""
+
+    def __init__(self, connect: Callable[[], Awaitable[PageConnection]], ctx: RetryContext) -> None:
+        self._connect = connect
+        self.ctx = ctx
+        self._conn: PageConnection | None = None
+        self._broken = asyncio.Event()  # set when the current socket is given up
+        self._lock = asyncio.Lock()
+        self._outage: Outage | None = None
+        self._tasks: set[asyncio.Task[PageBatch]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def connect(self) -> None:
+        await self._recover(None, None)
+
+    def submit(self, gpa: int, count: int, kind: str) -> asyncio.Future[PageBatch]:
+        task = asyncio.get_running_loop().create_task(self.fetch(gpa, count, kind))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
+        timeout = self.ctx.policy.request_timeout_s
+        while True:
+            conn, broken = self._conn, self._broken
+            if conn is None:
+                await self._recover(None, FetchError("page stream closed"))
+                continue
+            answer = conn.submit(gpa, count, kind)
+            gave_up = asyncio.ensure_future(broken.wait())
+            try:
+                done, _ = await asyncio.wait((answer, gave_up), timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gave_up.cancel()
+            if answer in done and answer.exception() is None:
+                self._outage = None
+                return answer.result()
+            answer.cancel()
+            if answer in done:
+                error: FetchError | None = _as_fetch_error(answer.exception(), f"{kind} request for gpa {gpa:#x}")  # type: ignore[arg-type]
+            elif broken.is_set():
+                error = None  # another request already replaced the socket: just ask again
+            else:
+                error = FetchError(f"no answer to {kind} request for gpa {gpa:#x} in {timeout} s (stalled stream)")
+            if error is not None:
+                await self._recover(conn, error)
+
+    async def _recover(self, conn: PageConnection | None, error: FetchError | None) -> None:
+        """Replace ``conn`` (None: no socket) if it is still the current one: close it, wake
+        every request waiting on it, back off, and open a new one, until one opens."""
+        async with self._lock:
+            if conn is not self._conn:
+                return  # replaced (or opened) while we waited for the lock
+            if self._conn is not None:
+                old, self._conn = self._conn, None
+                self._broken.set()
+                self._broken = asyncio.Event()
+                # Closing waits for the peer's close frame: not on the way to the new socket.
+                closing = asyncio.get_running_loop().create_task(old.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+            if error is not None and self._outage is None:
+                self._outage = self.ctx.outage()
+            while True:
+                if error is not None:
+                    assert self._outage is not None
+                    await asyncio.sleep(self._outage.failed(error))
+                new = None
+                try:
+                    new = await self._connect()
+                except FetchError as e:
+                    error = e
+                    self._outage = self._outage or self.ctx.outage()
+                    continue
+                self._conn = new
+                if self._outage is not None:
+                    self.ctx._reconnected(self._outage)
+                return
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def retry_async(ctx: RetryContext, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Run an idempotent request (start, status, complete) until it succeeds or the deadline."""
+    outage: Outage | None = None
+    while True:
+        try:
+            return await call()
+        except FetchError as error:
+            outage = outage or ctx.outage()
+            await asyncio.sleep(outage.failed(_as_fetch_error(error, what)))
