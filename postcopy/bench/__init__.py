@@ -1,0 +1,1 @@
+"""`postcopy bench`: each section is a module with run(opts) -> dict and table(result) -> list[str]."""
