@@ -13,21 +13,18 @@ import hashlib
 import os
 import socket
 import ssl
-import struct
 from typing import Final
 from urllib.parse import urlsplit
+
+from postcopy import wsframe
 
 __all__ = ["WebSocketError", "HandshakeError", "BlockingWebSocket"]
 
 WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-FIN: Final = 0x80
-MASKED: Final = 0x80
 MAX_HANDSHAKE_BYTES: Final = 64 * 1024
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
-CLOSE_NORMAL: Final = 1000
-_LEN16, _LEN64 = struct.Struct(">H"), struct.Struct(">Q")
-_U16 = struct.Struct(">H")
+# The longest frame head: 2 bytes, a 64-bit length (server frames carry no mask key).
+MAX_FRAME_HEAD: Final = 10
 
 
 class WebSocketError(Exception):
@@ -41,13 +38,6 @@ class HandshakeError(WebSocketError):
         super().__init__(message)
         self.status = status
         self.body = body
-
-
-def _mask(payload: bytes, key: bytes) -> bytes:
-    """payload XOR the repeated 4-byte key, as one big-int XOR (no per-byte Python loop)."""
-    n = len(payload)
-    keys = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")).to_bytes(n, "little")
 
 
 class BlockingWebSocket:
@@ -120,60 +110,54 @@ class BlockingWebSocket:
         return bytes(self._view[self._start:self._start + length])
 
     # -- frames --------------------------------------------------------------------------------
-    def send(self, payload: bytes, opcode: int = OP_BINARY) -> None:
-        key = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            head = bytes((FIN | opcode, MASKED | n))
-        elif n < 1 << 16:
-            head = bytes((FIN | opcode, MASKED | 126)) + _LEN16.pack(n)
-        else:
-            head = bytes((FIN | opcode, MASKED | 127)) + _LEN64.pack(n)
-        self._sendall(head + key + _mask(payload, key))
+    def send(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> None:
+        key = os.urandom(wsframe.MASK_BYTES)
+        self._sendall(wsframe.header(opcode, len(payload), masked=True) + key + wsframe.mask(payload, key))
 
     def recv(self) -> memoryview:
         """The next binary message. Pings are answered on the way; anything else is an error."""
         while True:
             opcode, payload = self._frame()
-            if opcode == OP_BINARY:
+            if opcode == wsframe.OP_BINARY:
                 return payload
-            if opcode == OP_PING:
-                self.send(bytes(payload), OP_PONG)
-            elif opcode == OP_PONG:
-                continue
-            elif opcode == OP_CLOSE:
-                code = _U16.unpack(payload[:2])[0] if len(payload) >= 2 else 1005
+            if opcode == wsframe.OP_PING:
+                self.send(bytes(payload), wsframe.OP_PONG)
+            elif opcode == wsframe.OP_CLOSE:
+                code = wsframe.U16.unpack(payload[:2])[0] if len(payload) >= 2 else 1005
                 reason = bytes(payload[2:]).decode("utf-8", "replace")
                 self._drop()
                 raise WebSocketError(f"the server closed the socket (code {code}{': ' + reason if reason else ''})")
-            elif opcode == OP_TEXT:
+            elif opcode == wsframe.OP_TEXT:
                 raise WebSocketError("the server sent a text frame; page answers are binary")
-            else:
+            elif opcode != wsframe.OP_PONG:
                 raise WebSocketError(f"the server sent a frame with opcode {opcode:#x}")
 
     def _frame(self) -> tuple[int, memoryview]:
-        """One whole frame (a fragmented message is refused: the page server never sends one)."""
-        view = self._view
-        if self._end - self._start < 2:
-            self._fill(2)
-        b0, b1 = view[self._start], view[self._start + 1]
-        if b1 & MASKED:
-            raise WebSocketError("the server sent a masked frame (RFC 6455 5.1)")
-        if not b0 & FIN or (b0 & 0x0F) == OP_CONTINUATION:
-            raise WebSocketError("the server sent a fragmented message")
-        n, head = b1 & 0x7F, 2
-        if n == 126:
-            self._fill(4)
-            n, head = _LEN16.unpack_from(view, self._start + 2)[0], 4
-        elif n == 127:
-            self._fill(10)
-            n, head = _LEN64.unpack_from(view, self._start + 2)[0], 10
-        if n > self.max_message:
-            raise WebSocketError(f"the server sent a frame of {n} bytes, over the {self.max_message} allowed")
-        self._fill(head + n)
-        first = self._start + head
-        self._start = first + n
-        return b0 & 0x0F, view[first:first + n]
+        """One whole frame, read into the buffer (a frame's head, then as much as it needs)."""
+        need = 2
+        while True:
+            try:
+                frame = wsframe.parse(self._buf, self._start, self._end, masked=False, max_payload=self.max_message)
+            except wsframe.FrameError as e:
+                self._drop()
+                raise WebSocketError(f"bad frame from the server: {e}") from None
+            if frame is not None:
+                opcode, first, end, _ = frame
+                self._start = end
+                return opcode, self._view[first:end]
+            need = self._end - self._start + 1
+            if need > MAX_FRAME_HEAD:  # the head is known: wait for the whole frame at once
+                need = self._frame_length()
+            self._fill(need)
+
+    def _frame_length(self) -> int:
+        """Head plus payload length of the frame at the buffer's start (its head is all there)."""
+        b1 = self._buf[self._start + 1] & 0x7F
+        if b1 < 126:
+            return 2 + b1
+        if b1 == 126:
+            return 4 + wsframe.U16.unpack_from(self._buf, self._start + 2)[0]
+        return 10 + int.from_bytes(self._buf[self._start + 2:self._start + 10], "big")
 
     # -- reading into the one buffer -----------------------------------------------------------
     def _fill(self, need: int) -> None:
@@ -226,7 +210,7 @@ class BlockingWebSocket:
         if self.sock is None:
             return
         try:
-            self.send(_U16.pack(CLOSE_NORMAL), OP_CLOSE)
+            self.send(wsframe.close_payload(wsframe.CLOSE_NORMAL), wsframe.OP_CLOSE)
         except WebSocketError:
             pass
         self._drop()
