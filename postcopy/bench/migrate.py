@@ -1,0 +1,95 @@
+"""Bench section `migrate`: whole post-copy migrations over loopback, by guest size.
+
+Each row is one migration on the real path (a `postcopy source` process running memtouch ->
+Destination: prepare, switchover, exit-mode faults plus the background transfer, complete),
+run in a child process of its own so that its peak RSS (ru_maxrss) is the destination's
+alone. memtouch fills its RAM from the start, so how long it runs before the switchover sets
+how much is written: `written_mib` is measured, from the source's zero map.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from postcopy.bench.common import BenchOptions, section_main, source_process
+from postcopy.destination.migration import Destination
+from proto.version import PAGE_SIZE
+
+MiB = 1 << 20
+VCPUS = 2
+# memtouch fills ~30 k pages/s per vCPU here (CPL0 emulated, ~45 instructions a page): the
+# warm-up that leaves ~75% of a guest written. A mostly-zero guest gets no warm-up.
+FILL_PAGES_PER_S_PER_VCPU = 30_000
+WRITTEN_FRACTION = 0.75
+QUICK_ROWS = [(256, False), (256, True)]
+FULL_ROWS = [(256, False), (256, True), (1024, False), (1024, True), (4096, False), (4096, True)]
+CHILD_TIMEOUT_S = 300
+
+
+def warmup_s(guest_mib: int, written: bool) -> float:
+    if not written:
+        return 0.0
+    return guest_mib * MiB // PAGE_SIZE * WRITTEN_FRACTION / (FILL_PAGES_PER_S_PER_VCPU * VCPUS)
+
+
+def migrate_once(guest_mib: int, warmup: float) -> dict[str, Any]:
+    """One migration, in this process; returns its row."""
+    with source_process(guest_mib * MiB, VCPUS) as source:
+        time.sleep(warmup)
+
+        async def migrate() -> dict[str, Any]:
+            dest = Destination(source.url, source.token, fault_mode="exit")
+            try:
+                await dest.prepare(guest_mib * MiB, VCPUS)
+                await dest.switchover()
+                result = await dest.wait_complete(timeout=CHILD_TIMEOUT_S)
+                assert dest.header is not None
+                zero_pages = int.from_bytes(dest.header.zero_bitmap, "little").bit_count()
+                dest.machine.check()  # type: ignore[union-attr]
+            finally:
+                await dest.close()
+            return {"downtime_ms": result.downtime_ms, "total_ms": result.total_ms,
+                    "written_mib": round((guest_mib * MiB // PAGE_SIZE - zero_pages) * PAGE_SIZE / MiB),
+                    "pages": result.pages}
+
+        row = uvloop.run(migrate())
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"guest_mib": guest_mib, **row, "rss_mib": round(rss_kib / 1024)}
+
+
+def run(opts: BenchOptions) -> dict[str, Any]:
+    rows = []
+    for guest_mib, written in QUICK_ROWS if opts.quick else FULL_ROWS:
+        child = subprocess.run([sys.executable, "-m", "postcopy.bench.migrate", "--one", str(guest_mib),
+                                str(warmup_s(guest_mib, written))],
+                               capture_output=True, timeout=CHILD_TIMEOUT_S, check=False)
+        if child.returncode:
+            raise RuntimeError(f"migration of {guest_mib} MiB failed: {child.stderr.decode()[-2000:]}")
+        rows.append(json.loads(child.stdout))
+    return {"rows": rows}
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    lines = ["migrate: post-copy over loopback, 2 vCPUs, exit mode",
+             f"  {'guest MiB':>9} {'written':>8} {'downtime ms':>12} {'total ms':>9} {'dest RSS MiB':>13}"]
+    for r in result["rows"]:
+        lines.append(f"  {r['guest_mib']:>9} {r['written_mib']:>8} {r['downtime_ms']:>12} {r['total_ms']:>9.0f} "
+                     f"{r['rss_mib']:>13}")
+    return lines
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--one"]:
+        print(json.dumps(migrate_once(int(sys.argv[2]), float(sys.argv[3]))))
+        return 0
+    return section_main("migrate", run, table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
