@@ -2,7 +2,7 @@
 
 A paused memtouch source (its RAM filled, so nearly every page is data) serves its pages; the
 real background code (destination/background.py: zero pages first, then pipelined batches over
-its own aiohttp WebSocket, installed with UFFDIO_COPY) pulls all of them into fresh,
+its own connection, on its own thread, installed with UFFDIO_COPY) pulls all of them into fresh,
 userfaultfd-registered RAM. In the same run two Python processes push the same number of data
 bytes over a raw loopback socket; the ratio is the figure.
 """
@@ -17,7 +17,7 @@ import uvloop
 from postcopy.bench.common import BenchOptions, section_main, source_process
 from postcopy.bench.socket_baseline import stream_bytes_per_s
 from postcopy.destination.background import run_background
-from postcopy.destination.client import PageConnection
+from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
 from proto import MigrationHeader
@@ -40,17 +40,13 @@ def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
         tracker = PageTracker(memory, header.zero_bitmap)
         installer = Installer(uffd, memory, tracker, wake=False)  # nobody waits on this RAM
 
-        async def transfer() -> float:
-            connection = PageConnection(url, token)
-            await connection.connect()
-            try:
-                t0 = time.perf_counter()
-                await run_background(connection, installer)
-                return time.perf_counter() - t0
-            finally:
-                await connection.close()
-
-        seconds = uvloop.run(transfer())
+        connection = SyncPageConnection(url, token)
+        try:
+            t0 = time.perf_counter()
+            uvloop.run(run_background(connection, installer))
+            seconds = time.perf_counter() - t0
+        finally:
+            connection.close()
         for region in memory.regions:
             uffd.unregister(region.hva, region.size)
     finally:

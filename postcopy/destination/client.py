@@ -165,13 +165,25 @@ class SyncPageConnection:
 
     def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
         """``count`` pages from ``gpa``, checked against the request and their checksums."""
+        return self.receive(self.send(gpa, count, kind))
+
+    def send(self, gpa: int, count: int, kind: str) -> PageRequest:
+        """Send a request; its answer comes from ``receive`` after those of earlier requests
+        (the server answers in order): so a caller may keep several in flight."""
         request = PageRequest(gpa, count, kind)  # type: ignore[arg-type]
         self.requests += 1
         try:
             self.ws.send(request.encode())
+        except WebSocketError as e:
+            raise FetchError(f"page stream broke sending a {kind} request for gpa {gpa:#x}: {e}") from None
+        return request
+
+    def receive(self, request: PageRequest) -> PageBatch:
+        """The answer to the oldest request in flight, which must be ``request``."""
+        try:
             answer = self.ws.recv()
         except WebSocketError as e:
-            raise FetchError(f"page stream broke during {kind} fetch of gpa {gpa:#x}: {e}") from None
+            raise FetchError(f"page stream broke during {request.kind} fetch of gpa {request.gpa:#x}: {e}") from None
         self.bytes_received += answer.nbytes
         return decode_batch(answer, request)
 

@@ -101,6 +101,7 @@ class Destination:
         self._connections: list[PageConnection] = []
         self._session: aiohttp.ClientSession | None = None
         self._vcpu_connections: list[SyncPageConnection] = []
+        self._background_connection: SyncPageConnection | None = None
         self.error: str | None = None
 
     def _to(self, new: DestinationState) -> None:
@@ -128,8 +129,8 @@ class Destination:
         if self.fault_mode == "exit":
             self._vcpu_connections = list(await asyncio.gather(
                 *(asyncio.to_thread(SyncPageConnection, self.source_url, self.token) for _ in range(vcpus))))
-        conns = 2 if self.fault_mode == "classic" else 1
-        for _ in range(conns):
+        self._background_connection = await asyncio.to_thread(SyncPageConnection, self.source_url, self.token)
+        if self.fault_mode == "classic":  # the fault handler's own connection
             c = PageConnection(self.source_url, self.token)
             await c.connect()
             self._connections.append(c)
@@ -157,7 +158,7 @@ class Destination:
             for thread, conn in zip(self.machine.vcpus, self._vcpu_connections):
                 self.resolver.prepare(thread, conn)
         else:
-            self.classic = ClassicHandler(self.uffd, self.installer, self._connections[1],
+            self.classic = ClassicHandler(self.uffd, self.installer, self._connections[0],
                                           readahead_base=self.readahead_base, readahead_max=self.readahead_max)
             self.classic.start()
         self.machine.start()
@@ -167,7 +168,7 @@ class Destination:
     async def wait_complete(self, timeout: float | None = None) -> MigrationResult:
         """Run the background transfer (or wait for demand alone) until every page is present."""
         assert self.tracker and self.machine and self.uffd and self.memory and self.header
-        background = asyncio.ensure_future(run_background(self._connections[0], self.installer)) \
+        background = asyncio.ensure_future(run_background(self._background_connection, self.installer)) \
             if self.background else None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -250,6 +251,8 @@ class Destination:
             await asyncio.to_thread(self.resolver.close)
         for c in self._connections:
             await c.close()
+        if self._background_connection is not None:
+            await asyncio.to_thread(self._background_connection.close)
         for c in self._vcpu_connections:
             if self.resolver is None:
                 await asyncio.to_thread(c.close)
