@@ -55,12 +55,13 @@ class Source:
 
 
 @contextmanager
-def source_process(mem_bytes: int, vcpus: int, seed: int = 7) -> Iterator[Source]:
-    """A source in its own process (its own GIL and event loop, as on a real source host)."""
+def source_process(mem_bytes: int, vcpus: int, seed: int = 7, prefill: float = 0.0) -> Iterator[Source]:
+    """A source in its own process (its own GIL and event loop, as on a real source host);
+    ``prefill``: the fraction of its RAM written before its guest starts (bench/source.py)."""
     token = secrets.token_urlsafe(32)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "postcopy.cli", "source", "--mem", str(mem_bytes), "--vcpus", str(vcpus),
-         "--seed", str(seed), "--listen", "127.0.0.1:0", "--ready-json"],
+        [sys.executable, "-m", "postcopy.bench.source", "--mem", str(mem_bytes), "--vcpus", str(vcpus),
+         "--seed", str(seed), "--prefill", str(prefill)],
         stdout=subprocess.PIPE, env=dict(os.environ, **{TOKEN_ENV: token}))
     try:
         assert proc.stdout is not None

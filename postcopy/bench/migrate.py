@@ -3,8 +3,9 @@
 Each row is one migration on the real path (a `postcopy source` process running memtouch ->
 Destination: prepare, switchover, exit-mode faults plus the background transfer, complete),
 run in a child process of its own so that its peak RSS (ru_maxrss) is the destination's
-alone. memtouch fills its RAM from the start, so how long it runs before the switchover sets
-how much is written: `written_mib` is measured, from the source's zero map.
+alone. A "written" guest has 75% of its RAM written before its guest starts (bench/source.py
+--prefill), a "zero" one only what memtouch's fill reaches before the switchover;
+`written_mib` is measured, from the source's zero map.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from typing import Any
 
 import uvloop
@@ -23,25 +23,15 @@ from proto.version import PAGE_SIZE
 
 MiB = 1 << 20
 VCPUS = 2
-# memtouch fills ~30 k pages/s per vCPU here (CPL0 emulated, ~45 instructions a page): the
-# warm-up that leaves ~75% of a guest written. A mostly-zero guest gets no warm-up.
-FILL_PAGES_PER_S_PER_VCPU = 30_000
 WRITTEN_FRACTION = 0.75
 QUICK_ROWS = [(256, False), (256, True)]
 FULL_ROWS = [(256, False), (256, True), (1024, False), (1024, True), (4096, False), (4096, True)]
 CHILD_TIMEOUT_S = 300
 
 
-def warmup_s(guest_mib: int, written: bool) -> float:
-    if not written:
-        return 0.0
-    return guest_mib * MiB // PAGE_SIZE * WRITTEN_FRACTION / (FILL_PAGES_PER_S_PER_VCPU * VCPUS)
-
-
-def migrate_once(guest_mib: int, warmup: float) -> dict[str, Any]:
+def migrate_once(guest_mib: int, prefill: float) -> dict[str, Any]:
     """One migration, in this process; returns its row."""
-    with source_process(guest_mib * MiB, VCPUS) as source:
-        time.sleep(warmup)
+    with source_process(guest_mib * MiB, VCPUS, prefill=prefill) as source:
 
         async def migrate() -> dict[str, Any]:
             dest = Destination(source.url, source.token, fault_mode="exit")
@@ -67,7 +57,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     rows = []
     for guest_mib, written in QUICK_ROWS if opts.quick else FULL_ROWS:
         child = subprocess.run([sys.executable, "-m", "postcopy.bench.migrate", "--one", str(guest_mib),
-                                str(warmup_s(guest_mib, written))],
+                                str(WRITTEN_FRACTION if written else 0.0)],
                                capture_output=True, timeout=CHILD_TIMEOUT_S, check=False)
         if child.returncode:
             raise RuntimeError(f"migration of {guest_mib} MiB failed: {child.stderr.decode()[-2000:]}")
