@@ -92,8 +92,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - t0
 
 
-def section_main(name: str, run: Callable[[BenchOptions], dict[str, Any]],
-                 table: Callable[[dict[str, Any]], list[str]]) -> int:
+def section_main(name: str, run: Callable[[BenchOptions], Any], table: Callable[[Any], list[str]]) -> int:
     """`python -m postcopy.bench.<name> [--quick] [--json] [--vcpus 1,2]`."""
     parser = argparse.ArgumentParser(prog=f"python -m postcopy.bench.{name}")
     parser.add_argument("--quick", action="store_true")

@@ -53,7 +53,8 @@ def migrate_once(guest_mib: int, prefill: float) -> dict[str, Any]:
     return {"guest_mib": guest_mib, **row, "rss_mib": round(rss_kib / 1024)}
 
 
-def run(opts: BenchOptions) -> dict[str, Any]:
+def run(opts: BenchOptions) -> list[dict[str, Any]]:
+    """The rows (this section's JSON is a list: `migrate: [rows]`, as issue 10 names it)."""
     rows = []
     for guest_mib, written in QUICK_ROWS if opts.quick else FULL_ROWS:
         child = subprocess.run([sys.executable, "-m", "postcopy.bench.migrate", "--one", str(guest_mib),
@@ -62,21 +63,51 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         if child.returncode:
             raise RuntimeError(f"migration of {guest_mib} MiB failed: {child.stderr.decode()[-2000:]}")
         rows.append(json.loads(child.stdout))
-    return {"rows": rows}
+    return rows
 
 
-def table(result: dict[str, Any]) -> list[str]:
+def table(result: list[dict[str, Any]]) -> list[str]:
     lines = ["migrate: post-copy over loopback, 2 vCPUs, exit mode",
              f"  {'guest MiB':>9} {'written':>8} {'downtime ms':>12} {'total ms':>9} {'dest RSS MiB':>13}"]
-    for r in result["rows"]:
+    for r in result:
         lines.append(f"  {r['guest_mib']:>9} {r['written_mib']:>8} {r['downtime_ms']:>12} {r['total_ms']:>9.0f} "
                      f"{r['rss_mib']:>13}")
     return lines
 
 
+def plot(result: list[dict[str, Any]], path: str) -> None:
+    """Migration time and downtime by guest size, one line per kind of guest (needs matplotlib:
+    the `bench` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (total, down) = plt.subplots(1, 2, figsize=(10, 4))
+    for written, label in ((False, "mostly zero"), (True, f"{WRITTEN_FRACTION:.0%} written")):
+        rows = sorted((r for r in result if (r["written_mib"] > r["guest_mib"] / 2) == written),
+                      key=lambda r: r["guest_mib"])
+        sizes = [r["guest_mib"] for r in rows]
+        total.plot(sizes, [r["total_ms"] / 1000 for r in rows], marker="o", label=label)
+        down.plot(sizes, [r["downtime_ms"] for r in rows], marker="o", label=label)
+    for ax, title, unit in ((total, "total migration time", "s"), (down, "downtime", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("guest RAM (MiB)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("post-copy over loopback, 2 vCPUs, exit mode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--one"]:
         print(json.dumps(migrate_once(int(sys.argv[2]), float(sys.argv[3]))))
+        return 0
+    if sys.argv[1:2] == ["--plot"]:  # --plot RESULT.json OUT.png (RESULT: this section's --json)
+        with open(sys.argv[2]) as f:
+            plot(json.load(f)["migrate"], sys.argv[3])
         return 0
     return section_main("migrate", run, table)
 
