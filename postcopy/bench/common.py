@@ -17,11 +17,9 @@ from typing import Any
 import aiohttp
 
 from postcopy.destination.client import start_migration
-from postcopy.destination.run import source_json
 from proto import MigrationHeader
 
 SOURCE_START_TIMEOUT_S = 60.0
-SWEEP_TIMEOUT_S = 120.0
 TOKEN_ENV = "POSTCOPY_TOKEN"
 
 
@@ -40,12 +38,6 @@ class Source:
     url: str
     token: str
     mem_bytes: int
-
-    async def filled(self) -> dict[str, Any]:
-        """Order a guest sweep and wait for it: once every vCPU has swept, its fill is done and
-        every pattern page holds data (not a zero page the destination would make locally)."""
-        async with aiohttp.ClientSession() as session:
-            return await source_json(session, "POST", f"{self.url}/v1/vm/sweep", self.token)
 
     async def pause(self) -> MigrationHeader:
         """POST /v1/migration/start: the guest stops, its pages are served from now on."""

@@ -1,6 +1,6 @@
 """Bench section `stream`: the background transfer's rate against a raw socket.
 
-A paused memtouch source (its RAM filled, so nearly every page is data) serves its pages; the
+A paused memtouch source (its RAM written before its guest starts, so every page is data) serves its pages; the
 real background code (destination/background.py: zero pages first, then pipelined batches over
 its own connection, on its own thread, installed with UFFDIO_COPY) pulls all of them into fresh,
 userfaultfd-registered RAM. In the same run two Python processes push the same number of data
@@ -27,7 +27,7 @@ from vmm.memory import GuestMemory
 from vmm.uffd import Uffd
 
 MiB = 1 << 20
-QUICK_MIB, FULL_MIB = 128, 512
+QUICK_MIB, FULL_MIB = 96, 512
 
 
 def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
@@ -60,8 +60,7 @@ def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
 
 def run(opts: BenchOptions) -> dict[str, Any]:
     mem = (QUICK_MIB if opts.quick else FULL_MIB) * MiB
-    with source_process(mem, 2) as source:
-        asyncio.run(source.filled())
+    with source_process(mem, 2, prefill=1.0) as source:  # every page data
         header = asyncio.run(source.pause())
         transfer = measure(header, source.url, source.token)
     socket_rate = stream_bytes_per_s(transfer["data_pages"] * PAGE_SIZE) / MiB

@@ -18,8 +18,7 @@ GUEST = 16 * MiB
 
 
 def test_fault_scans_and_the_stream_fetch_every_page_of_a_paused_source() -> None:
-    with source_process(GUEST, 2) as source:
-        assert asyncio.run(source.filled())["ok"]
+    with source_process(GUEST, 2, prefill=1.0) as source:
         header = asyncio.run(source.pause())
         data_pages = (GUEST - DATA_GPA) // PAGE_SIZE
         single = scan(header, source.url, source.token, 2, readahead_base=1, readahead_max=1)
