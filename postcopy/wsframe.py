@@ -22,7 +22,11 @@ _LEN16, _LEN64, U16 = struct.Struct(">H"), struct.Struct(">Q"), struct.Struct(">
 
 
 class FrameError(Exception):
-    """A frame breaks RFC 6455 (or this protocol's use of it)."""
+    """A frame breaks RFC 6455 (or this protocol's use of it); ``code`` is the close code."""
+
+    def __init__(self, message: str, code: int = CLOSE_PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def header(opcode: int, length: int, *, masked: bool) -> bytes:
@@ -69,7 +73,7 @@ def parse(buf: bytes | bytearray | memoryview, start: int, end: int, *,
             return None
         n, at = _LEN64.unpack_from(buf, at)[0], at + 8
     if n > max_payload:
-        raise FrameError(f"a frame of {n} bytes is over the {max_payload} allowed")
+        raise FrameError(f"a frame of {n} bytes is over the {max_payload} allowed", CLOSE_MESSAGE_TOO_BIG)
     key = b""
     if masked:
         if end - at < MASK_BYTES:

@@ -57,8 +57,7 @@ class PageSocket(asyncio.Protocol):
             try:
                 frame = wsframe.parse(view, start, end, masked=True, max_payload=self._max_frame)
             except wsframe.FrameError as error:
-                code = wsframe.CLOSE_MESSAGE_TOO_BIG if "over the" in str(error) else wsframe.CLOSE_PROTOCOL_ERROR
-                self.close(code, str(error))
+                self.close(error.code, str(error))
                 return
             if frame is None:
                 break

@@ -221,3 +221,20 @@ def test_an_oversized_frame_closes_the_socket_with_1009() -> None:
         await asyncio.to_thread(client)
 
     serve(body)
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_an_unmasked_client_frame_closes_the_socket_with_1002() -> None:
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        def client() -> None:
+            ws = BlockingWebSocket(f"{url}/v1/pages/ws", {"Authorization": f"Bearer {TOKEN}"}, max_message=8 << 20)
+            assert ws.sock is not None
+            request = PageRequest(GPA, 1, "demand").encode()
+            ws.sock.sendall(wsframe.header(wsframe.OP_BINARY, len(request), masked=False) + request)
+            with pytest.raises(Exception, match="1002"):
+                ws.recv()
+            ws.close()
+
+        await asyncio.to_thread(client)
+
+    serve(body)
