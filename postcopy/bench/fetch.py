@@ -47,8 +47,11 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         streamed = stream.measure(header, source.url, source.token)
         socket_ns += pingpong_ns(rounds)
     sock = percentiles_us(socket_ns)
-    p50 = max(d["p50"] for d in single.values())
-    p99 = max(d["p99"] for d in single.values())
+    # The headline is the worst of 1 and 2 vCPUs (issue 10); more vCPUs than this host's 2
+    # cores are reported in "vcpus" but would only measure oversubscription.
+    headline = [d for v, d in single.items() if int(v) <= 2] or list(single.values())
+    p50 = max(d["p50"] for d in headline)
+    p99 = max(d["p99"] for d in headline)
     # The sequential scan as one vCPU sees it: the most demanding case for readahead.
     scan_rate = readahead[str(min(opts.vcpus))]["pages_s"]
     return {
