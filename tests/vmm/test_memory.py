@@ -4,11 +4,13 @@ from __future__ import annotations
 import ctypes
 
 import os
+import random
 from collections.abc import Iterator
 
 import pytest
 
-from vmm.memory import GuestMemory, GuestMemoryError, parse_size
+from vmm import libc
+from vmm.memory import RESIDENT_CHUNK_PAGES, GuestMemory, GuestMemoryError, parse_size
 
 PAGE = 4096
 SIZE = 1 << 20  # 256 pages: these tests need no guest
@@ -171,3 +173,23 @@ def test_close_unmaps_and_is_idempotent() -> None:
     with pytest.raises(OSError):
         os.fstat(fd)
     m.close()
+
+
+def test_resident_pages_of_a_memfd_agree_with_mincore_across_holes_and_chunks() -> None:
+    """The memfd path (SEEK_DATA over holes, mincore inside data) against plain mincore."""
+    size = (3 * RESIDENT_CHUNK_PAGES + 40) * PAGE
+    mem = GuestMemory.create(size, "memfd", "test-resident")
+    try:
+        rng = random.Random(5)
+        written = {0, 1, 2, RESIDENT_CHUNK_PAGES - 1, RESIDENT_CHUNK_PAGES, 2 * RESIDENT_CHUNK_PAGES + 7}
+        written |= set(range(RESIDENT_CHUNK_PAGES + 100, RESIDENT_CHUNK_PAGES + 100 + RESIDENT_CHUNK_PAGES + 5))
+        written |= {rng.randrange(mem.pages) for _ in range(200)}
+        for page in written:
+            mem.write(page * PAGE, b"\x01")
+        r = mem.regions[0]
+        reference = (ctypes.c_ubyte * mem.pages)()
+        assert libc.mincore(r.hva, r.size, reference) == 0
+        assert [i for i, b in enumerate(mem.resident_pages()) if b & 1] == sorted(written)
+        assert [i for i, b in enumerate(reference) if b & 1] == sorted(written)
+    finally:
+        mem.close()
