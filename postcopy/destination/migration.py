@@ -6,7 +6,8 @@
 LISTEN: the VM exists and its RAM is registered with userfaultfd, empty. switchover: ask the
 source to pause (its answer is the header), install the eager set, restore state, start the
 vCPUs. RUNNING: faults are served (exit or classic mode) and the background transfer pulls the
-rest. COMPLETE: uffd unregistered, the source told to release the guest. The guest never stops.
+rest. COMPLETE: every page present, the source told to release the guest (RAM stays registered
+with userfaultfd until close). The guest never stops.
 """
 from __future__ import annotations
 
@@ -193,8 +194,9 @@ class Destination:
             if background is not None and not background.done():
                 background.cancel()
         done_ns = time.monotonic_ns()
-        for region in self.memory.regions:
-            self.uffd.unregister(region.hva, region.size)
+        # RAM stays registered until close(): a vCPU may still be finishing a fault it took
+        # before the last page arrived (the background installed that page meanwhile); its
+        # UFFDIO_COPY must meet EEXIST (skipped), not ENOENT from an unregistered range.
         if self.classic is not None:
             self.classic.stop()
         self._to(DestinationState.COMPLETE)
