@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -238,3 +239,32 @@ def test_an_unmasked_client_frame_closes_the_socket_with_1002() -> None:
         await asyncio.to_thread(client)
 
     serve(body)
+
+
+def test_closing_the_server_aborts_a_socket_whose_peer_reads_no_answers(served) -> None:  # type: ignore[no-untyped-def]
+    """Answers buffered for a peer that stopped reading are views of guest RAM: close() must
+    drop them (abort) within its grace, not leave them to be written after the RAM is gone."""
+    from postcopy.source.page_server import SOCKET_CLOSE_TIMEOUT_S
+    from served_memory import SERVED_TOKEN  # type: ignore[import-not-found]
+
+    async def main() -> None:
+        header = served.header
+        server = PageServer.resumed(served.memory, header, header.encode(), token=SERVED_TOKEN)
+        url = await server.start("127.0.0.1", 0)
+        ws = await asyncio.to_thread(BlockingWebSocket, f"{url}/v1/pages/ws",
+                                     {"Authorization": f"Bearer {SERVED_TOKEN}"}, max_message=8 << 20)
+        assert ws.sock is not None
+        ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the peer takes almost nothing
+        request = PageRequest(0, served.memory.pages, "background").encode()
+        for _ in range(64):  # 64 x 4 MiB of answers: far more than the socket buffers hold
+            await asyncio.to_thread(ws.send, request)
+        await asyncio.sleep(0.3)
+        assert server.stats()["requests"]["background"] >= 1 and server._sockets
+        t0 = time.monotonic()
+        await server.close()
+        took = time.monotonic() - t0
+        assert SOCKET_CLOSE_TIMEOUT_S * 0.9 <= took < SOCKET_CLOSE_TIMEOUT_S + 2.0
+        assert not server._sockets  # the handler saw the socket go
+        ws.close()
+
+    asyncio.run(main())
