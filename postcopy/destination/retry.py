@@ -207,7 +207,12 @@ class RetryingSyncConnection:
     def _recover(self, error: FetchError) -> None:
         self._drop()
         self._outage = self._outage or self.ctx.outage()
-        self._reconnect(self._outage, error)
+        try:
+            self._reconnect(self._outage, error)
+        except FetchError:  # given up: what was in flight will never be answered here
+            self._in_flight.clear()
+            self._outage = None
+            raise
 
     def _reconnect(self, outage: Outage, error: FetchError | None) -> None:
         """Back off after ``error`` (if any), open a new socket and send it every request in
