@@ -43,6 +43,7 @@ class MigrateOptions:
     timeout_s: float = 600.0  # from incoming started to completed
     timeline: bool = False  # the report carries the migration's timeline (for --report)
     state_dir: str | None = None  # a created guest's RAM in DIR/ram, restartable page server
+    prefill: float | None = None  # fraction of a created memtouch guest's RAM written before it starts
     tls_cert: str | None = None  # the page server speaks TLS with this certificate and key
     tls_key: str | None = None
     tls_ca: str | None = None  # the destination trusts only this CA for the page server
@@ -58,7 +59,8 @@ async def run_migration(source: ApiClient, dest: ApiClient, opts: MigrateOptions
     fault-injection proxy sits there)."""
     try:
         if opts.create:
-            await source.create_vm(opts.mem, opts.vcpus, opts.workload, opts.seed, state_dir=opts.state_dir)
+            await source.create_vm(opts.mem, opts.vcpus, opts.workload, opts.seed, state_dir=opts.state_dir,
+                                   prefill=opts.prefill)
             await asyncio.sleep(opts.warmup_s)
         before = await source.sweep()  # the guest's own check, on the source
         outgoing = await source.outgoing(opts.page_listen, opts.token, opts.page_url,

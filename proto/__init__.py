@@ -20,6 +20,7 @@ from proto.messages import (
     VmState,
     build_page_batch,
     decode_any,
+    page_batch_parts,
     find_region,
 )
 from proto.version import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION
@@ -44,6 +45,7 @@ __all__ = [
     "build_page_batch",
     "decode_any",
     "find_region",
+    "page_batch_parts",
     "page_sum",
     "page_sums",
     "unpack_sums",

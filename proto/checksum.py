@@ -22,8 +22,11 @@ def page_sum(page: Buffer) -> int:
 def page_sums(data: Buffer) -> bytes:
     """One 8-byte little-endian xxh3_64 digest per page of `data`, back to back.
 
-    `data` must be a whole number of pages; it is hashed in place, never copied.
+    `data` must be a whole number of pages; it is hashed in place, never copied. A single page
+    (every demand fault without readahead) takes a path with no view or list.
     """
+    if len(data) == PAGE_SIZE and (type(data) is bytes or memoryview(data).nbytes == PAGE_SIZE):
+        return xxh3_64_intdigest(data).to_bytes(CHECKSUM_SIZE, "little")
     view = memoryview(data).cast("B")
     end = view.nbytes
     if end % PAGE_SIZE:

@@ -67,10 +67,11 @@ __all__ = [
     "build_page_batch",
     "decode_any",
     "find_region",
+    "page_batch_parts",
 ]
 
-# The bytes of an all-zero page; build_page_batch compares each page against it (one memcmp).
-_ZERO_PAGE: Final = bytes(PAGE_SIZE)
+# An all-zero page; page_batch_parts compares each page against it (one memcmp).
+_ZERO_VIEW: Final = memoryview(bytes(PAGE_SIZE))
 # One UTF-8 character is at most this many bytes; msgpack limits count bytes, fields count chars.
 _UTF8_MAX: Final = 4
 # Room in every message's msgpack limits for a type name and a few unknown fields, so that a
@@ -754,11 +755,23 @@ def _pack_batch(gpa: int, count: int, zero: bytes, data: Buffer, sums: bytes) ->
     )
 
 
-def build_page_batch(gpa: int, count: int, memory: Buffer) -> bytes:
-    """The encoded PageBatch for `count` pages at `gpa` whose contents are `memory`.
+def _pack_batch_fields(gpa: int, count: int, zero: bytes, sums: bytes) -> bytes:
+    """A PageBatch map without its data entry (page_batch_parts appends it)."""
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "t": PageBatch.TYPE, "gpa": gpa, "count": count, "zero": zero, "sums": sums}
+    )
+
+
+_DATA_KEY: Final = msgpack.packb("data")
+
+
+def page_batch_parts(gpa: int, count: int, memory: Buffer) -> list[Buffer]:
+    """The encoded PageBatch for `count` pages at `gpa` whose contents are `memory`, as buffers
+    to send back to back (their concatenation is the message).
 
     The server side of a PageRequest: zero pages are detected (one memcmp each against a
-    zero page) and left out of data; sums are computed over exactly the bytes sent.
+    zero page) and left out of data; sums are computed over exactly the bytes sent. When no
+    page is zero, the data part is `memory` itself: the pages are sent without a copy.
     """
     _check_int("count", count, 1, MAX_BATCH_PAGES)
     _check_gpa("gpa", gpa, count)
@@ -766,17 +779,27 @@ def build_page_batch(gpa: int, count: int, memory: Buffer) -> bytes:
     if view.nbytes != count * PAGE_SIZE:
         raise ProtoError(f"memory must be count * {PAGE_SIZE} = {count * PAGE_SIZE} bytes, got {view.nbytes}")
     zero_bits = 0
-    pages: list[bytes] = []
+    pages: list[memoryview] = []
     for index, offset in enumerate(range(0, view.nbytes, PAGE_SIZE)):
-        page = view[offset : offset + PAGE_SIZE].tobytes()
-        if page == _ZERO_PAGE:
+        page = view[offset : offset + PAGE_SIZE]
+        if page == _ZERO_VIEW:
             zero_bits |= 1 << index
         else:
             pages.append(page)
-    # With no zero page, send the caller's buffer as is rather than a joined copy.
     data: Buffer = view if not zero_bits else b"".join(pages)
     zero = zero_bits.to_bytes((count + 7) // 8, "little")
-    return _pack_batch(gpa, count, zero, data, page_sums(data))
+    # Every field but data, packed as usual; data goes last, as its own part.
+    head = bytearray(_pack_batch_fields(gpa, count, zero, page_sums(data)))
+    head[0] += 1  # one more map entry (a fixmap: the count is in the first byte's low bits)
+    size = len(data)
+    bin_head = (b"\xc4" + size.to_bytes(1, "big") if size < 1 << 8 else
+                b"\xc5" + size.to_bytes(2, "big") if size < 1 << 16 else b"\xc6" + size.to_bytes(4, "big"))
+    return [bytes(head) + _DATA_KEY + bin_head, data]
+
+
+def build_page_batch(gpa: int, count: int, memory: Buffer) -> bytes:
+    """page_batch_parts as one bytes object."""
+    return b"".join(page_batch_parts(gpa, count, memory))
 
 
 @dataclass(slots=True, frozen=True)

@@ -7,6 +7,7 @@ forever (classic mode) if it happens on the thread that serves faults.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 # file (on tmpfs such as /dev/shm), which outlives the process: a page server can be restarted.
 Backing = Literal["anon", "memfd", "file"]
 FILE_MODE = 0o600
+# resident_pages: mincore this many pages at a time inside a data extent (64 MiB).
+RESIDENT_CHUNK_PAGES = 1 << 14
 
 
 class GuestMemoryError(ValueError):
@@ -34,7 +37,8 @@ class MemoryRegion:
     size: int
     hva: int
     first_page: int  # index of this region's first page in the global page numbering
-    fd: int = -1  # the memfd, for memfd-backed regions
+    fd: int = -1  # the memfd or file, for memfd- and file-backed regions
+    offset: int = 0  # where the region starts in fd (file backing: regions back to back)
 
     @property
     def end(self) -> int:
@@ -137,7 +141,7 @@ class GuestMemory:
             for slot, (gpa, size) in enumerate(layout):
                 offset = first_page << PAGE_SHIFT if backing == "file" else 0
                 hva, fd = _map(size, backing, name, file_fd, offset)
-                regions.append(MemoryRegion(slot, gpa, size, hva, first_page, fd))
+                regions.append(MemoryRegion(slot, gpa, size, hva, first_page, fd, offset))
                 first_page += size >> PAGE_SHIFT
         except GuestMemoryError:
             cls(regions, backing).close()
@@ -197,18 +201,48 @@ class GuestMemory:
 
     def resident_pages(self) -> bytearray:
         """One byte per page, bit 0 set where the host has the page (mincore): a page the host
-        never had is zero, so this finds untouched guest RAM without reading it."""
+        never had is zero, so this finds untouched guest RAM without reading it.
+
+        A memfd or file region's holes are skipped with lseek(SEEK_DATA) (one call per hole, whatever
+        its size) and mincore runs only from each data start to the next hole: mincore costs
+        per page, and a mostly untouched 4 GiB guest took it 127 ms here, against 0.4 ms."""
         out = bytearray(self.pages)
         for r in self.regions:
-            vec = (ctypes.c_ubyte * r.pages).from_buffer(out, r.first_page)
-            libc.check(libc.mincore(r.hva, r.size, vec), "mincore")
+            if r.fd < 0:
+                self._mincore(out, r, 0, r.pages)
+                continue
+            page = 0
+            while page < r.pages:
+                try:
+                    page = (os.lseek(r.fd, r.offset + (page << PAGE_SHIFT), os.SEEK_DATA) - r.offset) >> PAGE_SHIFT
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # no data from here to the end
+                        break
+                    raise GuestMemoryError(f"lseek(SEEK_DATA) on the fd of slot {r.slot}: {e}") from None
+                start = page
+                while page < r.pages:  # a data extent: mincore chunk by chunk up to its first hole
+                    end = min(page + RESIDENT_CHUNK_PAGES, r.pages)
+                    self._mincore(out, r, page, end - page)
+                    hole = out.find(0, r.first_page + page, r.first_page + end)
+                    if hole >= 0:
+                        # mincore has the last word; a page SEEK_DATA calls data but mincore
+                        # does not is stepped over, so the outer loop always moves on.
+                        page = max(hole - r.first_page, start + 1)
+                        break
+                    page = end
         return out
+
+    @staticmethod
+    def _mincore(out: bytearray, r: MemoryRegion, page: int, npages: int) -> None:
+        vec = (ctypes.c_ubyte * npages).from_buffer(out, r.first_page + page)
+        libc.check(libc.mincore(r.hva + (page << PAGE_SHIFT), npages << PAGE_SHIFT, vec), "mincore")
 
     def discard(self, gpa: int, length: int) -> None:
         """Give pages back to the host (MADV_DONTNEED): they read as zero, or fault again."""
         r = self.region_of(gpa, length)
         if r.fd >= 0:  # a memfd's pages outlive MADV_DONTNEED in its page cache: punch them out
-            libc.check(libc.fallocate(r.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, gpa - r.gpa, length),
+            libc.check(libc.fallocate(r.fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE,
+                                      r.offset + gpa - r.gpa, length),
                        "fallocate(PUNCH_HOLE)")
         libc.check(libc.madvise(r.hva + (gpa - r.gpa), length, libc.MADV_DONTNEED), "madvise")
 

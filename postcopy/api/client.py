@@ -79,9 +79,10 @@ class ApiClient:
         return await self.request("GET", "/v1/health")
 
     async def create_vm(self, mem: str | int = "256M", vcpus: int = 2, workload: str = "memtouch",
-                        seed: int = 7, *, state_dir: str | None = None) -> dict[str, Any]:
+                        seed: int = 7, *, state_dir: str | None = None,
+                        prefill: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"mem": mem, "vcpus": vcpus, "workload": workload, "seed": seed}
-        return await self.request("PUT", "/v1/vm", _with(body, state_dir=state_dir))
+        return await self.request("PUT", "/v1/vm", _with(body, state_dir=state_dir, prefill=prefill))
 
     async def vm(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/vm")

@@ -121,6 +121,7 @@ class VmSpec:
     workload: str
     seed: int
     state_dir: str | None = None  # guest RAM in DIR/ram (tmpfs), the header saved there at switchover
+    prefill: float = 0.0  # fraction of the data region written before the guest starts (memtouch)
 
     @classmethod
     def parse(cls, body: Any) -> VmSpec:
@@ -134,12 +135,15 @@ class VmSpec:
         workload = f.choice("workload", tuple(WORKLOADS), "memtouch")
         seed = f.integer("seed", 1, 0, MAX_SEED)
         state_dir = f.path("state_dir")
+        prefill = f.number("prefill", 0.0, 0.0, 1.0)
         f.done()
+        if prefill and workload != "memtouch":
+            raise ApiError(400, f"PUT /v1/vm: field 'prefill' applies only to workload memtouch, not {workload}")
         try:
             MachineConfig(mem_bytes, vcpus).validate()
         except MachineError as e:
             raise ApiError(400, f"PUT /v1/vm: {e}") from None
-        return cls(mem_bytes, vcpus, workload, seed, state_dir)
+        return cls(mem_bytes, vcpus, workload, seed, state_dir, prefill)
 
 
 @dataclass(slots=True, frozen=True)

@@ -149,7 +149,7 @@ class VmmService:
             try:
                 ram_path = states.prepare(spec.state_dir) if spec.state_dir else None
                 machine, workload = boot_workload(spec.workload, spec.mem_bytes, spec.vcpus, spec.seed,
-                                                  ram_path=ram_path)
+                                                  ram_path=ram_path, prefill=spec.prefill)
             except (WorkloadError, states.StateDirError) as e:
                 raise ApiError(400, f"PUT /v1/vm: {e}") from None
             except MachineError as e:

@@ -21,7 +21,7 @@ from vmm.memory import parse_size
 SECTIONS: dict[str, str] = {
     "pagein": "postcopy.bench.pagein",
     "limit": "postcopy.bench.limit",
-    # The network sections (branch `transport`): registered here, imported only if present.
+    # Over the page server on loopback, against a source VMM (bench/common.py).
     "fetch": "postcopy.bench.fetch",
     "stream": "postcopy.bench.stream",
     "migrate": "postcopy.bench.migrate",

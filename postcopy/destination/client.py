@@ -1,8 +1,9 @@
 """The destination's connections to the source's page server (docs/protocol.md).
 
-``PageConnection`` is one WebSocket: requests may be pipelined and are answered in order. Each
-vCPU thread owns one, driven from its own uvloop loop (``SyncPageConnection``), so a demand
-fetch never waits behind the background stream or another vCPU.
+``PageConnection`` is one aiohttp WebSocket on an event loop: requests are pipelined and
+answered in order (the background stream). ``SyncPageConnection`` is one blocking WebSocket per
+vCPU thread (the fault path), so a demand fetch never waits behind the background stream, another
+vCPU, or an event loop.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import collections
 import ssl
 
 import aiohttp
-import uvloop
 
+from postcopy.destination.websocket import BlockingWebSocket, HandshakeError, WebSocketError
 from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoError, decode_any
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
+PAGES_PATH = "/v1/pages/ws"
 # Closing waits this long for the peer's close frame: a broken stream is not waited on.
 WS_CLOSE_TIMEOUT_S = 0.1
 
@@ -40,7 +42,7 @@ def _session() -> aiohttp.ClientSession:
                                  timeout=aiohttp.ClientTimeout(total=None, connect=10))
 
 
-def decode_batch(data: bytes, request: PageRequest) -> PageBatch:
+def decode_batch(data: bytes | memoryview, request: PageRequest) -> PageBatch:
     try:
         msg = decode_any(data)
     except ProtoError as e:
@@ -77,7 +79,7 @@ class PageConnection:
     async def connect(self) -> None:
         self._session = _session()
         try:
-            self._ws = await self._session.ws_connect(f"{self.base_url}/v1/pages/ws", headers=auth_headers(self.token),
+            self._ws = await self._session.ws_connect(f"{self.base_url}{PAGES_PATH}", headers=auth_headers(self.token),
                                                       max_msg_size=MAX_WS_MESSAGE, autoping=False, heartbeat=None,
                                                       ssl=tls_option(self.ssl_context),
                                                       timeout=aiohttp.ClientWSTimeout(ws_receive=self.receive_timeout,
@@ -157,27 +159,64 @@ class PageConnection:
 
 
 class SyncPageConnection:
-    """A PageConnection on an event loop of its own, for a vCPU thread that blocks in KVM_RUN
-    between faults: each fetch runs the loop just long enough to get its answer."""
+    """The vCPU fault path's connection: a blocking WebSocket (websocket.py) owned by one
+    thread, one request and one answer at a time. No event loop: a fetch is one send and,
+    for a small batch, one recv."""
 
     def __init__(self, base_url: str, token: str, *, ssl_context: ssl.SSLContext | None = None,
                  receive_timeout: float | None = None) -> None:
-        self.loop = uvloop.new_event_loop()
-        self.conn = PageConnection(base_url, token, ssl_context=ssl_context, receive_timeout=receive_timeout)
+        self.base_url = base_url.rstrip("/")
+        self.requests = 0
+        self.bytes_received = 0
         try:
-            self.loop.run_until_complete(self.conn.connect())
-        except BaseException:
-            self.loop.close()
-            raise
+            # receive_timeout: a stalled answer is a FetchError after this long (a socket timeout)
+            self.ws = BlockingWebSocket(f"{self.base_url}{PAGES_PATH}", auth_headers(token),
+                                        max_message=MAX_WS_MESSAGE, ssl_context=ssl_context,
+                                        receive_timeout=receive_timeout)
+        except HandshakeError as e:
+            raise FetchError(f"cannot open the page stream at {self.base_url}: HTTP {e.status}"
+                             f"{_refusal(e.body)}") from None
+        except WebSocketError as e:
+            raise FetchError(f"cannot open the page stream at {self.base_url}: {e}") from None
 
     def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
-        return self.loop.run_until_complete(self.conn.fetch(gpa, count, kind))
+        """``count`` pages from ``gpa``, checked against the request and their checksums."""
+        return self.receive(self.send(gpa, count, kind))
+
+    def send(self, gpa: int, count: int, kind: str) -> PageRequest:
+        """Send a request; its answer comes from ``receive`` after those of earlier requests
+        (the server answers in order): so a caller may keep several in flight."""
+        request = PageRequest(gpa, count, kind)  # type: ignore[arg-type]
+        self.send_request(request)
+        return request
+
+    def send_request(self, request: PageRequest) -> None:
+        self.requests += 1
+        try:
+            self.ws.send(request.encode())
+        except WebSocketError as e:
+            raise FetchError(f"page stream broke sending a {request.kind} request for gpa {request.gpa:#x}: {e}") from None
+
+    def receive(self, request: PageRequest) -> PageBatch:
+        """The answer to the oldest request in flight, which must be ``request``."""
+        try:
+            answer = self.ws.recv()
+        except WebSocketError as e:
+            raise FetchError(f"page stream broke during {request.kind} fetch of gpa {request.gpa:#x}: {e}") from None
+        self.bytes_received += answer.nbytes
+        return decode_batch(answer, request)
 
     def close(self) -> None:
-        try:
-            self.loop.run_until_complete(self.conn.close())
-        finally:
-            self.loop.close()
+        self.ws.close()
+
+
+def _refusal(body: bytes) -> str:
+    """The server's ErrorReply message for a refused upgrade, if its body holds one."""
+    try:
+        msg = decode_any(body)
+    except ProtoError:
+        return ""
+    return f" ({msg.message})" if isinstance(msg, ErrorReply) else ""
 
 
 async def start_migration(session: aiohttp.ClientSession, base_url: str, token: str) -> tuple[MigrationHeader, int]:

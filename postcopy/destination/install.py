@@ -2,9 +2,10 @@
 
 A batch is installed run by run: one UFFDIO_COPY per run of data pages, one UFFDIO_ZEROPAGE per
 run of zero pages. EEXIST (another thread got there first) is normal and skipped by Uffd. So is
-ENOENT once every page is present: the destination unregisters guest RAM at completion, and an
-install still in flight then (a vCPU fetched a page the background installed meanwhile) finds
-the range unregistered; what it carried is there already.
+ENOENT once every page is present: the destination keeps guest RAM registered until it closes
+(so a vCPU finishing a fault whose page the background installed meanwhile meets EEXIST), and an
+install still in flight when it unregisters finds the range gone; what it carried is there
+already.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ class Installer:
         self.tracker.mark_present(page, npages, Arrival.ZERO)
 
     def _gone_after_completion(self, e: UffdError) -> bool:
-        """ENOENT with every page present: guest RAM was unregistered at completion under an
+        """ENOENT with every page present: guest RAM was unregistered (Destination.close) under an
         install in flight (try/except, not a context manager: this is the fault path)."""
         return e.errno == errno.ENOENT and self.tracker.all_present.is_set()
 

@@ -6,7 +6,8 @@
 LISTEN: the VM exists and its RAM is registered with userfaultfd, empty. switchover: ask the
 source to pause (its answer is the header), install the eager set, restore state, start the
 vCPUs. RUNNING: faults are served (exit or classic mode) and the background transfer pulls the
-rest. COMPLETE: uffd unregistered, the source told to release the guest. The guest never stops.
+rest. COMPLETE: every page present, the source told to release the guest (RAM stays registered
+with userfaultfd until close). The guest never stops.
 """
 from __future__ import annotations
 
@@ -23,13 +24,11 @@ import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
-from postcopy.destination.client import (FetchError, PageConnection, SyncPageConnection, auth_headers,
-                                         start_migration, tls_option)
+from postcopy.destination.client import FetchError, SyncPageConnection, auth_headers, start_migration, tls_option
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
-from postcopy.destination.retry import (RetryContext, RetryingPageConnection, RetryingSyncConnection, RetryPolicy,
-                                        retry_async)
+from postcopy.destination.retry import RetryContext, RetryingSyncConnection, RetryPolicy, retry_async
 from postcopy.observe.collect import register_destination
 from postcopy.observe.faultlog import CLASSIC_KINDS, EXIT_KINDS, FaultLog, blocktime_ns, kind_totals, latencies_ns
 from postcopy.observe.prometheus import Registry
@@ -125,10 +124,10 @@ class Destination:
         self.resolver: ExitModeResolver | None = None
         self.classic: ClassicHandler | None = None
         self.header: MigrationHeader | None = None
-        self._connections: list[RetryingPageConnection] = []
         self._session: aiohttp.ClientSession | None = None
         # exit: one per vCPU; classic: one per handler thread
         self._vcpu_connections: list[RetryingSyncConnection] = []
+        self._background_connection: RetryingSyncConnection | None = None  # pipelined, its own thread
         self._started_ns = 0
         self._done_ns = 0
         self.error: str | None = None
@@ -171,21 +170,16 @@ class Destination:
         self.machine = Machine.create(MachineConfig(mem_bytes, vcpus), console=self.console, memory=self.memory)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(self.ssl_context)))
         fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
-        self._vcpu_connections = list(await asyncio.gather(
-            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(fetchers))))
-        c = RetryingPageConnection(self._open_async, self.retry)  # the background transfer's
-        await c.connect()
-        self._connections.append(c)
+        # one per vCPU (or classic handler), then the background transfer's
+        connections = await asyncio.gather(
+            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(fetchers + 1)))
+        self._vcpu_connections = list(connections[:fetchers])
+        self._background_connection = connections[fetchers]
         self._to(DestinationState.LISTEN)
 
     def _open_sync(self) -> SyncPageConnection:
         return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
                                   receive_timeout=self.retry.policy.request_timeout_s)
-
-    async def _open_async(self) -> PageConnection:
-        conn = PageConnection(self.source_url, self.token, ssl_context=self.ssl_context)
-        await conn.connect()
-        return conn
 
     # -- RUNNING -------------------------------------------------------------------------------
     async def switchover(self) -> None:
@@ -227,7 +221,7 @@ class Destination:
         """Run the background transfer (or wait for demand alone) until every page is present."""
         assert self.tracker and self.machine and self.uffd and self.memory and self.header
         background = asyncio.ensure_future(run_background(
-            self._connections[0], self.installer, batch_pages=self.background_batch_pages,  # type: ignore[arg-type]
+            self._background_connection, self.installer, batch_pages=self.background_batch_pages,  # type: ignore[arg-type]
             depth=self.background_depth)) if self.background else None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -258,8 +252,9 @@ class Destination:
             if background is not None and not background.done():
                 background.cancel()
         done_ns = self._done_ns = time.monotonic_ns()
-        for region in self.memory.regions:
-            self.uffd.unregister(region.hva, region.size)
+        # RAM stays registered until close(): a vCPU may still be finishing a fault it took
+        # before the last page arrived (the background installed that page meanwhile); its
+        # UFFDIO_COPY must meet EEXIST (skipped), not ENOENT from an unregistered range.
         if self.classic is not None:
             self.classic.stop()
         self._to(DestinationState.COMPLETE)
@@ -385,6 +380,16 @@ class Destination:
         machine, self.machine = self.machine, None
         return machine
 
+    def _unregister_ram(self) -> None:
+        """Guest RAM is registered from prepare() to here, not only to COMPLETE (see
+        wait_complete). A guest handed to a new owner (detach_machine) keeps running on it:
+        every page is present, and from here on its accesses never reach this uffd."""
+        if self.uffd is None or self.uffd.fd < 0 or self.memory is None:
+            return
+        for region in self.memory.regions:
+            if region.hva:
+                self.uffd.unregister(region.hva, region.size)
+
     async def close(self) -> None:
         self.retry.abort()
         await self._sampler.stop()
@@ -395,10 +400,11 @@ class Destination:
         else:
             for sync in self._vcpu_connections:
                 await asyncio.to_thread(sync.close)
-        for c in self._connections:
-            await c.close()
+        if self._background_connection is not None:
+            await asyncio.to_thread(self._background_connection.close)
         if self._session is not None:
             await self._session.close()
+        self._unregister_ram()
         if self.machine is not None:
             self.machine.close()
             self.machine = None

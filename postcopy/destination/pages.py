@@ -17,6 +17,7 @@ from vmm.memory import GuestMemory
 
 MISSING, PRESENT, IN_FLIGHT = 0, 1, 2
 _MISSING = bytes([MISSING])
+_PRESENT = bytes([PRESENT])
 
 
 class Arrival(enum.IntEnum):
@@ -74,16 +75,22 @@ class PageTracker:
 
     def missing_run(self, page: int, limit: int) -> int:
         """How many pages from ``page`` on (at most ``limit``) are MISSING and of the same kind
-        (zero or not) as ``page``: the readahead window that is worth asking for."""
-        state, is_zero = self.state, self.is_zero
+        (zero or not) as ``page``: the readahead window that is worth asking for. Computed on
+        whole byte strings and integers, not page by page (a background batch is 512 pages)."""
         end = min(page + limit, self.npages)
-        kind = is_zero(page)
-        n = 0
-        for p in range(page, end):
-            if state[p] != MISSING or is_zero(p) != kind:
-                break
-            n += 1
-        return n
+        if end <= page:
+            return 0
+        span = self.state[page:end]
+        n = len(span) - len(span.lstrip(_MISSING))
+        if n == 0:
+            return 0
+        # The zero bits of [page, page + n) as an integer, bit 0 = page: the run of the same
+        # kind is its trailing zeros (data pages) or trailing ones (zero pages).
+        bits = int.from_bytes(self.zero_bitmap[page >> 3:((page + n) >> 3) + 1], "little") >> (page & 7)
+        if bits & 1:
+            bits = ~bits
+        same = (bits & -bits).bit_length() - 1 if bits else n
+        return min(n, same)
 
     def next_missing(self, start: int) -> int:
         """The first MISSING page at or after ``start``, or -1."""
@@ -119,20 +126,25 @@ class PageTracker:
 
     def mark_present(self, page: int, npages: int, how: Arrival) -> int:
         """Record that [page, page+npages) is installed; returns how many were new."""
+        end = page + npages
         with self._lock:
             state, arrival = self.state, self.arrival
-            new = 0
-            if npages == 1:  # a demand fault's page: no loop
+            if npages == 1:  # a demand fault's page: no counting, no slices
+                new = 0
                 if state[page] != PRESENT:
                     state[page] = PRESENT
                     arrival[page] = how
                     new = 1
             else:
-                for p in range(page, page + npages):
-                    if state[p] != PRESENT:
-                        state[p] = PRESENT
-                        arrival[p] = how
-                        new += 1
+                new = npages - state.count(_PRESENT, page, end)
+                if new == npages:  # the usual batch: none was present, one slice assignment each
+                    state[page:end] = _PRESENT * npages
+                    arrival[page:end] = bytes((how,)) * npages
+                elif new:
+                    for p in range(page, end):
+                        if state[p] != PRESENT:
+                            state[p] = PRESENT
+                            arrival[p] = how
             if new:
                 self.counts[how] += new
                 self.present += new

@@ -12,6 +12,7 @@ the migration with the guest paused.
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import threading
 import time
@@ -19,8 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from postcopy.destination.client import FetchError, PageConnection, SyncPageConnection
-from proto import PageBatch
+from postcopy.destination.client import FetchError, SyncPageConnection
+from proto import PageBatch, PageRequest
 
 T = TypeVar("T")
 DEFAULT_DEADLINE_S = 30.0
@@ -74,8 +75,8 @@ def reason_of(error: BaseException) -> str:
 
 
 class RetryContext:
-    """One migration's retry state, shared by all its connections (vCPU threads and the event
-    loop): the policy, the counters, and the abort switch that ends every retry at once."""
+    """One migration's retry state, shared by all its connections (vCPU threads, the
+    background thread, the event loop's requests): the policy, the counters, and the abort switch that ends every retry at once."""
 
     def __init__(self, policy: RetryPolicy | None = None) -> None:
         self.policy = policy or RetryPolicy()
@@ -152,16 +153,20 @@ def _as_fetch_error(error: BaseException, what: str) -> FetchError:
     return FetchError(f"{what}: {error}")
 
 
-# -- the blocking connection of a vCPU thread ------------------------------------------------
+# -- the blocking connections: a vCPU thread's, the background thread's -----------------------
 
 class RetryingSyncConnection:
-    """A SyncPageConnection that survives its socket: a fetch that fails closes it, backs off
-    (the vCPU thread sleeps: the guest only waits), reconnects and asks again."""
+    """A SyncPageConnection that survives its socket, for the one thread that uses it: a vCPU
+    thread's ``fetch``, or the background thread's pipelined ``send`` and ``receive`` (answers
+    come in order). When a request fails, the socket is closed, the thread backs off (the guest
+    only waits), opens a new one and sends again, in order, every request still in flight."""
 
     def __init__(self, connect: Callable[[], SyncPageConnection], ctx: RetryContext) -> None:
         self._connect = connect
         self.ctx = ctx
         self._conn: SyncPageConnection | None = None
+        self._in_flight: collections.deque[PageRequest] = collections.deque()
+        self._outage: Outage | None = None  # the failures since the last answer
 
     @classmethod
     def open(cls, connect: Callable[[], SyncPageConnection], ctx: RetryContext) -> RetryingSyncConnection:
@@ -170,31 +175,63 @@ class RetryingSyncConnection:
         return self
 
     def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
-        outage: Outage | None = None
+        return self.receive(self.send(gpa, count, kind))
+
+    def send(self, gpa: int, count: int, kind: str) -> PageRequest:
+        request = PageRequest(gpa, count, kind)  # type: ignore[arg-type]
+        self._in_flight.append(request)
+        conn = self._conn
+        try:
+            if conn is None:
+                raise FetchError("page stream closed")
+            conn.send_request(request)
+        except FetchError as error:
+            self._recover(error)  # the new socket carries it with the others in flight
+        return request
+
+    def receive(self, request: PageRequest) -> PageBatch:
+        """The answer to ``request``, the oldest in flight (valid until the next receive)."""
         while True:
             conn = self._conn
-            if conn is not None:
-                try:
-                    return conn.fetch(gpa, count, kind)
-                except FetchError as error:
-                    self._drop()
-                    outage = outage or self.ctx.outage()
-                    self._reconnect(outage, error)
-            else:
-                outage = outage or self.ctx.outage()
-                self._reconnect(outage, FetchError("page stream closed"))
+            try:
+                if conn is None:
+                    raise FetchError("page stream closed")
+                batch = conn.receive(request)
+            except FetchError as error:
+                self._recover(error)
+                continue
+            self._in_flight.popleft()
+            self._outage = None
+            return batch
+
+    def _recover(self, error: FetchError) -> None:
+        self._drop()
+        self._outage = self._outage or self.ctx.outage()
+        try:
+            self._reconnect(self._outage, error)
+        except FetchError:  # given up: what was in flight will never be answered here
+            self._in_flight.clear()
+            self._outage = None
+            raise
 
     def _reconnect(self, outage: Outage, error: FetchError | None) -> None:
-        """Back off after ``error`` (if any) and open a new socket, until one opens."""
+        """Back off after ``error`` (if any), open a new socket and send it every request in
+        flight, until that works."""
         while True:
             if error is not None:
                 if self.ctx.aborted.wait(outage.failed(error)):
                     raise RetryExhausted(f"retry aborted: {error}")
+            conn = None
             try:
-                self._conn = self._connect()
+                conn = self._connect()
+                for request in self._in_flight:
+                    conn.send_request(request)
             except FetchError as e:
+                if conn is not None:
+                    _close_quietly(conn)
                 error = e
                 continue
+            self._conn = conn
             if outage.attempts:
                 self.ctx._reconnected(outage)
             return
@@ -202,108 +239,17 @@ class RetryingSyncConnection:
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - a broken socket may fail to close; it is gone either way
-                pass
+            _close_quietly(conn)
 
     def close(self) -> None:
         self._drop()
 
 
-# -- the pipelined connection on the event loop (background, classic handler) ----------------
-
-class RetryingPageConnection:
-    """A PageConnection that survives its socket. Every request is a task that waits for its
-    answer on the current socket; when any request fails, the socket is replaced once (after a
-    backoff) and every request that was waiting on it is sent again on the new one, in order."""
-
-    def __init__(self, connect: Callable[[], Awaitable[PageConnection]], ctx: RetryContext) -> None:
-        self._connect = connect
-        self.ctx = ctx
-        self._conn: PageConnection | None = None
-        self._broken = asyncio.Event()  # set when the current socket is given up
-        self._lock = asyncio.Lock()
-        self._outage: Outage | None = None
-        self._tasks: set[asyncio.Task[PageBatch]] = set()
-        self._closing: set[asyncio.Task[None]] = set()
-
-    async def connect(self) -> None:
-        await self._recover(None, None)
-
-    def submit(self, gpa: int, count: int, kind: str) -> asyncio.Future[PageBatch]:
-        task = asyncio.get_running_loop().create_task(self.fetch(gpa, count, kind))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
-        timeout = self.ctx.policy.request_timeout_s
-        while True:
-            conn, broken = self._conn, self._broken
-            if conn is None:
-                await self._recover(None, FetchError("page stream closed"))
-                continue
-            answer = conn.submit(gpa, count, kind)
-            gave_up = asyncio.ensure_future(broken.wait())
-            try:
-                done, _ = await asyncio.wait((answer, gave_up), timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gave_up.cancel()
-            if answer in done and answer.exception() is None:
-                self._outage = None
-                return answer.result()
-            answer.cancel()
-            if answer in done:
-                error: FetchError | None = _as_fetch_error(answer.exception(), f"{kind} request for gpa {gpa:#x}")  # type: ignore[arg-type]
-            elif broken.is_set():
-                error = None  # another request already replaced the socket: just ask again
-            else:
-                error = FetchError(f"no answer to {kind} request for gpa {gpa:#x} in {timeout} s (stalled stream)")
-            if error is not None:
-                await self._recover(conn, error)
-
-    async def _recover(self, conn: PageConnection | None, error: FetchError | None) -> None:
-        """Replace ``conn`` (None: no socket) if it is still the current one: close it, wake
-        every request waiting on it, back off, and open a new one, until one opens."""
-        async with self._lock:
-            if conn is not self._conn:
-                return  # replaced (or opened) while we waited for the lock
-            if self._conn is not None:
-                old, self._conn = self._conn, None
-                self._broken.set()
-                self._broken = asyncio.Event()
-                # Closing waits for the peer's close frame: not on the way to the new socket.
-                closing = asyncio.get_running_loop().create_task(old.close())
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
-            if error is not None and self._outage is None:
-                self._outage = self.ctx.outage()
-            while True:
-                if error is not None:
-                    assert self._outage is not None
-                    await asyncio.sleep(self._outage.failed(error))
-                new = None
-                try:
-                    new = await self._connect()
-                except FetchError as e:
-                    error = e
-                    self._outage = self._outage or self.ctx.outage()
-                    continue
-                self._conn = new
-                if self._outage is not None:
-                    self.ctx._reconnected(self._outage)
-                return
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await conn.close()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+def _close_quietly(conn: SyncPageConnection) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - a broken socket may fail to close; it is gone either way
+        pass
 
 
 async def retry_async(ctx: RetryContext, what: str, call: Callable[[], Awaitable[T]]) -> T:

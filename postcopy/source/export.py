@@ -21,8 +21,9 @@ __all__ = ["ExportError", "coalesce", "export", "read_boot_id", "zero_bitmap"]
 
 BOOT_ID_PATH: Final = Path("/proc/sys/kernel/random/boot_id")
 RESIDENT: Final = 1  # mincore's bit 0: the host has the page
-# bytes.translate table: a resident_pages() byte -> 1 where the page is zero (never resident).
-_NOT_RESIDENT: Final = bytes(0 if byte & RESIDENT else 1 for byte in range(256))
+# bytes.translate tables, one per bit of a bitmap byte: a resident_pages() byte -> that bit
+# where the page is zero (never resident), else 0.
+_ZERO_BIT: Final = tuple(bytes(0 if byte & RESIDENT else 1 << bit for byte in range(256)) for bit in range(8))
 
 
 class ExportError(Exception):
@@ -36,17 +37,15 @@ def read_boot_id() -> str:
 def zero_bitmap(memory: GuestMemory, eager: Iterable[int] = ()) -> bytes:
     """One bit per guest page over all regions in order, LSB first: set where the host never had
     the page (so it is all zeros); the pages in `eager` are never marked."""
-    flags = memory.resident_pages().translate(_NOT_RESIDENT)  # one 0/1 byte per page
-    npages = len(flags)
-    flags += bytes(-npages % 8)
-    # Gather bit 8i of the little-endian integer to bit i: pairs, then nibbles, then bytes
-    # (each step is a few C-level big-int operations, not a Python loop per page).
-    nbytes = len(flags)
-    bits = int.from_bytes(flags, "little")
-    bits = (bits | bits >> 7) & int.from_bytes(b"\x03\x00" * (nbytes // 2), "little")
-    bits = (bits | bits >> 14) & int.from_bytes(b"\x0f\x00\x00\x00" * (nbytes // 4), "little")
-    bits = (bits | bits >> 28) & int.from_bytes((b"\xff" + bytes(7)) * (nbytes // 8), "little")
-    bitmap = bytearray(bits.to_bytes(nbytes, "little")[::8])
+    resident = memory.resident_pages()
+    npages = len(resident)
+    resident += bytes([RESIDENT]) * (-npages % 8)  # padding bits: not zero pages
+    # Page 8k+b is bit b of byte k: every 8th byte from b, translated to bit b, ORed together
+    # (a few C-level passes over the map, no Python loop per page; it runs in the downtime).
+    bits = 0
+    for bit, table in enumerate(_ZERO_BIT):
+        bits |= int.from_bytes(resident[bit::8].translate(table), "little")
+    bitmap = bytearray(bits.to_bytes(len(resident) // 8, "little"))
     for gpa in eager:
         index = memory.page_index(gpa)
         bitmap[index >> 3] &= ~(1 << (index & 7)) & 0xFF

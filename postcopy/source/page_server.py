@@ -13,18 +13,18 @@ import hmac
 import logging
 import ssl
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Self
 
 import msgpack
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 
 from postcopy.observe.collect import register_source
 from postcopy.observe.prometheus import Registry, metrics_handler
 from postcopy.observe.series import Sampler, Series
 from postcopy.source.export import ExportError, export
+from postcopy.source.page_socket import PageSocket
 from proto import (
     MAX_BATCH_PAGES,
     PAGE_SIZE,
@@ -34,10 +34,10 @@ from proto import (
     MigrationHeader,
     PageRequest,
     ProtoError,
-    build_page_batch,
+    page_batch_parts,
 )
+from proto.checksum import Buffer
 from proto.version import (
-    CHECKSUM_SIZE,
     MAX_COMPLETE_MESSAGE_BYTES,
     MAX_ERROR_MESSAGE_LEN,
     MAX_GPA,
@@ -57,12 +57,9 @@ WS_MAX_FRAME_BYTES: Final = 64 * 1024
 # HTTP request bodies: the largest is a Complete.
 MAX_BODY_BYTES: Final = MAX_COMPLETE_MESSAGE_BYTES
 SWEEP_TIMEOUT_S: Final = 60.0
+SOCKET_CLOSE_TIMEOUT_S: Final = 1.0
 # The guest's progress is sampled this often while it runs here, for the destination's timeline.
 PROGRESS_INTERVAL_S: Final = 0.02
-# A non-zero page costs its data and its checksum in an encoded PageBatch; everything else in
-# the batch (keys, gpa, count, the zero bitmap, bin headers) is far smaller than one such page,
-# so the encoded length alone tells how many pages went as data.
-_BATCH_PAGE_BYTES: Final = PAGE_SIZE + CHECKSUM_SIZE
 
 _AUTH: Final = web.AppKey("auth", bytes)
 _SERVER: Final = web.AppKey("server", "PageServer")
@@ -126,7 +123,10 @@ class PageServer:
         self._failure = ""
         self._transition = asyncio.Lock()  # start and sweep: one at a time
         self._stats = ServerStats()
-        self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self._sockets: set[PageSocket] = set()
+        # One view of each region of guest RAM, sliced per request (no copy): set at the
+        # switchover, valid until the machine closes, which its owner does after close().
+        self._spans: list[tuple[int, int, memoryview]] = []
         self._runner: web.AppRunner | None = None
         self.progress = Series(["verified"])
         self._sampler = Sampler(PROGRESS_INTERVAL_S, self._sample_progress)
@@ -145,6 +145,8 @@ class PageServer:
 
     def _serving(self, header: MigrationHeader, header_bytes: bytes) -> None:
         self.header, self._header_bytes = header, header_bytes
+        memory = self.memory
+        self._spans = [(r.gpa, r.end, memory.view(r.gpa, r.size)) for r in memory.regions]
         self._stats.started_ns = header.paused_at_ns
         self._stats.header_bytes = len(header_bytes)
 
@@ -164,6 +166,16 @@ class PageServer:
     async def close(self) -> None:
         """Stop listening and close every WebSocket; guest memory is not touched after this."""
         await self._sampler.stop()
+        # Answers still buffered in a transport are views of guest RAM: a socket whose peer
+        # does not read them within SOCKET_CLOSE_TIMEOUT_S is aborted (its buffer dropped), so
+        # nothing writes from guest RAM once its owner unmaps it.
+        sockets = list(self._sockets)
+        for socket in sockets:
+            socket.close(WSCloseCode.GOING_AWAY, "server shutdown")
+        if sockets:
+            await asyncio.wait([s.closed for s in sockets], timeout=SOCKET_CLOSE_TIMEOUT_S)
+            for socket in sockets:
+                socket.abort()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()  # runs on_shutdown: closes the sockets
@@ -175,8 +187,8 @@ class PageServer:
         await self.close()
 
     async def _close_sockets(self, app: web.Application) -> None:
-        for ws in list(self._sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        for socket in list(self._sockets):
+            socket.close(WSCloseCode.GOING_AWAY, "server shutdown")
 
     async def wait(self) -> MigrationState:
         """Until the migration completes or fails; returns that state."""
@@ -315,64 +327,54 @@ class PageServer:
             return self._wrong_state("serve pages")
         ws = web.WebSocketResponse(heartbeat=None, compress=False, max_msg_size=WS_MAX_FRAME_BYTES)
         await ws.prepare(request)
-        self._sockets.add(ws)
+        # From here on the frames are answered by the fast path (page_socket.py), not by ws.
+        assert request.transport is not None
+        socket = PageSocket.take_over(request.transport, self.answer, self._answer_text, max_frame=WS_MAX_FRAME_BYTES)
+        self._sockets.add(socket)
         self._stats.ws_connections += 1
         try:
-            await self._serve(ws)
-        except ConnectionResetError as error:  # the destination went away mid-answer: it will ask again
-            log.info("page socket closed by the peer: %s", error)
+            await socket.closed
         finally:
-            self._sockets.discard(ws)
+            self._sockets.discard(socket)
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse) -> None:
-        """The hot path: one decode, one build, one send per request, answered in order."""
-        # One view per region, sliced per request (no copy); valid until the machine closes,
-        # which its owner does only after close() has ended every socket.
-        memory = self.memory
-        spans = [(r.gpa, r.end, memory.view(r.gpa, r.size)) for r in memory.regions]
-        stats = self._stats
-        requests = stats.requests
-        async for frame in ws:
-            if frame.type is not WSMsgType.BINARY:
-                if frame.type is WSMsgType.TEXT:
-                    await self._send_error(ws, 400, "page requests are binary msgpack frames, not text")
-                    continue
-                break  # CLOSE, ERROR (an oversized frame included)
+    def answer(self, frame: bytes) -> tuple[list[Buffer], bool]:
+        """The hot path: the answer to one binary frame (one decode, one build; the pages as a
+        view of guest RAM), and whether to close the socket after it."""
+        if self.state is not MigrationState.SERVING:
             if self.state is MigrationState.RUNNING:
-                await self._send_error(ws, 409, "the guest still runs here: start the migration first")
-                continue
-            if self.state is not MigrationState.SERVING:
-                await self._send_error(ws, 409, f"the migration is {self.state.value}: no more pages")
+                return self._error_parts(409, "the guest still runs here: start the migration first"), False
+            return self._error_parts(409, f"the migration is {self.state.value}: no more pages"), True
+        try:
+            page_request = PageRequest.decode(frame)
+        except ProtoError as error:
+            return self._error_parts(_decode_error_code(frame), str(error)), False
+        gpa, count = page_request.gpa, page_request.count
+        for first, end, region_view in self._spans:
+            if first <= gpa < end and gpa + count * PAGE_SIZE <= end:
                 break
-            assert self.header is not None
-            regions = self.header.regions
+        else:
             try:
-                page_request = PageRequest.decode(frame.data)
+                page_request.validate_range(self.header.regions)  # type: ignore[union-attr]
             except ProtoError as error:
-                await self._send_error(ws, _decode_error_code(frame.data), str(error))
-                continue
-            try:
-                page_request.validate_range(regions)
-            except ProtoError as error:
-                await self._send_error(ws, 416, str(error))
-                continue
-            gpa, count = page_request.gpa, page_request.count
-            for first, end, region_view in spans:
-                if first <= gpa < end:
-                    break
-            offset = gpa - first
-            batch = build_page_batch(gpa, count, region_view[offset : offset + count * PAGE_SIZE])
-            data_pages = len(batch) // _BATCH_PAGE_BYTES
-            stats.pages_data += data_pages
-            stats.pages_zero += count - data_pages
-            stats.batch_bytes += len(batch)
-            requests[page_request.kind] += 1
-            await ws.send_bytes(batch)
+                return self._error_parts(416, str(error)), False
+            raise AssertionError(f"no memory view for a valid request at gpa {gpa:#x}")
+        offset = gpa - first
+        parts = page_batch_parts(gpa, count, region_view[offset : offset + count * PAGE_SIZE])
+        stats = self._stats
+        data_pages = len(parts[-1]) // PAGE_SIZE
+        stats.pages_data += data_pages
+        stats.pages_zero += count - data_pages
+        stats.batch_bytes += len(parts[0]) + len(parts[-1])
+        stats.requests[page_request.kind] += 1
+        return parts, False
 
-    async def _send_error(self, ws: web.WebSocketResponse, code: int, message: str) -> None:
+    def _answer_text(self, frame: bytes) -> tuple[list[Buffer], bool]:
+        return self._error_parts(400, "page requests are binary msgpack frames, not text"), False
+
+    def _error_parts(self, code: int, message: str) -> list[Buffer]:
         self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
-        await ws.send_bytes(_error_body(code, message))
+        return [_error_body(code, message)]
 
 
 def _decode_error_code(data: bytes) -> int:

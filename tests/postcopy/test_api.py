@@ -4,7 +4,9 @@ checks, and the progress line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
 import socket
 import time
 from pathlib import Path
@@ -75,6 +77,8 @@ def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tm
                 # The guest is this VMM's now, still running; the source let its copy go.
                 status, vm = await _raw(dst, "GET", "/v1/vm")
                 assert status == 200 and vm["state"] == "running" and vm["origin"] == "migrated"
+                # ... on its own pages: the destination's userfaultfd (registration) is gone.
+                assert await _uffds_closed(dst_proc.pid), "the adopted guest's userfaultfd is still open"
                 status, err = await _raw(src, "GET", "/v1/vm")
                 assert status == 404 and err["code"] == 404 and "no VM" in err["error"]
                 status, smig = await _raw(src, "GET", "/v1/migration")
@@ -94,6 +98,21 @@ def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tm
     asyncio.run(scenario())
 
 
+async def _uffds_closed(pid: int, timeout_s: float = 5.0) -> bool:
+    """Whether process ``pid`` holds no userfaultfd (within ``timeout_s``: closing follows the report)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        links = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        if not any("userfaultfd" in link for link in links):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
 # -- refusals -------------------------------------------------------------------------------------
 
 @needs_kvm
@@ -106,6 +125,8 @@ def test_bad_requests_get_a_clear_400_or_409_and_change_nothing() -> None:
                 ("PUT", "/v1/vm", {"mem": "4097"}, 400, "not a positive multiple of 4 KiB"),
                 ("PUT", "/v1/vm", {"vcpus": "2"}, 400, "field 'vcpus' must be an integer"),
                 ("PUT", "/v1/vm", {"workload": "bitcoin"}, 400, "field 'workload' must be one of"),
+                ("PUT", "/v1/vm", {"prefill": 1.5}, 400, "field 'prefill' must be a number from 0.0 to 1.0"),
+                ("PUT", "/v1/vm", {"workload": "touch", "prefill": 0.5}, 400, "'prefill' applies only to workload memtouch"),
                 ("PUT", "/v1/vm", [1, 2], 400, "must be a JSON object"),
                 ("PUT", "/v1/migration/incoming", {"source_url": "http://127.0.0.1:9"}, 400, "field 'token' is required"),
                 ("PUT", "/v1/migration/incoming", {"source_url": "ftp://x", "token": "t"}, 400, "http:// or https://"),

@@ -10,12 +10,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from postcopy.chaos import ChaosProxy, ChaosSchedule
-from postcopy.destination.client import FetchError, PageConnection, SyncPageConnection
+from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.retry import (
     FatalFetchError,
     RetryContext,
     RetryExhausted,
-    RetryingPageConnection,
     RetryingSyncConnection,
     RetryPolicy,
     retry_async,
@@ -153,29 +152,37 @@ def test_abort_ends_a_vcpu_fetch_waiting_for_a_dead_server_at_once(served: Serve
 
 
 def test_pipelined_requests_are_asked_again_after_drops_and_each_answered_once(served: Served) -> None:
+    """The background's way: several requests in flight on one blocking socket; a failure
+    re-sends every one still waiting, on a new socket, and each is answered once, in order."""
     schedule = ChaosSchedule(seed=4, kinds=("drop", "corrupt", "truncate", "stall"), after_bytes=(2000, 200_000),
                              stall_s=(0.01, 0.05), max_faults=8)
 
     async def body(url: str, proxy: ChaosProxy) -> None:
         ctx = RetryContext(RetryPolicy(deadline_s=10, request_timeout_s=2, **FAST))  # type: ignore[arg-type]
+        count, depth = 16, 4
+        gpas = list(range(0, served.memory.size, count * PAGE_SIZE))
 
-        async def open_conn() -> PageConnection:
-            c = PageConnection(url, SERVED_TOKEN)
-            await c.connect()
-            return c
+        def pull_all() -> list[tuple[int, bytes]]:
+            conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=2), ctx)
+            got: list[tuple[int, bytes]] = []
+            in_flight = []
+            try:
+                for gpa in gpas:
+                    in_flight.append(conn.send(gpa, count, "background"))
+                    if len(in_flight) == depth:
+                        batch = conn.receive(in_flight.pop(0))
+                        got.append((batch.gpa, pages_of(batch)))  # a batch is valid until the next receive
+                while in_flight:
+                    batch = conn.receive(in_flight.pop(0))
+                    got.append((batch.gpa, pages_of(batch)))
+            finally:
+                conn.close()
+            return got
 
-        conn = RetryingPageConnection(open_conn, ctx)
-        await conn.connect()
-        try:
-            count = 16
-            gpas = list(range(0, served.memory.size, count * PAGE_SIZE))
-            futures = [conn.submit(gpa, count, "background") for gpa in gpas]
-            batches = await asyncio.gather(*futures)
-        finally:
-            await conn.close()
-        assert [b.gpa for b in batches] == gpas
-        for batch in batches:
-            assert pages_of(batch) == served.memory.read(batch.gpa, count * PAGE_SIZE)
+        got = await asyncio.to_thread(pull_all)
+        assert [gpa for gpa, _ in got] == gpas
+        for gpa, data in got:
+            assert data == served.memory.read(gpa, count * PAGE_SIZE)
         assert proxy.stats.faults_injected >= 4 and ctx.report()["reconnects"] >= 3
 
     run_behind_proxy(served, schedule, body)
@@ -188,20 +195,21 @@ def test_pipelined_request_on_a_stalled_stream_times_out_and_is_asked_again(serv
     async def body(url: str, proxy: ChaosProxy) -> None:
         ctx = RetryContext(RetryPolicy(deadline_s=10, request_timeout_s=0.2, **FAST))  # type: ignore[arg-type]
 
-        async def open_conn() -> PageConnection:
-            c = PageConnection(url, SERVED_TOKEN)
-            await c.connect()
-            return c
+        def pull() -> tuple[bytes, bytes]:
+            conn = RetryingSyncConnection.open(
+                lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=ctx.policy.request_timeout_s), ctx)
+            try:
+                first, second = conn.send(PAGE_SIZE, 3, "background"), conn.send(8 * PAGE_SIZE, 2, "background")
+                a = pages_of(conn.receive(first))
+                return a, pages_of(conn.receive(second))
+            finally:
+                conn.close()
 
-        conn = RetryingPageConnection(open_conn, ctx)
-        await conn.connect()
         t0 = time.monotonic()
-        try:
-            batch = await conn.fetch(PAGE_SIZE, 3, "background")
-        finally:
-            await conn.close()
+        a, b = await asyncio.to_thread(pull)
         assert time.monotonic() - t0 < 3.0
-        assert pages_of(batch) == served.memory.read(PAGE_SIZE, 3 * PAGE_SIZE)
+        assert a == served.memory.read(PAGE_SIZE, 3 * PAGE_SIZE)
+        assert b == served.memory.read(8 * PAGE_SIZE, 2 * PAGE_SIZE)
         assert ctx.report()["reasons"].get("stall") == 1
 
     run_behind_proxy(served, schedule, body)

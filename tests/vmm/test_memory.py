@@ -4,11 +4,13 @@ from __future__ import annotations
 import ctypes
 
 import os
+import random
 from collections.abc import Iterator
 
 import pytest
 
-from vmm.memory import GuestMemory, GuestMemoryError, parse_size
+from vmm import libc
+from vmm.memory import RESIDENT_CHUNK_PAGES, GuestMemory, GuestMemoryError, parse_size
 
 PAGE = 4096
 SIZE = 1 << 20  # 256 pages: these tests need no guest
@@ -193,6 +195,26 @@ def test_file_backing_keeps_regions_back_to_back_in_a_file_that_outlives_the_map
         again.close()
 
 
+def test_resident_pages_and_discard_of_a_file_find_each_region_at_its_offset() -> None:
+    """On tmpfs (where a state directory keeps guest RAM), as mincore alone: a disk file's
+    page cache would also hold the pages its readahead brought in."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm (tmpfs) on this host")
+    path = f"/dev/shm/postcopy-test-resident-{os.getpid()}"
+    m = GuestMemory.create_layout([(0, 4 * PAGE), (1 << 20, 8 * PAGE)], "file", path=path)
+    try:
+        m.write(3 * PAGE, b"A")
+        m.write((1 << 20) + PAGE, b"B")  # file page 5
+        m.write((1 << 20) + 2 * PAGE, b"C")  # file page 6
+        assert [i for i, b in enumerate(m.resident_pages()) if b & 1] == [3, 5, 6]
+        m.discard((1 << 20) + 2 * PAGE, PAGE)  # punches file page 6, not file page 2
+        assert [i for i, b in enumerate(m.resident_pages()) if b & 1] == [3, 5]
+        assert m.read((1 << 20) + PAGE, 1) == b"B"
+    finally:
+        m.close()
+        os.unlink(path)
+
+
 def test_file_backing_refuses_an_existing_file_a_wrong_size_and_no_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "ram")
     GuestMemory.create(4 * PAGE, "file", path=path).close()
@@ -202,3 +224,23 @@ def test_file_backing_refuses_an_existing_file_a_wrong_size_and_no_path(tmp_path
         GuestMemory.open_file(path, [(0, 8 * PAGE)])
     with pytest.raises(GuestMemoryError, match="needs a path"):
         GuestMemory.create(4 * PAGE, "file")
+
+
+def test_resident_pages_of_a_memfd_agree_with_mincore_across_holes_and_chunks() -> None:
+    """The memfd path (SEEK_DATA over holes, mincore inside data) against plain mincore."""
+    size = (3 * RESIDENT_CHUNK_PAGES + 40) * PAGE
+    mem = GuestMemory.create(size, "memfd", "test-resident")
+    try:
+        rng = random.Random(5)
+        written = {0, 1, 2, RESIDENT_CHUNK_PAGES - 1, RESIDENT_CHUNK_PAGES, 2 * RESIDENT_CHUNK_PAGES + 7}
+        written |= set(range(RESIDENT_CHUNK_PAGES + 100, RESIDENT_CHUNK_PAGES + 100 + RESIDENT_CHUNK_PAGES + 5))
+        written |= {rng.randrange(mem.pages) for _ in range(200)}
+        for page in written:
+            mem.write(page * PAGE, b"\x01")
+        r = mem.regions[0]
+        reference = (ctypes.c_ubyte * mem.pages)()
+        assert libc.mincore(r.hva, r.size, reference) == 0
+        assert [i for i, b in enumerate(mem.resident_pages()) if b & 1] == sorted(written)
+        assert [i for i, b in enumerate(reference) if b & 1] == sorted(written)
+    finally:
+        mem.close()

@@ -1,0 +1,92 @@
+"""Bench section `fetch`: demand faults served over the page server on loopback.
+
+A memtouch source (another process; its RAM written before its guest starts, then paused with
+POST /v1/migration/start)
+serves its pages. Here a destination VM runs the `touch` guest on empty registered RAM
+(fault_vm.py): every data page is a fault exit resolved by the real exit-mode path.
+Measured, side by side in this run:
+- one page per fault (no readahead), at each vCPU count: fault exit -> re-entry latency
+  (p50, p99) and pages/s;
+- the same scan with adaptive readahead (destination/readahead.py), pages/s, against the
+  background stream's pages/s (stream.measure on the same source);
+- the yardstick: a 4 KiB raw-socket ping-pong between two Python processes (p50, p99),
+  taken before and after the fault runs and pooled, since the load on this host drifts.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from postcopy.bench import stream
+from postcopy.bench.common import BenchOptions, percentiles_us, section_main, source_process
+from postcopy.bench.fault_vm import scan
+from postcopy.bench.socket_baseline import pingpong_ns
+from postcopy.destination.readahead import DEFAULT_BASE, DEFAULT_MAX
+
+MiB = 1 << 20
+QUICK_MIB, FULL_MIB = 24, 256
+SOURCE_VCPUS = 2
+
+
+def run(opts: BenchOptions) -> dict[str, Any]:
+    mem = (QUICK_MIB if opts.quick else FULL_MIB) * MiB
+    rounds = 2000 if opts.quick else 10000
+    with source_process(mem, SOURCE_VCPUS, prefill=1.0) as source:  # every page data
+        header = asyncio.run(source.pause())
+        socket_ns = pingpong_ns(rounds)
+        single: dict[str, dict[str, Any]] = {}
+        for vcpus in opts.vcpus:
+            r = scan(header, source.url, source.token, vcpus, readahead_base=1, readahead_max=1)
+            single[str(vcpus)] = {**percentiles_us(r.latency_ns), "pages": r.pages, "fetches": r.fetches,
+                                  "pages_s": round(r.pages_s)}
+        readahead: dict[str, dict[str, Any]] = {}
+        for vcpus in opts.vcpus[:1] if opts.quick else opts.vcpus:
+            r = scan(header, source.url, source.token, vcpus, readahead_base=DEFAULT_BASE, readahead_max=DEFAULT_MAX)
+            readahead[str(vcpus)] = {"pages": r.pages, "fetches": r.fetches, "pages_s": round(r.pages_s),
+                                     "p50_us": percentiles_us(r.latency_ns).get("p50")}
+        streamed = stream.measure(header, source.url, source.token)
+        socket_ns += pingpong_ns(rounds)
+    sock = percentiles_us(socket_ns)
+    # The headline is the worst of 1 and 2 vCPUs (issue 10); more vCPUs than this host's 2
+    # cores are reported in "vcpus" but would only measure oversubscription.
+    headline = [d for v, d in single.items() if int(v) <= 2] or list(single.values())
+    p50 = max(d["p50"] for d in headline)
+    p99 = max(d["p99"] for d in headline)
+    # The sequential scan as one vCPU sees it: the most demanding case for readahead.
+    scan_rate = readahead[str(min(opts.vcpus))]["pages_s"]
+    return {
+        "guest_mib": mem // MiB,
+        "p50_us": p50, "p99_us": p99,
+        "ratio_p50_to_socket": round(p50 / sock["p50"], 3),
+        "vcpus": single,
+        "socket": sock,
+        "readahead_pages_s": scan_rate,
+        "readahead": readahead,
+        "stream_pages_s": streamed["pages_s"],
+        "readahead_ratio_to_stream": round(scan_rate / streamed["pages_s"], 3),
+    }
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    lines = [f"fetch: touch guest faulting on every page of {result['guest_mib']} MiB, page server on loopback",
+             f"  {'':24s} {'p50 us':>8} {'p99 us':>8} {'pages/s':>9}"]
+    for vcpus, d in result["vcpus"].items():
+        lines.append(f"  1 page/fault, {vcpus} vCPU{'s' if vcpus != '1' else ' '}   "
+                     f"{d['p50']:>8.1f} {d['p99']:>8.1f} {d['pages_s']:>9}")
+    s = result["socket"]
+    lines.append(f"  raw socket ping-pong     {s['p50']:>8.1f} {s['p99']:>8.1f}")
+    for vcpus, d in result["readahead"].items():
+        lines.append(f"  readahead, {vcpus} vCPU{'s' if vcpus != '1' else ' '}      {'':>8} {'':>8} {d['pages_s']:>9}"
+                     f"  ({d['fetches']} fetches)")
+    lines.append(f"  background stream        {'':>8} {'':>8} {result['stream_pages_s']:>9}")
+    lines.append(f"  p50 / socket p50 {result['ratio_p50_to_socket']:.2f}, worst p99 {result['p99_us']} us, "
+                 f"readahead / stream {result['readahead_ratio_to_stream']:.2f}")
+    return lines
+
+
+def main() -> int:
+    return section_main("fetch", run, table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

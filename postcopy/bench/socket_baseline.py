@@ -1,0 +1,125 @@
+"""The yardsticks: what two Python processes reach over a raw loopback TCP socket, measured in
+the same run as the page transport so the ratios are honest.
+
+- ping-pong: a ~24-byte request, a 4 KiB answer, one at a time (a demand fetch's shape);
+- stream: N bytes pushed in 1 MiB sends into a reused 1 MiB receive buffer (the background
+  transfer's shape, with no framing, checksums or installs).
+
+The peer is ``python -m postcopy.bench.socket_baseline serve``: it prints its port, then
+answers one connection in the mode the client's first byte names.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Final
+
+from proto.version import PAGE_SIZE
+
+REQUEST_BYTES: Final = 24  # about a msgpack PageRequest
+CHUNK_BYTES: Final = 1 << 20
+MODE_PINGPONG, MODE_STREAM = b"P", b"S"
+_HELLO = struct.Struct("<cQ")  # mode, rounds or total bytes
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("peer closed the socket")
+        got += n
+
+
+def serve(listener: socket.socket) -> None:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    hello = bytearray(_HELLO.size)
+    _recv_exact(conn, memoryview(hello))
+    mode, amount = _HELLO.unpack(hello)
+    if mode == MODE_PINGPONG:
+        request = memoryview(bytearray(REQUEST_BYTES))
+        page = bytes(range(256)) * (PAGE_SIZE // 256)
+        for _ in range(amount):
+            _recv_exact(conn, request)
+            conn.sendall(page)
+    else:
+        chunk = memoryview(bytes(CHUNK_BYTES))
+        left = amount
+        while left:
+            n = min(left, CHUNK_BYTES)
+            conn.sendall(chunk[:n])
+            left -= n
+    conn.close()
+
+
+class Peer:
+    """The serving process; one measurement per Peer."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "postcopy.bench.socket_baseline", "serve"],
+                                     stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        port = int(self.proc.stdout.readline())
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def pingpong_ns(rounds: int) -> list[int]:
+    """Round-trip times of ``rounds`` request/4 KiB-answer exchanges, in ns."""
+    peer = Peer()
+    try:
+        sock = peer.sock
+        sock.sendall(_HELLO.pack(MODE_PINGPONG, rounds))
+        request = bytes(REQUEST_BYTES)
+        answer = memoryview(bytearray(PAGE_SIZE))
+        samples = [0] * rounds
+        clock = time.perf_counter_ns
+        for i in range(rounds):
+            t0 = clock()
+            sock.sendall(request)
+            _recv_exact(sock, answer)
+            samples[i] = clock() - t0
+        return samples
+    finally:
+        peer.close()
+
+
+def stream_bytes_per_s(total: int) -> float:
+    """Rate of receiving ``total`` bytes pushed by the peer."""
+    peer = Peer()
+    try:
+        sock = peer.sock
+        buf = memoryview(bytearray(CHUNK_BYTES))
+        t0 = time.perf_counter()
+        sock.sendall(_HELLO.pack(MODE_STREAM, total))
+        left = total
+        while left:
+            n = sock.recv_into(buf[:min(left, CHUNK_BYTES)])
+            if not n:
+                raise ConnectionError("peer closed the stream early")
+            left -= n
+        return total / (time.perf_counter() - t0)
+    finally:
+        peer.close()
+
+
+def main() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+    serve(listener)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
+    main()

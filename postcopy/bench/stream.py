@@ -1,0 +1,89 @@
+"""Bench section `stream`: the background transfer's rate against a raw socket.
+
+A paused memtouch source (its RAM written before its guest starts, so every page is data) serves its pages; the
+real background code (destination/background.py: zero pages first, then pipelined batches over
+its own connection, on its own thread, installed with UFFDIO_COPY) pulls all of them into fresh,
+userfaultfd-registered RAM. In the same run two Python processes push the same number of data
+bytes over a raw loopback socket; the ratio is the figure.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import uvloop
+
+from postcopy.bench.common import BenchOptions, section_main, source_process
+from postcopy.bench.socket_baseline import stream_bytes_per_s
+from postcopy.destination.background import run_background
+from postcopy.destination.client import SyncPageConnection
+from postcopy.destination.retry import RetryContext, RetryingSyncConnection
+from postcopy.destination.install import Installer
+from postcopy.destination.pages import Arrival, PageTracker
+from proto import MigrationHeader
+from proto.version import PAGE_SIZE
+from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM
+from vmm.memory import GuestMemory
+from vmm.uffd import Uffd
+
+MiB = 1 << 20
+QUICK_MIB, FULL_MIB = 96, 512
+
+
+def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
+    """One background transfer of every page of the paused source at ``url``."""
+    memory = GuestMemory.create_layout([(r.gpa, r.size) for r in header.regions], "anon", "bench-stream")
+    uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM)
+    try:
+        for region in memory.regions:
+            uffd.register(region.hva, region.size)
+        tracker = PageTracker(memory, header.zero_bitmap)
+        installer = Installer(uffd, memory, tracker, wake=False)  # nobody waits on this RAM
+
+        retry = RetryContext()  # as the destination's background: behind the retry wrapper
+        connection = RetryingSyncConnection.open(
+            lambda: SyncPageConnection(url, token, receive_timeout=retry.policy.request_timeout_s), retry)
+        try:
+            t0 = time.perf_counter()
+            uvloop.run(run_background(connection, installer))
+            seconds = time.perf_counter() - t0
+        finally:
+            connection.close()
+        for region in memory.regions:
+            uffd.unregister(region.hva, region.size)
+    finally:
+        uffd.close()
+        memory.close()
+    data_pages = tracker.counts[Arrival.BACKGROUND]
+    return {"pages": tracker.npages, "data_pages": data_pages, "zero_pages": tracker.counts[Arrival.ZERO],
+            "seconds": round(seconds, 4), "mib_s": round(data_pages * PAGE_SIZE / MiB / seconds, 1),
+            "pages_s": round(tracker.npages / seconds)}
+
+
+def run(opts: BenchOptions) -> dict[str, Any]:
+    mem = (QUICK_MIB if opts.quick else FULL_MIB) * MiB
+    with source_process(mem, 2, prefill=1.0) as source:  # every page data
+        header = asyncio.run(source.pause())
+        transfer = measure(header, source.url, source.token)
+    socket_rate = stream_bytes_per_s(transfer["data_pages"] * PAGE_SIZE) / MiB
+    return {"guest_mib": mem // MiB, **transfer, "socket_mib_s": round(socket_rate, 1),
+            "ratio_to_socket": round(transfer["mib_s"] / socket_rate, 3)}
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    return [
+        f"stream: background transfer of a {result['guest_mib']} MiB guest "
+        f"({result['data_pages']} data pages, {result['zero_pages']} zero)",
+        f"  background      {result['mib_s']:>9.1f} MiB/s  ({result['pages_s']} pages/s, {result['seconds']} s)",
+        f"  raw socket      {result['socket_mib_s']:>9.1f} MiB/s  (same bytes, two Python processes)",
+        f"  ratio           {result['ratio_to_socket']:>9.3f}",
+    ]
+
+
+def main() -> int:
+    return section_main("stream", run, table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""A blocking WebSocket client (RFC 6455) over one TCP socket: the vCPU fault path's transport.
+
+A vCPU thread sends one small request and waits for one answer; an event loop per fetch costs
+more than the network (docs/performance.md). This speaks the protocol itself: an HTTP/1.1
+upgrade handshake, then masked binary frames out (a client must mask: a 4-byte XOR over a
+~25-byte request) and unmasked frames in, read into one reused buffer. Pings are answered;
+a close frame, a text frame or a protocol violation is an error.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import ssl
+from typing import Final
+from urllib.parse import urlsplit
+
+from postcopy import wsframe
+
+__all__ = ["WebSocketError", "HandshakeError", "BlockingWebSocket"]
+
+WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_HANDSHAKE_BYTES: Final = 64 * 1024
+MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+# The longest frame head: 2 bytes, a 64-bit length (server frames carry no mask key).
+MAX_FRAME_HEAD: Final = 10
+
+
+class WebSocketError(Exception):
+    """The socket broke, was closed, or the peer broke the protocol; the message says which."""
+
+
+class HandshakeError(WebSocketError):
+    """The server did not upgrade: ``status`` is its HTTP status (0 if none), ``body`` its body."""
+
+    def __init__(self, message: str, status: int = 0, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class BlockingWebSocket:
+    """One WebSocket, used by one thread: ``send(payload)`` a binary frame, ``recv()`` the next
+    binary message as a memoryview into a buffer reused by the next ``recv``. ``timeout``
+    bounds the connect and handshake, ``receive_timeout`` (None: none) each later read."""
+
+    def __init__(self, url: str, headers: dict[str, str], *, max_message: int,
+                 ssl_context: ssl.SSLContext | None = None, timeout: float | None = 10.0,
+                 receive_timeout: float | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss", "http", "https"):
+            raise WebSocketError(f"cannot open a WebSocket to {url!r}: scheme {parts.scheme!r}")
+        secure = parts.scheme in ("wss", "https")
+        host = parts.hostname or ""
+        port = parts.port or (443 if secure else 80)
+        self.url = url
+        self.max_message = max_message
+        # Room for one maximal frame header too; replies are read straight into it.
+        self._buf = bytearray(max_message + 16)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if secure or ssl_context is not None:
+                context = ssl_context or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=host)
+        except (OSError, ssl.SSLError) as e:
+            raise WebSocketError(f"cannot connect to {host}:{port}: {e}") from None
+        self.sock: socket.socket | None = sock
+        try:
+            self._handshake(host, port, parts.path or "/", headers)
+            # After the handshake an answer may take as long as the source takes (None), or at
+            # most receive_timeout: then recv raises TimeoutError, a WebSocketError here.
+            sock.settimeout(receive_timeout)
+        except BaseException:
+            self._drop()
+            raise
+
+    # -- handshake -----------------------------------------------------------------------------
+    def _handshake(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
+        key = base64.b64encode(os.urandom(16))
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key.decode()}", "Sec-WebSocket-Version: 13"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        self._sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        head_end = self._fill_until(b"\r\n\r\n", MAX_HANDSHAKE_BYTES)
+        head = bytes(self._view[self._start:head_end]).decode("latin-1")
+        self._start = head_end + 4
+        status_line, *fields = head.split("\r\n")
+        try:
+            status = int(status_line.split(" ", 2)[1])
+        except (IndexError, ValueError):
+            raise WebSocketError(f"{self.url}: not an HTTP answer: {status_line[:100]!r}") from None
+        answer = {}
+        for line in fields:
+            name, _, value = line.partition(":")
+            answer[name.strip().lower()] = value.strip()
+        if status != 101:
+            body = self._error_body(answer)
+            raise HandshakeError(f"{self.url}: HTTP {status} instead of a WebSocket upgrade", status, body)
+        expected = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+        if answer.get("upgrade", "").lower() != "websocket" or answer.get("sec-websocket-accept") != expected:
+            raise WebSocketError(f"{self.url}: 101 without a valid WebSocket accept")
+
+    def _error_body(self, answer: dict[str, str]) -> bytes:
+        """The body of a refused upgrade (Content-Length bounded), for the caller's message."""
+        try:
+            length = min(int(answer.get("content-length", "0")), MAX_ERROR_BODY_BYTES)
+            self._fill(length)
+        except (ValueError, WebSocketError):
+            return bytes(self._view[self._start:self._end])
+        return bytes(self._view[self._start:self._start + length])
+
+    # -- frames --------------------------------------------------------------------------------
+    def send(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> None:
+        key = os.urandom(wsframe.MASK_BYTES)
+        self._sendall(wsframe.header(opcode, len(payload), masked=True) + key + wsframe.mask(payload, key))
+
+    def recv(self) -> memoryview:
+        """The next binary message. Pings are answered on the way; anything else is an error."""
+        while True:
+            opcode, payload = self._frame()
+            if opcode == wsframe.OP_BINARY:
+                return payload
+            if opcode == wsframe.OP_PING:
+                self.send(bytes(payload), wsframe.OP_PONG)
+            elif opcode == wsframe.OP_CLOSE:
+                code = wsframe.U16.unpack(payload[:2])[0] if len(payload) >= 2 else 1005
+                reason = bytes(payload[2:]).decode("utf-8", "replace")
+                self._drop()
+                raise WebSocketError(f"the server closed the socket (code {code}{': ' + reason if reason else ''})")
+            elif opcode == wsframe.OP_TEXT:
+                raise WebSocketError("the server sent a text frame; page answers are binary")
+            elif opcode != wsframe.OP_PONG:
+                raise WebSocketError(f"the server sent a frame with opcode {opcode:#x}")
+
+    def _frame(self) -> tuple[int, memoryview]:
+        """One whole frame, read into the buffer (a frame's head, then as much as it needs)."""
+        need = 2
+        while True:
+            try:
+                frame = wsframe.parse(self._buf, self._start, self._end, masked=False, max_payload=self.max_message)
+            except wsframe.FrameError as e:
+                self._drop()
+                raise WebSocketError(f"bad frame from the server: {e}") from None
+            if frame is not None:
+                opcode, first, end, _ = frame
+                self._start = end
+                return opcode, self._view[first:end]
+            need = self._end - self._start + 1
+            if need > MAX_FRAME_HEAD:  # the head is known: wait for the whole frame at once
+                need = self._frame_length()
+            self._fill(need)
+
+    def _frame_length(self) -> int:
+        """Head plus payload length of the frame at the buffer's start (its head is all there)."""
+        b1 = self._buf[self._start + 1] & 0x7F
+        if b1 < 126:
+            return 2 + b1
+        if b1 == 126:
+            return 4 + wsframe.U16.unpack_from(self._buf, self._start + 2)[0]
+        return 10 + int.from_bytes(self._buf[self._start + 2:self._start + 10], "big")
+
+    # -- reading into the one buffer -----------------------------------------------------------
+    def _fill(self, need: int) -> None:
+        """Until ``need`` unread bytes are in the buffer (moving the unread part to its front)."""
+        if self._end - self._start >= need:
+            return
+        if self._start:
+            unread = self._end - self._start
+            self._view[:unread] = self._view[self._start:self._end]
+            self._start, self._end = 0, unread
+        while self._end < need:
+            self._end += self._recv_into(self._view[self._end:])
+
+    def _fill_until(self, marker: bytes, limit: int) -> int:
+        """The index of ``marker`` in the buffer, reading until it arrives (within ``limit``)."""
+        while True:
+            at = self._buf.find(marker, self._start, self._end)
+            if at >= 0:
+                return at
+            if self._end - self._start >= limit:
+                raise WebSocketError(f"{self.url}: HTTP answer head over {limit} bytes")
+            self._end += self._recv_into(self._view[self._end:])
+
+    def _recv_into(self, target: memoryview) -> int:
+        sock = self.sock
+        if sock is None:
+            raise WebSocketError("the socket is closed")
+        try:
+            n = sock.recv_into(target)
+        except (OSError, ssl.SSLError) as e:
+            self._drop()
+            raise WebSocketError(f"the socket broke: {e}") from None
+        if not n:
+            self._drop()
+            raise WebSocketError("the server closed the connection")
+        return n
+
+    def _sendall(self, data: bytes) -> None:
+        if self.sock is None:
+            raise WebSocketError("the socket is closed")
+        try:
+            self.sock.sendall(data)
+        except (OSError, ssl.SSLError) as e:
+            self._drop()
+            raise WebSocketError(f"the socket broke: {e}") from None
+
+    # -- teardown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Send a close frame (best effort) and close the socket."""
+        if self.sock is None:
+            return
+        try:
+            self.send(wsframe.close_payload(wsframe.CLOSE_NORMAL), wsframe.OP_CLOSE)
+        except WebSocketError:
+            pass
+        self._drop()
+
+    def _drop(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass

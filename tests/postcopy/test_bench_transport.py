@@ -1,0 +1,53 @@
+"""Smoke test of the fetch, stream and migrate bench sections on small guests: the measuring
+code runs the real paths and its figures add up (not how fast they are: that is the bench's)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from postcopy.bench import fetch, migrate, stream
+from postcopy.bench.common import percentiles_us, source_process
+from postcopy.bench.fault_vm import scan
+from postcopy.bench.socket_baseline import pingpong_ns, stream_bytes_per_s
+from vmm.guest.layout import DATA_GPA, PAGE_SIZE
+
+pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
+MiB = 1 << 20
+GUEST = 16 * MiB
+
+
+def test_fault_scans_and_the_stream_fetch_every_page_of_a_paused_source() -> None:
+    with source_process(GUEST, 2, prefill=1.0) as source:
+        header = asyncio.run(source.pause())
+        data_pages = (GUEST - DATA_GPA) // PAGE_SIZE
+        single = scan(header, source.url, source.token, 2, readahead_base=1, readahead_max=1)
+        assert single.pages == data_pages and len(single.latency_ns) == data_pages
+        assert single.fetches > data_pages * 0.95  # one page a fault (zero-map pages are made here)
+        ahead = scan(header, source.url, source.token, 1, readahead_base=4, readahead_max=256)
+        assert ahead.pages == data_pages and ahead.fetches < data_pages // 16
+        streamed = stream.measure(header, source.url, source.token)
+        assert streamed["data_pages"] + streamed["zero_pages"] == GUEST // PAGE_SIZE
+        assert streamed["data_pages"] > data_pages * 0.9 and streamed["mib_s"] > 0
+
+
+def test_the_yardsticks_measure_round_trips_and_a_rate() -> None:
+    p = percentiles_us(pingpong_ns(200))
+    assert p["count"] == 200 and 0 < p["p50"] <= p["p99"]
+    assert stream_bytes_per_s(8 * MiB) > 0
+
+
+def test_one_migration_row_and_the_tables_render() -> None:
+    row = migrate.migrate_once(64, 0.0)
+    assert row["guest_mib"] == 64 and 0 <= row["written_mib"] <= 64
+    assert row["downtime_ms"] is not None and row["total_ms"] > 0 and row["rss_mib"] > 0
+    assert sum(row["pages"].values()) == 64 * MiB // PAGE_SIZE
+    assert migrate.table([row])[2].split()[0] == "64"
+    fake = {"guest_mib": 16, "p50_us": 50.0, "p99_us": 90.0, "ratio_p50_to_socket": 1.2,
+            "vcpus": {"1": {"p50": 50.0, "p99": 90.0, "pages_s": 10}},
+            "socket": {"p50": 40.0, "p99": 60.0}, "readahead_pages_s": 5,
+            "readahead": {"1": {"pages_s": 5, "fetches": 3}}, "stream_pages_s": 10,
+            "readahead_ratio_to_stream": 0.5}
+    assert any("ping-pong" in line for line in fetch.table(fake))
+    assert stream.table({"guest_mib": 16, "data_pages": 1, "zero_pages": 0, "mib_s": 1.0, "pages_s": 1,
+                         "seconds": 1.0, "socket_mib_s": 2.0, "ratio_to_socket": 0.5})[-1].split()[-1] == "0.500"
