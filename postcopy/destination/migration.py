@@ -133,6 +133,7 @@ class Destination:
         self.error: str | None = None
         self.fetch_errors = 0
         self._resume_ns = 0
+        self._faults_at_done: dict[int, int] | None = None  # fault records per vCPU at completion
         # Sampled for the timeline from the switchover on (pages by arrival; guest progress).
         self.pages_series = Series([ARRIVAL_NAMES[a] for a in Arrival])
         self.progress_series = Series(["verified"])
@@ -284,6 +285,7 @@ class Destination:
         assert self.header and self.tracker and self.machine
         downtime = self.downtime_ms()
         begin = self._origin_ns()
+        self._faults_at_done = {vcpu: len(fl) for vcpu, fl in self._live_fault_logs().items()}
         logs = self.fault_logs()
         exit_kinds = kind_totals(logs.values(), self.fault_kinds())
         latencies = latencies_ns(logs.values())
@@ -309,7 +311,16 @@ class Destination:
 
     # -- what it looked like -------------------------------------------------------------------
     def fault_logs(self) -> dict[int, FaultLog]:
-        """Each vCPU's fault records (vCPU -1: faults no vCPU could be named for)."""
+        """Each vCPU's fault records (vCPU -1: faults no vCPU could be named for). Once every
+        page is present, the records up to that moment: a vCPU still finishing a fault then
+        (its page arrived by the background meanwhile) does not change the report afterwards,
+        so the report, its timeline and /metrics count the same faults."""
+        logs = self._live_fault_logs()
+        if self._faults_at_done is None:
+            return logs
+        return {vcpu: fl.head(self._faults_at_done.get(vcpu, 0)) for vcpu, fl in logs.items()}
+
+    def _live_fault_logs(self) -> dict[int, FaultLog]:
         if self.resolver is not None:
             return self.resolver.fault_logs()
         if self.classic is not None:

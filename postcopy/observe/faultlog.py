@@ -39,6 +39,14 @@ class FaultLog:
         # The latency goes in last: a reader between appends sees only whole records.
         return len(self.latency_ns)
 
+    def head(self, n: int) -> FaultLog:
+        """A copy of the first ``n`` records."""
+        copy = FaultLog()
+        copy.t_ns.extend(self.t_ns[:n])
+        copy.kind.extend(self.kind[:n])
+        copy.latency_ns.extend(self.latency_ns[:n])
+        return copy
+
     def count(self, kind: int) -> int:
         return self.kind[:len(self)].count(kind)
 
