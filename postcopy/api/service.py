@@ -140,12 +140,17 @@ class VmmService:
             raise ApiError(409, f"cannot {action}: {why}")
         return vm
 
+    def _need_empty(self, action: str, has_vm: str) -> None:
+        """Refuse ``action`` (409) while this VMM has a VM (``has_vm`` says why that matters)
+        or a migration runs."""
+        if self.vm is not None:
+            raise ApiError(409, has_vm)
+        if (why := self._migrating()) is not None:
+            raise ApiError(409, f"cannot {action}: {why}")
+
     async def create_vm(self, spec: VmSpec) -> dict[str, Any]:
         async with self._lock:
-            if self.vm is not None:
-                raise ApiError(409, "this VMM already has a VM (one VM per VMM): DELETE /v1/vm first")
-            if (why := self._migrating()) is not None:
-                raise ApiError(409, f"cannot create a VM: {why}")
+            self._need_empty("create a VM", "this VMM already has a VM (one VM per VMM): DELETE /v1/vm first")
             try:
                 ram_path = states.prepare(spec.state_dir) if spec.state_dir else None
                 machine, workload = boot_workload(spec.workload, spec.mem_bytes, spec.vcpus, spec.seed,
@@ -245,10 +250,7 @@ class VmmService:
     async def _resumed_server(self, state_dir: str) -> tuple[PageServer, GuestMemory, str]:
         """A page server for a migration past its switchover whose server died: pages come
         straight from the state directory's RAM file; no VM runs here."""
-        if self.vm is not None:
-            raise ApiError(409, "resuming a migration needs a VMM without a VM")
-        if (why := self._migrating()) is not None:
-            raise ApiError(409, f"cannot resume a migration: {why}")
+        self._need_empty("resume a migration", "resuming a migration needs a VMM without a VM")
         try:
             header, header_bytes, record, memory = await asyncio.to_thread(states.load, state_dir)
         except states.StateDirError as e:
@@ -275,10 +277,8 @@ class VmmService:
     # -- incoming (the destination) -------------------------------------------------------------
     async def start_incoming(self, spec: IncomingSpec) -> dict[str, Any]:
         async with self._lock:
-            if self.vm is not None:
-                raise ApiError(409, "this VMM already has a VM: an incoming migration needs an empty VMM")
-            if (why := self._migrating()) is not None:
-                raise ApiError(409, f"cannot start an incoming migration: {why}")
+            self._need_empty("start an incoming migration",
+                             "this VMM already has a VM: an incoming migration needs an empty VMM")
             inc = Incoming(spec)
             inc.task = asyncio.create_task(self._run_incoming(inc))
             self.incoming, self.outgoing = inc, None
