@@ -8,30 +8,26 @@ It runs on a thread of its own with a blocking connection (client.SyncPageConnec
 the event loop: a batch then costs one recv into a reused buffer, one decode and one
 UFFDIO_COPY per run, and the kernel work (recv, UFFDIO_COPY) runs without the GIL, beside the
 vCPU threads. Measured here, that is about half the CPU time per MiB of an aiohttp reader on
-the loop (docs/performance.md). Installing is a thread of its own too: while it copies one batch
-into guest RAM (UFFDIO_COPY, without the GIL), the transfer thread receives, decodes and verifies
-the next, so the two halves of a batch's cost overlap instead of adding up.
+the loop (docs/performance.md).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-import queue
 import threading
 import time
 
 from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival
-from proto import PageBatch, PageRequest
+from proto import PageRequest
 
 log = logging.getLogger("postcopy.background")
 DEFAULT_BATCH_PAGES = 512  # 2 MiB a request: per-request costs stop mattering, latency stays low
 DEFAULT_DEPTH = 4  # batches in flight: the source builds the next ones while this one installs
 ZERO_RUN_PAGES = 1 << 16
 IDLE_WAIT_S = 0.0005  # everything left is in flight on a vCPU's connection
-INSTALL_QUEUE = 2  # verified batches waiting for the install thread (2 MiB each)
 
 
 def install_zero_pages(installer: Installer, stop: threading.Event) -> int:
@@ -48,39 +44,6 @@ def install_zero_pages(installer: Installer, stop: threading.Event) -> int:
     return done
 
 
-class _InstallThread:
-    """Installs verified batches in the order they come; after a failure it installs nothing
-    more and gives back the claims of every batch it is handed (``error`` says why)."""
-
-    def __init__(self, installer: Installer) -> None:
-        self.installer = installer
-        self.error: BaseException | None = None
-        self._batches: queue.Queue[PageBatch | None] = queue.Queue(INSTALL_QUEUE)
-        self._thread = threading.Thread(target=self._run, name="background-install", daemon=True)
-        self._thread.start()
-
-    def put(self, batch: PageBatch) -> None:
-        if self.error is not None:
-            raise self.error
-        self._batches.put(batch)
-
-    def finish(self) -> None:
-        """Install what was queued, then stop (an install's error stays in ``error``)."""
-        self._batches.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        installer = self.installer
-        while (batch := self._batches.get()) is not None:
-            if self.error is None:
-                try:
-                    installer.install_batch(batch, Arrival.BACKGROUND)
-                    continue
-                except BaseException as e:  # handed to the transfer thread by put/finish
-                    self.error = e
-            installer.tracker.release(installer.memory.page_index(batch.gpa), batch.count)
-
-
 def transfer(connection: SyncPageConnection, installer: Installer, stop: threading.Event, *,
              batch_pages: int = DEFAULT_BATCH_PAGES, depth: int = DEFAULT_DEPTH) -> None:
     """Until every page is present (or ``stop`` is set); on a fetch error the claims in flight
@@ -90,7 +53,6 @@ def transfer(connection: SyncPageConnection, installer: Installer, stop: threadi
     install_zero_pages(installer, stop)
     pending: collections.deque[tuple[int, int, PageRequest]] = collections.deque()
     position = 0
-    installing = _InstallThread(installer)
     try:
         while not tracker.all_present.is_set() and not stop.is_set():
             while len(pending) < depth:
@@ -116,13 +78,10 @@ def transfer(connection: SyncPageConnection, installer: Installer, stop: threadi
             page, n, request = pending[0]
             batch = connection.receive(request)
             pending.popleft()
-            installing.put(batch)
+            installer.install_batch(batch, Arrival.BACKGROUND)
     finally:
         for page, n, _ in pending:
             tracker.release(page, n)
-        installing.finish()
-    if installing.error is not None:
-        raise installing.error
 
 
 async def run_background(connection: SyncPageConnection, installer: Installer, *,
