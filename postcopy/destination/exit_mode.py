@@ -17,6 +17,7 @@ from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
 from postcopy.destination.readahead import Readahead
+from postcopy.destination.retry import NoLongerWanted, RetryingSyncConnection
 from postcopy.faults import FaultDecoder, complete
 from postcopy.observe.faultlog import FaultLog
 from proto import PageRequest
@@ -33,6 +34,7 @@ class VcpuFaultState:
         self.readahead = readahead
         self.ahead: PageRequest | None = None  # the window asked for ahead, answered next on connection
         self.ahead_page = 0
+        self.waiting_page = -1  # the page this vCPU is fetching (its connection's retry asks)
         self.faults = FaultLog()  # fault exit to re-entry, one record per resolved fault
 
 
@@ -55,6 +57,8 @@ class ExitModeResolver:
                                Readahead(self.readahead_base, self.readahead_max))
         with self._lock:
             self.states[thread.id] = state
+        if isinstance(connection, RetryingSyncConnection):
+            connection.still_wanted = lambda: not self.tracker.is_present(state.waiting_page)
         thread.block_sigbus = True  # a patched kernel queues SIGBUS; we read it with sigtimedwait
         thread.fault_handler = self
 
@@ -67,12 +71,20 @@ class ExitModeResolver:
             return False
         tracker = self.tracker
         gpa, page = fault.first_gpa, fault.first_page
-        if not tracker.is_present(page):
-            self._resolve(st, page, gpa)
+        # NoLongerWanted: the source went away while this vCPU waited and the page came another
+        # way (the retry checked that it is present); the fault is resolved all the same.
+        try:
+            if not tracker.is_present(page):
+                self._resolve(st, page, gpa)
+        except NoLongerWanted:
+            pass
         if fault.npages > 1:  # an access across pages
             for i in range(1, fault.npages):
                 if not tracker.is_present(page + i):
-                    self._resolve(st, page + i, gpa + i * PAGE_SIZE)
+                    try:
+                        self._resolve(st, page + i, gpa + i * PAGE_SIZE)
+                    except NoLongerWanted:
+                        pass
         complete(thread, fault)
         st.faults.record(t0, fault.kind, monotonic_ns() - t0)
         return True
@@ -83,6 +95,7 @@ class ExitModeResolver:
             self.installer.install_zero(page, 1)
             return
         window = st.readahead.window(page)
+        st.waiting_page = page
         ahead = st.ahead
         if ahead is not None:  # its answer comes first on this connection, whatever this fault is
             st.ahead = None
