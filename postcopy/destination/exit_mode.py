@@ -3,7 +3,10 @@
 uffd is opened with UFFD_FEATURE_SIGBUS, so nothing sleeps on the uffd wait queue: the vCPU's
 KVM_RUN comes back (faults.py says how), this thread fetches the page and a readahead window
 over its own connection, installs them with UFFDIO_COPY_MODE_DONTWAKE, completes the access
-and re-enters the guest.
+and re-enters the guest. A vCPU that scans (each fault where its last window ended) also sends
+the request for the window after this one before it installs this one: the source builds and
+sends it while this thread installs and the guest works through the current window, so the next
+fault finds its answer already on the socket instead of waiting a round trip.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
 from postcopy.destination.readahead import Readahead
+from postcopy.destination.retry import NoLongerWanted, RetryingSyncConnection
 from postcopy.faults import FaultDecoder, complete
 from postcopy.observe.faultlog import FaultLog
+from proto import PageRequest
 from vmm.guest.layout import PAGE_SIZE
 from vmm.vcpu import VcpuThread
 
@@ -27,6 +32,9 @@ class VcpuFaultState:
         self.decoder = decoder
         self.connection = connection
         self.readahead = readahead
+        self.ahead: PageRequest | None = None  # the window asked for ahead, answered next on connection
+        self.ahead_page = 0
+        self.waiting_page = -1  # the page this vCPU is fetching (its connection's retry asks)
         self.faults = FaultLog()  # fault exit to re-entry, one record per resolved fault
 
 
@@ -49,6 +57,8 @@ class ExitModeResolver:
                                Readahead(self.readahead_base, self.readahead_max))
         with self._lock:
             self.states[thread.id] = state
+        if isinstance(connection, RetryingSyncConnection):
+            connection.still_wanted = lambda: not self.tracker.is_present(state.waiting_page)
         thread.block_sigbus = True  # a patched kernel queues SIGBUS; we read it with sigtimedwait
         thread.fault_handler = self
 
@@ -61,12 +71,20 @@ class ExitModeResolver:
             return False
         tracker = self.tracker
         gpa, page = fault.first_gpa, fault.first_page
-        if not tracker.is_present(page):
-            self._resolve(st, page, gpa)
+        # NoLongerWanted: the source went away while this vCPU waited and the page came another
+        # way (the retry checked that it is present); the fault is resolved all the same.
+        try:
+            if not tracker.is_present(page):
+                self._resolve(st, page, gpa)
+        except NoLongerWanted:
+            pass
         if fault.npages > 1:  # an access across pages
             for i in range(1, fault.npages):
                 if not tracker.is_present(page + i):
-                    self._resolve(st, page + i, gpa + i * PAGE_SIZE)
+                    try:
+                        self._resolve(st, page + i, gpa + i * PAGE_SIZE)
+                    except NoLongerWanted:
+                        pass
         complete(thread, fault)
         st.faults.record(t0, fault.kind, monotonic_ns() - t0)
         return True
@@ -77,15 +95,42 @@ class ExitModeResolver:
             self.installer.install_zero(page, 1)
             return
         window = st.readahead.window(page)
+        st.waiting_page = page
+        ahead = st.ahead
+        if ahead is not None:  # its answer comes first on this connection, whatever this fault is
+            st.ahead = None
+            batch = st.connection.receive(ahead)  # type: ignore[union-attr]
+            reached = st.ahead_page == page
+            if reached and st.readahead.scanning:
+                self._send_ahead(st, page + ahead.count)  # before the install: the source works meanwhile
+            self.installer.install_batch(batch, Arrival.READAHEAD)
+            if tracker.is_present(page):
+                if reached:
+                    st.readahead.fetched(page, ahead.count)
+                return
         extra = tracker.claim_readahead(page, window) if window > 1 else 0
+        conn = st.connection
         try:
-            batch = st.connection.fetch(gpa, 1 + extra, "demand")  # type: ignore[union-attr]
+            if st.readahead.scanning and window > 1:  # this window's request, then the next one's
+                request = conn.send(gpa, 1 + extra, "demand")  # type: ignore[union-attr]
+                self._send_ahead(st, page + 1 + extra)
+                batch = conn.receive(request)  # type: ignore[union-attr]
+            else:
+                batch = conn.fetch(gpa, 1 + extra, "demand")  # type: ignore[union-attr]
         except BaseException:
+            st.ahead = None  # a connection that gave up forgets what it had in flight
             if extra:
                 tracker.release(page + 1, extra)
             raise
         self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND)
         st.readahead.fetched(page, 1 + extra)
+
+    def _send_ahead(self, st: VcpuFaultState, page: int) -> None:
+        """Ask for the window that starts at ``page`` (the next fault's, if the scan goes on)."""
+        n = self.tracker.ahead_run(page, st.readahead.next_window())
+        if n:
+            st.ahead = st.connection.send(self.memory.page_gpa(page), n, "readahead")  # type: ignore[union-attr]
+            st.ahead_page = page
 
     def fault_logs(self) -> dict[int, FaultLog]:
         return {vcpu: st.faults for vcpu, st in self.states.items()}

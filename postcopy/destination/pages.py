@@ -111,11 +111,24 @@ class PageTracker:
         pages right after it, in the same memory region. Returns how many were claimed."""
         if window <= 1:
             return 0
-        region = self.memory.region_of(self.memory.page_gpa(page))
-        last = region.first_page + region.pages - 1
-        if page >= last or self.is_zero(page + 1):
+        end = self._region_end(page)
+        if page + 1 >= end or self.is_zero(page + 1):
             return 0
-        return self.claim(page + 1, min(window - 1, last - page))
+        return self.claim(page + 1, min(window - 1, end - page - 1))
+
+    def ahead_run(self, page: int, limit: int) -> int:
+        """How many MISSING data pages from ``page`` on (at most ``limit``, in its memory region)
+        a scanning vCPU may ask for ahead of its next fault. Not claimed: nobody waits for
+        them, so a vCPU that stops scanning (or stops) leaves no claim the background would
+        wait on; if the background fetches them too, the second install meets EEXIST."""
+        if page >= self.npages or self.is_zero(page):
+            return 0
+        return self.missing_run(page, min(limit, self._region_end(page) - page))
+
+    def _region_end(self, page: int) -> int:
+        """The page after the last of ``page``'s memory region."""
+        region = self.memory.region_of(self.memory.page_gpa(page))
+        return region.first_page + region.pages
 
     def release(self, page: int, npages: int) -> None:
         """Give back a claim whose fetch failed: IN_FLIGHT pages become MISSING again."""

@@ -45,6 +45,11 @@ class RetryExhausted(FetchError):
     """Retrying stopped: the deadline passed or the migration was aborted."""
 
 
+class NoLongerWanted(FetchError):
+    """Retrying stopped because what the request was for arrived another way (a vCPU whose page
+    the background installed during the outage): nothing is lost."""
+
+
 class FatalFetchError(FetchError):
     """A refusal that asking again cannot change (a wrong token, an untrusted certificate):
     never retried."""
@@ -167,6 +172,9 @@ class RetryingSyncConnection:
         self._conn: SyncPageConnection | None = None
         self._in_flight: collections.deque[PageRequest] = collections.deque()
         self._outage: Outage | None = None  # the failures since the last answer
+        # Asked before each new attempt during an outage: False ends the retrying with
+        # NoLongerWanted (a vCPU's page arrived meanwhile, and the source may be gone for good).
+        self.still_wanted: Callable[[], bool] | None = None
 
     @classmethod
     def open(cls, connect: Callable[[], SyncPageConnection], ctx: RetryContext) -> RetryingSyncConnection:
@@ -221,6 +229,8 @@ class RetryingSyncConnection:
             if error is not None:
                 if self.ctx.aborted.wait(outage.failed(error)):
                     raise RetryExhausted(f"retry aborted: {error}")
+                if self.still_wanted is not None and not self.still_wanted():
+                    raise NoLongerWanted(f"stopped retrying: what was asked for arrived meanwhile ({error})")
             conn = None
             try:
                 conn = self._connect()

@@ -60,7 +60,7 @@ async def source_progress(session: aiohttp.ClientSession, source_url: str, token
 
 
 async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s: float = 1.0,
-                  before: dict[str, Any] | None = None, readahead_base: int = 4,
+                  before: dict[str, Any] | None = None, readahead_base: int = 4, readahead_max: int = 256,
                   console: Callable[[str], None] | None = None, timeline: bool = False,
                   registry: Registry | None = None,
                   on_destination: Callable[[Destination], None] | None = None,
@@ -78,6 +78,7 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
         status = await retry_async(RetryContext(retry), "source status",
                                    lambda: source_json(session, "GET", f"{source_url}/v1/vm/status", token))
         dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base,
+                           readahead_max=readahead_max,
                            console=console, registry=registry, retry=retry, ssl_context=ssl_context,
                            background_batch_pages=background_batch_pages, background_depth=background_depth)
         if on_destination is not None:

@@ -165,6 +165,30 @@ def test_the_right_answer_through_the_same_path_installs_the_source_pages(destin
     assert memory.read(16 * PAGE_SIZE, 8 * PAGE_SIZE) == SOURCE[16 * PAGE_SIZE:24 * PAGE_SIZE]
 
 
+def test_a_scanning_vcpu_gets_its_next_window_from_the_request_it_sent_ahead(destination: Any) -> None:
+    memory, uffd, tracker, installer = destination
+    with TamperingServer(lambda m: m) as server:
+        ctx = RetryContext(RetryPolicy(deadline_s=0.0))
+        conn = RetryingSyncConnection.open(lambda: SyncPageConnection(server.url, TOKEN), ctx)
+        resolver = ExitModeResolver(installer, readahead_base=4, readahead_max=16)
+        state = VcpuFaultState(FaultDecoder(memory), conn, Readahead(4, 16))  # type: ignore[arg-type]
+        try:
+            resolver._resolve(state, 16, 16 * PAGE_SIZE)  # not a scan yet: [16, 20), nothing ahead
+            assert state.ahead is None and tracker.present == 4
+            resolver._resolve(state, 20, 20 * PAGE_SIZE)  # a scan: [20, 28) now, [28, 44) ahead
+            assert state.ahead is not None and (state.ahead_page, state.ahead.count) == (28, 16)
+            assert tracker.present == 12 and tracker.state[28] == MISSING  # ahead is not claimed
+            resolver._resolve(state, 28, 28 * PAGE_SIZE)  # answered by the ahead request: [28, 44)
+            assert (state.ahead_page, state.ahead.count) == (44, 16)  # and the next one is asked for
+            assert tracker.present == 28 and tracker.counts[Arrival.READAHEAD] == 28 - 2
+            resolver._resolve(state, 100, 100 * PAGE_SIZE)  # off the scan: [44, 60) still goes in
+            assert state.ahead is None and tracker.present == 28 + 16 + 4
+        finally:
+            conn.close()
+    for first, n in ((16, 44), (100, 4)):
+        assert memory.read(first * PAGE_SIZE, n * PAGE_SIZE) == SOURCE[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
+
+
 def test_every_single_byte_flip_of_a_batch_is_refused_or_harmless() -> None:
     """Flip each byte of an encoded 2-page batch in turn (8 KiB+ of cases): the decoder either
     refuses it or, where the flip is in framing msgpack tolerates, yields exactly the source pages."""

@@ -13,6 +13,7 @@ from postcopy.chaos import ChaosProxy, ChaosSchedule
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.retry import (
     FatalFetchError,
+    NoLongerWanted,
     RetryContext,
     RetryExhausted,
     RetryingSyncConnection,
@@ -147,6 +148,35 @@ def test_abort_ends_a_vcpu_fetch_waiting_for_a_dead_server_at_once(served: Serve
         await asyncio.to_thread(thread.join, 5)
         assert not thread.is_alive() and time.monotonic() - t0 < 1.0
         assert isinstance(outcome[0], RetryExhausted) and "aborted" in str(outcome[0])
+
+    run_behind_proxy(served, schedule, body)
+
+
+def test_a_vcpu_fetch_stops_retrying_once_its_page_came_another_way(served: Served) -> None:
+    """A vCPU waiting for a dead source must not outlive it: once its page is present (the
+    background got it from a restarted source that has since completed and gone), it stops."""
+    schedule = ChaosSchedule(seed=1, kinds=("drop",), after_bytes=(1, 1))  # every connection dies at once
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        ctx = RetryContext(RetryPolicy(deadline_s=60, backoff_initial_s=0.05, backoff_max_s=0.05))
+        conn = RetryingSyncConnection(lambda: SyncPageConnection(url, SERVED_TOKEN), ctx)
+        arrived = threading.Event()
+        conn.still_wanted = lambda: not arrived.is_set()
+        outcome: list[BaseException] = []
+
+        def fetch() -> None:
+            try:
+                conn.fetch(0, 1, "demand")
+            except BaseException as e:  # noqa: BLE001 - the test reads what came out
+                outcome.append(e)
+
+        thread = threading.Thread(target=fetch)
+        thread.start()
+        await asyncio.sleep(0.3)
+        assert thread.is_alive()  # still retrying while the page is wanted
+        arrived.set()
+        await asyncio.to_thread(thread.join, 5)
+        assert not thread.is_alive() and isinstance(outcome[0], NoLongerWanted)
 
     run_behind_proxy(served, schedule, body)
 
