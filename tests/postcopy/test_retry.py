@@ -125,22 +125,28 @@ def test_vcpu_fetch_on_a_stalled_stream_times_out_and_asks_again(served: Served)
     run_behind_proxy(served, schedule, body)
 
 
+def _fetch_in_a_thread(conn: RetryingSyncConnection) -> tuple[threading.Thread, list[BaseException]]:
+    """A vCPU's fetch of page 0 on a thread of its own; the list gets what it raised."""
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            conn.fetch(0, 1, "demand")
+        except BaseException as e:  # noqa: BLE001 - the test reads what came out
+            outcome.append(e)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    return thread, outcome
+
+
 def test_abort_ends_a_vcpu_fetch_waiting_for_a_dead_server_at_once(served: Served) -> None:
     schedule = ChaosSchedule(seed=1, kinds=("drop",), after_bytes=(1, 1))  # every connection dies at once
 
     async def body(url: str, proxy: ChaosProxy) -> None:
         ctx = RetryContext(RetryPolicy(deadline_s=60, backoff_initial_s=0.05, backoff_max_s=0.05))
         conn = RetryingSyncConnection(lambda: SyncPageConnection(url, SERVED_TOKEN), ctx)
-        outcome: list[BaseException] = []
-
-        def fetch() -> None:
-            try:
-                conn.fetch(0, 1, "demand")
-            except BaseException as e:  # noqa: BLE001 - the test reads what came out
-                outcome.append(e)
-
-        thread = threading.Thread(target=fetch)
-        thread.start()
+        thread, outcome = _fetch_in_a_thread(conn)
         await asyncio.sleep(0.3)
         assert thread.is_alive()  # still retrying: the guest only waits
         t0 = time.monotonic()
@@ -162,16 +168,7 @@ def test_a_vcpu_fetch_stops_retrying_once_its_page_came_another_way(served: Serv
         conn = RetryingSyncConnection(lambda: SyncPageConnection(url, SERVED_TOKEN), ctx)
         arrived = threading.Event()
         conn.still_wanted = lambda: not arrived.is_set()
-        outcome: list[BaseException] = []
-
-        def fetch() -> None:
-            try:
-                conn.fetch(0, 1, "demand")
-            except BaseException as e:  # noqa: BLE001 - the test reads what came out
-                outcome.append(e)
-
-        thread = threading.Thread(target=fetch)
-        thread.start()
+        thread, outcome = _fetch_in_a_thread(conn)
         await asyncio.sleep(0.3)
         assert thread.is_alive()  # still retrying while the page is wanted
         arrived.set()
