@@ -43,13 +43,16 @@ async def spawn_ready(what: str, argv: list[str], key: str) -> tuple[asyncio.sub
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), VMM_START_TIMEOUT_S)
+        if not line:
+            await proc.wait()
+            raise DemoError(f"the {what} exited with status {proc.returncode} before it was ready")
+        return proc, json.loads(line)[key]
     except TimeoutError:
-        await stop_vmm(proc, None)
+        await asyncio.shield(stop_vmm(proc, None))
         raise DemoError(f"the {what} did not come up within {VMM_START_TIMEOUT_S:.0f} s") from None
-    if not line:
-        await proc.wait()
-        raise DemoError(f"the {what} exited with status {proc.returncode} before it was ready")
-    return proc, json.loads(line)[key]
+    except BaseException:  # Ctrl-C while it starts, or a ready line we cannot read: no orphan
+        await asyncio.shield(stop_vmm(proc, None))
+        raise
 
 
 async def start_vmm(socket_path: Path, name: str) -> tuple[asyncio.subprocess.Process, str]:

@@ -12,6 +12,7 @@ from itertools import pairwise
 from typing import Any, ClassVar, Final, Literal, NamedTuple, Self, TypeAlias, TypeVar
 
 import msgpack
+from xxhash import xxh3_64_intdigest
 
 from proto.checksum import Buffer, page_sums, unpack_sums
 from proto.errors import ProtoError
@@ -270,7 +271,11 @@ class _Message:
 
     @classmethod
     def _from_wire(cls, obj: dict[Any, Any]) -> Self:
-        fields = _check_keys(cls.TYPE, obj, cls._KEYS)
+        return cls._build(_check_keys(cls.TYPE, obj, cls._KEYS))
+
+    @classmethod
+    def _build(cls, fields: dict[Any, Any]) -> Self:
+        """The record from a map with exactly its keys (the envelope's are dropped here)."""
         del fields["v"], fields["t"]
         try:
             return cls(**fields)
@@ -448,6 +453,11 @@ class MigrationHeader(_Message):
     eager runs carry pages pushed up front; none of them is marked zero.
     paused_at_ns is the source's CLOCK_MONOTONIC at the pause, comparable only where
     boot_id (the source kernel's /proc/sys/kernel/random/boot_id) is the same.
+
+    On the wire it carries "sum": the xxh3_64 of the message's own encoding without that key
+    (msgpack's encoding of a decoded map is canonical, so the receiver re-encodes and compares).
+    The eager pages, the zero map and the vCPU state are installed as they come: one flipped bit
+    in the zero map would install a data page as zeros, so the whole header is checked.
     """
 
     migration_id: str
@@ -465,7 +475,7 @@ class MigrationHeader(_Message):
     TYPE: ClassVar[str] = "migration_header"
     _KEYS: ClassVar[frozenset[str]] = _envelope_keys(
         "migration_id", "page_size", "regions", "vcpus", "vm_state", "devices",
-        "eager", "zero_bitmap", "paused_at_ns", "boot_id", "workload",
+        "eager", "zero_bitmap", "paused_at_ns", "boot_id", "workload", "sum",
     )  # fmt: skip
     _LIMITS: ClassVar[_Limits] = _limits(
         _KEYS,
@@ -579,33 +589,36 @@ class MigrationHeader(_Message):
         return (int.from_bytes(chunk, "little") >> (first % 8)) & ((1 << npages) - 1)
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {
-                "v": PROTOCOL_VERSION,
-                "t": self.TYPE,
-                "migration_id": self.migration_id,
-                "page_size": self.page_size,
-                "regions": [region._to_wire() for region in self.regions],
-                "vcpus": [vcpu._to_wire() for vcpu in self.vcpus],
-                "vm_state": self.vm_state._to_wire(),
-                "devices": self.devices,
-                "eager": [run._to_wire() for run in self.eager],
-                "zero_bitmap": self.zero_bitmap,
-                "paused_at_ns": self.paused_at_ns,
-                "boot_id": self.boot_id,
-                "workload": self.workload,
-            }
-        )
+        body = {
+            "v": PROTOCOL_VERSION,
+            "t": self.TYPE,
+            "migration_id": self.migration_id,
+            "page_size": self.page_size,
+            "regions": [region._to_wire() for region in self.regions],
+            "vcpus": [vcpu._to_wire() for vcpu in self.vcpus],
+            "vm_state": self.vm_state._to_wire(),
+            "devices": self.devices,
+            "eager": [run._to_wire() for run in self.eager],
+            "zero_bitmap": self.zero_bitmap,
+            "paused_at_ns": self.paused_at_ns,
+            "boot_id": self.boot_id,
+            "workload": self.workload,
+        }
+        body["sum"] = xxh3_64_intdigest(msgpack.packb(body))
+        return msgpack.packb(body)
 
     @classmethod
     def _from_wire(cls, obj: dict[Any, Any]) -> Self:
         fields = _check_keys(cls.TYPE, obj, cls._KEYS)
+        claimed = fields.pop("sum")
+        if xxh3_64_intdigest(msgpack.packb(fields)) != claimed:
+            raise ProtoError(f"{cls.TYPE}: checksum mismatch: the header was damaged on the way")
         for name, record in (("regions", MemoryRegion), ("vcpus", VcpuState), ("eager", PageRun)):
             items = fields[name]
             if isinstance(items, tuple):  # otherwise the constructor names the wrong type
                 fields[name] = tuple(_nested(f"{name}[{i}]", record, item) for i, item in enumerate(items))
         fields["vm_state"] = _nested("vm_state", VmState, fields["vm_state"])
-        return super(MigrationHeader, cls)._from_wire(fields)
+        return cls._build(fields)
 
 
 @dataclass(slots=True, frozen=True)

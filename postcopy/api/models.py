@@ -3,6 +3,7 @@ wrong with it (a missing, unknown or invalid field) is an ApiError 400 that name
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -18,6 +19,8 @@ MAX_AFTER_S: Final = 3600.0
 MAX_READAHEAD: Final = 256
 MAX_SEED: Final = (1 << 63) - 1
 MAX_PATH_LEN: Final = 4096
+# RFC 6750's b64token: what a bearer token may hold (it goes into an HTTP header as is).
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MAX_RETRY_DEADLINE_S: Final = 3600.0
 
 
@@ -72,6 +75,13 @@ class _Fields:
             return None
         if type(value) is not str or not value or len(value) > max_len:
             raise self._bad(name, f"must be a non-empty string of at most {max_len} characters")
+        return value
+
+    def token(self, name: str, *, required: bool) -> str | None:
+        """A bearer token: RFC 6750 b64token characters only (it is sent in a header)."""
+        value = self.text(name, required=required, max_len=MAX_TOKEN_LEN)
+        if value is not None and not _TOKEN_RE.fullmatch(value):
+            raise self._bad(name, "must hold only the characters A-Z a-z 0-9 - . _ ~ + / (then any '=')")
         return value
 
     def path(self, name: str) -> str | None:
@@ -165,12 +175,18 @@ class OutgoingSpec:
         f = _Fields(body, "PUT /v1/migration/outgoing")
         listen = f.text("listen", required=True, max_len=MAX_URL_LEN)
         resume = f.path("resume")
-        token = f.text("token", required=resume is None, max_len=MAX_TOKEN_LEN)
+        token = f.token("token", required=resume is None)
         advertise_url = f.url("advertise_url", required=False)
         tls_cert, tls_key = f.path("tls_cert"), f.path("tls_key")
         f.done()
         if (tls_cert is None) != (tls_key is None):
             raise ApiError(400, "PUT /v1/migration/outgoing: fields 'tls_cert' and 'tls_key' go together")
+        if resume is not None and token is not None:
+            raise ApiError(400, "PUT /v1/migration/outgoing: 'resume' takes the token from the state directory: "
+                                "give no 'token'")
+        if advertise_url is not None and advertise_url.startswith("https://") != (tls_cert is not None):
+            raise ApiError(400, "PUT /v1/migration/outgoing: 'advertise_url' must be https:// exactly when "
+                                "'tls_cert' is given")
         assert listen is not None
         try:
             host, port = parse_listen(listen)
@@ -210,7 +226,7 @@ class IncomingSpec:
         what = "PUT /v1/migration/incoming"
         f = _Fields(body, what)
         source_url = f.url("source_url", required=True)
-        token = f.text("token", required=True, max_len=MAX_TOKEN_LEN)
+        token = f.token("token", required=True)
         fault_mode = f.choice("fault_mode", FAULT_MODES, "exit")
         after_s = f.number("after_s", 1.0, 0.0, MAX_AFTER_S)
         readahead = f.integer("readahead", 4, 1, MAX_READAHEAD)
@@ -223,6 +239,9 @@ class IncomingSpec:
         retry_deadline = f.number("retry_deadline_s", -1.0, 0.0, MAX_RETRY_DEADLINE_S)
         check = f.nested("source_check")
         f.done()
+        assert source_url is not None
+        if source_url.startswith("https://") != (tls_ca is not None):
+            raise ApiError(400, f"{what}: 'source_url' must be https:// exactly when 'tls_ca' is given")
         source_check = None
         if check is not None:
             ok = check.take("ok", True)

@@ -259,6 +259,15 @@ class VmmService:
         return server, memory, state_dir
 
     async def _watch_outgoing(self, out: Outgoing) -> None:
+        try:
+            await self._serve_outgoing(out)
+        finally:  # also when cancelled: a resumed server's RAM mapping is ours to release,
+            if out.memory is not None:  # once no page socket can send from it any more
+                await out.server.close()
+                out.memory.close()
+                out.memory = None
+
+    async def _serve_outgoing(self, out: Outgoing) -> None:
         state = await out.server.wait()
         if state is MigrationState.COMPLETED:
             out.summary = server_summary(out.server)
@@ -268,8 +277,6 @@ class VmmService:
         else:
             out.error = out.server.failure
         await out.server.close()  # every page socket closed: now the guest's RAM may go
-        if out.memory is not None:
-            out.memory.close()
         if state is MigrationState.COMPLETED:
             await self._release_vm()  # the guest lives on the destination now
         log.info("outgoing migration %s ended %s", out.server.migration_id, state.value)

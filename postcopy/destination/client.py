@@ -1,14 +1,12 @@
 """The destination's connections to the source's page server (docs/protocol.md).
 
-``PageConnection`` is one aiohttp WebSocket on an event loop: requests are pipelined and
-answered in order (the background stream). ``SyncPageConnection`` is one blocking WebSocket per
-vCPU thread (the fault path), so a demand fetch never waits behind the background stream, another
-vCPU, or an event loop.
+``SyncPageConnection`` is one blocking WebSocket: one per vCPU thread (the fault path), one per
+classic handler thread and one for the background transfer (pipelined: requests answered in
+order), so a demand fetch never waits behind the background stream, another vCPU, or an event
+loop. The control requests (start, status, Complete) go over aiohttp.
 """
 from __future__ import annotations
 
-import asyncio
-import collections
 import ssl
 
 import aiohttp
@@ -19,8 +17,6 @@ from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoErro
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
-# Closing waits this long for the peer's close frame: a broken stream is not waited on.
-WS_CLOSE_TIMEOUT_S = 0.1
 
 
 class FetchError(Exception):
@@ -34,12 +30,6 @@ def auth_headers(token: str) -> dict[str, str]:
 def tls_option(ssl_context: ssl.SSLContext | None) -> ssl.SSLContext | bool:
     """aiohttp's ``ssl=`` argument: our context, or its default verification."""
     return ssl_context if ssl_context is not None else True
-
-
-def _session() -> aiohttp.ClientSession:
-    # One connection per session: the whole point is that nobody shares it.
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, force_close=False),
-                                 timeout=aiohttp.ClientTimeout(total=None, connect=10))
 
 
 def decode_batch(data: bytes | memoryview, request: PageRequest) -> PageBatch:
@@ -58,104 +48,6 @@ def decode_batch(data: bytes | memoryview, request: PageRequest) -> PageBatch:
     except ProtoError as e:
         raise FetchError(str(e)) from None
     return msg
-
-
-class PageConnection:
-    """A pipelined WebSocket to /v1/pages/ws; use from one event loop."""
-
-    def __init__(self, base_url: str, token: str, *, ssl_context: ssl.SSLContext | None = None,
-                 receive_timeout: float | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.ssl_context = ssl_context
-        self.receive_timeout = receive_timeout  # a stalled answer is a FetchError after this long
-        self._session: aiohttp.ClientSession | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._waiting: collections.deque[tuple[PageRequest, asyncio.Future[PageBatch]]] = collections.deque()
-        self._reader: asyncio.Task[None] | None = None
-        self.requests = 0
-        self.bytes_received = 0
-
-    async def connect(self) -> None:
-        self._session = _session()
-        try:
-            self._ws = await self._session.ws_connect(f"{self.base_url}{PAGES_PATH}", headers=auth_headers(self.token),
-                                                      max_msg_size=MAX_WS_MESSAGE, autoping=False, heartbeat=None,
-                                                      ssl=tls_option(self.ssl_context),
-                                                      timeout=aiohttp.ClientWSTimeout(ws_receive=self.receive_timeout,
-                                                                                      ws_close=WS_CLOSE_TIMEOUT_S))
-        except (aiohttp.ClientError, OSError) as e:
-            await self._session.close()
-            raise FetchError(f"cannot open the page stream at {self.base_url}: {e}") from None
-
-    async def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
-        """One request, one answer, nobody else on this socket (the vCPU fault path)."""
-        ws = self._ws
-        assert ws is not None and self._reader is None
-        request = PageRequest(gpa, count, kind)  # type: ignore[arg-type]
-        self.requests += 1
-        try:
-            await ws.send_bytes(request.encode())
-            msg = await ws.receive()
-        except (aiohttp.ClientError, OSError, ConnectionError) as e:
-            raise FetchError(f"page stream broke during {kind} fetch of gpa {gpa:#x}: {e}") from None
-        if msg.type is not aiohttp.WSMsgType.BINARY:
-            raise FetchError(f"page stream closed during {kind} fetch of gpa {gpa:#x} ({msg.type.name})")
-        self.bytes_received += len(msg.data)
-        return decode_batch(msg.data, request)
-
-    def submit(self, gpa: int, count: int, kind: str) -> asyncio.Future[PageBatch]:
-        """Send a request now and return a future for its answer (pipelined use)."""
-        ws = self._ws
-        assert ws is not None
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
-        request = PageRequest(gpa, count, kind)  # type: ignore[arg-type]
-        future: asyncio.Future[PageBatch] = asyncio.get_running_loop().create_future()
-        self._waiting.append((request, future))
-        self.requests += 1
-        asyncio.get_running_loop().create_task(self._send(request, future))
-        return future
-
-    async def _send(self, request: PageRequest, future: asyncio.Future[PageBatch]) -> None:
-        try:
-            await self._ws.send_bytes(request.encode())  # type: ignore[union-attr]
-        except (aiohttp.ClientError, OSError, ConnectionError) as e:
-            if not future.done():
-                future.set_exception(FetchError(f"page stream broke sending a request for gpa {request.gpa:#x}: {e}"))
-
-    async def _read_loop(self) -> None:
-        ws = self._ws
-        assert ws is not None
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type is not aiohttp.WSMsgType.BINARY:
-                    raise FetchError(f"page stream closed ({msg.type.name})")
-                if not self._waiting:
-                    raise FetchError("page server sent an answer nobody asked for")
-                request, future = self._waiting.popleft()
-                self.bytes_received += len(msg.data)
-                if future.done():
-                    continue
-                try:
-                    future.set_result(decode_batch(msg.data, request))
-                except FetchError as e:
-                    future.set_exception(e)
-        except (FetchError, aiohttp.ClientError, OSError, ConnectionError) as e:
-            err = e if isinstance(e, FetchError) else FetchError(f"page stream broke: {e}")
-            while self._waiting:
-                _, future = self._waiting.popleft()
-                if not future.done():
-                    future.set_exception(err)
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._ws is not None:
-            await self._ws.close()
-        if self._session is not None:
-            await self._session.close()
 
 
 class SyncPageConnection:

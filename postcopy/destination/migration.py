@@ -172,8 +172,14 @@ class Destination:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(self.ssl_context)))
         fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
         # one per vCPU (or classic handler), then the background transfer's
-        connections = await asyncio.gather(
-            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(fetchers + 1)))
+        opened = await asyncio.gather(
+            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(fetchers + 1)),
+            return_exceptions=True)
+        connections = [c for c in opened if isinstance(c, RetryingSyncConnection)]
+        if len(connections) < len(opened):  # close the ones that did open: nobody else will
+            for c in connections:
+                await asyncio.to_thread(c.close)
+            raise next(e for e in opened if isinstance(e, BaseException))
         self._vcpu_connections = list(connections[:fetchers])
         self._background_connection = connections[fetchers]
         self._to(DestinationState.LISTEN)
@@ -184,6 +190,17 @@ class Destination:
 
     # -- RUNNING -------------------------------------------------------------------------------
     async def switchover(self) -> None:
+        try:
+            await self._switchover()
+        except BaseException:
+            # The source is paused now (or may be): this destination must not be left in LISTEN
+            # as if it could still take the guest.
+            self.retry.abort()
+            if self.state is not DestinationState.FAILED:
+                self._to(DestinationState.FAILED)
+            raise
+
+    async def _switchover(self) -> None:
         assert self.machine and self.memory and self.uffd and self._session
         t0 = time.monotonic_ns()
         self._switch_started_ns = t0
@@ -250,8 +267,11 @@ class Destination:
             self.machine.pause()  # never run a guest on memory it did not get
             raise MigrationError(f"migration failed while running: {e}") from None
         finally:
-            if background is not None and not background.done():
-                background.cancel()
+            if background is not None:
+                if not background.done():
+                    background.cancel()
+                elif not background.cancelled():
+                    background.exception()  # seen: the error that ended the migration is reported above
         done_ns = self._done_ns = time.monotonic_ns()
         # RAM stays registered until close(): a vCPU may still be finishing a fault it took
         # before the last page arrived (the background installed that page meanwhile); its
@@ -402,7 +422,11 @@ class Destination:
                 self.uffd.unregister(region.hva, region.size)
 
     async def close(self) -> None:
-        self.retry.abort()
+        self.retry.abort()  # a vCPU waiting out a backoff gives up now, so it can stop
+        if self.machine is not None:
+            # Still ours (not handed over): no vCPU may run once its RAM is unregistered below,
+            # or a missing page would read as zeros.
+            await asyncio.to_thread(self.machine.stop)
         await self._sampler.stop()
         if self.resolver is not None:
             await asyncio.to_thread(self.resolver.close)

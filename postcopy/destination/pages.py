@@ -76,7 +76,7 @@ class PageTracker:
     def missing_run(self, page: int, limit: int) -> int:
         """How many pages from ``page`` on (at most ``limit``) are MISSING and of the same kind
         (zero or not) as ``page``: the readahead window that is worth asking for. Computed on
-        whole byte strings and integers, not page by page (a background batch is 512 pages)."""
+        whole byte strings and integers, not page by page (a background batch is 256 pages)."""
         end = min(page + limit, self.npages)
         if end <= page:
             return 0

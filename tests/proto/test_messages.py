@@ -5,6 +5,7 @@ from dataclasses import replace
 from typing import Any
 
 import msgpack
+from xxhash import xxh3_64_intdigest
 import pytest
 
 from proto import (
@@ -65,6 +66,14 @@ def wire(message: Any) -> dict[str, Any]:
 
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj)
+
+
+def resealed(header: dict[str, Any]) -> bytes:
+    """A tampered header map with its checksum made right again, so the decoder gets past it to
+    the field checks (as a forger, not the network, would)."""
+    header.pop("sum")
+    header["sum"] = xxh3_64_intdigest(msgpack.packb(header))
+    return msgpack.packb(header)
 
 
 # --- round trips
@@ -505,22 +514,39 @@ def test_header_decode_names_where_a_nested_field_is_wrong() -> None:
     obj = wire(make_header())
     obj["regions"][1]["gpa"] = MiB + 1
     with pytest.raises(ProtoError, match="^regions\\[1\\]: gpa must be page-aligned .* got 0x100001$"):
-        MigrationHeader.decode(pack(obj))
+        MigrationHeader.decode(resealed(obj))
     obj = wire(make_header())
     obj["vcpus"][0]["lapic"] = "text"
     with pytest.raises(ProtoError, match="vcpus\\[0\\]: lapic must be bytes"):
-        MigrationHeader.decode(pack(obj))
+        MigrationHeader.decode(resealed(obj))
     obj = wire(make_header())
     del obj["vm_state"]["pit2"]
     with pytest.raises(ProtoError, match="^vm_state: missing field 'pit2'$"):
-        MigrationHeader.decode(pack(obj))
+        MigrationHeader.decode(resealed(obj))
     obj = wire(make_header())
     obj["eager"] = [7]
     with pytest.raises(ProtoError, match="eager\\[0\\] must be a map, got 7"):
-        MigrationHeader.decode(pack(obj))
+        MigrationHeader.decode(resealed(obj))
     obj = wire(make_header())
     obj["regions"] = {"gpa": 0}
     with pytest.raises(ProtoError, match="regions must be a list"):
+        MigrationHeader.decode(resealed(obj))
+
+
+def test_a_header_damaged_on_the_way_is_refused() -> None:
+    """One flipped bit anywhere in the zero map (or the eager pages, or the vCPU state) would be
+    installed as it is: the header's own checksum refuses it."""
+    header = make_header()
+    good = header.encode()
+    assert MigrationHeader.decode(good) == header
+    for index in (good.index(header.zero_bitmap), good.index(header.eager[0].data) + 100, len(good) // 2):
+        damaged = bytearray(good)
+        damaged[index] ^= 0x01
+        with pytest.raises(ProtoError):
+            MigrationHeader.decode(bytes(damaged))
+    obj = wire(header)
+    obj["zero_bitmap"] = bytes(len(header.zero_bitmap))  # well-formed, but not what was sent
+    with pytest.raises(ProtoError, match="checksum mismatch"):
         MigrationHeader.decode(pack(obj))
 
 
