@@ -227,18 +227,24 @@ class RetryingSyncConnection:
         flight, until that works."""
         while True:
             if error is not None:
-                if self.ctx.aborted.wait(outage.failed(error)):
-                    raise RetryExhausted(f"retry aborted: {error}")
+                # Before the deadline or an abort can fail the guest: a page that arrived
+                # another way ends the wait as it is.
                 if self.still_wanted is not None and not self.still_wanted():
                     raise NoLongerWanted(f"stopped retrying: what was asked for arrived meanwhile ({error})")
+                if self.ctx.aborted.wait(outage.failed(error)):
+                    raise RetryExhausted(f"retry aborted: {error}")
             conn = None
             try:
                 conn = self._connect()
+                if self.ctx.aborted.is_set():  # closed meanwhile: this socket would have no owner
+                    raise RetryExhausted(f"retry aborted: {error}")
                 for request in self._in_flight:
                     conn.send_request(request)
             except FetchError as e:
                 if conn is not None:
                     _close_quietly(conn)
+                if isinstance(e, RetryExhausted):
+                    raise
                 error = e
                 continue
             self._conn = conn

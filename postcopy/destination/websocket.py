@@ -223,6 +223,12 @@ class BlockingWebSocket:
         sock, self.sock = self.sock, None
         if sock is not None:
             try:
+                # close() alone does not wake a thread blocked in recv on this socket (Linux):
+                # shutdown does, so closing a connection ends whoever waits on it.
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
                 sock.close()
             except OSError:
                 pass
