@@ -69,25 +69,24 @@ class ExitModeResolver:
         fault = st.decoder.decode(thread, ret)
         if fault is None:
             return False
-        tracker = self.tracker
         gpa, page = fault.first_gpa, fault.first_page
-        # NoLongerWanted: the source went away while this vCPU waited and the page came another
-        # way (the retry checked that it is present); the fault is resolved all the same.
-        try:
-            if not tracker.is_present(page):
-                self._resolve(st, page, gpa)
-        except NoLongerWanted:
-            pass
+        self._make_present(st, page, gpa)
         if fault.npages > 1:  # an access across pages
             for i in range(1, fault.npages):
-                if not tracker.is_present(page + i):
-                    try:
-                        self._resolve(st, page + i, gpa + i * PAGE_SIZE)
-                    except NoLongerWanted:
-                        pass
+                self._make_present(st, page + i, gpa + i * PAGE_SIZE)
         complete(thread, fault)
         st.faults.record(t0, fault.kind, monotonic_ns() - t0)
         return True
+
+    def _make_present(self, st: VcpuFaultState, page: int, gpa: int) -> None:
+        if self.tracker.is_present(page):
+            return
+        try:
+            self._resolve(st, page, gpa)
+        except NoLongerWanted:
+            # The source went away while this vCPU waited and the page came another way (the
+            # retry checked that it is present): the fault is resolved all the same.
+            pass
 
     def _resolve(self, st: VcpuFaultState, page: int, gpa: int) -> None:
         tracker = self.tracker

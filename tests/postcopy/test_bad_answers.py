@@ -125,15 +125,23 @@ def destination() -> Iterator[tuple[GuestMemory, Uffd, PageTracker, Installer]]:
         memory.close()
 
 
+def _vcpu(url: str, installer: Installer, base: int, most: int) -> tuple[RetryingSyncConnection, ExitModeResolver,
+                                                                      VcpuFaultState]:
+    """One exit-mode vCPU's fault path against ``url``: its connection (whose first failure is
+    final: the tests look at it), the resolver, and its state with a readahead of ``base``..``most``."""
+    ctx = RetryContext(RetryPolicy(deadline_s=0.0))
+    conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, TOKEN, receive_timeout=5), ctx)
+    resolver = ExitModeResolver(installer, readahead_base=base, readahead_max=most)
+    state = VcpuFaultState(FaultDecoder(installer.memory), conn, Readahead(base, most))  # type: ignore[arg-type]
+    return conn, resolver, state
+
+
 @pytest.mark.parametrize("case", list(TAMPERED))
 def test_a_bad_answer_installs_nothing_and_gives_back_the_claim(case: str, destination: Any) -> None:
     memory, uffd, tracker, installer = destination
     page, window = 16, 8
     with TamperingServer(TAMPERED[case]) as server:
-        ctx = RetryContext(RetryPolicy(deadline_s=0.0))  # the first failure is final: we look at it
-        conn = RetryingSyncConnection.open(lambda: SyncPageConnection(server.url, TOKEN, receive_timeout=5), ctx)
-        resolver = ExitModeResolver(installer, readahead_base=window, readahead_max=window)
-        state = VcpuFaultState(FaultDecoder(memory), conn, Readahead(window, window))  # type: ignore[arg-type]
+        conn, resolver, state = _vcpu(server.url, installer, window, window)
         try:
             with pytest.raises(RetryExhausted):
                 resolver._resolve(state, page, page * PAGE_SIZE)
@@ -153,10 +161,7 @@ def _buffer(data: bytes, page: int) -> int:
 def test_the_right_answer_through_the_same_path_installs_the_source_pages(destination: Any) -> None:
     memory, uffd, tracker, installer = destination
     with TamperingServer(lambda m: m) as server:
-        ctx = RetryContext(RetryPolicy(deadline_s=0.0))
-        conn = RetryingSyncConnection.open(lambda: SyncPageConnection(server.url, TOKEN), ctx)
-        resolver = ExitModeResolver(installer, readahead_base=8, readahead_max=8)
-        state = VcpuFaultState(FaultDecoder(memory), conn, Readahead(8, 8))  # type: ignore[arg-type]
+        conn, resolver, state = _vcpu(server.url, installer, 8, 8)
         try:
             resolver._resolve(state, 16, 16 * PAGE_SIZE)
         finally:
@@ -168,10 +173,7 @@ def test_the_right_answer_through_the_same_path_installs_the_source_pages(destin
 def test_a_scanning_vcpu_gets_its_next_window_from_the_request_it_sent_ahead(destination: Any) -> None:
     memory, uffd, tracker, installer = destination
     with TamperingServer(lambda m: m) as server:
-        ctx = RetryContext(RetryPolicy(deadline_s=0.0))
-        conn = RetryingSyncConnection.open(lambda: SyncPageConnection(server.url, TOKEN), ctx)
-        resolver = ExitModeResolver(installer, readahead_base=4, readahead_max=16)
-        state = VcpuFaultState(FaultDecoder(memory), conn, Readahead(4, 16))  # type: ignore[arg-type]
+        conn, resolver, state = _vcpu(server.url, installer, 4, 16)
         try:
             resolver._resolve(state, 16, 16 * PAGE_SIZE)  # not a scan yet: [16, 20), nothing ahead
             assert state.ahead is None and tracker.present == 4
