@@ -10,7 +10,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 
-from postcopy.faults import FAULT_KIND_NAMES, FaultDecoder, FaultError, complete
+from postcopy.faults import FAULT_KIND_NAMES, FaultDecoder, FaultError
 from vmm.abi import kvm as kabi
 from vmm.abi.userfaultfd import UFFD_FEATURE_NAMES, UFFD_FEATURE_SIGBUS, UFFDIO_ZEROPAGE_MODE_DONTWAKE
 from vmm.guest import workloads
@@ -60,7 +60,7 @@ class _ProbeResolver:
             return False
         length = fault.npages * PAGE_SIZE
         self.uffd.zeropage(self.memory.hva(fault.first_gpa, length), length, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
-        complete(thread, fault)
+        self.decoder.complete(thread, fault)
         name = FAULT_KIND_NAMES[fault.kind]
         self.kinds[name] = self.kinds.get(name, 0) + 1
         return True

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from vmm import libc
 from vmm.abi import kvm as abi
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
+from vmm.kvm import (EXIT_REASON_U32, MMIO_DATA_OFFSET, MMIO_DATA_U64, MMIO_IS_WRITE_U8, MMIO_LEN_U32,
+                     MMIO_PHYS_ADDR_U64)
 from vmm.memory import GuestMemory
 from vmm.vcpu import VcpuThread
 
 X86_MAX_INSTRUCTION = 15
 PAGE_MASK = ~(PAGE_SIZE - 1)
-MMIO_DATA_OFFSET = abi.kvm_run.mmio.offset + abi.kvm_run_mmio.data.offset  # in the kvm_run page
+KVM_EXIT_MMIO, KVM_EXIT_INTERNAL_ERROR = abi.KVM_EXIT_MMIO, abi.KVM_EXIT_INTERNAL_ERROR
 memmove = ctypes.memmove
 
 
@@ -54,6 +56,7 @@ class Fault:
     first_gpa: int
     npages: int
     first_page: int = 0  # the page index (GuestMemory.page_index) of first_gpa
+    first_hva: int = 0  # the host address of first_gpa
     length: int = 0  # MMIO: bytes accessed
     is_write: bool = False  # MMIO: a write (complete stores it) or a read (complete loads it)
     hva: int = 0  # MMIO: host address of the access
@@ -76,6 +79,9 @@ class FaultDecoder:
         self._lo, self._hi = (one.gpa, one.gpa + one.size) if self._single else (0, -1)
         self._page_base = one.first_page - (one.gpa >> PAGE_SHIFT)
         self._hva_base = one.hva - one.gpa
+        # The one region as qwords, for completing an aligned 8-byte access (the usual one) by
+        # index; read only at pages that are present (complete runs after the install).
+        self._ram_u64 = memory.view(one.gpa, one.size).cast("Q") if self._single else None
 
     def in_ram(self, gpa: int, length: int) -> bool:
         if self._lo <= gpa and gpa + length <= self._hi:
@@ -84,27 +90,48 @@ class FaultDecoder:
 
     def decode(self, thread: VcpuThread, ret: int) -> Fault | None:
         """The fault behind this exit, or None if it is not a missing-page exit."""
-        run = thread.vcpu.run_struct
+        vcpu = thread.vcpu
         if ret < 0:
+            run = vcpu.run_struct
             if ret == -errno.EFAULT and run.exit_reason == abi.KVM_EXIT_MEMORY_FAULT:
                 mf = run.memory_fault
                 return self._span(FaultKind.MEMORY_FAULT, mf.gpa, max(mf.size, 1))
             if ret in (-errno.EFAULT, -errno.EINTR):
                 return self._pending_sigbus()
             return None
-        reason = run.exit_reason
-        if reason == abi.KVM_EXIT_MMIO:
-            mmio = run.mmio
-            gpa, length = mmio.phys_addr, mmio.len or 1
-            if not self.in_ram(gpa, length):
+        reason = vcpu.run_u32[EXIT_REASON_U32]
+        if reason == KVM_EXIT_MMIO:
+            gpa = vcpu.run_u64[MMIO_PHYS_ADDR_U64]
+            length = vcpu.run_u32[MMIO_LEN_U32]
+            if not self.in_ram(gpa, length or 1):
                 return None  # real MMIO: not ours
-            fault = self._fill(FaultKind.MMIO, gpa, length)
-            fault.length, fault.is_write = mmio.len, mmio.is_write
+            fault = self._fill(FaultKind.MMIO, gpa, length or 1)
+            fault.length, fault.is_write = length, vcpu.run_u8[MMIO_IS_WRITE_U8] != 0
             fault.hva = gpa + self._hva_base if self._single else self.memory.hva(gpa, length)
             return fault
-        if reason == abi.KVM_EXIT_INTERNAL_ERROR and run.internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION:
+        if reason == KVM_EXIT_INTERNAL_ERROR and vcpu.run_struct.internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION:
             return self._fetch(thread)
         return None
+
+    def complete(self, thread: VcpuThread, fault: Fault) -> None:
+        """Finish the access KVM handed back, once its pages are present (MMIO only): a read
+        gets its bytes from the now-present RAM, a write is stored into it."""
+        if fault.kind is not FaultKind.MMIO:
+            return  # the instruction is retried on re-entry
+        vcpu = thread.vcpu
+        ram = self._ram_u64
+        if fault.length == 8 and not fault.gpa & 7 and ram is not None:
+            index = (fault.gpa - self._lo) >> 3
+            if fault.is_write:
+                ram[index] = vcpu.run_u64[MMIO_DATA_U64]
+            else:
+                vcpu.run_u64[MMIO_DATA_U64] = ram[index]
+            return
+        data = vcpu.run_address + MMIO_DATA_OFFSET
+        if fault.is_write:
+            memmove(fault.hva, data, fault.length)
+        else:
+            memmove(data, fault.hva, fault.length)
 
     def _span(self, kind: FaultKind, gpa: int, length: int) -> Fault:
         if not self.in_ram(gpa, length):
@@ -117,7 +144,10 @@ class FaultDecoder:
         first = gpa & PAGE_MASK
         f.kind, f.gpa, f.first_gpa = kind, gpa, first
         f.npages = ((((gpa + length - 1) & PAGE_MASK) - first) >> PAGE_SHIFT) + 1
-        f.first_page = (first >> PAGE_SHIFT) + self._page_base if self._single else self.memory.page_index(first)
+        if self._single:
+            f.first_page, f.first_hva = (first >> PAGE_SHIFT) + self._page_base, first + self._hva_base
+        else:
+            f.first_page, f.first_hva = self.memory.page_index(first), self.memory.hva(first)
         return f
 
     def _fetch(self, thread: VcpuThread) -> Fault | None:
@@ -142,14 +172,3 @@ class FaultDecoder:
         if gpa is None:
             raise FaultError(f"SIGBUS at host address {hva:#x}, outside guest RAM (code {self._siginfo.si_code})")
         return self._span(FaultKind.SIGBUS, gpa, 1)
-
-
-def complete(thread: VcpuThread, fault: Fault) -> None:
-    """Finish the access KVM handed back, once its pages are present (MMIO only)."""
-    if fault.kind is not FaultKind.MMIO:
-        return  # the instruction is retried on re-entry
-    data = thread.vcpu.run_address + MMIO_DATA_OFFSET
-    if fault.is_write:
-        memmove(fault.hva, data, fault.length)
-    else:
-        memmove(data, fault.hva, fault.length)

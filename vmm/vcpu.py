@@ -20,7 +20,7 @@ from typing import Protocol
 from vmm import libc
 from vmm.abi import kvm as abi
 from vmm.devices.bus import PioBus
-from vmm.kvm import Vcpu
+from vmm.kvm import EXIT_REASON_U32, Vcpu
 from vmm.memory import GuestMemory
 
 log = logging.getLogger("vmm.vcpu")
@@ -183,6 +183,7 @@ class VcpuThread:
 
     def _loop(self) -> VcpuState:
         run = self.vcpu.run_struct
+        run_u32 = self.vcpu.run_u32
         kvm_run = self.vcpu.run
         counts = self.exit_counts
         if self.first_run_ns == 0:
@@ -200,7 +201,7 @@ class VcpuThread:
                     continue
                 raise VcpuError(f"vCPU {self.id}: KVM_RUN failed: {errno.errorcode.get(-ret, -ret)} "
                                 f"(exit reason {abi.KVM_EXIT_NAMES.get(run.exit_reason, run.exit_reason)})")
-            reason = run.exit_reason
+            reason = run_u32[EXIT_REASON_U32]
             counts[reason] = counts.get(reason, 0) + 1
             if reason == KVM_EXIT_MMIO:  # first: on this host, a missing page of guest RAM
                 handler = self.fault_handler

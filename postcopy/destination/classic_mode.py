@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from postcopy.destination.install import Installer
-from postcopy.destination.pages import Arrival
+from postcopy.destination.pages import MISSING, Arrival
 from postcopy.destination.readahead import Readahead
 from postcopy.observe.faultlog import UFFD_KIND, FaultLog, merge_logs
 from proto import PageBatch
@@ -44,6 +44,7 @@ EVENT_QWORD, ADDRESS_QWORD, PTID_QWORD = 0, 2, 3
 PTID_MASK = 0xFFFFFFFF
 UNKNOWN_VCPU = -1
 STOP_JOIN_S = 5.0
+DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
 
 
 class PageSource(Protocol):
@@ -217,15 +218,20 @@ class ClassicHandler:
         """The page a uffd message faults on, or -1 (another event, or outside guest RAM)."""
         if event & 0xFF != UFFD_EVENT_PAGEFAULT:
             return -1
-        gpa = self.memory.gpa_of_hva(address)
-        if gpa is None:
+        page = self.memory.page_of_hva(address)
+        if page < 0:
             log.error("uffd fault at host address %#x outside guest RAM", address)
-            return -1
-        return self.memory.page_index(gpa)
+        return page
 
     def _install(self, h: _Handler, page: int, run: int) -> None:
         """Install ``run`` faulting pages from ``page`` on, with a wake-up."""
         tracker = self.tracker
+        if run == 1 and h.readahead.max == 1 and tracker.state[page] == MISSING and not tracker.is_zero(page):
+            # One page a fault, no window to size or claim (the page-in bench's case).
+            gpa = self.memory.page_gpa(page)
+            batch = h.connection.fetch(gpa, 1, "demand")  # type: ignore[union-attr]
+            self.installer.install_page(page, self.memory.hva(gpa), batch, DEMAND)
+            return
         while run:
             if tracker.is_present(page):
                 # Installed after the fault was queued (the installer woke it then, or it came

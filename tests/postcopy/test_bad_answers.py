@@ -144,7 +144,7 @@ def test_a_bad_answer_installs_nothing_and_gives_back_the_claim(case: str, desti
         conn, resolver, state = _vcpu(server.url, installer, window, window)
         try:
             with pytest.raises(RetryExhausted):
-                resolver._resolve(state, page, page * PAGE_SIZE)
+                resolver._resolve(state, page, page * PAGE_SIZE, memory.hva(page * PAGE_SIZE))
         finally:
             conn.close()
     assert installer.installed_bytes == 0 and tracker.present == 0
@@ -163,7 +163,7 @@ def test_the_right_answer_through_the_same_path_installs_the_source_pages(destin
     with TamperingServer(lambda m: m) as server:
         conn, resolver, state = _vcpu(server.url, installer, 8, 8)
         try:
-            resolver._resolve(state, 16, 16 * PAGE_SIZE)
+            resolver._resolve(state, 16, 16 * PAGE_SIZE, memory.hva(16 * PAGE_SIZE))
         finally:
             conn.close()
     assert tracker.present == 8 and installer.installed_bytes == 8 * PAGE_SIZE
@@ -175,15 +175,15 @@ def test_a_scanning_vcpu_gets_its_next_window_from_the_request_it_sent_ahead(des
     with TamperingServer(lambda m: m) as server:
         conn, resolver, state = _vcpu(server.url, installer, 4, 16)
         try:
-            resolver._resolve(state, 16, 16 * PAGE_SIZE)  # not a scan yet: [16, 20), nothing ahead
+            resolver._resolve(state, 16, 16 * PAGE_SIZE, memory.hva(16 * PAGE_SIZE))  # not a scan yet: [16, 20), nothing ahead
             assert state.ahead is None and tracker.present == 4
-            resolver._resolve(state, 20, 20 * PAGE_SIZE)  # a scan: [20, 28) now, [28, 44) ahead
+            resolver._resolve(state, 20, 20 * PAGE_SIZE, memory.hva(20 * PAGE_SIZE))  # a scan: [20, 28) now, [28, 44) ahead
             assert state.ahead is not None and (state.ahead_page, state.ahead.count) == (28, 16)
             assert tracker.present == 12 and tracker.state[28] == MISSING  # ahead is not claimed
-            resolver._resolve(state, 28, 28 * PAGE_SIZE)  # answered by the ahead request: [28, 44)
+            resolver._resolve(state, 28, 28 * PAGE_SIZE, memory.hva(28 * PAGE_SIZE))  # answered by the ahead request: [28, 44)
             assert (state.ahead_page, state.ahead.count) == (44, 16)  # and the next one is asked for
             assert tracker.present == 28 and tracker.counts[Arrival.READAHEAD] == 28 - 2
-            resolver._resolve(state, 100, 100 * PAGE_SIZE)  # off the scan: [44, 60) still goes in
+            resolver._resolve(state, 100, 100 * PAGE_SIZE, memory.hva(100 * PAGE_SIZE))  # off the scan: [44, 60) still goes in
             assert state.ahead is None and tracker.present == 28 + 16 + 4
         finally:
             conn.close()

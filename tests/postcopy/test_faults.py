@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from postcopy.faults import FaultDecoder, FaultError, FaultKind, complete
+from postcopy.faults import FaultDecoder, FaultError, FaultKind
 from vmm import libc
 from vmm.abi import kvm as kabi
 from vmm.abi.userfaultfd import UFFD_FEATURE_SIGBUS
@@ -122,7 +122,7 @@ class _ImageResolver:
         length = fault.npages * PAGE_SIZE
         src = self.image[fault.first_gpa:fault.first_gpa + length]
         self.uffd.copy(self.memory.hva(fault.first_gpa, length), ctypes.cast(src, ctypes.c_void_p).value, length, 1)
-        complete(thread, fault)
+        self.decoder.complete(thread, fault)
         self.kinds[fault.kind] = self.kinds.get(fault.kind, 0) + 1
         return True
 
