@@ -41,6 +41,7 @@ class FaultKind(enum.IntEnum):
 
 
 FAULT_KIND_NAMES = {k: k.name.lower() for k in FaultKind}
+MMIO = FaultKind.MMIO  # an enum member read through its class costs a descriptor call
 
 
 class FaultError(Exception):
@@ -103,9 +104,10 @@ class FaultDecoder:
         if reason == KVM_EXIT_MMIO:
             gpa = vcpu.run_u64[MMIO_PHYS_ADDR_U64]
             length = vcpu.run_u32[MMIO_LEN_U32]
-            if not self.in_ram(gpa, length or 1):
+            span = length or 1
+            if not (self._lo <= gpa and gpa + span <= self._hi) and not self.in_ram(gpa, span):
                 return None  # real MMIO: not ours
-            fault = self._fill(FaultKind.MMIO, gpa, length or 1)
+            fault = self._fill(MMIO, gpa, span)
             fault.length, fault.is_write = length, vcpu.run_u8[MMIO_IS_WRITE_U8] != 0
             fault.hva = gpa + self._hva_base if self._single else self.memory.hva(gpa, length)
             return fault
@@ -116,7 +118,7 @@ class FaultDecoder:
     def complete(self, thread: VcpuThread, fault: Fault) -> None:
         """Finish the access KVM handed back, once its pages are present (MMIO only): a read
         gets its bytes from the now-present RAM, a write is stored into it."""
-        if fault.kind is not FaultKind.MMIO:
+        if fault.kind is not MMIO:
             return  # the instruction is retried on re-entry
         vcpu = thread.vcpu
         ram = self._ram_u64

@@ -58,10 +58,11 @@ ioctl = fcntl.ioctl
 
 class _ThreadArgs(threading.local):
     def __init__(self) -> None:
-        self.copy = bytearray(ctypes.sizeof(abi.uffdio_copy))
-        self.copy_q = memoryview(self.copy).cast("Q")
-        self.zeropage = bytearray(ctypes.sizeof(abi.uffdio_zeropage))
-        self.zeropage_q = memoryview(self.zeropage).cast("Q")
+        # (the buffer, the same as qwords): one thread-local lookup per call
+        copy = bytearray(ctypes.sizeof(abi.uffdio_copy))
+        self.copy = copy, memoryview(copy).cast("Q")
+        zeropage = bytearray(ctypes.sizeof(abi.uffdio_zeropage))
+        self.zeropage = zeropage, memoryview(zeropage).cast("Q")
 
 
 class Uffd:
@@ -107,8 +108,7 @@ class Uffd:
 
         A page that already exists (EEXIST: another thread installed it first, which is
         normal) is skipped and the rest of the run still goes in."""
-        a = self._args
-        buf, q = a.copy, a.copy_q
+        buf, q = self._args.copy
         installed = 0
         while length > 0:
             q[0], q[1], q[2], q[3], q[4] = dst, src, length, mode, 0
@@ -123,8 +123,7 @@ class Uffd:
 
     def zeropage(self, start: int, length: int, mode: int = 0) -> int:
         """UFFDIO_ZEROPAGE of a page-aligned run; same convention as ``copy``."""
-        a = self._args
-        buf, q = a.zeropage, a.zeropage_q
+        buf, q = self._args.zeropage
         installed = 0
         while length > 0:
             q[0], q[1], q[2], q[3] = start, length, mode, 0

@@ -12,7 +12,7 @@ import ctypes
 from array import array
 
 from vmm.guest import touch
-from vmm.guest.layout import DATA_GPA, PAGE_SIZE
+from vmm.guest.layout import DATA_GPA, PAGE_SHIFT, PAGE_SIZE
 
 FILL = 0xA5  # every byte of a data page but its first qword: not a zero page
 QWORDS_PER_PAGE = PAGE_SIZE // 8
@@ -61,12 +61,13 @@ class LocalPageConnection:
         self.image = image
         self.batch = LocalBatch(image)
         self.requests = 0
+        self._end, self._address = image.size, image.address
 
     def fetch(self, gpa: int, count: int, kind: str) -> LocalBatch:
-        if gpa < DATA_GPA or gpa + count * PAGE_SIZE > self.image.size:
+        if gpa < DATA_GPA or gpa + (count << PAGE_SHIFT) > self._end:
             raise ValueError(f"local source asked for {count} pages at gpa {gpa:#x}, outside its data pages")
         self.requests += 1
-        return self.batch.fill(gpa, count, self.image.address)
+        return self.batch.fill(gpa, count, self._address)
 
     def close(self) -> None:
         pass
