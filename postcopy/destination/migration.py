@@ -48,6 +48,7 @@ FaultMode = Literal["exit", "classic"]
 SWITCH_INTERVAL_S = 0.0002
 # Pages present and guest progress are sampled this often, from the event loop, for the timeline.
 SAMPLE_INTERVAL_S = 0.01
+RESUME_WAIT_S, RESUME_POLL_S = 0.1, 0.0002  # the background starts once the vCPUs run (or after this)
 
 
 class DestinationState(enum.Enum):
@@ -238,6 +239,7 @@ class Destination:
     async def wait_complete(self, timeout: float | None = None) -> MigrationResult:
         """Run the background transfer (or wait for demand alone) until every page is present."""
         assert self.tracker and self.machine and self.uffd and self.memory and self.header
+        await self._resumed()
         background = asyncio.ensure_future(run_background(
             self._background_connection, self.installer, batch_pages=self.background_batch_pages,  # type: ignore[arg-type]
             depth=self.background_depth)) if self.background else None
@@ -281,6 +283,15 @@ class Destination:
         self._to(DestinationState.COMPLETE)
         await self._tell_source(done_ns)
         return self._result(done_ns)
+
+    async def _resumed(self) -> None:
+        """Until every vCPU has entered the guest (or failed, or RESUME_WAIT_S went by): a vCPU
+        thread needs the GIL on its way to its first KVM_RUN, and the background thread started
+        beside it would hold it for much of that time, which is downtime."""
+        deadline = time.monotonic() + RESUME_WAIT_S
+        assert self.machine
+        while any(not t.first_run_ns and t.alive for t in self.machine.vcpus) and time.monotonic() < deadline:
+            await asyncio.sleep(RESUME_POLL_S)
 
     async def _tell_source(self, done_ns: int) -> None:
         assert self.header and self.tracker and self._session
