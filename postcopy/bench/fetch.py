@@ -32,19 +32,19 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     mem = (QUICK_MIB if opts.quick else FULL_MIB) * MiB
     rounds = 2000 if opts.quick else 10000
     with source_process(mem, SOURCE_VCPUS, prefill=1.0) as source:  # every page data
-        header = asyncio.run(source.pause())
+        header, zero_bitmap = asyncio.run(source.pause())
         socket_ns = pingpong_ns(rounds)
         single: dict[str, dict[str, Any]] = {}
         for vcpus in opts.vcpus:
-            r = scan(header, source.url, source.token, vcpus, readahead_base=1, readahead_max=1)
+            r = scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=1, readahead_max=1)
             single[str(vcpus)] = {**percentiles_us(r.latency_ns), "pages": r.pages, "fetches": r.fetches,
                                   "pages_s": round(r.pages_s)}
         readahead: dict[str, dict[str, Any]] = {}
         for vcpus in opts.vcpus[:1] if opts.quick else opts.vcpus:
-            r = scan(header, source.url, source.token, vcpus, readahead_base=DEFAULT_BASE, readahead_max=DEFAULT_MAX)
+            r = scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=DEFAULT_BASE, readahead_max=DEFAULT_MAX)
             readahead[str(vcpus)] = {"pages": r.pages, "fetches": r.fetches, "pages_s": round(r.pages_s),
                                      "p50_us": percentiles_us(r.latency_ns).get("p50")}
-        streamed = stream.measure(header, source.url, source.token)
+        streamed = stream.measure(header, zero_bitmap, source.url, source.token)
         socket_ns += pingpong_ns(rounds)
     sock = percentiles_us(socket_ns)
     # The headline is the worst of 1 and 2 vCPUs (issue 10); more vCPUs than this host's 2

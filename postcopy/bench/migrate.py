@@ -39,8 +39,8 @@ def migrate_once(guest_mib: int, prefill: float) -> dict[str, Any]:
                 await dest.prepare(guest_mib * MiB, VCPUS)
                 await dest.switchover()
                 result = await dest.wait_complete(timeout=CHILD_TIMEOUT_S)
-                assert dest.header is not None
-                zero_pages = int.from_bytes(dest.header.zero_bitmap, "little").bit_count()
+                assert dest.tracker is not None
+                zero_pages = int.from_bytes(dest.tracker.zero_bitmap, "little").bit_count()
                 dest.machine.check()  # type: ignore[union-attr]
             finally:
                 await dest.close()

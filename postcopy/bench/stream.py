@@ -31,14 +31,14 @@ MiB = 1 << 20
 QUICK_MIB, FULL_MIB = 96, 512
 
 
-def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
+def measure(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str) -> dict[str, Any]:
     """One background transfer of every page of the paused source at ``url``."""
     memory = GuestMemory.create_layout([(r.gpa, r.size) for r in header.regions], "anon", "bench-stream")
     uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM)
     try:
         for region in memory.regions:
             uffd.register(region.hva, region.size)
-        tracker = PageTracker(memory, header.zero_bitmap)
+        tracker = PageTracker(memory, zero_bitmap)
         installer = Installer(uffd, memory, tracker, wake=False)  # nobody waits on this RAM
 
         retry = RetryContext()  # as the destination's background: behind the retry wrapper
@@ -64,8 +64,8 @@ def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
 def run(opts: BenchOptions) -> dict[str, Any]:
     mem = (QUICK_MIB if opts.quick else FULL_MIB) * MiB
     with source_process(mem, 2, prefill=1.0) as source:  # every page data
-        header = asyncio.run(source.pause())
-        transfer = measure(header, source.url, source.token)
+        header, zero_bitmap = asyncio.run(source.pause())
+        transfer = measure(header, zero_bitmap, source.url, source.token)
     socket_rate = stream_bytes_per_s(transfer["data_pages"] * PAGE_SIZE) / MiB
     return {"guest_mib": mem // MiB, **transfer, "socket_mib_s": round(socket_rate, 1),
             "ratio_to_socket": round(transfer["mib_s"] / socket_rate, 3)}
