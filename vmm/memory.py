@@ -24,6 +24,7 @@ Backing = Literal["anon", "memfd", "file"]
 FILE_MODE = 0o600
 # resident_pages: mincore this many pages at a time inside a data extent (64 MiB).
 RESIDENT_CHUNK_PAGES = 1 << 14
+RESIDENT_BIT = 1  # mincore's bit 0: the host has the page
 
 
 class GuestMemoryError(ValueError):
@@ -236,8 +237,10 @@ class GuestMemory:
                     self._mincore(out, r, page, end - page)
                     hole = out.find(0, r.first_page + page, r.first_page + end)
                     if hole >= 0:
-                        # mincore has the last word; a page SEEK_DATA calls data but mincore
-                        # does not is stepped over, so the outer loop always moves on.
+                        # The page SEEK_DATA landed on is data even where mincore says it is not
+                        # in memory (a memfd page out on swap: passing it for zero would lose
+                        # it); the outer loop then moves on from the first page past it.
+                        out[r.first_page + start] |= RESIDENT_BIT
                         page = max(hole - r.first_page, start + 1)
                         break
                     page = end

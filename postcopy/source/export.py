@@ -15,14 +15,13 @@ from proto import PAGE_SIZE, MemoryRegion, MigrationHeader, PageRun, ProtoError,
 from proto.version import MAX_EAGER_BYTES
 from vmm.abi import kvm as abi
 from vmm.machine import Machine, MachineError
-from vmm.memory import GuestMemory
+from vmm.memory import RESIDENT_BIT as RESIDENT, GuestMemory
 from vmm.state import StateError, capture
 from vmm.vcpu import VcpuError
 
 __all__ = ["ExportError", "coalesce", "export", "read_boot_id", "zero_bitmap", "zero_map"]
 
 BOOT_ID_PATH: Final = Path("/proc/sys/kernel/random/boot_id")
-RESIDENT: Final = 1  # mincore's bit 0: the host has the page
 # bytes.translate tables, one per bit of a bitmap byte: a resident_pages() byte -> that bit
 # where the page is zero (never resident), else 0.
 _ZERO_BIT: Final = tuple(bytes(0 if byte & RESIDENT else 1 << bit for byte in range(256)) for bit in range(8))
