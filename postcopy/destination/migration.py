@@ -3,9 +3,9 @@
     NEW --prepare--> LISTEN --switchover--> RUNNING --all pages present--> COMPLETE
       (any state) --error--> FAILED
 
-LISTEN: the VM exists and its RAM is registered with userfaultfd, empty. switchover: ask the
-source to pause (its answer is the header), install the eager set, restore state, start the
-vCPUs. RUNNING: faults are served (exit or classic mode); once the vCPUs run, the source's zero
+LISTEN: the VM exists, its RAM registered with userfaultfd, empty, its vCPU threads started
+and parked before their first KVM_RUN. switchover: ask the source to pause (its answer is the
+header), install the eager set, restore state, release the vCPUs. RUNNING: faults are served (exit or classic mode); once the vCPUs run, the source's zero
 map is fetched (until then a zero page is fetched like any other, and comes as a zero bit with
 no data), then the background transfer installs the zero pages and pulls the rest. COMPLETE: every page present, the source told to release the guest (RAM stays registered
 with userfaultfd until close). The guest never stops.
@@ -131,6 +131,7 @@ class Destination:
         # exit: one per vCPU; classic: one per handler thread
         self._vcpu_connections: list[RetryingSyncConnection] = []
         self._background_connection: RetryingSyncConnection | None = None  # pipelined, its own thread
+        self._classic_cpus: list[int | None] = []  # classic mode: where prepare() pinned the vCPUs
         self._started_ns = 0
         self._done_ns = 0
         self.error: str | None = None
@@ -189,7 +190,27 @@ class Destination:
             raise next(e for e in opened if isinstance(e, BaseException))
         self._vcpu_connections = list(connections[:fetchers])
         self._background_connection = connections[fetchers]
+        self._park_vcpus()
         self._to(DestinationState.LISTEN)
+
+    def _park_vcpus(self) -> None:
+        """Start the vCPU threads now, parked before their first KVM_RUN: starting a thread
+        waits until it runs, one wake-up per vCPU that a busy host delays, and the switchover
+        then only releases them (their state is restored while they wait). What a vCPU thread
+        reads as it starts is set first: the exit-mode fault handler (it blocks SIGBUS there),
+        the classic mode's CPU placement."""
+        assert self.machine and self.installer
+        if self.fault_mode == "exit":
+            self.resolver = ExitModeResolver(self.installer, readahead_base=self.readahead_base,
+                                             readahead_max=self.readahead_max)
+            for thread, conn in zip(self.machine.vcpus, self._vcpu_connections):
+                self.resolver.prepare(thread, conn)
+        else:
+            # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
+            self._classic_cpus = list(place_vcpus(self.machine.vcpus))
+        for thread in self.machine.vcpus:
+            thread.pause()  # not started yet: it parks as soon as it starts
+        self.machine.start()
 
     def _open_sync(self) -> SyncPageConnection:
         return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
@@ -222,19 +243,12 @@ class Destination:
         for run in header.eager:
             self.installer.install_run(run.gpa, run.data, Arrival.EAGER)
         vmstate.restore(self.machine, header.vcpus, header.vm_state, header.devices)
-        if self.fault_mode == "exit":
-            self.resolver = ExitModeResolver(self.installer, readahead_base=self.readahead_base,
-                                             readahead_max=self.readahead_max)
-            for thread, conn in zip(self.machine.vcpus, self._vcpu_connections):
-                self.resolver.prepare(thread, conn)
-        else:
-            # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
-            cpus: list[int | None] = list(place_vcpus(self.machine.vcpus))
-            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections), cpus=cpus,
-                                          readahead_base=self.readahead_base, readahead_max=self.readahead_max,
-                                          vcpus=self.machine.vcpus)
+        if self.fault_mode == "classic":
+            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections),
+                                          cpus=self._classic_cpus, readahead_base=self.readahead_base,
+                                          readahead_max=self.readahead_max, vcpus=self.machine.vcpus)
             self.classic.start()
-        self.machine.start()
+        self.machine.resume()  # the vCPU threads parked in prepare() enter the guest
         self._started_ns = time.monotonic_ns()
         self._sample(self._started_ns)  # the series start at the resume, whenever the loop gets to sample
         self._sampler.start()
