@@ -5,10 +5,12 @@
 
 LISTEN: the VM exists, its RAM registered with userfaultfd, empty, its vCPU threads started
 and parked before their first KVM_RUN. switchover: ask the source to pause (its answer is the
-header), install the eager set, restore state, release the vCPUs. RUNNING: faults are served (exit or classic mode); once the vCPUs run, the source's zero
-map is fetched (until then a zero page is fetched like any other, and comes as a zero bit with
-no data), then the background transfer installs the zero pages and pulls the rest. COMPLETE: every page present, the source told to release the guest (RAM stays registered
-with userfaultfd until close). The guest never stops.
+header), install the eager set, restore state, release the vCPUs. RUNNING: faults are served
+(exit or classic mode); once the vCPUs run, the source's zero map is fetched (until then a zero
+page is fetched like any other, and comes as a zero bit with no data), then the background
+transfer installs the zero pages and pulls the rest. COMPLETE: every page present, the source
+told to release the guest (RAM stays registered with userfaultfd until close). The guest never
+stops.
 """
 from __future__ import annotations
 
