@@ -13,6 +13,8 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
+from time import perf_counter
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -25,6 +27,8 @@ MAX_HANDSHAKE_BYTES: Final = 64 * 1024
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 # The longest frame head: 2 bytes, a 64-bit length (server frames carry no mask key).
 MAX_FRAME_HEAD: Final = 10
+MASK_KEY_POOL: Final = 4096  # bytes of mask keys drawn at once
+TIMEVAL: Final = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 
 
 class WebSocketError(Exception):
@@ -60,6 +64,9 @@ class BlockingWebSocket:
         self._buf = bytearray(max_message + 16)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self._receive_timeout = receive_timeout
+        self._keys, self._key_at = b"", MASK_KEY_POOL
+        self.poll_s = float(os.environ.get("PC_POLL_US", "0")) / 1e6  # EXPERIMENT
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -72,11 +79,26 @@ class BlockingWebSocket:
         try:
             self._handshake(host, port, parts.path or "/", headers)
             # After the handshake an answer may take as long as the source takes (None), or at
-            # most receive_timeout: then recv raises TimeoutError, a WebSocketError here.
-            sock.settimeout(receive_timeout)
+            # most receive_timeout: then recv fails, a WebSocketError here.
+            self._set_receive_timeout(sock, receive_timeout)
         except BaseException:
             self._drop()
             raise
+
+    def _set_receive_timeout(self, sock: socket.socket, receive_timeout: float | None) -> None:
+        """A plain socket stays in blocking mode and the kernel enforces the timeout
+        (SO_RCVTIMEO, SO_SNDTIMEO): one system call per recv or send. Python's own socket
+        timeout would poll() before each of them. A TLS socket keeps Python's timeout."""
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(receive_timeout)
+            return
+        sock.settimeout(None)
+        if receive_timeout is not None:
+            seconds = int(receive_timeout)
+            timeval = TIMEVAL.pack(seconds, max(1, int((receive_timeout - seconds) * 1e6)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self._receive_timeout = receive_timeout
 
     # -- handshake -----------------------------------------------------------------------------
     def _handshake(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
@@ -115,7 +137,13 @@ class BlockingWebSocket:
 
     # -- frames --------------------------------------------------------------------------------
     def send(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> None:
-        key = os.urandom(wsframe.MASK_BYTES)
+        # Each frame's mask key is fresh and unpredictable (RFC 6455 5.3), drawn from a pool of
+        # os.urandom bytes: one getrandom call per MASK_KEY_POOL // 4 frames, not per frame.
+        at = self._key_at
+        if at == MASK_KEY_POOL:
+            self._keys, at = os.urandom(MASK_KEY_POOL), 0
+        key = self._keys[at:at + wsframe.MASK_BYTES]
+        self._key_at = at + wsframe.MASK_BYTES
         self._sendall(wsframe.header(opcode, len(payload), masked=True) + key + wsframe.mask(payload, key))
 
     def recv(self) -> memoryview:
@@ -173,7 +201,7 @@ class BlockingWebSocket:
             self._view[:unread] = self._view[self._start:self._end]
             self._start, self._end = 0, unread
         while self._end < need:
-            self._end += self._recv_into(self._view[self._end:])
+            self._end += self._recv_into(self._view[self._end:], self.poll_s)
 
     def _fill_until(self, marker: bytes, limit: int) -> int:
         """The index of ``marker`` in the buffer, reading until it arrives (within ``limit``)."""
@@ -185,12 +213,30 @@ class BlockingWebSocket:
                 raise WebSocketError(f"{self.url}: HTTP answer head over {limit} bytes")
             self._end += self._recv_into(self._view[self._end:])
 
-    def _recv_into(self, target: memoryview) -> int:
+    def _recv_into(self, target: memoryview, poll_s: float = 0.0) -> int:
         sock = self.sock
         if sock is None:
             raise WebSocketError("the socket is closed")
+        if poll_s:
+            deadline = perf_counter() + poll_s
+            while True:
+                try:
+                    n = sock.recv_into(target, 0, socket.MSG_DONTWAIT)
+                    break
+                except BlockingIOError:
+                    if perf_counter() > deadline:
+                        n = -1
+                        break
+                except OSError:
+                    n = -1
+                    break
+            if n > 0:
+                return n
         try:
             n = sock.recv_into(target)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            self._drop()
+            raise WebSocketError(f"the socket timed out: no answer within {self._receive_timeout} s") from None
         except (OSError, ssl.SSLError) as e:
             self._drop()
             raise WebSocketError(f"the socket broke: {e}") from None
@@ -204,6 +250,9 @@ class BlockingWebSocket:
             raise WebSocketError("the socket is closed")
         try:
             self.sock.sendall(data)
+        except BlockingIOError:  # SO_SNDTIMEO ran out: the source reads nothing
+            self._drop()
+            raise WebSocketError(f"the socket timed out: the server took no request within {self._receive_timeout} s") from None
         except (OSError, ssl.SSLError) as e:
             self._drop()
             raise WebSocketError(f"the socket broke: {e}") from None
