@@ -14,7 +14,6 @@ import os
 import socket
 import ssl
 import struct
-from time import perf_counter
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -66,7 +65,6 @@ class BlockingWebSocket:
         self._start = self._end = 0
         self._receive_timeout = receive_timeout
         self._keys, self._key_at = b"", MASK_KEY_POOL
-        self.poll_s = float(os.environ.get("PC_POLL_US", "0")) / 1e6  # EXPERIMENT
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -201,7 +199,7 @@ class BlockingWebSocket:
             self._view[:unread] = self._view[self._start:self._end]
             self._start, self._end = 0, unread
         while self._end < need:
-            self._end += self._recv_into(self._view[self._end:], self.poll_s)
+            self._end += self._recv_into(self._view[self._end:])
 
     def _fill_until(self, marker: bytes, limit: int) -> int:
         """The index of ``marker`` in the buffer, reading until it arrives (within ``limit``)."""
@@ -213,25 +211,10 @@ class BlockingWebSocket:
                 raise WebSocketError(f"{self.url}: HTTP answer head over {limit} bytes")
             self._end += self._recv_into(self._view[self._end:])
 
-    def _recv_into(self, target: memoryview, poll_s: float = 0.0) -> int:
+    def _recv_into(self, target: memoryview) -> int:
         sock = self.sock
         if sock is None:
             raise WebSocketError("the socket is closed")
-        if poll_s:
-            deadline = perf_counter() + poll_s
-            while True:
-                try:
-                    n = sock.recv_into(target, 0, socket.MSG_DONTWAIT)
-                    break
-                except BlockingIOError:
-                    if perf_counter() > deadline:
-                        n = -1
-                        break
-                except OSError:
-                    n = -1
-                    break
-            if n > 0:
-                return n
         try:
             n = sock.recv_into(target)
         except BlockingIOError:  # SO_RCVTIMEO ran out
