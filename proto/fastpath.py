@@ -85,17 +85,30 @@ def verified_one_page(answer: Buffer, request_gpa: int) -> PageBatch | None:
     """The PageBatch in ``answer`` if it is the fixed-layout one-page answer for
     ``request_gpa`` and its page matches its checksum; else None (the general decoder then
     says what is wrong with it, a bad checksum included)."""
-    if len(answer) != ONE_PAGE_ANSWER_BYTES:
+    view = memoryview(answer)
+    if (len(view) != ONE_PAGE_ANSWER_BYTES
+            or view[:_GPA_AT] != _ANSWER_HEAD or view[_GPA_AT:_SUMS_AT] != _U64_BYTES(request_gpa)
+            or view[_SUMS_AT:_DIGEST_AT] != _ANSWER_SUMS or view[_DATA_KEY_AT:_ANSWER.size] != _ANSWER_DATA):
         return None
-    head, gpa, sums_key, sums, data_key = _ANSWER.unpack_from(answer)
-    if head != _ANSWER_HEAD or gpa != request_gpa or sums_key != _ANSWER_SUMS or data_key != _ANSWER_DATA:
-        return None
-    data = bytes(answer[_ANSWER.size:])
+    sums = bytes(view[_DIGEST_AT:_DATA_KEY_AT])
+    data = bytes(view[_ANSWER.size:])
     if xxh3_64_intdigest(data) != int.from_bytes(sums, "little"):
         return None
     # Checked above byte for byte: what PageBatch's own checks (and check_answers, verify)
     # would establish, so the record is made without repeating them.
-    batch = object.__new__(PageBatch)
-    for name, value in (("gpa", gpa), ("count", 1), ("zero", b"\0"), ("data", data), ("sums", sums)):
-        object.__setattr__(batch, name, value)
+    batch = _new_batch(PageBatch)
+    _set(batch, "gpa", request_gpa)
+    _set(batch, "count", 1)
+    _set(batch, "zero", b"\0")
+    _set(batch, "data", data)
+    _set(batch, "sums", sums)
     return batch
+
+
+_GPA_AT: Final = len(_ANSWER_HEAD)
+_SUMS_AT: Final = _GPA_AT + 8
+_DIGEST_AT: Final = _SUMS_AT + len(_ANSWER_SUMS)
+_DATA_KEY_AT: Final = _DIGEST_AT + CHECKSUM_SIZE
+_U64_BYTES: Final = struct.Struct(">Q").pack
+_new_batch: Final = object.__new__
+_set: Final = object.__setattr__

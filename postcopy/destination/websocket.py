@@ -142,7 +142,9 @@ class BlockingWebSocket:
             self._keys, at = os.urandom(MASK_KEY_POOL), 0
         key = self._keys[at:at + wsframe.MASK_BYTES]
         self._key_at = at + wsframe.MASK_BYTES
-        self._sendall(wsframe.header(opcode, len(payload), masked=True) + key + wsframe.mask(payload, key))
+        n = len(payload)
+        head = bytes((wsframe.FIN | opcode, wsframe.MASKED | n)) if n < 126 else wsframe.header(opcode, n, masked=True)
+        self._sendall(head + key + wsframe.mask(payload, key))
 
     def recv(self) -> memoryview:
         """The next binary message. Pings are answered on the way; anything else is an error."""
@@ -164,20 +166,22 @@ class BlockingWebSocket:
 
     def _frame(self) -> tuple[int, memoryview]:
         """One whole frame, read into the buffer (a frame's head, then as much as it needs)."""
-        need = 2
         while True:
-            try:
-                frame = wsframe.parse(self._buf, self._start, self._end, masked=False, max_payload=self.max_message)
-            except wsframe.FrameError as e:
-                self._drop()
-                raise WebSocketError(f"bad frame from the server: {e}") from None
-            if frame is not None:
-                opcode, first, end, _ = frame
-                self._start = end
-                return opcode, self._view[first:end]
-            need = self._end - self._start + 1
-            if need > MAX_FRAME_HEAD:  # the head is known: wait for the whole frame at once
-                need = self._frame_length()
+            need = 2
+            if self._end > self._start:  # something is buffered: maybe a whole frame
+                try:
+                    frame = wsframe.parse(self._buf, self._start, self._end, masked=False,
+                                          max_payload=self.max_message)
+                except wsframe.FrameError as e:
+                    self._drop()
+                    raise WebSocketError(f"bad frame from the server: {e}") from None
+                if frame is not None:
+                    opcode, first, end, _ = frame
+                    self._start = end
+                    return opcode, self._view[first:end]
+                need = self._end - self._start + 1
+                if need > MAX_FRAME_HEAD:  # the head is known: wait for the whole frame at once
+                    need = self._frame_length()
             self._fill(need)
 
     def _frame_length(self) -> int:

@@ -66,7 +66,7 @@ class _Frames:
                 break
             opcode, first, last, key = frame
             start = last
-            payload = wsframe.mask(memoryview(buf)[first:last], key)
+            payload = wsframe.mask(buf[first:last], key)
             if opcode == wsframe.OP_BINARY:
                 self._send(*self._answer(payload))
             elif opcode == wsframe.OP_TEXT:
