@@ -340,7 +340,10 @@ class PageServer:
         # a thread of its own per socket, or the event loop's callback for TLS.
         transport = request.transport
         assert transport is not None
-        plain = transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
+        # A thread may write to the connection only once the loop has nothing of its own left
+        # to write there (the 101 has gone out: it has, unless the socket is already stuck).
+        plain = (transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
+                 and not transport.get_write_buffer_size())
         kind = ThreadedPageSocket if plain else PageSocket
         socket: ServedSocket = kind.take_over(transport, self.answer, self._answer_text, max_frame=WS_MAX_FRAME_BYTES)
         self._sockets.add(socket)
@@ -348,6 +351,8 @@ class PageServer:
         try:
             await socket.closed
         finally:
+            if not socket.closed.done():  # this handler was cancelled: its socket goes with it
+                socket.abort()
             self._sockets.discard(socket)
         return ws
 

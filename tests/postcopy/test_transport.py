@@ -316,6 +316,9 @@ def test_sockets_answering_on_threads_of_their_own_count_every_request_and_end_w
             finally:
                 conn.close()
 
+        probe = await asyncio.to_thread(SyncPageConnection, url, TOKEN)
+        assert [type(s).__name__ for s in server._sockets] == ["ThreadedPageSocket"]  # plain TCP
+        await asyncio.to_thread(probe.close)
         await asyncio.gather(*(asyncio.to_thread(client, i) for i in range(sockets)))
         stats = server.stats()
         assert stats["requests"]["demand"] == sockets * fetches
