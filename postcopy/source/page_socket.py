@@ -33,6 +33,11 @@ log = logging.getLogger("postcopy.source.page_socket")
 Answerer = Callable[[bytes], tuple[Sequence[bytes | memoryview], bool]]
 # The longest client frame head: 2 bytes, a 64-bit length, the 4-byte mask key.
 MAX_CLIENT_HEAD: Final = 14
+# A small client frame: 2 bytes (FIN + binary opcode; mask bit + a length under 126), the key.
+SMALL_HEAD: Final = 2 + wsframe.MASK_BYTES
+BINARY_FIN: Final = wsframe.FIN | wsframe.OP_BINARY
+MASKED_SMALL: Final = wsframe.MASKED
+LENGTH_16: Final = 126  # a length byte of 126 or 127 announces a longer length field
 
 
 class ServedSocket(Protocol):
@@ -56,7 +61,17 @@ class _Frames:
 
     def _frames(self, buf: bytes | bytearray, start: int, end: int) -> int:
         """Answer every whole frame in buf[start:end]; returns where the unparsed rest begins."""
-        while not self._closing:
+        while start < end and not self._closing:
+            # The usual frame, a request: final, binary, masked, under 126 bytes. Taken here
+            # without the general parser; anything else (or a part of this) goes below.
+            if end - start > SMALL_HEAD and buf[start] == BINARY_FIN and buf[start + 1] & MASKED_SMALL == MASKED_SMALL:
+                first = start + SMALL_HEAD
+                last = first + (buf[start + 1] & wsframe.LENGTH_MASK)
+                if last <= end and last - first < LENGTH_16:
+                    key = buf[start + 2:first]
+                    start = last
+                    self._send(*self._answer(wsframe.mask(buf[first:last], key)))
+                    continue
             try:
                 frame = wsframe.parse(buf, start, end, masked=True, max_payload=self._max_frame)
             except wsframe.FrameError as error:
