@@ -86,9 +86,8 @@ def verified_one_page(answer: Buffer, request_gpa: int) -> PageBatch | None:
     ``request_gpa`` and its page matches its checksum; else None (the general decoder then
     says what is wrong with it, a bad checksum included)."""
     view = memoryview(answer)
-    if (len(view) != ONE_PAGE_ANSWER_BYTES
-            or view[:_GPA_AT] != _ANSWER_HEAD or view[_GPA_AT:_SUMS_AT] != _U64_BYTES(request_gpa)
-            or view[_SUMS_AT:_DIGEST_AT] != _ANSWER_SUMS or view[_DATA_KEY_AT:_ANSWER.size] != _ANSWER_DATA):
+    if (len(view) != ONE_PAGE_ANSWER_BYTES or view[:_DIGEST_AT] != _HEAD_TO_SUMS(_ANSWER_HEAD, request_gpa, _ANSWER_SUMS)
+            or view[_DATA_KEY_AT:_ANSWER.size] != _ANSWER_DATA):
         return None
     sums = bytes(view[_DIGEST_AT:_DATA_KEY_AT])
     data = bytes(view[_ANSWER.size:])
@@ -105,10 +104,8 @@ def verified_one_page(answer: Buffer, request_gpa: int) -> PageBatch | None:
     return batch
 
 
-_GPA_AT: Final = len(_ANSWER_HEAD)
-_SUMS_AT: Final = _GPA_AT + 8
-_DIGEST_AT: Final = _SUMS_AT + len(_ANSWER_SUMS)
+_HEAD_TO_SUMS: Final = struct.Struct(f">{len(_ANSWER_HEAD)}sQ{len(_ANSWER_SUMS)}s").pack  # all before the digest
+_DIGEST_AT: Final = len(_ANSWER_HEAD) + 8 + len(_ANSWER_SUMS)
 _DATA_KEY_AT: Final = _DIGEST_AT + CHECKSUM_SIZE
-_U64_BYTES: Final = struct.Struct(">Q").pack
 _new_batch: Final = object.__new__
 _set: Final = object.__setattr__
