@@ -330,3 +330,24 @@ def test_sockets_answering_on_threads_of_their_own_count_every_request_and_end_w
         assert not server._sockets
 
     serve(body)
+
+
+@pytest.mark.parametrize("sent", [0, 1, 3, 4, 5, 9, 10])
+def test_a_send_cut_short_goes_on_from_where_it_stopped(sent: int) -> None:
+    """sendmsg on a blocking socket sends everything unless a signal cuts it short: the rest,
+    across the parts, follows in order."""
+    from postcopy.source.page_socket import ThreadedPageSocket
+
+    class Sock:
+        def __init__(self) -> None:
+            self.out = bytearray()
+
+        def sendall(self, data: bytes | memoryview) -> None:
+            self.out += data
+
+    class Cut:
+        _sock = Sock()
+
+    message: list[bytes | memoryview] = [b"abcd", memoryview(b"efghi"), b"j"]
+    ThreadedPageSocket._send_rest(Cut, message, sent)  # type: ignore[arg-type]
+    assert bytes(Cut._sock.out) == b"abcdefghij"[sent:]
