@@ -163,7 +163,8 @@ class PageServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
-        self._sampler.start()
+        if self.state is MigrationState.RUNNING:  # a resumed server has no guest running here
+            self._sampler.start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         return f"{'https' if ssl_context is not None else 'http'}://{shown}:{bound_port}"
@@ -266,6 +267,9 @@ class PageServer:
                 self.progress.add(header.paused_at_ns, (self.machine.services.verified,))
                 self._to(MigrationState.SERVING, "guest paused, header of %d bytes (%d eager runs)",
                          len(self._header_bytes), len(header.eager), header_bytes=len(self._header_bytes))
+                # Nothing more to sample once the guest is paused; and no timer of this loop
+                # takes the GIL from the page sockets' threads while they answer.
+                await self._sampler.stop()
             if self.state is not MigrationState.SERVING:
                 return self._wrong_state("start")
         return web.Response(body=self._header_bytes, content_type=MSGPACK)
