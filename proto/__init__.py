@@ -13,6 +13,7 @@ from proto.messages import (
     Message,
     MigrationHeader,
     PageBatch,
+    PageBatchHead,
     PageRequest,
     PageRun,
     RequestKind,
@@ -21,6 +22,7 @@ from proto.messages import (
     build_page_batch,
     decode_any,
     page_batch_parts,
+    parse_page_batch_head,
     find_region,
 )
 from proto.version import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION
@@ -36,6 +38,7 @@ __all__ = [
     "Message",
     "MigrationHeader",
     "PageBatch",
+    "PageBatchHead",
     "PageRequest",
     "PageRun",
     "ProtoError",
@@ -47,6 +50,7 @@ __all__ = [
     "find_region",
     "page_batch_parts",
     "page_sum",
+    "parse_page_batch_head",
     "page_sums",
     "unpack_sums",
 ]

@@ -65,8 +65,10 @@ __all__ = [
     "RequestKind",
     "VcpuState",
     "VmState",
+    "PageBatchHead",
     "build_page_batch",
     "decode_any",
+    "parse_page_batch_head",
     "find_region",
     "page_batch_parts",
 ]
@@ -672,7 +674,8 @@ class PageBatch(_Message):
     gpa: int
     count: int
     zero: bytes = field(repr=False)
-    data: bytes = field(repr=False)
+    # bytes, or a view of a receive buffer (parse_page_batch_head: the pages never copied)
+    data: bytes | memoryview = field(repr=False)
     sums: bytes = field(repr=False)
 
     TYPE: ClassVar[str] = "page_batch"
@@ -685,7 +688,9 @@ class PageBatch(_Message):
         bitmap_len = (self.count + 7) // 8
         _check_bytes("zero", self.zero, bitmap_len, bitmap_len)
         nonzero = self.count - _check_bitmap_padding("zero", self.zero, self.count).bit_count()
-        if not isinstance(self.data, bytes) or len(self.data) != nonzero * PAGE_SIZE:
+        data = self.data
+        if not (type(data) is bytes or type(data) is memoryview and data.c_contiguous and data.itemsize == 1) \
+                or len(data) != nonzero * PAGE_SIZE:
             raise ProtoError(
                 f"data must be bytes holding the {nonzero} non-zero pages "
                 f"({nonzero * PAGE_SIZE} bytes), got {_show(self.data)}"
@@ -752,6 +757,67 @@ class PageBatch(_Message):
 
     def encode(self) -> bytes:
         return _pack_batch(self.gpa, self.count, self.zero, self.data, self.sums)
+
+    @classmethod
+    def with_data(cls, head: "PageBatchHead", data: memoryview) -> Self:
+        """The batch whose head ``parse_page_batch_head`` read, its data received into ``data``."""
+        return cls._build({**head.fields, "data": data})
+
+
+class PageBatchHead(NamedTuple):
+    """A PageBatch's encoding up to its data: the other fields, and where the data lies."""
+
+    fields: dict[Any, Any]
+    data_offset: int  # in the encoded message
+    data_len: int
+
+
+def parse_page_batch_head(head: Buffer, total: int) -> PageBatchHead | None:
+    """The fields of the PageBatch whose ``total``-byte encoding starts with ``head``, when its
+    data is the last entry of its map (as page_batch_parts sends it) and starts within ``head``:
+    so a receiver can put the pages where it wants them (page-aligned, to move them into guest
+    RAM) and never copy them. None when the message is not like that (another type, data not
+    last, ``head`` too short): decode the whole message then, which also names what is wrong.
+    ProtoError for what is malformed in ``head`` itself. The record is built by ``with_data``,
+    whose checks are PageBatch's own."""
+    limits = PageBatch._LIMITS
+    if total > limits.max_message:
+        raise ProtoError(f"{PageBatch.TYPE} message of {total} bytes is over its limit of {limits.max_message}")
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, use_list=False, max_buffer_size=len(head),
+                                max_bin_len=limits.max_bin, max_str_len=limits.max_str,
+                                max_array_len=limits.max_array, max_map_len=limits.max_map, max_ext_len=0)
+    unpacker.feed(head)
+    fields: dict[Any, Any] = {}
+    try:
+        entries = unpacker.read_map_header()
+        for left in range(entries - 1, -1, -1):
+            key = unpacker.unpack()
+            if key != "data":
+                fields[key] = unpacker.unpack()
+                continue
+            at = unpacker.tell()
+            kind = head[at] if at < len(head) else -1
+            size_bytes = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(kind, 0)
+            if left or not size_bytes or at + 1 + size_bytes > len(head):
+                return None
+            data_len = int.from_bytes(head[at + 1 : at + 1 + size_bytes], "big")
+            data_offset = at + 1 + size_bytes
+            if data_offset + data_len != total:
+                return None
+            fields["data"] = None
+            break
+        else:
+            return None
+    except msgpack.OutOfData:
+        return None
+    except Exception as error:  # noqa: BLE001 - as _unpack: whatever msgpack raises is malformed
+        raise ProtoError(f"malformed {PageBatch.TYPE} message: {type(error).__name__}: {error}") from None
+    version = fields.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtoError(f"unsupported protocol version {_show(version)}, this side speaks {PROTOCOL_VERSION}")
+    if fields.get("t") != PageBatch.TYPE:
+        return None
+    return PageBatchHead(_check_keys(PageBatch.TYPE, fields, PageBatch._KEYS), data_offset, data_len)
 
 
 def _pack_batch(gpa: int, count: int, zero: bytes, data: Buffer, sums: bytes) -> bytes:

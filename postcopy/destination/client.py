@@ -12,11 +12,16 @@ import ssl
 import aiohttp
 
 from postcopy.destination.websocket import BlockingWebSocket, HandshakeError, WebSocketError
-from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoError, decode_any
+from postcopy.destination.sink import PageSink
+from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoError, decode_any, parse_page_batch_head
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
+# What receive() reads of a batch before its pages go to a sink: the fields before the data
+# (at most ~8.3 KiB: the sums of MAX_BATCH_PAGES pages); a few KiB of pages read with them
+# are copied, the rest is received straight into the sink.
+BATCH_HEAD_BYTES = 16 << 10
 
 
 class FetchError(Exception):
@@ -36,12 +41,21 @@ def decode_batch(data: bytes | memoryview, request: PageRequest) -> PageBatch:
     try:
         msg = decode_any(data)
     except ProtoError as e:
-        raise FetchError(f"malformed answer to {request.kind} request for gpa {request.gpa:#x}: {e}") from None
+        raise _malformed(request, e) from None
     if isinstance(msg, ErrorReply):
         raise FetchError(f"page server refused {request.kind} request for gpa {request.gpa:#x}: "
                          f"{msg.code} {msg.message}")
     if not isinstance(msg, PageBatch):
         raise FetchError(f"page server answered a page request with {type(msg).__name__}")
+    return checked_batch(msg, request)
+
+
+def _malformed(request: PageRequest, error: ProtoError) -> FetchError:
+    return FetchError(f"malformed answer to {request.kind} request for gpa {request.gpa:#x}: {error}")
+
+
+def checked_batch(msg: PageBatch, request: PageRequest) -> PageBatch:
+    """``msg`` if it answers ``request`` and every page matches its checksum; else FetchError."""
     try:
         msg.check_answers(request)
         msg.verify()
@@ -89,10 +103,27 @@ class SyncPageConnection:
         except WebSocketError as e:
             raise FetchError(f"page stream broke sending a {request.kind} request for gpa {request.gpa:#x}: {e}") from None
 
-    def receive(self, request: PageRequest) -> PageBatch:
-        """The answer to the oldest request in flight, which must be ``request``."""
+    def receive(self, request: PageRequest, sink: PageSink | None = None) -> PageBatch:
+        """The answer to the oldest request in flight, which must be ``request``. With a
+        ``sink``, a batch's pages are received into it (its data a view of the sink, valid until
+        the sink is next used) instead of into this connection's buffer, and never copied."""
         try:
-            answer = self.ws.recv()
+            if sink is not None:
+                head, total = self.ws.peek(BATCH_HEAD_BYTES)
+                try:
+                    parsed = parse_page_batch_head(head, total)
+                except ProtoError as e:
+                    raise _malformed(request, e) from None
+                if parsed is not None and parsed.data_len <= sink.nbytes:
+                    data = sink.view[:parsed.data_len]
+                    self.ws.recv_rest_into(parsed.data_offset, data)
+                    self.bytes_received += total
+                    try:
+                        batch = PageBatch.with_data(parsed, data)
+                    except ProtoError as e:
+                        raise _malformed(request, e) from None
+                    return checked_batch(batch, request)
+            answer = self.ws.recv()  # anything else: whole, into this connection's buffer
         except WebSocketError as e:
             raise FetchError(f"page stream broke during {request.kind} fetch of gpa {request.gpa:#x}: {e}") from None
         self.bytes_received += answer.nbytes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from typing import Final
 
 from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
@@ -19,12 +20,20 @@ from vmm.memory import GuestMemory
 from vmm.uffd import Uffd, UffdError
 
 
-def buffer_address(data: bytes | int) -> int:
+def buffer_address(data: bytes | memoryview | int) -> int:
     """Address of a batch's page data without a copy: a bytes object's buffer (valid while
-    ``data`` lives), or an address already (a local page source serves from its own buffer)."""
+    ``data`` lives), a view of a writable buffer (a page sink), or an address already (a local
+    page source serves from its own buffer)."""
     if type(data) is int:
         return data
+    if type(data) is memoryview:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data)) if data.nbytes else 0
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
+# UFFDIO_MOVE refuses what it cannot remap (a page pinned or shared, a mapping it does not
+# handle, a kernel without it); UFFDIO_COPY installs those pages all the same.
+_CANNOT_MOVE: Final = frozenset({errno.EBUSY, errno.EINVAL, errno.ENOTTY, errno.EPERM})
 
 
 class Installer:
@@ -39,9 +48,12 @@ class Installer:
         self.zero_mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
         self.installed_bytes = 0
 
-    def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1) -> None:
+    def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1,
+                      *, move: bool = False) -> None:
         """Install every page of a verified batch; the first ``demanded`` pages are recorded as
-        ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead)."""
+        ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead). ``move``:
+        the data is a view of private anonymous memory (a page sink) whose pages are moved into
+        guest RAM (UFFDIO_MOVE) instead of copied; a run that cannot move is copied."""
         base = buffer_address(batch.data)
         offset = 0
         try:
@@ -51,6 +63,16 @@ class Installer:
                 if view is None:
                     self.uffd.zeropage(hva, length, self.zero_mode)
                 else:
+                    if move:
+                        try:
+                            self.installed_bytes += self.uffd.move(hva, base + offset, length, self.copy_mode)
+                            offset += length
+                            continue
+                        except UffdError as e:
+                            if e.errno not in _CANNOT_MOVE:
+                                raise
+                            # The pages not moved are still at the source: copy them (those
+                            # moved already exist now, and the copy skips them).
                     self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
                     offset += length
         except UffdError as e:

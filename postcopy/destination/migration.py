@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal
 import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
+from postcopy.destination.sink import move_feature
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import FetchError, SyncPageConnection, auth_headers, start_migration, tls_option
 from postcopy.destination.exit_mode import ExitModeResolver
@@ -161,7 +162,8 @@ class Destination:
         # Classic: each fault message names its thread, so blocktime is per vCPU.
         features = UFFD_FEATURE_SIGBUS if self.fault_mode == "exit" else UFFD_FEATURE_THREAD_ID
         try:
-            self.uffd = Uffd(features | UFFD_FEATURE_MISSING_SHMEM)
+            # UFFD_FEATURE_MOVE where offered: the background moves its pages in (sink.py)
+            self.uffd = Uffd(features | UFFD_FEATURE_MISSING_SHMEM | move_feature())
         except UffdError as e:
             self._to(DestinationState.FAILED)
             raise MigrationError(f"cannot open userfaultfd for fault mode {self.fault_mode}: {e}") from None
