@@ -20,7 +20,7 @@ from postcopy.destination.pages import Arrival, PageTracker
 from postcopy.destination.sink import HUGE_PAGE, PageSink, move_feature
 from postcopy.source.page_server import PageServer
 from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, build_page_batch, page_batch_parts
-from tests.postcopy.served_memory import SERVED_TOKEN, Served
+from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
 from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_MOVE
 from vmm.memory import GuestMemory
 from vmm.uffd import Uffd
