@@ -134,6 +134,16 @@ def test_build_page_batch_leaves_zero_pages_out_of_data() -> None:
     assert len(batch.sums) == 16
 
 
+def test_a_page_that_only_starts_or_ends_with_zeros_is_data() -> None:
+    starts = bytes(8) + os.urandom(PAGE_SIZE - 8)  # its first qword zero: compared whole
+    ends = os.urandom(8) + bytes(PAGE_SIZE - 8)
+    last_byte = bytes(PAGE_SIZE - 1) + b"\x01"
+    pages = [starts, bytes(PAGE_SIZE), ends, last_byte, bytes(PAGE_SIZE)]
+    batch = PageBatch.decode(build_page_batch(0, 5, b"".join(pages)))
+    assert batch.zero == bytes([0b10010])
+    assert batch.data == starts + ends + last_byte
+
+
 def test_build_page_batch_of_all_zero_pages_has_no_data() -> None:
     batch = PageBatch.decode(build_page_batch(0, 9, bytearray(9 * PAGE_SIZE)))
     assert batch.zero == b"\xff\x01" and batch.data == b"" and batch.sums == b""
