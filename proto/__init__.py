@@ -3,7 +3,7 @@
 msgpack-encoded, strictly validated; decoders raise only ProtoError. See docs/protocol.md.
 """
 
-from proto.checksum import page_sum, page_sums, unpack_sums
+from proto.checksum import pages_sum
 from proto.errors import ProtoError
 from proto.messages import (
     REQUEST_KINDS,
@@ -49,8 +49,6 @@ __all__ = [
     "decode_any",
     "find_region",
     "page_batch_parts",
-    "page_sum",
     "parse_page_batch_head",
-    "page_sums",
-    "unpack_sums",
+    "pages_sum",
 ]

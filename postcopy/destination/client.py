@@ -19,9 +19,9 @@ MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
 # What receive() reads of a batch before its pages go to a sink: the fields before the data
-# (at most ~8.3 KiB: the sums of MAX_BATCH_PAGES pages); a few KiB of pages read with them
+# (at most ~250 bytes: the zero bitmap of MAX_BATCH_PAGES pages is 128); the pages read with them
 # are copied, the rest is received straight into the sink.
-BATCH_HEAD_BYTES = 16 << 10
+BATCH_HEAD_BYTES = 1 << 10
 
 
 class FetchError(Exception):
