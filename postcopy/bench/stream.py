@@ -21,7 +21,7 @@ from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
-from postcopy.destination.sink import move_feature
+from postcopy.destination.sink import move_feature, prefer_huge_pages
 from proto import MigrationHeader
 from proto.version import PAGE_SIZE
 from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM
@@ -35,6 +35,7 @@ QUICK_MIB, FULL_MIB = 96, 512
 def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
     """One background transfer of every page of the paused source at ``url``."""
     memory = GuestMemory.create_layout([(r.gpa, r.size) for r in header.regions], "anon", "bench-stream")
+    prefer_huge_pages(memory)  # as the destination's RAM
     uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM | move_feature())  # as the destination opens it
     try:
         for region in memory.regions:

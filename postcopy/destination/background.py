@@ -89,11 +89,7 @@ def transfer(connection: SyncPageConnection, installer: Installer, stop: threadi
             page, n, request = pending[0]
             batch = connection.receive(request, sink)
             pending.popleft()
-            if sink is not None and type(batch.data) is memoryview:  # received into the sink
-                installer.install_batch(batch, Arrival.BACKGROUND, move=True)
-                sink.empty()
-            else:
-                installer.install_batch(batch, Arrival.BACKGROUND)
+            installer.install_batch(batch, Arrival.BACKGROUND, sink=sink)
     finally:
         for page, n, _ in pending:
             tracker.release(page, n)

@@ -15,6 +15,7 @@ from typing import Final
 
 from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
+from postcopy.destination.sink import PageSink
 from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
 from vmm.memory import GuestMemory
 from vmm.uffd import Uffd, UffdError
@@ -49,12 +50,13 @@ class Installer:
         self.installed_bytes = 0
 
     def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1,
-                      *, move: bool = False) -> None:
+                      *, sink: PageSink | None = None) -> None:
         """Install every page of a verified batch; the first ``demanded`` pages are recorded as
-        ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead). ``move``:
-        the data is a view of private anonymous memory (a page sink) whose pages are moved into
-        guest RAM (UFFDIO_MOVE) instead of copied; a run that cannot move is copied."""
+        ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead). With the
+        ``sink`` the batch was received into, its pages are moved into guest RAM (UFFDIO_MOVE)
+        instead of copied (a run that cannot move is copied), and the sink is emptied after."""
         base = buffer_address(batch.data)
+        move = sink is not None and type(batch.data) is memoryview  # else it went to the connection's buffer
         offset = 0
         try:
             for gpa, npages, view in batch.runs():
@@ -79,6 +81,9 @@ class Installer:
             if self._gone_after_completion(e):
                 return
             raise
+        finally:
+            if move:
+                sink.empty()  # type: ignore[union-attr]
         page = self.memory.page_index(batch.gpa)
         if first_how is not None:
             self.tracker.mark_present(page, demanded, first_how)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
-from postcopy.destination.sink import move_feature
+from postcopy.destination.sink import move_feature, prefer_huge_pages
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import FetchError, SyncPageConnection, auth_headers, start_migration, tls_option
 from postcopy.destination.exit_mode import ExitModeResolver
@@ -168,6 +168,7 @@ class Destination:
             self._to(DestinationState.FAILED)
             raise MigrationError(f"cannot open userfaultfd for fault mode {self.fault_mode}: {e}") from None
         self.memory = GuestMemory.create(mem_bytes, "anon", "postcopy-dest")
+        prefer_huge_pages(self.memory)  # huge pages can move in whole (sink.py)
         for region in self.memory.regions:
             self.uffd.register(region.hva, region.size)
         self.machine = Machine.create(MachineConfig(mem_bytes, vcpus), console=self.console, memory=self.memory)

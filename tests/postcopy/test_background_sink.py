@@ -17,7 +17,7 @@ from postcopy.destination.background import transfer
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
-from postcopy.destination.sink import HUGE_PAGE, PageSink, move_feature
+from postcopy.destination.sink import HUGE_PAGE, PageSink, move_feature, prefer_huge_pages
 from postcopy.source.page_server import PageServer
 from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, build_page_batch, page_batch_parts
 from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
@@ -48,6 +48,7 @@ def _pull(url: str, served: Served, present: list[tuple[int, int]], batch_pages:
     """Every page of ``served`` through ``transfer`` into fresh registered RAM, after installing
     ``present`` (page, count) runs first as a vCPU would; returns the uffd and RAM's contents."""
     memory = GuestMemory.create(served.memory.size, "anon", "sink-test")
+    prefer_huge_pages(memory)
     uffd = CountingUffd(UFFD_FEATURE_MISSING_SHMEM | move_feature())
     try:
         uffd.register(memory.regions[0].hva, memory.size)
