@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal
 import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
+from postcopy.destination.readahead import DEFAULT_MAX as READAHEAD_MAX
 from postcopy.destination.sink import move_feature, prefer_huge_pages
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import FetchError, SyncPageConnection, auth_headers, start_migration, tls_option
@@ -101,7 +102,7 @@ class DestinationProgress:
 
 class Destination:
     def __init__(self, source_url: str, token: str, *, fault_mode: FaultMode = "exit",
-                 readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
+                 readahead_base: int = 4, readahead_max: int = READAHEAD_MAX, background: bool = True,
                  console: Callable[[str], None] | None = None, registry: Registry | None = None,
                  retry: RetryPolicy | None = None, ssl_context: ssl.SSLContext | None = None,
                  background_batch_pages: int = DEFAULT_BATCH_PAGES, background_depth: int = DEFAULT_DEPTH) -> None:

@@ -15,13 +15,16 @@ from aiohttp import web
 
 from postcopy.destination.background import transfer
 from postcopy.destination.client import FetchError, SyncPageConnection
+from postcopy.destination.exit_mode import ExitModeResolver, VcpuFaultState
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
+from postcopy.destination.readahead import Readahead
 from postcopy.destination.sink import HUGE_PAGE, PageSink, move_feature, prefer_huge_pages
 from postcopy.source.page_server import PageServer
 from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, build_page_batch, page_batch_parts
 from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
-from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_MOVE
+from postcopy.faults import FaultDecoder
+from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_MOVE, UFFD_FEATURE_SIGBUS
 from vmm.memory import GuestMemory
 from vmm.uffd import Uffd
 
@@ -195,3 +198,45 @@ def test_pipelined_answers_with_pings_between_arrive_whole(encode: Callable[[Pag
             conn.close()
 
     _fake_server(encode, client, ping=True)
+
+
+# -- a scanning vCPU's huge-page windows -----------------------------------------------------
+
+def test_a_scanning_vcpus_huge_page_windows_move_in_and_hold_the_source_pages(served: Served) -> None:
+    if not Uffd.available_features() & UFFD_FEATURE_MOVE:
+        pytest.skip("this kernel has no UFFDIO_MOVE (Linux < 6.8): windows are copied")
+    huge = HUGE_PAGE // PAGE_SIZE
+    header = served.header
+
+    def vcpu(url: str) -> tuple[int, int, bytes]:
+        memory = GuestMemory.create(served.memory.size, "anon", "sink-scan")
+        prefer_huge_pages(memory)
+        uffd = CountingUffd(UFFD_FEATURE_SIGBUS | UFFD_FEATURE_MISSING_SHMEM | move_feature())
+        conn = SyncPageConnection(url, SERVED_TOKEN)
+        try:
+            uffd.register(memory.regions[0].hva, memory.size)
+            tracker = PageTracker(memory, header.zero_bitmap)
+            resolver = ExitModeResolver(Installer(uffd, memory, tracker, wake=False),
+                                        readahead_base=huge, readahead_max=huge)
+            state = VcpuFaultState(FaultDecoder(memory), conn, Readahead(huge, huge), PageSink(HUGE_PAGE))
+            try:
+                resolver._resolve(state, 0, 0)  # not a scan: [0, 512) fetched as any fault is, copied
+                resolver._resolve(state, huge, HUGE_PAGE)  # a scan: [512, 1024) into the sink, moved
+            finally:
+                state.sink.close()  # type: ignore[union-attr]
+            assert tracker.all_present.is_set()
+            contents = memory.read(0, memory.size)
+            uffd.unregister(memory.regions[0].hva, memory.size)
+            return uffd.moved, uffd.copied, contents
+        finally:
+            conn.close()
+            uffd.close()
+            memory.close()
+
+    async def main() -> tuple[int, int, bytes]:
+        async with PageServer.resumed(served.memory, header, header.encode(), token=SERVED_TOKEN) as server:
+            return await asyncio.to_thread(vcpu, await server.start("127.0.0.1", 0))
+
+    moved, copied, contents = asyncio.run(main())
+    assert contents == served.memory.read(0, served.memory.size)
+    assert moved == copied == HUGE_PAGE * 7 // 8  # every 8th page is zero: not sent
