@@ -16,7 +16,7 @@ from typing import Final
 from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
 from postcopy.destination.sink import PageSink
-from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
+from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_MOVE_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
 from vmm.memory import GuestMemory
 from vmm.uffd import Uffd, UffdError
 
@@ -47,6 +47,7 @@ class Installer:
         self.tracker = tracker
         self.copy_mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
         self.zero_mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
+        self.move_mode = 0 if wake else UFFDIO_MOVE_MODE_DONTWAKE
         self.installed_bytes = 0
 
     def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1,
@@ -67,7 +68,7 @@ class Installer:
                 else:
                     if move:
                         try:
-                            self.installed_bytes += self.uffd.move(hva, base + offset, length, self.copy_mode)
+                            self.installed_bytes += self.uffd.move(hva, base + offset, length, self.move_mode)
                             offset += length
                             continue
                         except UffdError as e:
