@@ -756,11 +756,11 @@ class PageBatchHead(NamedTuple):
 def parse_page_batch_head(head: Buffer, total: int) -> PageBatchHead | None:
     """The fields of the PageBatch whose ``total``-byte encoding starts with ``head``, when its
     data is the last entry of its map (as page_batch_parts sends it) and starts within ``head``:
-    so a receiver can put the pages where it wants them (page-aligned, to move them into guest
-    RAM) and never copy them. None when the message is not like that (another type, data not
-    last, ``head`` too short): decode the whole message then, which also names what is wrong.
-    ProtoError for what is malformed in ``head`` itself. The record is built by ``with_data``,
-    whose checks are PageBatch's own."""
+    so a receiver can take the pages as a view of its receive buffer instead of a copy
+    (msgpack copies every bin it unpacks). None when the message is not like that (another
+    type, data not last, ``head`` too short): decode the whole message then, which also names
+    what is wrong. ProtoError for what is malformed in ``head`` itself. The record is built by
+    ``with_data``, whose checks are PageBatch's own."""
     limits = PageBatch._LIMITS
     if total > limits.max_message:
         raise ProtoError(f"{PageBatch.TYPE} message of {total} bytes is over its limit of {limits.max_message}")

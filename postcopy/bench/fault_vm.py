@@ -20,7 +20,6 @@ from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.migration import SWITCH_INTERVAL_S
 from postcopy.destination.pages import Arrival, PageTracker
-from postcopy.destination.sink import prefer_huge_pages
 from proto import MigrationHeader
 from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS
 from vmm.guest import workloads
@@ -66,7 +65,6 @@ def scan(header: MigrationHeader, url: str, token: str, vcpus: int, *,
         machine = Machine.create(MachineConfig(size, vcpus), memory=memory)
         program, params = workloads.plan("touch", size, vcpus, seed=1)
         memory.write(0, bytes(DATA_GPA))  # the boot region is present; the data region is not
-        prefer_huge_pages(memory)  # as the destination's RAM
         machine.boot(program, params)
         uffd = Uffd(UFFD_FEATURE_SIGBUS | UFFD_FEATURE_MISSING_SHMEM)
         for region in memory.regions:

@@ -2,10 +2,9 @@
 
 A paused memtouch source (its RAM written before its guest starts, so every page is data) serves its pages; the
 real background code (destination/background.py: zero pages first, then pipelined batches over
-its own connection, on its own thread, received into a page sink and moved into guest RAM, or
-installed with UFFDIO_COPY) pulls all of them into fresh, userfaultfd-registered RAM. In the
-same run two Python processes push the same number of data bytes over a raw loopback socket; the
-ratio is the figure.
+its own connection, on its own thread, installed with UFFDIO_COPY) pulls all of them into fresh,
+userfaultfd-registered RAM. In the same run two Python processes push the same number of data
+bytes over a raw loopback socket; the ratio is the figure.
 
 One transfer is made first and not counted (HOST.md: the first pass over fresh host memory in
 this microVM is slower; pagein warms up the same way), then ``repeat`` transfers alternate with
@@ -28,7 +27,6 @@ from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
-from postcopy.destination.sink import move_feature, prefer_huge_pages
 from proto import MigrationHeader
 from proto.version import PAGE_SIZE
 from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM
@@ -42,8 +40,7 @@ QUICK_MIB, FULL_MIB = 256, 512  # quick was 96: ~50 ms a transfer, where start-u
 def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
     """One background transfer of every page of the paused source at ``url``."""
     memory = GuestMemory.create_layout([(r.gpa, r.size) for r in header.regions], "anon", "bench-stream")
-    prefer_huge_pages(memory)  # as the destination's RAM
-    uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM | move_feature())  # as the destination opens it
+    uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM)
     try:
         for region in memory.regions:
             uffd.register(region.hva, region.size)

@@ -12,16 +12,15 @@ import ssl
 import aiohttp
 
 from postcopy.destination.websocket import BlockingWebSocket, HandshakeError, WebSocketError
-from postcopy.destination.sink import PageSink
 from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoError, decode_any, parse_page_batch_head
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
-# What receive() reads of a batch before its pages go to a sink: the fields before the data
-# (at most ~250 bytes: the zero bitmap of MAX_BATCH_PAGES pages is 128); the pages read with them
-# are copied, the rest is received straight into the sink.
-BATCH_HEAD_BYTES = 1 << 10
+# An answer this long has its fields read here and its pages taken as a view of the receive
+# buffer (parse_page_batch_head), not copied by msgpack: a batch of readahead or background
+# pages. Shorter ones (a demand fault's page) are decoded whole: for them one unpackb is quicker.
+ZERO_COPY_MIN_BYTES = 64 << 10
 
 
 class FetchError(Exception):
@@ -103,31 +102,24 @@ class SyncPageConnection:
         except WebSocketError as e:
             raise FetchError(f"page stream broke sending a {request.kind} request for gpa {request.gpa:#x}: {e}") from None
 
-    def receive(self, request: PageRequest, sink: PageSink | None = None) -> PageBatch:
-        """The answer to the oldest request in flight, which must be ``request``. With a
-        ``sink``, a batch's pages are received into it (its data a view of the sink, valid until
-        the sink is next used) instead of into this connection's buffer, and never copied."""
+    def receive(self, request: PageRequest) -> PageBatch:
+        """The answer to the oldest request in flight, which must be ``request``. A large
+        batch's data is a view of this connection's receive buffer: valid until the next
+        receive (every caller installs a batch before it receives the next)."""
         try:
-            if sink is not None:
-                head, total = self.ws.peek(BATCH_HEAD_BYTES)
-                try:
-                    parsed = parse_page_batch_head(head, total)
-                except ProtoError as e:
-                    raise _malformed(request, e) from None
-                if parsed is not None and parsed.data_len <= sink.nbytes:
-                    data = sink.view[:parsed.data_len]
-                    self.ws.recv_rest_into(parsed.data_offset, data)
-                    self.bytes_received += total
-                    try:
-                        batch = PageBatch.with_data(parsed, data)
-                    except ProtoError as e:
-                        raise _malformed(request, e) from None
-                    return checked_batch(batch, request)
-            answer = self.ws.recv()  # anything else: whole, into this connection's buffer
+            answer = self.ws.recv()
         except WebSocketError as e:
             raise FetchError(f"page stream broke during {request.kind} fetch of gpa {request.gpa:#x}: {e}") from None
         self.bytes_received += answer.nbytes
-        return decode_batch(answer, request)
+        if answer.nbytes >= ZERO_COPY_MIN_BYTES:
+            try:
+                parsed = parse_page_batch_head(answer, answer.nbytes)
+                batch = PageBatch.with_data(parsed, answer[parsed.data_offset:]) if parsed is not None else None
+            except ProtoError as e:
+                raise _malformed(request, e) from None
+            if batch is not None:
+                return checked_batch(batch, request)
+        return decode_batch(answer, request)  # anything else: decoded whole
 
     def close(self) -> None:
         self.ws.close()

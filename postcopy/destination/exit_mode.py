@@ -18,11 +18,9 @@ from postcopy.destination.install import Installer
 from postcopy.destination.pages import Arrival, PageTracker
 from postcopy.destination.readahead import Readahead
 from postcopy.destination.retry import NoLongerWanted, RetryingSyncConnection
-from postcopy.destination.sink import HUGE_PAGE, PageSink
 from postcopy.faults import FaultDecoder, complete
 from postcopy.observe.faultlog import FaultLog
 from proto import PageRequest
-from vmm.abi.userfaultfd import UFFD_FEATURE_MOVE
 from vmm.guest.layout import PAGE_SIZE
 from vmm.vcpu import VcpuThread
 
@@ -30,12 +28,10 @@ from vmm.vcpu import VcpuThread
 class VcpuFaultState:
     """What one vCPU thread keeps for its faults: decoder buffers, its connection, its window."""
 
-    def __init__(self, decoder: FaultDecoder, connection: SyncPageConnection | None, readahead: Readahead,
-                 sink: PageSink | None = None) -> None:
+    def __init__(self, decoder: FaultDecoder, connection: SyncPageConnection | None, readahead: Readahead) -> None:
         self.decoder = decoder
         self.connection = connection
         self.readahead = readahead
-        self.sink = sink  # where a window of one whole huge page is received (sink.py), if any
         self.ahead: PageRequest | None = None  # the window asked for ahead, answered next on connection
         self.ahead_page = 0
         self.waiting_page = -1  # the page this vCPU is fetching (its connection's retry asks)
@@ -57,11 +53,8 @@ class ExitModeResolver:
     def prepare(self, thread: VcpuThread, connection: SyncPageConnection) -> None:
         """Attach to a vCPU before it starts, with the connection it will own (opened before
         the switchover, so not on the fault path)."""
-        # A scan's windows grow to a huge page: received into a sink of its own and moved in.
-        moves = self.installer.uffd.features & UFFD_FEATURE_MOVE and self.readahead_max * PAGE_SIZE >= HUGE_PAGE
         state = VcpuFaultState(FaultDecoder(self.memory), connection,
-                               Readahead(self.readahead_base, self.readahead_max),
-                               PageSink(HUGE_PAGE) if moves else None)
+                               Readahead(self.readahead_base, self.readahead_max))
         with self._lock:
             self.states[thread.id] = state
         if isinstance(connection, RetryingSyncConnection):
@@ -105,25 +98,22 @@ class ExitModeResolver:
         ahead = st.ahead
         if ahead is not None:  # its answer comes first on this connection, whatever this fault is
             st.ahead = None
-            sink = _sink_for(st, ahead)
-            batch = st.connection.receive(ahead, sink)  # type: ignore[union-attr]
+            batch = st.connection.receive(ahead)  # type: ignore[union-attr]
             reached = st.ahead_page == page
             if reached and st.readahead.scanning:
                 self._send_ahead(st, page + ahead.count)  # before the install: the source works meanwhile
-            self.installer.install_batch(batch, Arrival.READAHEAD, sink=sink)
+            self.installer.install_batch(batch, Arrival.READAHEAD)
             if tracker.is_present(page):
                 if reached:
                     st.readahead.fetched(page, ahead.count)
                 return
         extra = tracker.claim_readahead(page, window) if window > 1 else 0
         conn = st.connection
-        sink = None
         try:
             if st.readahead.scanning and window > 1:  # this window's request, then the next one's
                 request = conn.send(gpa, 1 + extra, "demand")  # type: ignore[union-attr]
                 self._send_ahead(st, page + 1 + extra)
-                sink = _sink_for(st, request)
-                batch = conn.receive(request, sink)  # type: ignore[union-attr]
+                batch = conn.receive(request)  # type: ignore[union-attr]
             else:
                 batch = conn.fetch(gpa, 1 + extra, "demand")  # type: ignore[union-attr]
         except BaseException:
@@ -131,12 +121,12 @@ class ExitModeResolver:
             if extra:
                 tracker.release(page + 1, extra)
             raise
-        self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND, sink=sink)
+        self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND)
         st.readahead.fetched(page, 1 + extra)
 
     def _send_ahead(self, st: VcpuFaultState, page: int) -> None:
         """Ask for the window that starts at ``page`` (the next fault's, if the scan goes on)."""
-        n = self.tracker.ahead_run(page, st.readahead.next_window(page))
+        n = self.tracker.ahead_run(page, st.readahead.next_window())
         if n:
             st.ahead = st.connection.send(self.memory.page_gpa(page), n, "readahead")  # type: ignore[union-attr]
             st.ahead_page = page
@@ -149,14 +139,3 @@ class ExitModeResolver:
             if st.connection is not None:
                 st.connection.close()
                 st.connection = None
-            if st.sink is not None:
-                st.sink.close()
-                st.sink = None
-
-
-def _sink_for(st: VcpuFaultState, request: PageRequest) -> PageSink | None:
-    """The vCPU's sink for a window of one whole, aligned huge page (it then moves in whole);
-    smaller windows are copied from the connection's buffer (a sink would split a huge page)."""
-    if request.count * PAGE_SIZE == HUGE_PAGE and not request.gpa % HUGE_PAGE:
-        return st.sink
-    return None

@@ -11,30 +11,23 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from typing import Final
 
 from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
-from postcopy.destination.sink import PageSink
-from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_MOVE_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
+from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
 from vmm.memory import GuestMemory
 from vmm.uffd import Uffd, UffdError
 
 
 def buffer_address(data: bytes | memoryview | int) -> int:
     """Address of a batch's page data without a copy: a bytes object's buffer (valid while
-    ``data`` lives), a view of a writable buffer (a page sink), or an address already (a local
-    page source serves from its own buffer)."""
+    ``data`` lives), a view of a writable buffer (a connection's receive buffer, client.py), or
+    an address already (a local page source serves from its own buffer)."""
     if type(data) is int:
         return data
     if type(data) is memoryview:
         return ctypes.addressof(ctypes.c_char.from_buffer(data)) if data.nbytes else 0
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
-
-
-# UFFDIO_MOVE refuses what it cannot remap (a page pinned or shared, a mapping it does not
-# handle, a kernel without it); UFFDIO_COPY installs those pages all the same.
-_CANNOT_MOVE: Final = frozenset({errno.EBUSY, errno.EINVAL, errno.ENOTTY, errno.EPERM})
 
 
 class Installer:
@@ -47,17 +40,12 @@ class Installer:
         self.tracker = tracker
         self.copy_mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
         self.zero_mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        self.move_mode = 0 if wake else UFFDIO_MOVE_MODE_DONTWAKE
         self.installed_bytes = 0
 
-    def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1,
-                      *, sink: PageSink | None = None) -> None:
+    def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1) -> None:
         """Install every page of a verified batch; the first ``demanded`` pages are recorded as
-        ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead). With the
-        ``sink`` the batch was received into, its pages are moved into guest RAM (UFFDIO_MOVE)
-        instead of copied (a run that cannot move is copied), and the sink is emptied after."""
+        ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead)."""
         base = buffer_address(batch.data)
-        move = sink is not None and type(batch.data) is memoryview  # else it went to the connection's buffer
         offset = 0
         try:
             for gpa, npages, view in batch.runs():
@@ -66,25 +54,12 @@ class Installer:
                 if view is None:
                     self.uffd.zeropage(hva, length, self.zero_mode)
                 else:
-                    if move:
-                        try:
-                            self.installed_bytes += self.uffd.move(hva, base + offset, length, self.move_mode)
-                            offset += length
-                            continue
-                        except UffdError as e:
-                            if e.errno not in _CANNOT_MOVE:
-                                raise
-                            # The pages not moved are still at the source: copy them (those
-                            # moved already exist now, and the copy skips them).
                     self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
                     offset += length
         except UffdError as e:
             if self._gone_after_completion(e):
                 return
             raise
-        finally:
-            if move:
-                sink.empty()  # type: ignore[union-attr]
         page = self.memory.page_index(batch.gpa)
         if first_how is not None:
             self.tracker.mark_present(page, demanded, first_how)

@@ -23,8 +23,6 @@ from typing import Any, Callable, Literal
 import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
-from postcopy.destination.readahead import DEFAULT_MAX as READAHEAD_MAX
-from postcopy.destination.sink import move_feature, prefer_huge_pages
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import FetchError, SyncPageConnection, auth_headers, start_migration, tls_option
 from postcopy.destination.exit_mode import ExitModeResolver
@@ -102,7 +100,7 @@ class DestinationProgress:
 
 class Destination:
     def __init__(self, source_url: str, token: str, *, fault_mode: FaultMode = "exit",
-                 readahead_base: int = 4, readahead_max: int = READAHEAD_MAX, background: bool = True,
+                 readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
                  console: Callable[[str], None] | None = None, registry: Registry | None = None,
                  retry: RetryPolicy | None = None, ssl_context: ssl.SSLContext | None = None,
                  background_batch_pages: int = DEFAULT_BATCH_PAGES, background_depth: int = DEFAULT_DEPTH) -> None:
@@ -163,13 +161,11 @@ class Destination:
         # Classic: each fault message names its thread, so blocktime is per vCPU.
         features = UFFD_FEATURE_SIGBUS if self.fault_mode == "exit" else UFFD_FEATURE_THREAD_ID
         try:
-            # UFFD_FEATURE_MOVE where offered: the background moves its pages in (sink.py)
-            self.uffd = Uffd(features | UFFD_FEATURE_MISSING_SHMEM | move_feature())
+            self.uffd = Uffd(features | UFFD_FEATURE_MISSING_SHMEM)
         except UffdError as e:
             self._to(DestinationState.FAILED)
             raise MigrationError(f"cannot open userfaultfd for fault mode {self.fault_mode}: {e}") from None
         self.memory = GuestMemory.create(mem_bytes, "anon", "postcopy-dest")
-        prefer_huge_pages(self.memory)  # huge pages can move in whole (sink.py)
         for region in self.memory.regions:
             self.uffd.register(region.hva, region.size)
         self.machine = Machine.create(MachineConfig(mem_bytes, vcpus), console=self.console, memory=self.memory)

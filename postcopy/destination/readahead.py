@@ -1,13 +1,11 @@
 """Readahead sized by what recent faults show: a vCPU that faults where its last window ended
-is scanning, so its window doubles; any other fault starts again from the base window. A window
-ends on a multiple of its size, so a scan's windows are aligned: at the largest, one 2 MiB huge
-page each, which moves into guest RAM whole (exit_mode.py, sink.py) and which KVM can then map
-whole. A scanning vCPU also asks for the window after this one before it installs this one
-(exit_mode.py), so the source builds it while the guest works through the current one."""
+is scanning, so its window doubles; any other fault starts again from the base window. A
+scanning vCPU also asks for the window after this one before it installs this one (exit_mode.py),
+so the source builds it while the guest works through the current one."""
 from __future__ import annotations
 
 DEFAULT_BASE = 4
-DEFAULT_MAX = 512  # one huge page
+DEFAULT_MAX = 256
 
 
 class Readahead:
@@ -24,13 +22,11 @@ class Readahead:
         """Pages to ask for, starting at the faulting ``page``."""
         self.scanning = page == self.next_expected
         self.size = min(self.size * 2, self.max) if self.scanning else self.base
-        return self.size - page % self.size
+        return self.size
 
-    def next_window(self, page: int) -> int:
-        """The window the next fault gets if it comes at ``page``, where this one's ends (no
-        state change)."""
-        size = min(self.size * 2, self.max)
-        return size - page % size
+    def next_window(self) -> int:
+        """The window the next fault gets if it comes where this one's ends (no state change)."""
+        return min(self.size * 2, self.max)
 
     def fetched(self, page: int, npages: int) -> None:
         self.next_expected = page + npages

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from postcopy.destination.client import FetchError, SyncPageConnection
-from postcopy.destination.sink import PageSink
 from proto import PageBatch, PageRequest
 
 T = TypeVar("T")
@@ -198,14 +197,14 @@ class RetryingSyncConnection:
             self._recover(error)  # the new socket carries it with the others in flight
         return request
 
-    def receive(self, request: PageRequest, sink: PageSink | None = None) -> PageBatch:
+    def receive(self, request: PageRequest) -> PageBatch:
         """The answer to ``request``, the oldest in flight (valid until the next receive)."""
         while True:
             conn = self._conn
             try:
                 if conn is None:
                     raise FetchError("page stream closed")
-                batch = conn.receive(request, sink)
+                batch = conn.receive(request)
             except FetchError as error:
                 self._recover(error)
                 continue

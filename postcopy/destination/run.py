@@ -11,7 +11,6 @@ from typing import Any, Callable
 import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH
-from postcopy.destination.readahead import DEFAULT_MAX as READAHEAD_MAX
 from postcopy.destination.client import FetchError, auth_headers, tls_option
 from postcopy.destination.retry import FatalFetchError, RetryContext, RetryPolicy, retry_async
 from proto import ErrorReply, ProtoError, decode_any
@@ -61,7 +60,7 @@ async def source_progress(session: aiohttp.ClientSession, source_url: str, token
 
 
 async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s: float = 1.0,
-                  before: dict[str, Any] | None = None, readahead_base: int = 4, readahead_max: int = READAHEAD_MAX,
+                  before: dict[str, Any] | None = None, readahead_base: int = 4, readahead_max: int = 256,
                   console: Callable[[str], None] | None = None, timeline: bool = False,
                   registry: Registry | None = None,
                   on_destination: Callable[[Destination], None] | None = None,

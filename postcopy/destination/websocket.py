@@ -60,7 +60,6 @@ class BlockingWebSocket:
         self._buf = bytearray(max_message + 16)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
-        self._peeked = (0, 0)  # (payload start, length) of the message peek() saw
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -125,63 +124,17 @@ class BlockingWebSocket:
             opcode, payload = self._frame()
             if opcode == wsframe.OP_BINARY:
                 return payload
-            self._control(opcode, payload)
-
-    def _control(self, opcode: int, payload: memoryview) -> None:
-        if opcode == wsframe.OP_PING:
-            self.send(bytes(payload), wsframe.OP_PONG)
-        elif opcode == wsframe.OP_CLOSE:
-            code = wsframe.U16.unpack(payload[:2])[0] if len(payload) >= 2 else 1005
-            reason = bytes(payload[2:]).decode("utf-8", "replace")
-            self._drop()
-            raise WebSocketError(f"the server closed the socket (code {code}{': ' + reason if reason else ''})")
-        elif opcode == wsframe.OP_TEXT:
-            raise WebSocketError("the server sent a text frame; page answers are binary")
-        elif opcode != wsframe.OP_PONG:
-            raise WebSocketError(f"the server sent a frame with opcode {opcode:#x}")
-
-    # -- a large message read in two parts: its head here, the rest where the caller wants it --
-    def peek(self, want: int) -> tuple[memoryview, int]:
-        """The first ``want`` bytes (all, if it is shorter) of the next binary message and its
-        length, without taking it: then either ``recv_rest_into`` (the rest straight into the
-        caller's buffer) or ``recv`` (the whole message, as usual). Reads no more of the
-        message into this buffer than ``want`` bytes. Control frames on the way are handled as
-        ``recv`` handles them."""
-        fast = wsframe.FIN | wsframe.OP_BINARY
-        while True:
-            self._fill(2, MAX_FRAME_HEAD + want)
-            b0, b1 = self._buf[self._start], self._buf[self._start + 1]
-            if b0 == fast and not b1 & wsframe.MASKED:
-                head = 2 if b1 < 126 else 4 if b1 == 126 else 10
-                self._fill(head, MAX_FRAME_HEAD + want)
-                length = self._frame_length() - head
-                if length <= self.max_message:
-                    self._fill(head + min(want, length), MAX_FRAME_HEAD + want)  # may move it
-                    first = self._start + head
-                    self._peeked = (first, length)
-                    return self._view[first:first + min(want, length)], length
-            opcode, payload = self._frame()  # anything else: whole, checked, as recv does
-            if opcode == wsframe.OP_BINARY:  # (not reached: the test above took those)
-                raise WebSocketError("a binary frame could not be read in two parts")
-            self._control(opcode, payload)
-
-    def recv_rest_into(self, offset: int, target: memoryview) -> None:
-        """Take the message ``peek`` saw: its bytes from ``offset`` to its end go into ``target``
-        (exactly that long), those already read copied, the rest received there directly."""
-        first, length = self._peeked
-        if offset + len(target) != length:
-            raise WebSocketError(f"the rest of a {length}-byte message from {offset} is not {len(target)} bytes")
-        end = first + length
-        have = max(0, min(self._end, end) - (first + offset))
-        if have:
-            target[:have] = self._view[first + offset:first + offset + have]
-        got = have
-        while got < len(target):  # exactly the rest of this frame: nothing of the next is read
-            got += self._recv_into(target[got:])
-        if self._end > end:
-            self._start = end
-        else:
-            self._start = self._end = 0
+            if opcode == wsframe.OP_PING:
+                self.send(bytes(payload), wsframe.OP_PONG)
+            elif opcode == wsframe.OP_CLOSE:
+                code = wsframe.U16.unpack(payload[:2])[0] if len(payload) >= 2 else 1005
+                reason = bytes(payload[2:]).decode("utf-8", "replace")
+                self._drop()
+                raise WebSocketError(f"the server closed the socket (code {code}{': ' + reason if reason else ''})")
+            elif opcode == wsframe.OP_TEXT:
+                raise WebSocketError("the server sent a text frame; page answers are binary")
+            elif opcode != wsframe.OP_PONG:
+                raise WebSocketError(f"the server sent a frame with opcode {opcode:#x}")
 
     def _frame(self) -> tuple[int, memoryview]:
         """One whole frame, read into the buffer (a frame's head, then as much as it needs)."""
@@ -211,18 +164,16 @@ class BlockingWebSocket:
         return 10 + int.from_bytes(self._buf[self._start + 2:self._start + 10], "big")
 
     # -- reading into the one buffer -----------------------------------------------------------
-    def _fill(self, need: int, most: int | None = None) -> None:
-        """Until ``need`` unread bytes are in the buffer (moving the unread part to its front),
-        reading no more than ``most`` unread bytes in all (None: as much as comes)."""
+    def _fill(self, need: int) -> None:
+        """Until ``need`` unread bytes are in the buffer (moving the unread part to its front)."""
         if self._end - self._start >= need:
             return
         if self._start:
             unread = self._end - self._start
             self._view[:unread] = self._view[self._start:self._end]
             self._start, self._end = 0, unread
-        stop = len(self._buf) if most is None else most
         while self._end < need:
-            self._end += self._recv_into(self._view[self._end:stop])
+            self._end += self._recv_into(self._view[self._end:])
 
     def _fill_until(self, marker: bytes, limit: int) -> int:
         """The index of ``marker`` in the buffer, reading until it arrives (within ``limit``)."""

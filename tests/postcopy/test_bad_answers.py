@@ -175,20 +175,19 @@ def test_a_scanning_vcpu_gets_its_next_window_from_the_request_it_sent_ahead(des
     with TamperingServer(lambda m: m) as server:
         conn, resolver, state = _vcpu(server.url, installer, 4, 16)
         try:
-            # Windows end on a multiple of their size (aligned, so that at 2 MiB they move whole).
             resolver._resolve(state, 16, 16 * PAGE_SIZE)  # not a scan yet: [16, 20), nothing ahead
             assert state.ahead is None and tracker.present == 4
-            resolver._resolve(state, 20, 20 * PAGE_SIZE)  # a scan (size 8): [20, 24) now, [24, 32) ahead
-            assert state.ahead is not None and (state.ahead_page, state.ahead.count) == (24, 8)
-            assert tracker.present == 8 and tracker.state[24] == MISSING  # ahead is not claimed
-            resolver._resolve(state, 24, 24 * PAGE_SIZE)  # answered by the ahead request: [24, 32)
-            assert (state.ahead_page, state.ahead.count) == (32, 16)  # and the next one is asked for
-            assert tracker.present == 16 and tracker.counts[Arrival.READAHEAD] == 16 - 2
-            resolver._resolve(state, 100, 100 * PAGE_SIZE)  # off the scan: [32, 48) still goes in
-            assert state.ahead is None and tracker.present == 16 + 16 + 4
+            resolver._resolve(state, 20, 20 * PAGE_SIZE)  # a scan: [20, 28) now, [28, 44) ahead
+            assert state.ahead is not None and (state.ahead_page, state.ahead.count) == (28, 16)
+            assert tracker.present == 12 and tracker.state[28] == MISSING  # ahead is not claimed
+            resolver._resolve(state, 28, 28 * PAGE_SIZE)  # answered by the ahead request: [28, 44)
+            assert (state.ahead_page, state.ahead.count) == (44, 16)  # and the next one is asked for
+            assert tracker.present == 28 and tracker.counts[Arrival.READAHEAD] == 28 - 2
+            resolver._resolve(state, 100, 100 * PAGE_SIZE)  # off the scan: [44, 60) still goes in
+            assert state.ahead is None and tracker.present == 28 + 16 + 4
         finally:
             conn.close()
-    for first, n in ((16, 32), (100, 4)):
+    for first, n in ((16, 44), (100, 4)):
         assert memory.read(first * PAGE_SIZE, n * PAGE_SIZE) == SOURCE[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
 
 
