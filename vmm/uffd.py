@@ -51,9 +51,7 @@ class _ThreadArgs(threading.local):
     def __init__(self) -> None:
         self.copy = abi.uffdio_copy()
         self.zeropage = abi.uffdio_zeropage()
-        self.move = abi.uffdio_move()
         self.copy_ref = ctypes.byref(self.copy)
-        self.move_ref = ctypes.byref(self.move)
         self.zeropage_ref = ctypes.byref(self.zeropage)
 
 
@@ -108,24 +106,6 @@ class Uffd:
             if libc.ioctl(self.fd, abi.UFFDIO_COPY, a.copy_ref) >= 0:
                 return installed + length
             done, advance = self._progress(c.copy, "UFFDIO_COPY", dst, length)
-            installed += done
-            dst, src, length = dst + advance, src + advance, length - advance
-        return installed
-
-    def move(self, dst: int, src: int, length: int, mode: int = 0) -> int:
-        """UFFDIO_MOVE of a page-aligned run of private anonymous pages at ``src`` (this process's)
-        into ``dst``: the pages are remapped, not copied, and ``src`` is left empty; a 2 MiB
-        transparent huge page moves whole when both ends are aligned to it. Needs
-        UFFD_FEATURE_MOVE. Same convention as ``copy``: an existing page is skipped (it stays at
-        ``src``)."""
-        a = self._args
-        m = a.move
-        installed = 0
-        while length > 0:
-            m.dst, m.src, m.len, m.mode, m.move = dst, src, length, mode, 0
-            if libc.ioctl(self.fd, abi.UFFDIO_MOVE, a.move_ref) >= 0:
-                return installed + length
-            done, advance = self._progress(m.move, "UFFDIO_MOVE", dst, length)
             installed += done
             dst, src, length = dst + advance, src + advance, length - advance
         return installed

@@ -157,38 +157,6 @@ def test_zeropage_over_an_existing_page_skips_it_and_installs_the_rest(region: R
     assert region.read(0) == bytes(PAGE_SIZE) and region.read(2) == bytes(PAGE_SIZE)
 
 
-def _filled(*fills: int) -> Region:
-    """Private anonymous pages, page i written with byte fills[i] (UFFDIO_MOVE's source)."""
-    src = Region(len(fills))
-    for i, f in enumerate(fills):
-        ctypes.memmove(src.page(i), bytes([f]) * PAGE_SIZE, PAGE_SIZE)
-    return src
-
-
-def test_move_remaps_a_run_into_the_range_and_leaves_the_source_empty(region: Region, uffd: Uffd) -> None:
-    src = _filled(1, 2, 3, 4)
-    try:
-        assert uffd.move(region.page(3), src.hva, 4 * PAGE_SIZE) == 4 * PAGE_SIZE
-        assert region.resident()[3:7] == [True] * 4 and not any(region.resident()[7:])
-        for i in range(4):
-            assert region.read(3 + i) == bytes([i + 1]) * PAGE_SIZE
-        assert src.resident() == [False] * 4  # moved, not copied
-    finally:
-        src.close()
-
-
-def test_move_over_an_existing_page_skips_it_and_leaves_that_page_at_the_source(region: Region, uffd: Uffd) -> None:
-    old = _pages(0xEE)
-    uffd.copy(region.page(1), ctypes.addressof(old), PAGE_SIZE)
-    src = _filled(0x10, 0x11, 0x12)
-    try:
-        assert uffd.move(region.page(0), src.hva, 3 * PAGE_SIZE) == 2 * PAGE_SIZE
-        assert [region.read(i)[0] for i in range(3)] == [0x10, 0xEE, 0x12]
-        assert src.resident() == [False, True, False]
-    finally:
-        src.close()
-
-
 def test_copy_into_an_unregistered_range_raises_uffd_error_naming_the_ioctl(uffd: Uffd) -> None:
     other = Region(1)
     try:

@@ -40,8 +40,6 @@ UFFDIO_REGISTER_MODE_MINOR = 1 << 2
 UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
 UFFDIO_COPY_MODE_WP = 1 << 1
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
-UFFDIO_MOVE_MODE_DONTWAKE = 1 << 0
-UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 1 << 1
 
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0
@@ -69,10 +67,6 @@ class uffdio_zeropage(ctypes.Structure):
     _fields_ = [("range", uffdio_range), ("mode", u64), ("zeropage", s64)]
 
 
-class uffdio_move(ctypes.Structure):
-    _fields_ = [("dst", u64), ("src", u64), ("len", u64), ("mode", u64), ("move", s64)]
-
-
 class uffd_msg_pagefault(ctypes.Structure):
     _fields_ = [("flags", u64), ("address", u64), ("ptid", u32), ("pad", u32)]
 
@@ -93,8 +87,6 @@ UFFDIO_UNREGISTER = _IOR(UFFDIO, 0x01, uffdio_range)
 UFFDIO_WAKE = _IOR(UFFDIO, 0x02, uffdio_range)
 UFFDIO_COPY = _IOWR(UFFDIO, 0x03, uffdio_copy)
 UFFDIO_ZEROPAGE = _IOWR(UFFDIO, 0x04, uffdio_zeropage)
-UFFDIO_MOVE = _IOWR(UFFDIO, 0x05, uffdio_move)  # Linux 6.8, with UFFD_FEATURE_MOVE
 
 assert ctypes.sizeof(uffd_msg) == 32 and ctypes.sizeof(uffdio_copy) == 40
 assert UFFDIO_API == 0xC018AA3F and UFFDIO_COPY == 0xC028AA03 and UFFDIO_REGISTER == 0xC020AA00
-assert UFFDIO_MOVE == 0xC028AA05
