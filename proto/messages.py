@@ -760,7 +760,7 @@ def parse_page_batch_head(head: Buffer, total: int) -> PageBatchHead | None:
     (msgpack copies every bin it unpacks). None when the message is not like that (another
     type, data not last, ``head`` too short): decode the whole message then, which also names
     what is wrong. ProtoError for what is malformed in ``head`` itself. The record is built by
-    ``with_data``, whose checks are PageBatch's own."""
+    ``with_data``, whose checks are PageBatch's own. ``head`` is copied: pass only a prefix."""
     limits = PageBatch._LIMITS
     if total > limits.max_message:
         raise ProtoError(f"{PageBatch.TYPE} message of {total} bytes is over its limit of {limits.max_message}")

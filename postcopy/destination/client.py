@@ -21,6 +21,9 @@ PAGES_PATH = "/v1/pages/ws"
 # buffer (parse_page_batch_head), not copied by msgpack: a batch of readahead or background
 # pages. Shorter ones (a demand fault's page) are decoded whole: for them one unpackb is quicker.
 ZERO_COPY_MIN_BYTES = 64 << 10
+# The fields before a batch's data fit in this (the largest, a 1024-page zero bitmap, is 130
+# bytes): only this much is handed to the parser, which copies what it is given.
+BATCH_HEAD_BYTES = 1 << 10
 
 
 class FetchError(Exception):
@@ -113,7 +116,7 @@ class SyncPageConnection:
         self.bytes_received += answer.nbytes
         if answer.nbytes >= ZERO_COPY_MIN_BYTES:
             try:
-                parsed = parse_page_batch_head(answer, answer.nbytes)
+                parsed = parse_page_batch_head(answer[:BATCH_HEAD_BYTES], answer.nbytes)
                 batch = PageBatch.with_data(parsed, answer[parsed.data_offset:]) if parsed is not None else None
             except ProtoError as e:
                 raise _malformed(request, e) from None
