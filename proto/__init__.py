@@ -3,7 +3,7 @@
 msgpack-encoded, strictly validated; decoders raise only ProtoError. See docs/protocol.md.
 """
 
-from proto.checksum import page_sum, page_sums, unpack_sums
+from proto.checksum import pages_sum
 from proto.errors import ProtoError
 from proto.messages import (
     REQUEST_KINDS,
@@ -13,6 +13,7 @@ from proto.messages import (
     Message,
     MigrationHeader,
     PageBatch,
+    PageBatchHead,
     PageRequest,
     PageRun,
     RequestKind,
@@ -21,6 +22,7 @@ from proto.messages import (
     build_page_batch,
     decode_any,
     page_batch_parts,
+    parse_page_batch_head,
     find_region,
 )
 from proto.version import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION
@@ -36,6 +38,7 @@ __all__ = [
     "Message",
     "MigrationHeader",
     "PageBatch",
+    "PageBatchHead",
     "PageRequest",
     "PageRun",
     "ProtoError",
@@ -46,7 +49,6 @@ __all__ = [
     "decode_any",
     "find_region",
     "page_batch_parts",
-    "page_sum",
-    "page_sums",
-    "unpack_sums",
+    "parse_page_batch_head",
+    "pages_sum",
 ]

@@ -14,11 +14,9 @@ import struct
 from typing import Final
 
 import msgpack
-from xxhash import xxh3_64_intdigest
-
-from proto.checksum import Buffer
+from proto.checksum import Buffer, pages_sum
 from proto.messages import PageBatch, PageRequest
-from proto.version import CHECKSUM_SIZE, MAX_BATCH_PAGES, MAX_GPA, PAGE_SIZE, PROTOCOL_VERSION
+from proto.version import MAX_BATCH_PAGES, MAX_GPA, PAGE_SIZE, PROTOCOL_VERSION
 
 __all__ = ["ONE_PAGE_ANSWER_BYTES", "encode_request", "one_page_head", "parse_request", "verified_one_page"]
 
@@ -64,21 +62,19 @@ def parse_request(payload: Buffer) -> tuple[int, int, str] | None:
     return gpa, count, kind
 
 
-# A PageBatch of one data page: map(7) v t gpa=<u64> count=1 zero=bin8(1)\0 sums=bin8(8)<sum>
-# data=bin16(4096)<page>. Its head is everything but the page.
+# A PageBatch of one data page: map(7) v t gpa=<u64> count=1 zero=bin8(1)\0 sum=<u64>
+# data=bin16(4096)<page> (data last, as page_batch_parts sends it). Its head is all but the page.
 _ANSWER_HEAD: Final = _envelope(7, PageBatch.TYPE) + _pack("gpa") + _U64
-_ANSWER_SUMS: Final = (_pack("count") + _pack(1) + _pack("zero") + _pack(b"\0") + _pack("sums")
-                       + b"\xc4" + bytes((CHECKSUM_SIZE,)))
+_ANSWER_SUM: Final = _pack("count") + _pack(1) + _pack("zero") + _pack(b"\0") + _pack("sum") + _U64
 _ANSWER_DATA: Final = _pack("data") + b"\xc5" + PAGE_SIZE.to_bytes(2, "big")
-_ANSWER: Final = struct.Struct(f">{len(_ANSWER_HEAD)}sQ{len(_ANSWER_SUMS)}s{CHECKSUM_SIZE}s{len(_ANSWER_DATA)}s")
+_ANSWER: Final = struct.Struct(f">{len(_ANSWER_HEAD)}sQ{len(_ANSWER_SUM)}sQ{len(_ANSWER_DATA)}s")
 ONE_PAGE_ANSWER_BYTES: Final = _ANSWER.size + PAGE_SIZE
 
 
 def one_page_head(gpa: int, page: Buffer) -> bytes:
     """Everything of the fixed-layout PageBatch for the one data page ``page`` at ``gpa`` but
     the page itself, which follows it (sent as a view of guest RAM)."""
-    digest = xxh3_64_intdigest(page).to_bytes(CHECKSUM_SIZE, "little")
-    return _ANSWER.pack(_ANSWER_HEAD, gpa, _ANSWER_SUMS, digest, _ANSWER_DATA)
+    return _ANSWER.pack(_ANSWER_HEAD, gpa, _ANSWER_SUM, pages_sum(page), _ANSWER_DATA)
 
 
 def verified_one_page(answer: Buffer, request_gpa: int) -> PageBatch | None:
@@ -86,12 +82,12 @@ def verified_one_page(answer: Buffer, request_gpa: int) -> PageBatch | None:
     ``request_gpa`` and its page matches its checksum; else None (the general decoder then
     says what is wrong with it, a bad checksum included)."""
     view = memoryview(answer)
-    if (len(view) != ONE_PAGE_ANSWER_BYTES or view[:_DIGEST_AT] != _HEAD_TO_SUMS(_ANSWER_HEAD, request_gpa, _ANSWER_SUMS)
+    if (len(view) != ONE_PAGE_ANSWER_BYTES or view[:_SUM_AT] != _HEAD_TO_SUM(_ANSWER_HEAD, request_gpa, _ANSWER_SUM)
             or view[_DATA_KEY_AT:_ANSWER.size] != _ANSWER_DATA):
         return None
-    sums = bytes(view[_DIGEST_AT:_DATA_KEY_AT])
+    checksum = _U64_AT(view, _SUM_AT)[0]
     data = bytes(view[_ANSWER.size:])
-    if xxh3_64_intdigest(data) != int.from_bytes(sums, "little"):
+    if pages_sum(data) != checksum:
         return None
     # Checked above byte for byte: what PageBatch's own checks (and check_answers, verify)
     # would establish, so the record is made without repeating them.
@@ -100,12 +96,13 @@ def verified_one_page(answer: Buffer, request_gpa: int) -> PageBatch | None:
     _set(batch, "count", 1)
     _set(batch, "zero", b"\0")
     _set(batch, "data", data)
-    _set(batch, "sums", sums)
+    _set(batch, "sum", checksum)
     return batch
 
 
-_HEAD_TO_SUMS: Final = struct.Struct(f">{len(_ANSWER_HEAD)}sQ{len(_ANSWER_SUMS)}s").pack  # all before the digest
-_DIGEST_AT: Final = len(_ANSWER_HEAD) + 8 + len(_ANSWER_SUMS)
-_DATA_KEY_AT: Final = _DIGEST_AT + CHECKSUM_SIZE
+_HEAD_TO_SUM: Final = struct.Struct(f">{len(_ANSWER_HEAD)}sQ{len(_ANSWER_SUM)}s").pack  # all before the sum
+_SUM_AT: Final = len(_ANSWER_HEAD) + 8 + len(_ANSWER_SUM)
+_DATA_KEY_AT: Final = _SUM_AT + 8
+_U64_AT: Final = struct.Struct(">Q").unpack_from
 _new_batch: Final = object.__new__
 _set: Final = object.__setattr__

@@ -12,12 +12,19 @@ import ssl
 import aiohttp
 
 from postcopy.destination.websocket import BlockingWebSocket, HandshakeError, WebSocketError
-from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoError, decode_any
+from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoError, decode_any, parse_page_batch_head
 from proto.fastpath import encode_request, verified_one_page
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
+# An answer this long has its fields read here and its pages taken as a view of the receive
+# buffer (parse_page_batch_head), not copied by msgpack: a batch of readahead or background
+# pages. Shorter ones (a demand fault's page) are decoded whole: for them one unpackb is quicker.
+ZERO_COPY_MIN_BYTES = 64 << 10
+# The fields before a batch's data fit in this (the largest, a 1024-page zero bitmap, is 130
+# bytes): only this much is handed to the parser, which copies what it is given.
+BATCH_HEAD_BYTES = 1 << 10
 
 
 class FetchError(Exception):
@@ -37,12 +44,21 @@ def decode_batch(data: bytes | memoryview, request: PageRequest) -> PageBatch:
     try:
         msg = decode_any(data)
     except ProtoError as e:
-        raise FetchError(f"malformed answer to {request.kind} request for gpa {request.gpa:#x}: {e}") from None
+        raise _malformed(request, e) from None
     if isinstance(msg, ErrorReply):
         raise FetchError(f"page server refused {request.kind} request for gpa {request.gpa:#x}: "
                          f"{msg.code} {msg.message}")
     if not isinstance(msg, PageBatch):
         raise FetchError(f"page server answered a page request with {type(msg).__name__}")
+    return checked_batch(msg, request)
+
+
+def _malformed(request: PageRequest, error: ProtoError) -> FetchError:
+    return FetchError(f"malformed answer to {request.kind} request for gpa {request.gpa:#x}: {error}")
+
+
+def checked_batch(msg: PageBatch, request: PageRequest) -> PageBatch:
+    """``msg`` if it answers ``request`` and every page matches its checksum; else FetchError."""
     try:
         msg.check_answers(request)
         msg.verify()
@@ -91,7 +107,9 @@ class SyncPageConnection:
             raise FetchError(f"page stream broke sending a {request.kind} request for gpa {request.gpa:#x}: {e}") from None
 
     def receive(self, request: PageRequest) -> PageBatch:
-        """The answer to the oldest request in flight, which must be ``request``."""
+        """The answer to the oldest request in flight, which must be ``request``. A large
+        batch's data is a view of this connection's receive buffer: valid until the next
+        receive (every caller installs a batch before it receives the next)."""
         try:
             answer = self.ws.recv()
         except WebSocketError as e:
@@ -101,7 +119,15 @@ class SyncPageConnection:
             batch = verified_one_page(answer, request.gpa)
             if batch is not None:
                 return batch
-        return decode_batch(answer, request)
+        elif answer.nbytes >= ZERO_COPY_MIN_BYTES:
+            try:
+                parsed = parse_page_batch_head(answer[:BATCH_HEAD_BYTES], answer.nbytes)
+                batch = PageBatch.with_data(parsed, answer[parsed.data_offset:]) if parsed is not None else None
+            except ProtoError as e:
+                raise _malformed(request, e) from None
+            if batch is not None:
+                return checked_batch(batch, request)
+        return decode_batch(answer, request)  # anything else: decoded whole
 
     def close(self) -> None:
         self.ws.close()

@@ -171,7 +171,7 @@ async def _random_http(http: aiohttp.ClientSession, url: str, rng: random.Random
     elif roll < 0.8:  # malformed Complete, or another migration's
         method, path = "POST", "/v1/migration/complete"
         body = rng.choice([rng.randbytes(rng.randint(0, 200)), Complete("mig-other", {}).encode(),
-                           msgpack.packb({"v": 1, "t": "complete", "migration_id": "mig-served"})])
+                           msgpack.packb({"v": PROTOCOL_VERSION, "t": "complete", "migration_id": "mig-served"})])
     else:  # status needs a guest: a resumed server has none
         method, path, body = "GET", "/v1/vm/status", b""
     async with http.request(method, url + path, headers=headers, data=body) as resp:
