@@ -13,6 +13,7 @@ OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 FIN: Final = 0x80
 MASKED: Final = 0x80
+LENGTH_MASK: Final = 0x7F  # the second byte's length bits
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_PROTOCOL_ERROR: Final = 1002

@@ -3,7 +3,7 @@
 msgpack-encoded, strictly validated; decoders raise only ProtoError. See docs/protocol.md.
 """
 
-from proto.checksum import page_sum, page_sums, unpack_sums
+from proto.checksum import pages_sum
 from proto.errors import ProtoError
 from proto.messages import (
     REQUEST_KINDS,
@@ -13,6 +13,7 @@ from proto.messages import (
     Message,
     MigrationHeader,
     PageBatch,
+    PageBatchHead,
     PageRequest,
     PageRun,
     RequestKind,
@@ -22,6 +23,7 @@ from proto.messages import (
     build_page_batch,
     decode_any,
     page_batch_parts,
+    parse_page_batch_head,
     find_region,
 )
 from proto.version import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION
@@ -37,6 +39,7 @@ __all__ = [
     "Message",
     "MigrationHeader",
     "PageBatch",
+    "PageBatchHead",
     "PageRequest",
     "PageRun",
     "ProtoError",
@@ -48,7 +51,6 @@ __all__ = [
     "decode_any",
     "find_region",
     "page_batch_parts",
-    "page_sum",
-    "page_sums",
-    "unpack_sums",
+    "parse_page_batch_head",
+    "pages_sum",
 ]

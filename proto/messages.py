@@ -14,10 +14,9 @@ from typing import Any, ClassVar, Final, Literal, NamedTuple, Self, TypeAlias, T
 import msgpack
 from xxhash import xxh3_64_intdigest
 
-from proto.checksum import Buffer, page_sums, unpack_sums
+from proto.checksum import Buffer, pages_sum
 from proto.errors import ProtoError
 from proto.version import (
-    CHECKSUM_SIZE,
     I64_MAX,
     I64_MIN,
     KVM_MSR_ENTRY_SIZE,
@@ -67,8 +66,10 @@ __all__ = [
     "VcpuState",
     "VmState",
     "ZeroMap",
+    "PageBatchHead",
     "build_page_batch",
     "decode_any",
+    "parse_page_batch_head",
     "find_region",
     "page_batch_parts",
 ]
@@ -709,18 +710,19 @@ class PageBatch(_Message):
     """The answer to a PageRequest: `count` pages from `gpa`.
 
     zero is a bitmap of `count` bits (LSB first): a set bit marks an all-zero page, which is
-    not in data. data holds the other pages back to back in order; sums holds one 8-byte
-    little-endian xxh3_64 digest per page of data.
+    not in data. data holds the other pages back to back in order; sum is the xxh3_64 of data
+    (one call over the whole batch: a call per page cost more than the hashing, on both sides).
     """
 
     gpa: int
     count: int
     zero: bytes = field(repr=False)
-    data: bytes = field(repr=False)
-    sums: bytes = field(repr=False)
+    # bytes, or a view of a receive buffer (parse_page_batch_head: the pages never copied)
+    data: bytes | memoryview = field(repr=False)
+    sum: int = field(repr=False)
 
     TYPE: ClassVar[str] = "page_batch"
-    _KEYS: ClassVar[frozenset[str]] = _envelope_keys("gpa", "count", "zero", "data", "sums")
+    _KEYS: ClassVar[frozenset[str]] = _envelope_keys("gpa", "count", "zero", "data", "sum")
     _LIMITS: ClassVar[_Limits] = _limits(_KEYS, max_message=MAX_BATCH_MESSAGE_BYTES, max_bin=MAX_BATCH_BYTES)
 
     def __post_init__(self) -> None:
@@ -729,16 +731,14 @@ class PageBatch(_Message):
         bitmap_len = (self.count + 7) // 8
         _check_bytes("zero", self.zero, bitmap_len, bitmap_len)
         nonzero = self.count - _check_bitmap_padding("zero", self.zero, self.count).bit_count()
-        if not isinstance(self.data, bytes) or len(self.data) != nonzero * PAGE_SIZE:
+        data = self.data
+        if not (type(data) is bytes or type(data) is memoryview and data.c_contiguous and data.itemsize == 1) \
+                or len(data) != nonzero * PAGE_SIZE:
             raise ProtoError(
                 f"data must be bytes holding the {nonzero} non-zero pages "
                 f"({nonzero * PAGE_SIZE} bytes), got {_show(self.data)}"
             )
-        if not isinstance(self.sums, bytes) or len(self.sums) != nonzero * CHECKSUM_SIZE:
-            raise ProtoError(
-                f"sums must be bytes holding {nonzero} {CHECKSUM_SIZE}-byte digests "
-                f"({nonzero * CHECKSUM_SIZE} bytes), got {_show(self.sums)}"
-            )
+        _check_int("sum", self.sum, 0, U64_MAX)
 
     def check_answers(self, request: PageRequest) -> None:
         """ProtoError unless this batch is the answer to `request`."""
@@ -751,18 +751,13 @@ class PageBatch(_Message):
             )
 
     def verify(self) -> None:
-        """ProtoError naming the first page whose data does not match its checksum."""
-        computed = page_sums(self.data)
-        if computed == self.sums:
-            return
-        for index, (sent, actual) in enumerate(
-            zip(unpack_sums(self.sums), unpack_sums(computed), strict=True)
-        ):
-            if sent != actual:
-                raise ProtoError(
-                    f"page at gpa {self._nonzero_page_gpa(index):#x} fails its checksum: "
-                    f"sent {sent:#018x}, computed {actual:#018x}"
-                )
+        """ProtoError naming the batch unless its data matches its checksum."""
+        actual = pages_sum(self.data)
+        if actual != self.sum:
+            raise ProtoError(
+                f"the {len(self.data) // PAGE_SIZE} data pages of the batch at gpa {self.gpa:#x} "
+                f"(count {self.count}) fail their checksum: sent {self.sum:#018x}, computed {actual:#018x}"
+            )
 
     def runs(self) -> Iterator[tuple[int, int, memoryview | None]]:
         """(gpa, npages, data) for each maximal run of zero (data None) or non-zero pages.
@@ -785,20 +780,72 @@ class PageBatch(_Message):
                 offset = end
             page += npages
 
-    def _nonzero_page_gpa(self, index: int) -> int:
-        """The gpa of the `index`-th page held in data."""
-        for gpa, npages, pages in self.runs():
-            if pages is not None:
-                if index < npages:
-                    return gpa + index * PAGE_SIZE
-                index -= npages
-        raise ProtoError(f"page {index} of data is past the batch's non-zero pages")
-
     def encode(self) -> bytes:
-        return _pack_batch(self.gpa, self.count, self.zero, self.data, self.sums)
+        return _pack_batch(self.gpa, self.count, self.zero, self.data, self.sum)
+
+    @classmethod
+    def with_data(cls, head: "PageBatchHead", data: memoryview) -> Self:
+        """The batch whose head ``parse_page_batch_head`` read, its data received into ``data``."""
+        return cls._build({**head.fields, "data": data})
 
 
-def _pack_batch(gpa: int, count: int, zero: bytes, data: Buffer, sums: bytes) -> bytes:
+class PageBatchHead(NamedTuple):
+    """A PageBatch's encoding up to its data: the other fields, and where the data lies."""
+
+    fields: dict[Any, Any]
+    data_offset: int  # in the encoded message
+    data_len: int
+
+
+def parse_page_batch_head(head: Buffer, total: int) -> PageBatchHead | None:
+    """The fields of the PageBatch whose ``total``-byte encoding starts with ``head``, when its
+    data is the last entry of its map (as page_batch_parts sends it) and starts within ``head``:
+    so a receiver can take the pages as a view of its receive buffer instead of a copy
+    (msgpack copies every bin it unpacks). None when the message is not like that (another
+    type, data not last, ``head`` too short): decode the whole message then, which also names
+    what is wrong. ProtoError for what is malformed in ``head`` itself. The record is built by
+    ``with_data``, whose checks are PageBatch's own. ``head`` is copied: pass only a prefix."""
+    limits = PageBatch._LIMITS
+    if total > limits.max_message:
+        raise ProtoError(f"{PageBatch.TYPE} message of {total} bytes is over its limit of {limits.max_message}")
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, use_list=False, max_buffer_size=len(head),
+                                max_bin_len=limits.max_bin, max_str_len=limits.max_str,
+                                max_array_len=limits.max_array, max_map_len=limits.max_map, max_ext_len=0)
+    unpacker.feed(head)
+    fields: dict[Any, Any] = {}
+    try:
+        entries = unpacker.read_map_header()
+        for left in range(entries - 1, -1, -1):
+            key = unpacker.unpack()
+            if key != "data":
+                fields[key] = unpacker.unpack()
+                continue
+            at = unpacker.tell()
+            kind = head[at] if at < len(head) else -1
+            size_bytes = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(kind, 0)
+            if left or not size_bytes or at + 1 + size_bytes > len(head):
+                return None
+            data_len = int.from_bytes(head[at + 1 : at + 1 + size_bytes], "big")
+            data_offset = at + 1 + size_bytes
+            if data_offset + data_len != total:
+                return None
+            fields["data"] = None
+            break
+        else:
+            return None
+    except msgpack.OutOfData:
+        return None
+    except Exception as error:  # noqa: BLE001 - as _unpack: whatever msgpack raises is malformed
+        raise ProtoError(f"malformed {PageBatch.TYPE} message: {type(error).__name__}: {error}") from None
+    version = fields.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtoError(f"unsupported protocol version {_show(version)}, this side speaks {PROTOCOL_VERSION}")
+    if fields.get("t") != PageBatch.TYPE:
+        return None
+    return PageBatchHead(_check_keys(PageBatch.TYPE, fields, PageBatch._KEYS), data_offset, data_len)
+
+
+def _pack_batch(gpa: int, count: int, zero: bytes, data: Buffer, checksum: int) -> bytes:
     return msgpack.packb(
         {
             "v": PROTOCOL_VERSION,
@@ -807,15 +854,15 @@ def _pack_batch(gpa: int, count: int, zero: bytes, data: Buffer, sums: bytes) ->
             "count": count,
             "zero": zero,
             "data": data,
-            "sums": sums,
+            "sum": checksum,
         }
     )
 
 
-def _pack_batch_fields(gpa: int, count: int, zero: bytes, sums: bytes) -> bytes:
+def _pack_batch_fields(gpa: int, count: int, zero: bytes, checksum: int) -> bytes:
     """A PageBatch map without its data entry (page_batch_parts appends it)."""
     return msgpack.packb(
-        {"v": PROTOCOL_VERSION, "t": PageBatch.TYPE, "gpa": gpa, "count": count, "zero": zero, "sums": sums}
+        {"v": PROTOCOL_VERSION, "t": PageBatch.TYPE, "gpa": gpa, "count": count, "zero": zero, "sum": checksum}
     )
 
 
@@ -827,7 +874,7 @@ def page_batch_parts(gpa: int, count: int, memory: Buffer) -> list[Buffer]:
     to send back to back (their concatenation is the message).
 
     The server side of a PageRequest: zero pages are detected (one memcmp each against a
-    zero page) and left out of data; sums are computed over exactly the bytes sent. When no
+    zero page) and left out of data; the sum is computed over exactly the bytes sent. When no
     page is zero, the data part is `memory` itself: the pages are sent without a copy.
     """
     _check_int("count", count, 1, MAX_BATCH_PAGES)
@@ -836,17 +883,19 @@ def page_batch_parts(gpa: int, count: int, memory: Buffer) -> list[Buffer]:
     if view.nbytes != count * PAGE_SIZE:
         raise ProtoError(f"memory must be count * {PAGE_SIZE} = {count * PAGE_SIZE} bytes, got {view.nbytes}")
     zero_bits = 0
-    pages: list[memoryview] = []
-    for index, offset in enumerate(range(0, view.nbytes, PAGE_SIZE)):
-        page = view[offset : offset + PAGE_SIZE]
-        if page == _ZERO_VIEW:
-            zero_bits |= 1 << index
-        else:
-            pages.append(page)
-    data: Buffer = view if not zero_bits else b"".join(pages)
+    # Only a page whose first qword is zero can be all zeros: those are compared whole, the
+    # others never leave C (one strided view), so a written guest costs no loop per page.
+    firsts = view.cast("Q")[:: PAGE_SIZE // 8].tolist()
+    if 0 in firsts:
+        for index, first in enumerate(firsts):
+            if not first and view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE] == _ZERO_VIEW:
+                zero_bits |= 1 << index
+    data: Buffer = view
+    if zero_bits:
+        data = b"".join(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(count) if not zero_bits >> i & 1)
     zero = zero_bits.to_bytes((count + 7) // 8, "little")
     # Every field but data, packed as usual; data goes last, as its own part.
-    head = bytearray(_pack_batch_fields(gpa, count, zero, page_sums(data)))
+    head = bytearray(_pack_batch_fields(gpa, count, zero, pages_sum(data)))
     head[0] += 1  # one more map entry (a fixmap: the count is in the first byte's low bits)
     size = len(data)
     bin_head = (b"\xc4" + size.to_bytes(1, "big") if size < 1 << 8 else

@@ -6,15 +6,14 @@ PROTOCOL_VERSION; the two sides must speak the same version.
 
 from typing import Final
 
-PROTOCOL_VERSION: Final = 2  # 2: the zero map left the header for its own message
+# 2: one checksum per page batch (was one per page); 3: the zero map left the header for its own message
+PROTOCOL_VERSION: Final = 3
 
 KiB: Final = 1 << 10
 MiB: Final = 1 << 20
 GiB: Final = 1 << 30
 
 PAGE_SIZE: Final = 4096
-# xxh3_64 digest of one page, little-endian.
-CHECKSUM_SIZE: Final = 8
 
 # One PageRequest asks for at most this many pages, so one PageBatch carries at most 4 MiB.
 MAX_BATCH_PAGES: Final = 1024
@@ -60,7 +59,7 @@ U64_MAX: Final = (1 << 64) - 1
 # Whole encoded messages. A peer refuses a body above these before decoding (HTTP 413).
 MAX_REQUEST_MESSAGE_BYTES: Final = 128
 MAX_BATCH_MESSAGE_BYTES: Final = (
-    MAX_BATCH_BYTES + MAX_BATCH_PAGES * CHECKSUM_SIZE + MAX_BATCH_BITMAP_BYTES + 256
+    MAX_BATCH_BYTES + MAX_BATCH_BITMAP_BYTES + 256
 )
 MAX_HEADER_MESSAGE_BYTES: Final = 128 * MiB
 MAX_ZERO_MAP_MESSAGE_BYTES: Final = MAX_ZERO_BITMAP_BYTES + 256

@@ -13,12 +13,21 @@ from typing import TypeVar
 import aiohttp
 
 from postcopy.destination.websocket import BlockingWebSocket, HandshakeError, WebSocketError
-from proto import ErrorReply, Message, MigrationHeader, PageBatch, PageRequest, ProtoError, ZeroMap, decode_any
+from proto import (ErrorReply, Message, MigrationHeader, PageBatch, PageRequest, ProtoError, ZeroMap, decode_any,
+                   parse_page_batch_head)
+from proto.fastpath import encode_request, verified_one_page
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
 M = TypeVar("M", bound=Message)
+# An answer this long has its fields read here and its pages taken as a view of the receive
+# buffer (parse_page_batch_head), not copied by msgpack: a batch of readahead or background
+# pages. Shorter ones (a demand fault's page) are decoded whole: for them one unpackb is quicker.
+ZERO_COPY_MIN_BYTES = 64 << 10
+# The fields before a batch's data fit in this (the largest, a 1024-page zero bitmap, is 130
+# bytes): only this much is handed to the parser, which copies what it is given.
+BATCH_HEAD_BYTES = 1 << 10
 
 
 class FetchError(Exception):
@@ -38,12 +47,21 @@ def decode_batch(data: bytes | memoryview, request: PageRequest) -> PageBatch:
     try:
         msg = decode_any(data)
     except ProtoError as e:
-        raise FetchError(f"malformed answer to {request.kind} request for gpa {request.gpa:#x}: {e}") from None
+        raise _malformed(request, e) from None
     if isinstance(msg, ErrorReply):
         raise FetchError(f"page server refused {request.kind} request for gpa {request.gpa:#x}: "
                          f"{msg.code} {msg.message}")
     if not isinstance(msg, PageBatch):
         raise FetchError(f"page server answered a page request with {type(msg).__name__}")
+    return checked_batch(msg, request)
+
+
+def _malformed(request: PageRequest, error: ProtoError) -> FetchError:
+    return FetchError(f"malformed answer to {request.kind} request for gpa {request.gpa:#x}: {error}")
+
+
+def checked_batch(msg: PageBatch, request: PageRequest) -> PageBatch:
+    """``msg`` if it answers ``request`` and every page matches its checksum; else FetchError."""
     try:
         msg.check_answers(request)
         msg.verify()
@@ -87,18 +105,32 @@ class SyncPageConnection:
     def send_request(self, request: PageRequest) -> None:
         self.requests += 1
         try:
-            self.ws.send(request.encode())
+            self.ws.send(encode_request(request.gpa, request.count, request.kind))
         except WebSocketError as e:
             raise FetchError(f"page stream broke sending a {request.kind} request for gpa {request.gpa:#x}: {e}") from None
 
     def receive(self, request: PageRequest) -> PageBatch:
-        """The answer to the oldest request in flight, which must be ``request``."""
+        """The answer to the oldest request in flight, which must be ``request``. A large
+        batch's data is a view of this connection's receive buffer: valid until the next
+        receive (every caller installs a batch before it receives the next)."""
         try:
             answer = self.ws.recv()
         except WebSocketError as e:
             raise FetchError(f"page stream broke during {request.kind} fetch of gpa {request.gpa:#x}: {e}") from None
         self.bytes_received += answer.nbytes
-        return decode_batch(answer, request)
+        if request.count == 1:  # a fault's page: its fixed layout is checked in a few compares
+            batch = verified_one_page(answer, request.gpa)
+            if batch is not None:
+                return batch
+        elif answer.nbytes >= ZERO_COPY_MIN_BYTES:
+            try:
+                parsed = parse_page_batch_head(answer[:BATCH_HEAD_BYTES], answer.nbytes)
+                batch = PageBatch.with_data(parsed, answer[parsed.data_offset:]) if parsed is not None else None
+            except ProtoError as e:
+                raise _malformed(request, e) from None
+            if batch is not None:
+                return checked_batch(batch, request)
+        return decode_batch(answer, request)  # anything else: decoded whole
 
     def close(self) -> None:
         self.ws.close()
@@ -144,32 +176,4 @@ async def control_message(session: aiohttp.ClientSession, method: str, url: str,
         raise FetchError(f"source refused to {what}: {msg.code} {msg.message}")
     if not isinstance(msg, expected):
         raise FetchError(f"source answered {method} {url} with {type(msg).__name__}")
-    return msg, len(body)
-
-
-def _refusal(body: bytes) -> str:
-    """The server's ErrorReply message for a refused upgrade, if its body holds one."""
-    try:
-        msg = decode_any(body)
-    except ProtoError:
-        return ""
-    return f" ({msg.message})" if isinstance(msg, ErrorReply) else ""
-
-
-async def start_migration(session: aiohttp.ClientSession, base_url: str, token: str) -> tuple[MigrationHeader, int]:
-    """POST /v1/migration/start: the source pauses the guest and answers with its header.
-    Returns the header and the size of its encoding."""
-    try:
-        async with session.post(f"{base_url}/v1/migration/start", headers=auth_headers(token)) as resp:
-            body = await resp.read()
-    except (aiohttp.ClientError, OSError) as e:
-        raise FetchError(f"cannot start the migration at {base_url}: {e}") from None
-    try:
-        msg = decode_any(body)
-    except ProtoError as e:
-        raise FetchError(f"source answered migration start with HTTP {resp.status} and no valid message: {e}") from None
-    if isinstance(msg, ErrorReply):
-        raise FetchError(f"source refused to start the migration: {msg.code} {msg.message}")
-    if not isinstance(msg, MigrationHeader):
-        raise FetchError(f"source answered migration start with {type(msg).__name__}")
     return msg, len(body)

@@ -18,10 +18,10 @@ from postcopy.destination.install import Installer
 from postcopy.destination.pages import PRESENT, Arrival, PageTracker
 from postcopy.destination.readahead import Readahead
 from postcopy.destination.retry import NoLongerWanted, RetryingSyncConnection
-from postcopy.faults import FaultDecoder
+from postcopy.faults import MMIO, PAGE_MASK, FaultDecoder
 from postcopy.observe.faultlog import FaultLog
 from proto import PageRequest
-from vmm.guest.layout import PAGE_SIZE
+from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.vcpu import VcpuThread
 
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
@@ -50,6 +50,7 @@ class ExitModeResolver:
         self.readahead_base = readahead_base
         self.readahead_max = readahead_max
         self.states: dict[int, VcpuFaultState] = {}
+        self._gpa0 = self.memory.regions[0].gpa  # qword_offset's offsets are from here
         self._lock = threading.Lock()
 
     def prepare(self, thread: VcpuThread, connection: SyncPageConnection) -> None:
@@ -69,7 +70,17 @@ class ExitModeResolver:
         # and as few Python calls as the logic allows (at 2 vCPUs they run under one GIL).
         st = self.states[thread.id]
         t0 = monotonic_ns()  # the clock of the source's pause and of the timeline
-        fault = st.decoder.decode(thread, ret)
+        decoder = st.decoder
+        offset = decoder.qword_offset(thread.vcpu) if ret == 0 else -1
+        if offset >= 0:  # this host's usual fault: no Fault record filled and read back
+            page = decoder.page_base + (offset >> PAGE_SHIFT)
+            if self.tracker.state[page] != PRESENT:
+                first = offset & PAGE_MASK
+                self._resolve(st, page, self._gpa0 + first, decoder.hva_base + first)
+            decoder.complete_qword(thread.vcpu, offset)
+            st.faults.record(t0, MMIO, monotonic_ns() - t0)
+            return True
+        fault = decoder.decode(thread, ret)
         if fault is None:
             return False
         state = self.tracker.state
@@ -80,7 +91,7 @@ class ExitModeResolver:
             for i in range(1, fault.npages):
                 if state[page + i] != PRESENT:
                     self._resolve(st, page + i, fault.first_gpa + i * PAGE_SIZE, fault.first_hva + i * PAGE_SIZE)
-        st.decoder.complete(thread, fault)
+        decoder.complete(thread, fault)
         st.faults.record(t0, fault.kind, monotonic_ns() - t0)
         return True
 

@@ -25,15 +25,15 @@ BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
 ONE_DATA_PAGE = b"\x00"  # the zero bitmap of a one-page batch whose page is data
 
 
-def buffer_address(data: bytes | int | memoryview) -> int:
+def buffer_address(data: bytes | memoryview | int) -> int:
     """Address of a batch's page data without a copy: a bytes object's buffer (valid while
-    ``data`` lives), an address already (a local page source serves from its own buffer), or a
-    view of a writable buffer."""
+    ``data`` lives), a view of a writable buffer (a connection's receive buffer, client.py), or
+    an address already (a local page source serves from its own buffer)."""
     if type(data) is bytes:
         return id(data) + BYTES_DATA_OFFSET
     if type(data) is int:
         return data
-    return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    return ctypes.addressof(ctypes.c_char.from_buffer(data)) if data.nbytes else 0
 
 
 class Installer:

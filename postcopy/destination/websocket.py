@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -25,6 +26,8 @@ MAX_HANDSHAKE_BYTES: Final = 64 * 1024
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 # The longest frame head: 2 bytes, a 64-bit length (server frames carry no mask key).
 MAX_FRAME_HEAD: Final = 10
+MASK_KEY_POOL: Final = 4096  # bytes of mask keys drawn at once
+TIMEVAL: Final = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO
 
 
 class WebSocketError(Exception):
@@ -60,6 +63,8 @@ class BlockingWebSocket:
         self._buf = bytearray(max_message + 16)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self._receive_timeout = receive_timeout
+        self._keys, self._key_at = b"", MASK_KEY_POOL
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -72,11 +77,26 @@ class BlockingWebSocket:
         try:
             self._handshake(host, port, parts.path or "/", headers)
             # After the handshake an answer may take as long as the source takes (None), or at
-            # most receive_timeout: then recv raises TimeoutError, a WebSocketError here.
-            sock.settimeout(receive_timeout)
+            # most receive_timeout: then recv fails, a WebSocketError here.
+            self._set_receive_timeout(sock, receive_timeout)
         except BaseException:
             self._drop()
             raise
+
+    def _set_receive_timeout(self, sock: socket.socket, receive_timeout: float | None) -> None:
+        """A plain socket stays in blocking mode and the kernel enforces the timeout
+        (SO_RCVTIMEO, SO_SNDTIMEO): one system call per recv or send. Python's own socket
+        timeout would poll() before each of them. A TLS socket keeps Python's timeout."""
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(receive_timeout)
+            return
+        sock.settimeout(None)
+        if receive_timeout is not None:
+            seconds = int(receive_timeout)
+            timeval = TIMEVAL.pack(seconds, max(1, int((receive_timeout - seconds) * 1e6)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self._receive_timeout = receive_timeout
 
     # -- handshake -----------------------------------------------------------------------------
     def _handshake(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
@@ -115,8 +135,16 @@ class BlockingWebSocket:
 
     # -- frames --------------------------------------------------------------------------------
     def send(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> None:
-        key = os.urandom(wsframe.MASK_BYTES)
-        self._sendall(wsframe.header(opcode, len(payload), masked=True) + key + wsframe.mask(payload, key))
+        # Each frame's mask key is fresh and unpredictable (RFC 6455 5.3), drawn from a pool of
+        # os.urandom bytes: one getrandom call per MASK_KEY_POOL // 4 frames, not per frame.
+        at = self._key_at
+        if at == MASK_KEY_POOL:
+            self._keys, at = os.urandom(MASK_KEY_POOL), 0
+        key = self._keys[at:at + wsframe.MASK_BYTES]
+        self._key_at = at + wsframe.MASK_BYTES
+        n = len(payload)
+        head = bytes((wsframe.FIN | opcode, wsframe.MASKED | n)) if n < 126 else wsframe.header(opcode, n, masked=True)
+        self._sendall(head + key + wsframe.mask(payload, key))
 
     def recv(self) -> memoryview:
         """The next binary message. Pings are answered on the way; anything else is an error."""
@@ -138,20 +166,22 @@ class BlockingWebSocket:
 
     def _frame(self) -> tuple[int, memoryview]:
         """One whole frame, read into the buffer (a frame's head, then as much as it needs)."""
-        need = 2
         while True:
-            try:
-                frame = wsframe.parse(self._buf, self._start, self._end, masked=False, max_payload=self.max_message)
-            except wsframe.FrameError as e:
-                self._drop()
-                raise WebSocketError(f"bad frame from the server: {e}") from None
-            if frame is not None:
-                opcode, first, end, _ = frame
-                self._start = end
-                return opcode, self._view[first:end]
-            need = self._end - self._start + 1
-            if need > MAX_FRAME_HEAD:  # the head is known: wait for the whole frame at once
-                need = self._frame_length()
+            need = 2
+            if self._end > self._start:  # something is buffered: maybe a whole frame
+                try:
+                    frame = wsframe.parse(self._buf, self._start, self._end, masked=False,
+                                          max_payload=self.max_message)
+                except wsframe.FrameError as e:
+                    self._drop()
+                    raise WebSocketError(f"bad frame from the server: {e}") from None
+                if frame is not None:
+                    opcode, first, end, _ = frame
+                    self._start = end
+                    return opcode, self._view[first:end]
+                need = self._end - self._start + 1
+                if need > MAX_FRAME_HEAD:  # the head is known: wait for the whole frame at once
+                    need = self._frame_length()
             self._fill(need)
 
     def _frame_length(self) -> int:
@@ -191,6 +221,9 @@ class BlockingWebSocket:
             raise WebSocketError("the socket is closed")
         try:
             n = sock.recv_into(target)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            self._drop()
+            raise WebSocketError(f"the socket timed out: no answer within {self._receive_timeout} s") from None
         except (OSError, ssl.SSLError) as e:
             self._drop()
             raise WebSocketError(f"the socket broke: {e}") from None
@@ -204,6 +237,9 @@ class BlockingWebSocket:
             raise WebSocketError("the socket is closed")
         try:
             self.sock.sendall(data)
+        except BlockingIOError:  # SO_SNDTIMEO ran out: the source reads nothing
+            self._drop()
+            raise WebSocketError(f"the socket timed out: the server took no request within {self._receive_timeout} s") from None
         except (OSError, ssl.SSLError) as e:
             self._drop()
             raise WebSocketError(f"the socket broke: {e}") from None

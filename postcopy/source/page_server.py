@@ -13,6 +13,7 @@ import hmac
 import logging
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from postcopy.observe.collect import register_source
 from postcopy.observe.prometheus import Registry, metrics_handler
 from postcopy.observe.series import Sampler, Series
 from postcopy.source.export import ExportError, export, zero_map
-from postcopy.source.page_socket import PageSocket
+from postcopy.source.page_socket import PageSocket, ServedSocket, ThreadedPageSocket
 from proto import (
     MAX_BATCH_PAGES,
     PAGE_SIZE,
@@ -38,6 +39,7 @@ from proto import (
     page_batch_parts,
 )
 from proto.checksum import Buffer
+from proto.fastpath import one_page_head, parse_request
 from proto.version import (
     MAX_COMPLETE_MESSAGE_BYTES,
     MAX_ERROR_MESSAGE_LEN,
@@ -65,6 +67,7 @@ PROGRESS_INTERVAL_S: Final = 0.02
 # the zero map is built on an executor thread while the loop answers the resumed guest's faults.
 SERVING_SWITCH_INTERVAL_S: Final = 0.0002
 
+_ZERO_PAGE: Final = bytes(PAGE_SIZE)
 _AUTH: Final = web.AppKey("auth", bytes)
 _SERVER: Final = web.AppKey("server", "PageServer")
 
@@ -78,7 +81,8 @@ class MigrationState(enum.Enum):
 
 @dataclass(slots=True)
 class ServerStats:
-    """Counters for the report; updated on the event loop only."""
+    """Counters for the report; updated under PageServer's stats lock (page sockets answer
+    on threads of their own)."""
 
     pages_data: int = 0  # pages sent with their contents
     pages_zero: int = 0  # pages flagged zero, not sent
@@ -130,7 +134,8 @@ class PageServer:
         self._failure = ""
         self._transition = asyncio.Lock()  # start and sweep: one at a time
         self._stats = ServerStats()
-        self._sockets: set[PageSocket] = set()
+        self._stats_lock = threading.Lock()
+        self._sockets: set[ServedSocket] = set()
         # One view of each region of guest RAM, sliced per request (no copy): set at the
         # switchover, valid until the machine closes, which its owner does after close().
         self._spans: list[tuple[int, int, memoryview]] = []
@@ -165,7 +170,8 @@ class PageServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
-        self._sampler.start()
+        if self.state is MigrationState.RUNNING:  # a resumed server has no guest running here
+            self._sampler.start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         return f"{'https' if ssl_context is not None else 'http'}://{shown}:{bound_port}"
@@ -183,6 +189,9 @@ class PageServer:
             await asyncio.wait([s.closed for s in sockets], timeout=SOCKET_CLOSE_TIMEOUT_S)
             for socket in sockets:
                 socket.abort()
+            # A socket's thread may still be in the send that abort() ended: wait until it has
+            # let go of guest RAM.
+            await asyncio.wait([s.closed for s in sockets], timeout=SOCKET_CLOSE_TIMEOUT_S)
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()  # runs on_shutdown: closes the sockets
@@ -208,9 +217,10 @@ class PageServer:
         return self._failure
 
     def stats(self) -> dict[str, Any]:
-        stats = asdict(self._stats)
+        with self._stats_lock:
+            stats = asdict(self._stats)
         stats["state"] = self.state.value
-        stats["errors"] = {str(code): n for code, n in self._stats.errors.items()}
+        stats["errors"] = {str(code): n for code, n in stats["errors"].items()}
         if self._stats.completed_ns:
             stats["pause_to_complete_s"] = (self._stats.completed_ns - self._stats.started_ns) / 1e9
         return stats
@@ -228,7 +238,7 @@ class PageServer:
 
     # -- replies --------------------------------------------------------------------------------
     def error(self, code: int, message: str) -> web.Response:
-        self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
+        self._count_error(code)
         return web.Response(status=code, body=_error_body(code, message), content_type=MSGPACK)
 
     def _no_guest(self) -> web.Response:
@@ -267,6 +277,9 @@ class PageServer:
                 self.progress.add(header.paused_at_ns, (self.machine.services.verified,))
                 self._to(MigrationState.SERVING, "guest paused, header of %d bytes (%d eager runs)",
                          len(self._header_bytes), len(header.eager), header_bytes=len(self._header_bytes))
+                # Nothing more to sample once the guest is paused; and no timer of this loop
+                # takes the GIL from the page sockets' threads while they answer.
+                await self._sampler.stop()
             if self.state is not MigrationState.SERVING:
                 return self._wrong_state("start")
         return web.Response(body=self._header_bytes, content_type=MSGPACK)
@@ -359,14 +372,23 @@ class PageServer:
             return self._wrong_state("serve pages")
         ws = web.WebSocketResponse(heartbeat=None, compress=False, max_msg_size=WS_MAX_FRAME_BYTES)
         await ws.prepare(request)
-        # From here on the frames are answered by the fast path (page_socket.py), not by ws.
-        assert request.transport is not None
-        socket = PageSocket.take_over(request.transport, self.answer, self._answer_text, max_frame=WS_MAX_FRAME_BYTES)
+        # From here on the frames are answered by the fast path (page_socket.py), not by ws:
+        # a thread of its own per socket, or the event loop's callback for TLS.
+        transport = request.transport
+        assert transport is not None
+        # A thread may write to the connection only once the loop has nothing of its own left
+        # to write there (the 101 has gone out: it has, unless the socket is already stuck).
+        plain = (transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
+                 and not transport.get_write_buffer_size())
+        kind = ThreadedPageSocket if plain else PageSocket
+        socket: ServedSocket = kind.take_over(transport, self.answer, self._answer_text, max_frame=WS_MAX_FRAME_BYTES)
         self._sockets.add(socket)
         self._stats.ws_connections += 1
         try:
             await socket.closed
         finally:
+            if not socket.closed.done():  # this handler was cancelled: its socket goes with it
+                socket.abort()
             self._sockets.discard(socket)
         return ws
 
@@ -377,36 +399,50 @@ class PageServer:
             if self.state is MigrationState.RUNNING:
                 return self._error_parts(409, "the guest still runs here: start the migration first"), False
             return self._error_parts(409, f"the migration is {self.state.value}: no more pages"), True
-        try:
-            page_request = PageRequest.decode(frame)
-        except ProtoError as error:
-            return self._error_parts(_decode_error_code(frame), str(error)), False
-        gpa, count = page_request.gpa, page_request.count
+        fast = parse_request(frame)
+        if fast is not None:
+            gpa, count, kind = fast
+        else:
+            try:
+                page_request = PageRequest.decode(frame)
+            except ProtoError as error:
+                return self._error_parts(_decode_error_code(frame), str(error)), False
+            gpa, count, kind = page_request.gpa, page_request.count, page_request.kind
         for first, end, region_view in self._spans:
             if first <= gpa < end and gpa + count * PAGE_SIZE <= end:
                 break
         else:
             try:
-                page_request.validate_range(self.header.regions)  # type: ignore[union-attr]
+                PageRequest(gpa, count, kind).validate_range(self.header.regions)  # type: ignore[arg-type, union-attr]
             except ProtoError as error:
                 return self._error_parts(416, str(error)), False
             raise AssertionError(f"no memory view for a valid request at gpa {gpa:#x}")
         offset = gpa - first
-        parts = page_batch_parts(gpa, count, region_view[offset : offset + count * PAGE_SIZE])
+        pages = region_view[offset : offset + count * PAGE_SIZE]
+        if count == 1 and pages != _ZERO_PAGE:  # a fault's page: the fixed layout, no copy
+            parts: list[Buffer] = [one_page_head(gpa, pages), pages]
+            data_pages = 1
+        else:
+            parts = page_batch_parts(gpa, count, pages)
+            data_pages = len(parts[-1]) // PAGE_SIZE
         stats = self._stats
-        data_pages = len(parts[-1]) // PAGE_SIZE
-        stats.pages_data += data_pages
-        stats.pages_zero += count - data_pages
-        stats.batch_bytes += len(parts[0]) + len(parts[-1])
-        stats.requests[page_request.kind] += 1
+        with self._stats_lock:
+            stats.pages_data += data_pages
+            stats.pages_zero += count - data_pages
+            stats.batch_bytes += len(parts[0]) + len(parts[-1])
+            stats.requests[kind] += 1
         return parts, False
 
     def _answer_text(self, frame: bytes) -> tuple[list[Buffer], bool]:
         return self._error_parts(400, "page requests are binary msgpack frames, not text"), False
 
     def _error_parts(self, code: int, message: str) -> list[Buffer]:
-        self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
+        self._count_error(code)
         return [_error_body(code, message)]
+
+    def _count_error(self, code: int) -> None:
+        with self._stats_lock:
+            self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
 
 
 def _decode_error_code(data: bytes) -> int:

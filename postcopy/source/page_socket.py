@@ -1,18 +1,29 @@
-"""The page socket's fast path: after aiohttp has authenticated the request and answered the
-WebSocket upgrade, this protocol takes the connection's transport over and answers every
-request frame from inside ``data_received``, with one ``writelines`` of the answer's parts
-(the guest's pages go out as views of its RAM, not copies).
+"""The page socket's fast paths: after aiohttp has authenticated the request and answered the
+WebSocket upgrade, the connection is taken away from aiohttp and every request frame is
+answered here, the guest's pages going out as views of its RAM (no copy).
 
-Why: through aiohttp's WebSocketResponse a request costs a reader queue, a future, a task step
-and a writer per frame; on this host that doubled a one-page fetch's round trip
-(docs/performance.md). What the socket answers is decided by PageServer.answer(); this module
-only frames it (RFC 6455, via postcopy.wsframe).
+- ``ThreadedPageSocket`` (plain TCP): a thread of its own per socket, blocking ``recv_into``
+  a reused buffer and one ``sendmsg`` of frame header + answer parts: two system calls per
+  request and no event loop between them, as lean as a raw-socket peer. On this host the event
+  loop's callback (epoll wake-up, read, writev, the loop's own work) roughly doubled a one-page
+  fetch's round trip against a raw-socket ping-pong (docs/performance.md).
+- ``PageSocket`` (TLS, whose bytes only the event loop's SSL transport can read): the same
+  answers from inside ``data_received``, one ``writelines`` each.
+
+What a socket answers is decided by PageServer.answer(); this module only frames it (RFC 6455,
+via postcopy.wsframe). Both offer the PageServer the same three things: ``closed`` (a future of
+its loop, done when the connection is gone and nothing of guest RAM is referenced any more),
+``close(code, reason)`` and ``abort()``.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import threading
 from collections.abc import Callable, Sequence
+from typing import Final, Protocol
 
 from postcopy import wsframe
 
@@ -20,10 +31,208 @@ log = logging.getLogger("postcopy.source.page_socket")
 
 # (payload) -> (answer parts, close the socket after them)
 Answerer = Callable[[bytes], tuple[Sequence[bytes | memoryview], bool]]
+# The longest client frame head: 2 bytes, a 64-bit length, the 4-byte mask key.
+MAX_CLIENT_HEAD: Final = 14
+# A small client frame: 2 bytes (FIN + binary opcode; mask bit + a length under 126), the key.
+SMALL_HEAD: Final = 2 + wsframe.MASK_BYTES
+BINARY_FIN: Final = wsframe.FIN | wsframe.OP_BINARY
+MASKED_SMALL: Final = wsframe.MASKED
+LENGTH_16: Final = 126  # a length byte of 126 or 127 announces a longer length field
 
 
-class PageSocket(asyncio.Protocol):
-    """One destination's page socket, served from the event loop's read callback."""
+class ServedSocket(Protocol):
+    """What the page server keeps of each page socket, whichever kind."""
+
+    closed: asyncio.Future[None]
+
+    def close(self, code: int, reason: str = "") -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class _Frames:
+    """Parsing client frames out of a buffer and answering each: shared by both sockets.
+    ``_send(parts, close_after)`` and ``close(code, reason)`` are the socket's own."""
+
+    _answer: Answerer
+    _on_text: Answerer
+    _max_frame: int
+    _closing: bool
+
+    def _frames(self, buf: bytes | bytearray, start: int, end: int) -> int:
+        """Answer every whole frame in buf[start:end]; returns where the unparsed rest begins."""
+        while start < end and not self._closing:
+            # The usual frame, a request: final, binary, masked, under 126 bytes. Taken here
+            # without the general parser; anything else (or a part of this) goes below.
+            if end - start > SMALL_HEAD and buf[start] == BINARY_FIN and buf[start + 1] & MASKED_SMALL == MASKED_SMALL:
+                first = start + SMALL_HEAD
+                last = first + (buf[start + 1] & wsframe.LENGTH_MASK)
+                if last <= end and last - first < LENGTH_16:
+                    key = buf[start + 2:first]
+                    start = last
+                    self._send(*self._answer(wsframe.mask(buf[first:last], key)))
+                    continue
+            try:
+                frame = wsframe.parse(buf, start, end, masked=True, max_payload=self._max_frame)
+            except wsframe.FrameError as error:
+                self.close(error.code, str(error))
+                break
+            if frame is None:
+                break
+            opcode, first, last, key = frame
+            start = last
+            payload = wsframe.mask(buf[first:last], key)
+            if opcode == wsframe.OP_BINARY:
+                self._send(*self._answer(payload))
+            elif opcode == wsframe.OP_TEXT:
+                self._send(*self._on_text(payload))
+            elif opcode == wsframe.OP_PING:
+                self._send((payload,), False, wsframe.OP_PONG)
+            elif opcode == wsframe.OP_CLOSE:
+                code = wsframe.U16.unpack(payload[:2])[0] if len(payload) >= 2 else wsframe.CLOSE_NORMAL
+                self.close(code if code in (wsframe.CLOSE_NORMAL, wsframe.CLOSE_GOING_AWAY) else wsframe.CLOSE_NORMAL)
+            elif opcode != wsframe.OP_PONG:
+                self.close(wsframe.CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
+        return start
+
+    def _send(self, parts: Sequence[bytes | memoryview], close_after: bool,
+              opcode: int = wsframe.OP_BINARY) -> None:
+        raise NotImplementedError
+
+    def close(self, code: int, reason: str = "") -> None:
+        raise NotImplementedError
+
+
+class ThreadedPageSocket(_Frames):
+    """One destination's page socket (plain TCP), served by a thread of its own.
+
+    The thread owns a duplicate of the connection's descriptor, made blocking; the event loop's
+    transport stays open (reading paused) until the thread ends, then is aborted on the loop.
+    ``close`` asks the thread to send a close frame and stop (shutdown(SHUT_RD) wakes its recv);
+    ``abort`` shuts the connection down both ways, which also ends a ``sendmsg`` blocked on a
+    peer that reads nothing (whose buffered answers are views of guest RAM)."""
+
+    def __init__(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
+                 max_frame: int) -> None:
+        raw = transport.get_extra_info("socket")
+        self.transport = transport
+        self._answer = answer
+        self._on_text = on_text
+        self._max_frame = max_frame
+        self._closing = False
+        self._close_request: tuple[int, str] | None = None
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        transport.pause_reading()  # from here on only the thread reads this connection
+        self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+        self._sock.setblocking(True)
+        self._fd_lock = threading.RLock()
+        self._buf = bytearray(max_frame + MAX_CLIENT_HEAD)
+        self._thread = threading.Thread(target=self._run, name=f"page-socket-{self._sock.fileno()}", daemon=True)
+
+    @classmethod
+    def take_over(cls, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
+                  max_frame: int) -> ThreadedPageSocket:
+        socket_ = cls(transport, answer, on_text, max_frame=max_frame)
+        socket_._thread.start()
+        return socket_
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        sock, buf = self._sock, self._buf
+        view = memoryview(buf)
+        start = end = 0
+        try:
+            while not self._closing:
+                n = sock.recv_into(view[end:])
+                if not n:
+                    break
+                end += n
+                start = self._frames(buf, start, end)
+                if start == end:
+                    start = end = 0
+                elif start:  # a partial frame: move it to the front (it fits: max_frame + head)
+                    view[:end - start] = view[start:end]
+                    start, end = 0, end - start
+            request = self._close_request
+            if request is not None and not self._closing:
+                self._closing = True
+                self._send_close(*request)
+        except OSError as error:  # the peer went, or abort() shut the connection down
+            log.debug("page socket ended: %s", error)
+        except Exception:
+            log.exception("page socket thread failed")
+        finally:
+            self._closing = True
+            with self._fd_lock:
+                self._shutdown(socket.SHUT_RDWR)
+                sock.close()
+            try:
+                self._loop.call_soon_threadsafe(self._ended)
+            except RuntimeError:  # the loop is closed already: nobody waits for this socket
+                pass
+
+    def _send(self, parts: Sequence[bytes | memoryview], close_after: bool,
+              opcode: int = wsframe.OP_BINARY) -> None:
+        length = 0
+        for part in parts:
+            length += len(part)
+        head = wsframe.header(opcode, length, masked=False)
+        message = [head, *parts]
+        sent = self._sock.sendmsg(message)
+        if sent != len(head) + length:  # cut short (a signal): the rest, from where it stopped
+            self._send_rest(message, sent)
+        if close_after:
+            self.close(wsframe.CLOSE_NORMAL)
+
+    def _send_rest(self, message: list[bytes | memoryview], sent: int) -> None:
+        for part in message:
+            view = memoryview(part).cast("B")
+            if sent >= view.nbytes:
+                sent -= view.nbytes
+                continue
+            self._sock.sendall(view[sent:])
+            sent = 0
+
+    def _send_close(self, code: int, reason: str) -> None:
+        payload = wsframe.close_payload(code, reason)
+        try:
+            self._sock.sendall(wsframe.header(wsframe.OP_CLOSE, len(payload), masked=False) + payload)
+        except OSError:
+            pass
+
+    def _ended(self) -> None:
+        """On the loop, once the thread is done with the connection (and guest RAM)."""
+        self.transport.abort()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- closing (the thread itself, or the loop) ----------------------------------------------
+    def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame and close the connection (the client need not answer)."""
+        if threading.current_thread() is self._thread:
+            if not self._closing:
+                self._closing = True
+                self._send_close(code, reason)
+            return
+        if self._close_request is None and not self._closing:
+            self._close_request = (code, reason)
+            self._shutdown(socket.SHUT_RD)  # the thread's recv returns 0: it sends the frame
+
+    def abort(self) -> None:
+        """Drop the connection at once, whatever the thread was doing with it."""
+        self._shutdown(socket.SHUT_RDWR)
+
+    def _shutdown(self, how: int) -> None:
+        with self._fd_lock:  # never a shutdown of a descriptor number the thread just closed
+            try:
+                self._sock.shutdown(how)
+            except OSError:  # closed by its thread already
+                pass
+
+
+class PageSocket(asyncio.Protocol, _Frames):
+    """One destination's page socket, served from the event loop's read callback (TLS)."""
 
     def __init__(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
                  max_frame: int, previous: asyncio.BaseProtocol | None = None) -> None:
@@ -40,52 +249,26 @@ class PageSocket(asyncio.Protocol):
     def take_over(cls, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
                   max_frame: int) -> PageSocket:
         previous = transport.get_protocol()
-        socket = cls(transport, answer, on_text, max_frame=max_frame, previous=previous)
-        transport.set_protocol(socket)
-        return socket
+        socket_ = cls(transport, answer, on_text, max_frame=max_frame, previous=previous)
+        transport.set_protocol(socket_)
+        return socket_
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         buf = self._buf
         if buf:
             buf += data
-            view: bytes | bytearray = buf
-        else:
-            view = data  # the usual case: one whole request in one read, no copy
-        start, end = 0, len(view)
-        while not self._closing:
-            try:
-                frame = wsframe.parse(view, start, end, masked=True, max_payload=self._max_frame)
-            except wsframe.FrameError as error:
-                self.close(error.code, str(error))
-                return
-            if frame is None:
-                break
-            opcode, first, last, key = frame
-            start = last
-            payload = wsframe.mask(view[first:last], key)
-            self._frame(opcode, payload)
-        if view is buf:
+            start = self._frames(buf, 0, len(buf))
             del buf[:start]
-        elif start < end:
-            buf += data[start:]
+        else:  # the usual case: one whole request in one read, no copy
+            start = self._frames(data, 0, len(data))
+            if start < len(data):
+                buf += data[start:]
 
-    def _frame(self, opcode: int, payload: bytes) -> None:
-        if opcode == wsframe.OP_BINARY:
-            self._send(*self._answer(payload))
-        elif opcode == wsframe.OP_TEXT:
-            self._send(*self._on_text(payload))
-        elif opcode == wsframe.OP_PING:
-            self.transport.write(wsframe.header(wsframe.OP_PONG, len(payload), masked=False) + payload)
-        elif opcode == wsframe.OP_CLOSE:
-            code = wsframe.U16.unpack(payload[:2])[0] if len(payload) >= 2 else wsframe.CLOSE_NORMAL
-            self.close(code if code in (wsframe.CLOSE_NORMAL, wsframe.CLOSE_GOING_AWAY) else wsframe.CLOSE_NORMAL)
-        elif opcode != wsframe.OP_PONG:
-            self.close(wsframe.CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
-
-    def _send(self, parts: Sequence[bytes | memoryview], close_after: bool) -> None:
+    def _send(self, parts: Sequence[bytes | memoryview], close_after: bool,
+              opcode: int = wsframe.OP_BINARY) -> None:
         length = sum(len(p) for p in parts)
-        self.transport.writelines([wsframe.header(wsframe.OP_BINARY, length, masked=False), *parts])
+        self.transport.writelines([wsframe.header(opcode, length, masked=False), *parts])
         if close_after:
             self.close(wsframe.CLOSE_NORMAL)
 

@@ -47,12 +47,12 @@ def _flip(blob: bytes, at: int) -> bytes:
 # Each tampering of the right answer, as the server sends it back.
 TAMPERED: dict[str, Tamper] = {
     "wrong checksum (a flipped data byte)": lambda m: {**m, "data": _flip(m["data"], 5000)},
-    "wrong checksum (a flipped sum byte)": lambda m: {**m, "sums": _flip(m["sums"], 3)},
+    "wrong checksum (a flipped sum bit)": lambda m: {**m, "sum": m["sum"] ^ (1 << 40)},
     "wrong length (a page short)": lambda m: {**m, "data": m["data"][:-PAGE_SIZE]},
     "wrong length (a byte long)": lambda m: {**m, "data": m["data"] + b"\0"},
     "wrong gpa": lambda m: {**m, "gpa": m["gpa"] + PAGE_SIZE},
     "wrong count": lambda m: {**m, "count": m["count"] - 1, "data": m["data"][:-PAGE_SIZE],
-                              "sums": m["sums"][:-8], "zero": bytes(len(m["zero"]))},
+                              "zero": bytes(len(m["zero"]))},
     "unknown version": lambda m: {**m, "v": PROTOCOL_VERSION + 1},
     "unknown type": lambda m: {**m, "t": "page_batch2"},
     "unknown field": lambda m: {**m, "extra": 1},

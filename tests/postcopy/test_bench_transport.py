@@ -50,4 +50,4 @@ def test_one_migration_row_and_the_tables_render() -> None:
             "readahead_ratio_to_stream": 0.5}
     assert any("ping-pong" in line for line in fetch.table(fake))
     assert stream.table({"guest_mib": 16, "data_pages": 1, "zero_pages": 0, "mib_s": 1.0, "pages_s": 1,
-                         "seconds": 1.0, "socket_mib_s": 2.0, "ratio_to_socket": 0.5})[-1].split()[-1] == "0.500"
+                         "seconds": 1.0, "socket_mib_s": 2.0, "ratio_to_socket": 0.5, "repeat": 3})[-1].split()[-1] == "0.500"

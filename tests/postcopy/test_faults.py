@@ -107,6 +107,34 @@ def test_mmio_outside_ram_is_left_to_devices(machine: Machine) -> None:
     assert FaultDecoder(machine.memory).decode(machine.vcpus[0], 0) is None
 
 
+@pytest.mark.parametrize(("gpa", "length", "expected"), [
+    (0x200008, 8, 0x200008),  # aligned qword in RAM: the fast path
+    (MEM - 8, 8, MEM - 8),  # the last qword of RAM
+    (0x200004, 8, -1),  # unaligned: may cross a page, decode() takes it
+    (0x200008, 4, -1),  # not a qword
+    (MEM, 8, -1),  # past RAM: real MMIO
+    (0xFEE00000, 8, -1),
+])
+def test_qword_fast_path_takes_only_aligned_8_byte_accesses_inside_ram(machine: Machine, gpa: int, length: int,
+                                                                        expected: int) -> None:
+    run = machine.vcpus[0].vcpu.run_struct
+    run.exit_reason, run.mmio.phys_addr, run.mmio.len = kabi.KVM_EXIT_MMIO, gpa, length
+    assert FaultDecoder(machine.memory).qword_offset(machine.vcpus[0].vcpu) == expected
+
+
+def test_qword_completion_reads_and_writes_guest_ram(machine: Machine) -> None:
+    vcpu, decoder = machine.vcpus[0].vcpu, FaultDecoder(machine.memory)
+    run = vcpu.run_struct
+    machine.memory.write(0x200010, (0x1122334455667788).to_bytes(8, "little"))
+    run.exit_reason, run.mmio.phys_addr, run.mmio.len, run.mmio.is_write = kabi.KVM_EXIT_MMIO, 0x200010, 8, 0
+    decoder.complete_qword(vcpu, decoder.qword_offset(vcpu))
+    assert bytes(run.mmio.data) == (0x1122334455667788).to_bytes(8, "little")
+    run.mmio.is_write = 1
+    ctypes.memmove(run.mmio.data, (0xA5A5).to_bytes(8, "little"), 8)
+    decoder.complete_qword(vcpu, decoder.qword_offset(vcpu))
+    assert machine.memory.read(0x200010, 8) == (0xA5A5).to_bytes(8, "little")
+
+
 class _ImageResolver:
     """Resolves faults from a local image of guest RAM: the real exit path minus the network."""
 

@@ -53,9 +53,13 @@ def test_pages_over_tls_verified_by_the_ca_match_memory(served: Served, tls_file
                                        ssl_context=client_context(str(tls_files.ca)))
         try:
             batch = await asyncio.to_thread(conn.fetch, 5 * PAGE_SIZE, 4, "demand")
+            one = await asyncio.to_thread(conn.fetch, 9 * PAGE_SIZE, 1, "demand")
+            # Only the event loop's SSL transport can read a TLS socket: no thread takes it.
+            assert [type(s).__name__ for s in server._sockets] == ["PageSocket"]
         finally:
             await asyncio.to_thread(conn.close)
         assert pages_of(batch) == served.memory.read(5 * PAGE_SIZE, 4 * PAGE_SIZE)
+        assert pages_of(one) == served.memory.read(9 * PAGE_SIZE, PAGE_SIZE)
 
     serve(served, body, tls=server_context(str(tls_files.cert), str(tls_files.key)))
 

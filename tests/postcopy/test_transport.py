@@ -268,3 +268,86 @@ def test_closing_the_server_aborts_a_socket_whose_peer_reads_no_answers(served) 
         ws.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_fixed_layout_requests_out_of_range_or_invalid_get_clear_errors_and_the_socket_stays_usable() -> None:
+    """The server's fast request path (proto/fastpath.py) refuses what the general path refuses,
+    with its messages: a page past guest RAM is a 416, a count of 0 a 400."""
+    from proto.fastpath import encode_request
+
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        def client() -> None:
+            ws = BlockingWebSocket(f"{url}/v1/pages/ws", {"Authorization": f"Bearer {TOKEN}"}, max_message=8 << 20)
+            try:
+                ws.send(encode_request(GUEST_BYTES, 1, "demand"))
+                refused = decode_any(ws.recv())
+                assert isinstance(refused, ErrorReply) and refused.code == 416 and "region" in refused.message
+                zero_count = bytearray(encode_request(GPA, 1, "demand"))
+                at = zero_count.index(b"\xa5count\xcd") + len(b"\xa5count\xcd")
+                zero_count[at:at + 2] = b"\x00\x00"
+                ws.send(bytes(zero_count))
+                refused = decode_any(ws.recv())
+                assert isinstance(refused, ErrorReply) and refused.code == 400 and "count" in refused.message
+                ws.send(encode_request(GPA, 1, "demand"))
+                page = decode_any(ws.recv())
+                assert isinstance(page, PageBatch) and page.data == machine.memory.read(GPA, PAGE_SIZE)
+            finally:
+                ws.close()
+
+        await asyncio.to_thread(client)
+        assert server.stats()["errors"] == {"416": 1, "400": 1}
+
+    serve(body)
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_sockets_answering_on_threads_of_their_own_count_every_request_and_end_with_their_client() -> None:
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        sockets, fetches = 4, 200
+
+        def client(index: int) -> None:
+            conn = SyncPageConnection(url, TOKEN)
+            try:
+                for i in range(fetches):
+                    gpa = GPA + ((index * fetches + i) % 512) * PAGE_SIZE
+                    batch = conn.fetch(gpa, 1, "demand")
+                    assert batch.data == machine.memory.read(gpa, PAGE_SIZE)
+            finally:
+                conn.close()
+
+        probe = await asyncio.to_thread(SyncPageConnection, url, TOKEN)
+        assert [type(s).__name__ for s in server._sockets] == ["ThreadedPageSocket"]  # plain TCP
+        await asyncio.to_thread(probe.close)
+        await asyncio.gather(*(asyncio.to_thread(client, i) for i in range(sockets)))
+        stats = server.stats()
+        assert stats["requests"]["demand"] == sockets * fetches
+        assert stats["pages_data"] + stats["pages_zero"] == sockets * fetches
+        for _ in range(100):  # each socket's thread ends when its client closes
+            if not server._sockets:
+                break
+            await asyncio.sleep(0.01)
+        assert not server._sockets
+
+    serve(body)
+
+
+@pytest.mark.parametrize("sent", [0, 1, 3, 4, 5, 9, 10])
+def test_a_send_cut_short_goes_on_from_where_it_stopped(sent: int) -> None:
+    """sendmsg on a blocking socket sends everything unless a signal cuts it short: the rest,
+    across the parts, follows in order."""
+    from postcopy.source.page_socket import ThreadedPageSocket
+
+    class Sock:
+        def __init__(self) -> None:
+            self.out = bytearray()
+
+        def sendall(self, data: bytes | memoryview) -> None:
+            self.out += data
+
+    class Cut:
+        _sock = Sock()
+
+    message: list[bytes | memoryview] = [b"abcd", memoryview(b"efghi"), b"j"]
+    ThreadedPageSocket._send_rest(Cut, message, sent)  # type: ignore[arg-type]
+    assert bytes(Cut._sock.out) == b"abcdefghij"[sent:]

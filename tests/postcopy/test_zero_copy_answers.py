@@ -1,0 +1,142 @@
+"""Large page answers decoded without copying their pages: the destination reads a batch's
+fields itself (parse_page_batch_head) and takes its data as a view of the connection's receive
+buffer. Against a real page server on loopback (a whole background transfer), and against a fake
+one that answers wrongly (every wrong answer refused before anything is installed)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from postcopy.destination.background import transfer
+from postcopy.destination.client import ZERO_COPY_MIN_BYTES, FetchError, SyncPageConnection
+from postcopy.destination.install import Installer
+from postcopy.destination.pages import PageTracker
+from postcopy.source.page_server import PageServer
+from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, build_page_batch, page_batch_parts
+from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
+from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM
+from vmm.memory import GuestMemory
+from vmm.uffd import Uffd
+
+PAGES_PER_ANSWER = 2 * ZERO_COPY_MIN_BYTES // PAGE_SIZE
+PAGES = os.urandom(PAGES_PER_ANSWER * PAGE_SIZE)
+
+
+@pytest.mark.usefixtures("uffd_available")
+def test_a_background_transfer_of_large_batches_leaves_ram_holding_the_sources_pages(served: Served) -> None:
+    header = served.header
+
+    def pull(url: str) -> bytes:
+        memory = GuestMemory.create(served.memory.size, "anon", "zero-copy-test")
+        uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM)
+        connection = SyncPageConnection(url, SERVED_TOKEN)
+        try:
+            uffd.register(memory.regions[0].hva, memory.size)
+            tracker = PageTracker(memory)  # no zero map: every page is fetched
+            transfer(connection, Installer(uffd, memory, tracker, wake=False), threading.Event())
+            assert tracker.all_present.is_set()
+            contents = memory.read(0, memory.size)
+            uffd.unregister(memory.regions[0].hva, memory.size)
+            return contents
+        finally:
+            connection.close()
+            uffd.close()
+            memory.close()
+
+    async def main() -> bytes:
+        async with PageServer.resumed(served.memory, header, header.encode(), token=SERVED_TOKEN) as server:
+            return await asyncio.to_thread(pull, await server.start("127.0.0.1", 0))
+
+    # every 8th page of the served pattern is zero: runs of data and zero pages in every batch
+    assert asyncio.run(main()) == served.memory.read(0, served.memory.size)
+
+
+def _good(request: PageRequest) -> bytes:
+    return b"".join(page_batch_parts(request.gpa, request.count, PAGES[:request.count * PAGE_SIZE]))
+
+
+def _corrupted(request: PageRequest) -> bytes:
+    batch = bytearray(_good(request))
+    batch[-100] ^= 0xFF  # inside the page data
+    return bytes(batch)
+
+
+def _data_too_long(request: PageRequest) -> bytes:
+    """A data entry whose bin length says more than the message holds."""
+    head, data = page_batch_parts(request.gpa, request.count, PAGES[:request.count * PAGE_SIZE])
+    head = bytearray(head)
+    head[-4:] = (len(data) + PAGE_SIZE).to_bytes(4, "big")
+    return bytes(head) + bytes(data)
+
+
+def _fake_server(answer: Callable[[PageRequest], bytes], client: Callable[[str], None], *, ping: bool = False) -> None:
+    """An aiohttp WebSocket server answering each request with ``answer(request)`` (after a
+    ping if ``ping``); ``client(url)`` runs on a thread."""
+    async def main() -> None:
+        async def handler(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse(max_msg_size=0)
+            await ws.prepare(request)
+            async for msg in ws:
+                if msg.type is not aiohttp.WSMsgType.BINARY:
+                    continue
+                if ping:
+                    await ws.ping(b"are you there")
+                await ws.send_bytes(answer(PageRequest.decode(msg.data)))
+            return ws
+
+        app = web.Application()
+        app.add_routes([web.get("/v1/pages/ws", handler)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            await asyncio.to_thread(client, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    (_corrupted, "checksum"),
+    (lambda r: _good(PageRequest(r.gpa + PAGE_SIZE, r.count, r.kind)), "does not match"),
+    (lambda r: _good(PageRequest(r.gpa, r.count - 1, r.kind)), "does not match"),
+    (_data_too_long, "malformed"),
+    (lambda r: b"\x87\xa1v\x02\xa1t\xaapage_batch\xa3gpa" + bytes(ZERO_COPY_MIN_BYTES), "malformed"),
+    (lambda r: b"\x93not a page batch" + bytes(ZERO_COPY_MIN_BYTES), "malformed"),
+    (lambda r: ErrorReply(503, "busy").encode(), "503 busy"),
+])
+def test_a_wrong_large_answer_is_refused(answer: Callable[[PageRequest], bytes], why: str) -> None:
+    def client(url: str) -> None:
+        conn = SyncPageConnection(url, "token")
+        try:
+            with pytest.raises(FetchError, match=why):
+                conn.fetch(0x10000, PAGES_PER_ANSWER, "background")
+        finally:
+            conn.close()
+
+    _fake_server(answer, client)
+
+
+@pytest.mark.parametrize("encode", [_good, lambda r: PageBatch.decode(_good(r)).encode()],
+                         ids=["data last: a view of the receive buffer", "data not last: decoded whole"])
+def test_pipelined_large_answers_with_pings_between_arrive_whole(encode: Callable[[PageRequest], bytes]) -> None:
+    def client(url: str) -> None:
+        conn = SyncPageConnection(url, "token")
+        try:
+            requests = [conn.send(0x100000 + i * len(PAGES), PAGES_PER_ANSWER, "background") for i in range(3)]
+            for request in requests:
+                batch = conn.receive(request)
+                assert batch.gpa == request.gpa and bytes(batch.data) == PAGES
+                assert (type(batch.data) is memoryview) == (encode is _good)
+        finally:
+            conn.close()
+
+    _fake_server(encode, client, ping=True)
