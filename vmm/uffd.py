@@ -65,6 +65,34 @@ class _ThreadArgs(threading.local):
         self.zeropage = zeropage, memoryview(zeropage).cast("Q")
 
 
+class PageCopier:
+    """UFFDIO_COPY of one page at a time in one mode, for the one thread that owns it (a vCPU's
+    fault path): the argument preallocated with its length and mode set, so a fault's install
+    is three stores and the ioctl."""
+
+    __slots__ = ("_fd", "_buf", "_q")
+
+    def __init__(self, fd: int, mode: int) -> None:
+        self._fd = fd
+        self._buf = bytearray(ctypes.sizeof(abi.uffdio_copy))
+        self._q = memoryview(self._buf).cast("Q")
+        self._q[2], self._q[3] = PAGE_SIZE, mode
+
+    def copy(self, dst: int, src: int) -> int:
+        """Install the page at ``src`` at ``dst``; returns PAGE_SIZE, or 0 if it existed
+        already (EEXIST: installed by another thread first, which is normal)."""
+        q = self._q
+        q[0], q[1], q[4] = dst, src, 0
+        try:
+            ioctl(self._fd, abi.UFFDIO_COPY, self._buf, True)
+            return PAGE_SIZE
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                return 0
+            raise UffdError(f"UFFDIO_COPY({dst:#x}, {PAGE_SIZE:#x}): {os.strerror(e.errno)} "
+                            f"(errno {errno.errorcode.get(e.errno, e.errno)})", e.errno) from None
+
+
 class Uffd:
     """A userfaultfd context after the UFFDIO_API handshake."""
 
@@ -120,6 +148,10 @@ class Uffd:
             installed += done
             dst, src, length = dst + advance, src + advance, length - advance
         return installed
+
+    def page_copier(self, mode: int = 0) -> PageCopier:
+        """A one-page UFFDIO_COPY for one thread (see PageCopier)."""
+        return PageCopier(self.fd, mode)
 
     def zeropage(self, start: int, length: int, mode: int = 0) -> int:
         """UFFDIO_ZEROPAGE of a page-aligned run; same convention as ``copy``."""

@@ -32,7 +32,7 @@ from postcopy.observe.faultlog import UFFD_KIND, FaultLog, merge_logs
 from proto import PageBatch
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT, uffd_msg
 from vmm.guest.layout import PAGE_SIZE
-from vmm.uffd import Uffd
+from vmm.uffd import PageCopier, Uffd
 from vmm.vcpu import VcpuThread
 
 log = logging.getLogger("postcopy.classic")
@@ -85,6 +85,7 @@ class _Handler:
         self.faults = 0
         self.logs: dict[int, FaultLog] = {}  # vCPU -> faults this thread served for it
         self.vcpus: list[int] = []  # the vCPU of each message of the current read
+        self.copier: PageCopier | None = None  # this thread's one-page UFFDIO_COPY (wakes)
         self.thread: threading.Thread | None = None
 
     def log(self, vcpu: int) -> FaultLog:
@@ -108,6 +109,8 @@ class ClassicHandler:
         self.memory = installer.memory
         self.handlers = [_Handler(cpu, conn, Readahead(readahead_base, readahead_max), msgs_per_read)
                          for cpu, conn in zip(cpus, connections)]
+        for h in self.handlers:
+            h.copier = installer.page_copier()
         self._vcpus = vcpus
         self._vcpu_of_tid: dict[int, int] = {}
         self.error: BaseException | None = None
@@ -230,7 +233,7 @@ class ClassicHandler:
             # One page a fault, no window to size or claim (the page-in bench's case).
             gpa = self.memory.page_gpa(page)
             batch = h.connection.fetch(gpa, 1, "demand")  # type: ignore[union-attr]
-            self.installer.install_page(page, self.memory.hva(gpa), batch, DEMAND)
+            self.installer.install_page(page, self.memory.hva(gpa), batch, DEMAND, h.copier)
             return
         while run:
             if tracker.is_present(page):

@@ -22,6 +22,7 @@ from postcopy.faults import MMIO, PAGE_MASK, FaultDecoder
 from postcopy.observe.faultlog import FaultLog
 from proto import PageRequest
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
+from vmm.uffd import PageCopier
 from vmm.vcpu import VcpuThread
 
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
@@ -38,6 +39,7 @@ class VcpuFaultState:
         self.ahead_page = 0
         self.waiting_page = -1  # the page this vCPU is fetching (its connection's retry asks)
         self.faults = FaultLog()  # fault exit to re-entry, one record per resolved fault
+        self.copier: PageCopier | None = None  # this vCPU's one-page UFFDIO_COPY (set by prepare)
 
 
 class ExitModeResolver:
@@ -58,6 +60,7 @@ class ExitModeResolver:
         the switchover, so not on the fault path)."""
         state = VcpuFaultState(FaultDecoder(self.memory), connection,
                                Readahead(self.readahead_base, self.readahead_max))
+        state.copier = self.installer.page_copier()
         with self._lock:
             self.states[thread.id] = state
         if isinstance(connection, RetryingSyncConnection):
@@ -104,7 +107,8 @@ class ExitModeResolver:
         st.waiting_page = page
         try:
             if st.readahead.max == 1 and st.ahead is None:  # one page a fault: no window to size
-                self.installer.install_page(page, hva, st.connection.fetch(gpa, 1, "demand"), DEMAND)  # type: ignore[union-attr]
+                self.installer.install_page(page, hva, st.connection.fetch(gpa, 1, "demand"), DEMAND,  # type: ignore[union-attr]
+                                            st.copier)  # type: ignore[arg-type]
             else:
                 self._fetch_window(st, page, gpa)
         except NoLongerWanted:

@@ -16,7 +16,7 @@ from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
 from vmm.abi.userfaultfd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
 from vmm.memory import GuestMemory
-from vmm.uffd import Uffd, UffdError
+from vmm.uffd import PageCopier, Uffd, UffdError
 
 
 # Where CPython keeps a bytes object's characters: after its header (ob_sval), so the address
@@ -74,15 +74,19 @@ class Installer:
         else:
             self.tracker.mark_present(page, batch.count, how)
 
-    def install_page(self, page: int, hva: int, batch: PageBatch, how: Arrival) -> None:
+    def page_copier(self) -> PageCopier:
+        """A one-page UFFDIO_COPY in this installer's mode, for one thread's install_page."""
+        return self.uffd.page_copier(self.copy_mode)
+
+    def install_page(self, page: int, hva: int, batch: PageBatch, how: Arrival, copier: PageCopier) -> None:
         """A one-page batch fetched for a fault at ``page`` (host address ``hva``, which the
-        caller derived from the same gpa the batch was checked against): one UFFDIO_COPY, no
-        runs, no address lookups."""
+        caller derived from the same gpa the batch was checked against), with the calling
+        thread's ``copier``: one UFFDIO_COPY, no runs, no address lookups."""
         if batch.zero != ONE_DATA_PAGE:  # a zero page after all
             self.install_batch(batch, how)
             return
         try:
-            self.installed_bytes += self.uffd.copy(hva, buffer_address(batch.data), PAGE_SIZE, self.copy_mode)
+            self.installed_bytes += copier.copy(hva, buffer_address(batch.data))
         except UffdError as e:
             if self._gone_after_completion(e):
                 return

@@ -141,6 +141,17 @@ def test_copy_over_an_existing_page_skips_it_and_installs_the_rest(region: Regio
         assert region.read(i) == bytes([want]) * PAGE_SIZE, f"page {i}"
 
 
+def test_page_copier_installs_one_page_skips_an_existing_one_and_names_other_errors(region: Region, uffd: Uffd) -> None:
+    copier = uffd.page_copier()
+    first, second = _pages(0x21), _pages(0x22)
+    assert copier.copy(region.page(3), ctypes.addressof(first)) == PAGE_SIZE
+    assert copier.copy(region.page(3), ctypes.addressof(second)) == 0  # EEXIST: the first stays
+    assert region.read(3) == bytes([0x21]) * PAGE_SIZE and region.resident()[:5] == [False, False, False, True, False]
+    with pytest.raises(UffdError, match=f"UFFDIO_COPY\\({region.page(1) + 1:#x}") as e:
+        copier.copy(region.page(1) + 1, ctypes.addressof(first))  # unaligned
+    assert e.value.errno == errno.EINVAL
+
+
 def test_copy_over_existing_pages_only_installs_nothing(region: Region, uffd: Uffd) -> None:
     src = _pages(1, 2)
     assert uffd.copy(region.page(0), ctypes.addressof(src), 2 * PAGE_SIZE) == 2 * PAGE_SIZE
