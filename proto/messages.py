@@ -46,6 +46,7 @@ from proto.version import (
     MAX_WORKLOAD_KEYS,
     MAX_WORKLOAD_STR_LEN,
     MAX_ZERO_BITMAP_BYTES,
+    MAX_ZERO_MAP_MESSAGE_BYTES,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     U64_MAX,
@@ -64,6 +65,7 @@ __all__ = [
     "RequestKind",
     "VcpuState",
     "VmState",
+    "ZeroMap",
     "PageBatchHead",
     "build_page_batch",
     "decode_any",
@@ -288,6 +290,28 @@ def _envelope_keys(*names: str) -> frozenset[str]:
     return frozenset(("v", "t", *names))
 
 
+def _seal(body: dict[str, Any]) -> bytes:
+    """`body` encoded with "sum" last: the xxh3_64 of its encoding without that key. msgpack's
+    encoding of a decoded map is canonical, so the receiver re-encodes and compares."""
+    body["sum"] = xxh3_64_intdigest(msgpack.packb(body))
+    return msgpack.packb(body)
+
+
+def _unseal(what: str, obj: dict[Any, Any], keys: frozenset[str]) -> dict[Any, Any]:
+    """The fields of a sealed message, "sum" checked and dropped."""
+    fields = _check_keys(what, obj, keys)
+    claimed = fields.pop("sum")
+    if xxh3_64_intdigest(msgpack.packb(fields)) != claimed:
+        raise ProtoError(f"{what}: checksum mismatch: the message was damaged on the way")
+    return fields
+
+
+def _bits(bitmap: bytes, first: int, npages: int) -> int:
+    """Bits first..first+npages-1 of a page bitmap (LSB first), as an int (bit 0 = page `first`)."""
+    chunk = bitmap[first // 8 : (first + npages + 7) // 8 + 1]
+    return (int.from_bytes(chunk, "little") >> (first % 8)) & ((1 << npages) - 1)
+
+
 def _limits(
     keys: frozenset[str],
     max_message: int,
@@ -449,16 +473,13 @@ class PageRun:
 class MigrationHeader(_Message):
     """Everything the destination needs before it runs the guest; pages come later on demand.
 
-    zero_bitmap has one bit per page over all regions concatenated in order, least
-    significant bit first within a byte: a set bit means the page is all zeros on the source.
-    eager runs carry pages pushed up front; none of them is marked zero.
+    eager runs carry pages pushed up front. The zero map is not here: building it costs time
+    that grows with the guest, so it follows the resume as a ZeroMap (check_zero_map).
     paused_at_ns is the source's CLOCK_MONOTONIC at the pause, comparable only where
     boot_id (the source kernel's /proc/sys/kernel/random/boot_id) is the same.
 
-    On the wire it carries "sum": the xxh3_64 of the message's own encoding without that key
-    (msgpack's encoding of a decoded map is canonical, so the receiver re-encodes and compares).
-    The eager pages, the zero map and the vCPU state are installed as they come: one flipped bit
-    in the zero map would install a data page as zeros, so the whole header is checked.
+    On the wire it carries "sum" (_seal): the eager pages and the vCPU state are installed as
+    they come, so the whole header is checked.
     """
 
     migration_id: str
@@ -468,7 +489,6 @@ class MigrationHeader(_Message):
     vm_state: VmState
     devices: dict[str, bytes] = field(repr=False)
     eager: tuple[PageRun, ...] = field(repr=False)
-    zero_bitmap: bytes = field(repr=False)
     paused_at_ns: int
     boot_id: str
     workload: dict[str, int | str]
@@ -476,12 +496,12 @@ class MigrationHeader(_Message):
     TYPE: ClassVar[str] = "migration_header"
     _KEYS: ClassVar[frozenset[str]] = _envelope_keys(
         "migration_id", "page_size", "regions", "vcpus", "vm_state", "devices",
-        "eager", "zero_bitmap", "paused_at_ns", "boot_id", "workload", "sum",
+        "eager", "paused_at_ns", "boot_id", "workload", "sum",
     )  # fmt: skip
     _LIMITS: ClassVar[_Limits] = _limits(
         _KEYS,
         max_message=MAX_HEADER_MESSAGE_BYTES,
-        max_bin=max(MAX_EAGER_BYTES, MAX_ZERO_BITMAP_BYTES, MAX_DEVICE_STATE_BYTES, MAX_STATE_BLOB_BYTES),
+        max_bin=max(MAX_EAGER_BYTES, MAX_DEVICE_STATE_BYTES, MAX_STATE_BLOB_BYTES),
         max_str=max(MAX_ID_LEN, MAX_WORKLOAD_STR_LEN * _UTF8_MAX, MAX_DEVICE_NAME_LEN, MAX_WORKLOAD_KEY_LEN),
         max_array=max(MAX_REGIONS, MAX_VCPUS, MAX_IRQCHIPS, MAX_EAGER_RUNS),
         max_map=max(len(VcpuState._KEYS), MAX_DEVICES, MAX_WORKLOAD_KEYS),
@@ -496,7 +516,6 @@ class MigrationHeader(_Message):
         if not isinstance(self.vm_state, VmState):
             raise ProtoError(f"vm_state must be a VmState, got {_show(self.vm_state)}")
         self._check_devices()
-        self._check_zero_bitmap()
         self._check_eager()
         _check_int("paused_at_ns", self.paused_at_ns, 0, I64_MAX)
         _check_str("boot_id", self.boot_id, MAX_ID_LEN, _ID_RE)
@@ -528,11 +547,6 @@ class MigrationHeader(_Message):
         for name, blob in devices.items():
             _check_bytes(f"devices[{name!r}]", blob, MAX_DEVICE_STATE_BYTES)
 
-    def _check_zero_bitmap(self) -> None:
-        expected = (self.total_pages + 7) // 8
-        _check_bytes("zero_bitmap", self.zero_bitmap, expected, expected)
-        _check_bitmap_padding("zero_bitmap", self.zero_bitmap, self.total_pages)
-
     def _check_eager(self) -> None:
         eager = _check_sequence("eager", self.eager, PageRun, 0, MAX_EAGER_RUNS)
         _set(self, "eager", eager)
@@ -549,12 +563,6 @@ class MigrationHeader(_Message):
                 )
             previous_end = run.end
             total += len(run.data)
-            zero = self._zero_bits(self.page_index(run.gpa), run.npages)
-            if zero:
-                first = (zero & -zero).bit_length() - 1
-                raise ProtoError(
-                    f"{where}: its page at gpa {run.gpa + first * PAGE_SIZE:#x} is also marked zero"
-                )
         if total > MAX_EAGER_BYTES:
             raise ProtoError(f"eager runs total {total} bytes, over the limit of {MAX_EAGER_BYTES}")
 
@@ -572,7 +580,7 @@ class MigrationHeader(_Message):
         return sum(region.npages for region in self.regions)
 
     def page_index(self, gpa: int) -> int:
-        """The bit of `gpa`'s page in zero_bitmap: its index over all regions in order."""
+        """The bit of `gpa`'s page in the zero map: its index over all regions in order."""
         index = 0
         for region in self.regions:
             if region.gpa <= gpa < region.end:
@@ -580,14 +588,22 @@ class MigrationHeader(_Message):
             index += region.npages
         raise ProtoError(f"gpa {_show(gpa)} is in no memory region")
 
-    def is_zero_page(self, gpa: int) -> bool:
-        """Whether the source reported `gpa`'s page as all zeros."""
-        return self._zero_bits(self.page_index(gpa), 1) == 1
-
-    def _zero_bits(self, first: int, npages: int) -> int:
-        """Bits first..first+npages-1 of zero_bitmap, as an int (bit 0 = page `first`)."""
-        chunk = self.zero_bitmap[first // 8 : (first + npages + 7) // 8 + 1]
-        return (int.from_bytes(chunk, "little") >> (first % 8)) & ((1 << npages) - 1)
+    def check_zero_map(self, zero_map: "ZeroMap") -> None:
+        """ProtoError unless `zero_map` is this migration's and fits its regions: exactly
+        ceil(total_pages / 8) bytes, padding bits clear, no eager page marked zero."""
+        if zero_map.migration_id != self.migration_id:
+            raise ProtoError(f"zero map of migration {_show(zero_map.migration_id)}, "
+                             f"the header's is {_show(self.migration_id)}")
+        bitmap = zero_map.zero_bitmap
+        expected = (self.total_pages + 7) // 8
+        _check_bytes("zero_bitmap", bitmap, expected, expected)
+        _check_bitmap_padding("zero_bitmap", bitmap, self.total_pages)
+        for index, run in enumerate(self.eager):
+            zero = _bits(bitmap, self.page_index(run.gpa), run.npages)
+            if zero:
+                first = (zero & -zero).bit_length() - 1
+                raise ProtoError(f"zero_bitmap marks page at gpa {run.gpa + first * PAGE_SIZE:#x} "
+                                 f"of eager[{index}] zero")
 
     def encode(self) -> bytes:
         body = {
@@ -600,26 +616,54 @@ class MigrationHeader(_Message):
             "vm_state": self.vm_state._to_wire(),
             "devices": self.devices,
             "eager": [run._to_wire() for run in self.eager],
-            "zero_bitmap": self.zero_bitmap,
             "paused_at_ns": self.paused_at_ns,
             "boot_id": self.boot_id,
             "workload": self.workload,
         }
-        body["sum"] = xxh3_64_intdigest(msgpack.packb(body))
-        return msgpack.packb(body)
+        return _seal(body)
 
     @classmethod
     def _from_wire(cls, obj: dict[Any, Any]) -> Self:
-        fields = _check_keys(cls.TYPE, obj, cls._KEYS)
-        claimed = fields.pop("sum")
-        if xxh3_64_intdigest(msgpack.packb(fields)) != claimed:
-            raise ProtoError(f"{cls.TYPE}: checksum mismatch: the header was damaged on the way")
+        fields = _unseal(cls.TYPE, obj, cls._KEYS)
         for name, record in (("regions", MemoryRegion), ("vcpus", VcpuState), ("eager", PageRun)):
             items = fields[name]
             if isinstance(items, tuple):  # otherwise the constructor names the wrong type
                 fields[name] = tuple(_nested(f"{name}[{i}]", record, item) for i, item in enumerate(items))
         fields["vm_state"] = _nested("vm_state", VmState, fields["vm_state"])
         return cls._build(fields)
+
+
+@dataclass(slots=True, frozen=True)
+class ZeroMap(_Message):
+    """The source's zero map, fetched after the resume (GET /v1/migration/zero-map).
+
+    zero_bitmap has one bit per page over all regions concatenated in order, least significant
+    bit first within a byte: a set bit means the page is all zeros on the paused source, so the
+    destination installs a zero page and never asks for it. Sealed with "sum" like the header:
+    one flipped bit would install a data page as zeros. MigrationHeader.check_zero_map checks
+    it against the header's regions and eager pages.
+    """
+
+    migration_id: str
+    zero_bitmap: bytes = field(repr=False)
+
+    TYPE: ClassVar[str] = "zero_map"
+    _KEYS: ClassVar[frozenset[str]] = _envelope_keys("migration_id", "zero_bitmap", "sum")
+    _LIMITS: ClassVar[_Limits] = _limits(
+        _KEYS, max_message=MAX_ZERO_MAP_MESSAGE_BYTES, max_bin=MAX_ZERO_BITMAP_BYTES, max_str=MAX_ID_LEN
+    )
+
+    def __post_init__(self) -> None:
+        _check_str("migration_id", self.migration_id, MAX_ID_LEN, _ID_RE)
+        _check_bytes("zero_bitmap", self.zero_bitmap, MAX_ZERO_BITMAP_BYTES, 1)
+
+    def encode(self) -> bytes:
+        return _seal({"v": PROTOCOL_VERSION, "t": self.TYPE, "migration_id": self.migration_id,
+                      "zero_bitmap": self.zero_bitmap})
+
+    @classmethod
+    def _from_wire(cls, obj: dict[Any, Any]) -> Self:
+        return cls._build(_unseal(cls.TYPE, obj, cls._KEYS))
 
 
 @dataclass(slots=True, frozen=True)
@@ -916,10 +960,10 @@ class ErrorReply(_Message):
         )
 
 
-Message: TypeAlias = MigrationHeader | PageRequest | PageBatch | Complete | ErrorReply
+Message: TypeAlias = MigrationHeader | ZeroMap | PageRequest | PageBatch | Complete | ErrorReply
 
 _MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = {
-    message.TYPE: message for message in (MigrationHeader, PageRequest, PageBatch, Complete, ErrorReply)
+    message.TYPE: message for message in (MigrationHeader, ZeroMap, PageRequest, PageBatch, Complete, ErrorReply)
 }
 # decode_any cannot know the type before unpacking, so it unpacks under the loosest limits;
 # each record's own checks still bound every field.

@@ -6,7 +6,8 @@ PROTOCOL_VERSION; the two sides must speak the same version.
 
 from typing import Final
 
-PROTOCOL_VERSION: Final = 2  # 2: one checksum per page batch (was one per page)
+# 2: one checksum per page batch (was one per page); 3: the zero map left the header for its own message
+PROTOCOL_VERSION: Final = 3
 
 KiB: Final = 1 << 10
 MiB: Final = 1 << 20
@@ -61,5 +62,6 @@ MAX_BATCH_MESSAGE_BYTES: Final = (
     MAX_BATCH_BYTES + MAX_BATCH_BITMAP_BYTES + 256
 )
 MAX_HEADER_MESSAGE_BYTES: Final = 128 * MiB
+MAX_ZERO_MAP_MESSAGE_BYTES: Final = MAX_ZERO_BITMAP_BYTES + 256
 MAX_COMPLETE_MESSAGE_BYTES: Final = 16 * KiB
 MAX_ERROR_MESSAGE_BYTES: Final = 8 * KiB

@@ -20,7 +20,7 @@ import aiohttp
 
 from postcopy.api.client import ApiClient, ApiClientError
 from postcopy.bench import BenchError, BenchOptions
-from postcopy.destination.client import start_migration
+from postcopy.destination.client import fetch_zero_map, start_migration
 from postcopy.logs import child_env
 from proto import MigrationHeader
 
@@ -37,11 +37,14 @@ class Source:
     token: str
     mem_bytes: int
 
-    async def pause(self) -> MigrationHeader:
-        """POST /v1/migration/start: the guest stops, its pages are served from now on."""
+    async def pause(self) -> tuple[MigrationHeader, bytes]:
+        """POST /v1/migration/start: the guest stops, its pages are served from now on.
+        Returns the header and the zero map."""
         async with aiohttp.ClientSession() as session:
             header, _ = await start_migration(session, self.url, self.token)
-        return header
+            zero_map, _ = await fetch_zero_map(session, self.url, self.token)
+        header.check_zero_map(zero_map)
+        return header, zero_map.zero_bitmap
 
 
 @contextlib.contextmanager

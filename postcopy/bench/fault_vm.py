@@ -48,7 +48,7 @@ class ScanResult:
         return self.pages / self.seconds if self.seconds else 0.0
 
 
-def scan(header: MigrationHeader, url: str, token: str, vcpus: int, *,
+def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpus: int, *,
          readahead_base: int, readahead_max: int) -> ScanResult:
     """Run the touch guest once over a fresh destination VM; every data page is fetched from
     ``url`` (zero-map pages are made here, as in a migration)."""
@@ -69,7 +69,7 @@ def scan(header: MigrationHeader, url: str, token: str, vcpus: int, *,
         uffd = Uffd(UFFD_FEATURE_SIGBUS | UFFD_FEATURE_MISSING_SHMEM)
         for region in memory.regions:
             uffd.register(region.hva, region.size)
-        tracker = PageTracker(memory, header.zero_bitmap)
+        tracker = PageTracker(memory, zero_bitmap)
         tracker.mark_present(0, DATA_GPA // PAGE_SIZE, Arrival.EAGER)
         installer = Installer(uffd, memory, tracker, wake=False)
         resolver = ExitModeResolver(installer, readahead_base=readahead_base, readahead_max=readahead_max)

@@ -35,13 +35,13 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     mem = (QUICK_MIB if opts.quick else FULL_MIB) * MiB
     rounds = 2000 if opts.quick else 10000
     with source_process(mem, SOURCE_VCPUS, prefill=1.0) as source:  # every page data
-        header = asyncio.run(source.pause())
+        header, zero_bitmap = asyncio.run(source.pause())
         socket_ns = pingpong_ns(rounds)
         single: dict[str, dict[str, Any]] = {}
         for vcpus in opts.vcpus:
             # A quick run scans its small guest several times and pools the faults: a p99 of a
             # few thousand faults moves with any burst of other work on this shared host.
-            runs = [scan(header, source.url, source.token, vcpus, readahead_base=1, readahead_max=1)
+            runs = [scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=1, readahead_max=1)
                     for _ in range(QUICK_SCANS if opts.quick else 1)]
             latency_ns = [ns for r in runs for ns in r.latency_ns]
             single[str(vcpus)] = {**percentiles_us(latency_ns), "pages": sum(r.pages for r in runs),
@@ -51,14 +51,14 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         # one uncounted transfer (as the stream section: a 24 MiB run takes ~20 ms here).
         readahead: dict[str, dict[str, Any]] = {}
         for vcpus in opts.vcpus[:1] if opts.quick else opts.vcpus:
-            ra_runs = sorted((scan(header, source.url, source.token, vcpus, readahead_base=DEFAULT_BASE,
+            ra_runs = sorted((scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=DEFAULT_BASE,
                                    readahead_max=DEFAULT_MAX) for _ in range(opts.repeat)), key=lambda r: r.pages_s)
             r = ra_runs[len(ra_runs) // 2]
             readahead[str(vcpus)] = {"pages": r.pages, "fetches": r.fetches, "pages_s": round(r.pages_s),
                                      "p50_us": percentiles_us(r.latency_ns).get("p50"),
                                      "runs_pages_s": [round(r.pages_s) for r in ra_runs]}
-        stream.measure(header, source.url, source.token)
-        streams = sorted((stream.measure(header, source.url, source.token) for _ in range(opts.repeat)),
+        stream.measure(header, zero_bitmap, source.url, source.token)
+        streams = sorted((stream.measure(header, zero_bitmap, source.url, source.token) for _ in range(opts.repeat)),
                          key=lambda t: t["pages_s"])
         streamed = streams[len(streams) // 2]
         socket_ns += pingpong_ns(rounds)

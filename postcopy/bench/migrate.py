@@ -39,12 +39,15 @@ def migrate_once(guest_mib: int, prefill: float) -> dict[str, Any]:
                 await dest.prepare(guest_mib * MiB, VCPUS)
                 await dest.switchover()
                 result = await dest.wait_complete(timeout=CHILD_TIMEOUT_S)
-                assert dest.header is not None
-                zero_pages = int.from_bytes(dest.header.zero_bitmap, "little").bit_count()
+                assert dest.tracker is not None
+                zero_pages = int.from_bytes(dest.tracker.zero_bitmap, "little").bit_count()
                 dest.machine.check()  # type: ignore[union-attr]
             finally:
                 await dest.close()
-            return {"downtime_ms": result.downtime_ms, "total_ms": result.total_ms,
+            # switchover_ms: header request sent -> vCPUs started, measured here (the downtime
+            # less the source's pause before it, plus the request's flight).
+            return {"downtime_ms": result.downtime_ms, "switchover_ms": result.switchover_ms,
+                    "header_bytes": result.header_bytes, "total_ms": result.total_ms,
                     "written_mib": round((guest_mib * MiB // PAGE_SIZE - zero_pages) * PAGE_SIZE / MiB),
                     "pages": result.pages}
 

@@ -37,14 +37,14 @@ MiB = 1 << 20
 QUICK_MIB, FULL_MIB = 256, 512  # quick was 96: ~50 ms a transfer, where start-up and one preemption weighed
 
 
-def measure(header: MigrationHeader, url: str, token: str) -> dict[str, Any]:
+def measure(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str) -> dict[str, Any]:
     """One background transfer of every page of the paused source at ``url``."""
     memory = GuestMemory.create_layout([(r.gpa, r.size) for r in header.regions], "anon", "bench-stream")
     uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM)
     try:
         for region in memory.regions:
             uffd.register(region.hva, region.size)
-        tracker = PageTracker(memory, header.zero_bitmap)
+        tracker = PageTracker(memory, zero_bitmap)
         installer = Installer(uffd, memory, tracker, wake=False)  # nobody waits on this RAM
 
         retry = RetryContext()  # as the destination's background: behind the retry wrapper
@@ -72,10 +72,10 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     transfers: list[dict[str, Any]] = []
     socket_rates: list[float] = []
     with source_process(mem, 2, prefill=1.0) as source:  # every page data
-        header = asyncio.run(source.pause())
-        measure(header, source.url, source.token)  # warm-up, not counted
+        header, zero_bitmap = asyncio.run(source.pause())
+        measure(header, zero_bitmap, source.url, source.token)  # warm-up, not counted
         for _ in range(opts.repeat):
-            transfers.append(measure(header, source.url, source.token))
+            transfers.append(measure(header, zero_bitmap, source.url, source.token))
             socket_rates.append(round(stream_bytes_per_s(transfers[-1]["data_pages"] * PAGE_SIZE) / MiB, 1))
     transfer = sorted(transfers, key=lambda t: t["mib_s"])[len(transfers) // 2]  # the median run
     socket_rate = median(socket_rates)

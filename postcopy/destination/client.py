@@ -3,21 +3,24 @@
 ``SyncPageConnection`` is one blocking WebSocket: one per vCPU thread (the fault path), one per
 classic handler thread and one for the background transfer (pipelined: requests answered in
 order), so a demand fetch never waits behind the background stream, another vCPU, or an event
-loop. The control requests (start, status, Complete) go over aiohttp.
+loop. The control requests (start, zero map, status, Complete) go over aiohttp.
 """
 from __future__ import annotations
 
 import ssl
+from typing import TypeVar
 
 import aiohttp
 
 from postcopy.destination.websocket import BlockingWebSocket, HandshakeError, WebSocketError
-from proto import ErrorReply, MigrationHeader, PageBatch, PageRequest, ProtoError, decode_any, parse_page_batch_head
+from proto import (ErrorReply, Message, MigrationHeader, PageBatch, PageRequest, ProtoError, ZeroMap, decode_any,
+                   parse_page_batch_head)
 from proto.fastpath import encode_request, verified_one_page
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
+M = TypeVar("M", bound=Message)
 # An answer this long has its fields read here and its pages taken as a view of the receive
 # buffer (parse_page_batch_head), not copied by msgpack: a batch of readahead or background
 # pages. Shorter ones (a demand fault's page) are decoded whole: for them one unpackb is quicker.
@@ -145,17 +148,32 @@ def _refusal(body: bytes) -> str:
 async def start_migration(session: aiohttp.ClientSession, base_url: str, token: str) -> tuple[MigrationHeader, int]:
     """POST /v1/migration/start: the source pauses the guest and answers with its header.
     Returns the header and the size of its encoding."""
+    return await control_message(session, "POST", f"{base_url}/v1/migration/start", token, MigrationHeader,
+                                 "start the migration")
+
+
+async def fetch_zero_map(session: aiohttp.ClientSession, base_url: str, token: str) -> tuple[ZeroMap, int]:
+    """GET /v1/migration/zero-map: the paused source's zero map (after the switchover).
+    Returns it and the size of its encoding."""
+    return await control_message(session, "GET", f"{base_url}/v1/migration/zero-map", token, ZeroMap,
+                                 "send the zero map")
+
+
+async def control_message(session: aiohttp.ClientSession, method: str, url: str, token: str,
+                          expected: type[M], what: str) -> tuple[M, int]:
+    """One control request whose answer is one protocol message of type ``expected``; an
+    ErrorReply, another message or an unreachable source is a FetchError naming ``what``."""
     try:
-        async with session.post(f"{base_url}/v1/migration/start", headers=auth_headers(token)) as resp:
+        async with session.request(method, url, headers=auth_headers(token)) as resp:
             body = await resp.read()
     except (aiohttp.ClientError, OSError) as e:
-        raise FetchError(f"cannot start the migration at {base_url}: {e}") from None
+        raise FetchError(f"cannot ask the source at {url} to {what}: {e}") from None
     try:
         msg = decode_any(body)
     except ProtoError as e:
-        raise FetchError(f"source answered migration start with HTTP {resp.status} and no valid message: {e}") from None
+        raise FetchError(f"source answered {method} {url} with HTTP {resp.status} and no valid message: {e}") from None
     if isinstance(msg, ErrorReply):
-        raise FetchError(f"source refused to start the migration: {msg.code} {msg.message}")
-    if not isinstance(msg, MigrationHeader):
-        raise FetchError(f"source answered migration start with {type(msg).__name__}")
+        raise FetchError(f"source refused to {what}: {msg.code} {msg.message}")
+    if not isinstance(msg, expected):
+        raise FetchError(f"source answered {method} {url} with {type(msg).__name__}")
     return msg, len(body)

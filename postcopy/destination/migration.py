@@ -3,11 +3,14 @@
     NEW --prepare--> LISTEN --switchover--> RUNNING --all pages present--> COMPLETE
       (any state) --error--> FAILED
 
-LISTEN: the VM exists and its RAM is registered with userfaultfd, empty. switchover: ask the
-source to pause (its answer is the header), install the eager set, restore state, start the
-vCPUs. RUNNING: faults are served (exit or classic mode) and the background transfer pulls the
-rest. COMPLETE: every page present, the source told to release the guest (RAM stays registered
-with userfaultfd until close). The guest never stops.
+LISTEN: the VM exists, its RAM registered with userfaultfd, empty, its vCPU threads started
+and parked before their first KVM_RUN. switchover: ask the source to pause (its answer is the
+header), install the eager set, restore state, release the vCPUs. RUNNING: faults are served
+(exit or classic mode); once the vCPUs run, the source's zero map is fetched (until then a zero
+page is fetched like any other, and comes as a zero bit with no data), then the background
+transfer installs the zero pages and pulls the rest. COMPLETE: every page present, the source
+told to release the guest (RAM stays registered with userfaultfd until close). The guest never
+stops.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
-from postcopy.destination.client import FetchError, SyncPageConnection, auth_headers, start_migration, tls_option
+from postcopy.destination.client import (FetchError, SyncPageConnection, auth_headers, fetch_zero_map,
+                                         start_migration, tls_option)
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
@@ -34,7 +38,7 @@ from postcopy.observe.faultlog import CLASSIC_KINDS, EXIT_KINDS, FaultLog, block
 from postcopy.observe.prometheus import Registry
 from postcopy.observe.series import Sampler, Series
 from postcopy.observe.timeline import build_timeline
-from proto import Complete, MigrationHeader
+from proto import Complete, MigrationHeader, ProtoError
 from vmm import state as vmstate
 from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID
 from vmm.machine import Machine, MachineConfig
@@ -129,6 +133,7 @@ class Destination:
         # exit: one per vCPU; classic: one per handler thread
         self._vcpu_connections: list[RetryingSyncConnection] = []
         self._background_connection: RetryingSyncConnection | None = None  # pipelined, its own thread
+        self._classic_cpus: list[int | None] = []  # classic mode: where prepare() pinned the vCPUs
         self._started_ns = 0
         self._done_ns = 0
         self.error: str | None = None
@@ -170,6 +175,10 @@ class Destination:
         for region in self.memory.regions:
             self.uffd.register(region.hva, region.size)
         self.machine = Machine.create(MachineConfig(mem_bytes, vcpus), console=self.console, memory=self.memory)
+        # Built here, not at the switchover (their size grows with the guest): the zero map
+        # they start without comes after the resume (_apply_zero_map).
+        self.tracker = PageTracker(self.memory)
+        self.installer = Installer(self.uffd, self.memory, self.tracker, wake=self.fault_mode == "classic")
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(self.ssl_context)))
         fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
         # one per vCPU (or classic handler), then the background transfer's
@@ -183,7 +192,27 @@ class Destination:
             raise next(e for e in opened if isinstance(e, BaseException))
         self._vcpu_connections = list(connections[:fetchers])
         self._background_connection = connections[fetchers]
+        self._park_vcpus()
         self._to(DestinationState.LISTEN)
+
+    def _park_vcpus(self) -> None:
+        """Start the vCPU threads now, parked before their first KVM_RUN: starting a thread
+        waits until it runs, one wake-up per vCPU that a busy host delays, and the switchover
+        then only releases them (their state is restored while they wait). What a vCPU thread
+        reads as it starts is set first: the exit-mode fault handler (it blocks SIGBUS there),
+        the classic mode's CPU placement."""
+        assert self.machine and self.installer
+        if self.fault_mode == "exit":
+            self.resolver = ExitModeResolver(self.installer, readahead_base=self.readahead_base,
+                                             readahead_max=self.readahead_max)
+            for thread, conn in zip(self.machine.vcpus, self._vcpu_connections):
+                self.resolver.prepare(thread, conn)
+        else:
+            # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
+            self._classic_cpus = list(place_vcpus(self.machine.vcpus))
+        for thread in self.machine.vcpus:
+            thread.pause()  # not started yet: it parks as soon as it starts
+        self.machine.start()
 
     def _open_sync(self) -> SyncPageConnection:
         return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
@@ -202,7 +231,7 @@ class Destination:
             raise
 
     async def _switchover(self) -> None:
-        assert self.machine and self.memory and self.uffd and self._session
+        assert self.machine and self.memory and self.uffd and self._session and self.installer
         t0 = time.monotonic_ns()
         self._switch_started_ns = t0
         session = self._session
@@ -213,24 +242,15 @@ class Destination:
             raise MigrationError(f"source memory layout {header.regions} differs from the one prepared here")
         if len(header.vcpus) != len(self.machine.vcpus):
             raise MigrationError(f"source has {len(header.vcpus)} vCPUs, this VM {len(self.machine.vcpus)}")
-        self.tracker = PageTracker(self.memory, header.zero_bitmap)
-        self.installer = Installer(self.uffd, self.memory, self.tracker, wake=self.fault_mode == "classic")
         for run in header.eager:
             self.installer.install_run(run.gpa, run.data, Arrival.EAGER)
         vmstate.restore(self.machine, header.vcpus, header.vm_state, header.devices)
-        if self.fault_mode == "exit":
-            self.resolver = ExitModeResolver(self.installer, readahead_base=self.readahead_base,
-                                             readahead_max=self.readahead_max)
-            for thread, conn in zip(self.machine.vcpus, self._vcpu_connections):
-                self.resolver.prepare(thread, conn)
-        else:
-            # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
-            cpus: list[int | None] = list(place_vcpus(self.machine.vcpus))
-            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections), cpus=cpus,
-                                          readahead_base=self.readahead_base, readahead_max=self.readahead_max,
-                                          vcpus=self.machine.vcpus)
+        if self.fault_mode == "classic":
+            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections),
+                                          cpus=self._classic_cpus, readahead_base=self.readahead_base,
+                                          readahead_max=self.readahead_max, vcpus=self.machine.vcpus)
             self.classic.start()
-        self.machine.start()
+        self.machine.resume()  # the vCPU threads parked in prepare() enter the guest
         self._started_ns = time.monotonic_ns()
         self._sample(self._started_ns)  # the series start at the resume, whenever the loop gets to sample
         self._sampler.start()
@@ -240,11 +260,13 @@ class Destination:
         """Run the background transfer (or wait for demand alone) until every page is present."""
         assert self.tracker and self.machine and self.uffd and self.memory and self.header
         await self._resumed()
-        background = asyncio.ensure_future(run_background(
-            self._background_connection, self.installer, batch_pages=self.background_batch_pages,  # type: ignore[arg-type]
-            depth=self.background_depth)) if self.background else None
+        background: asyncio.Future[None] | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            await self._apply_zero_map()
+            background = asyncio.ensure_future(run_background(
+                self._background_connection, self.installer, batch_pages=self.background_batch_pages,  # type: ignore[arg-type]
+                depth=self.background_depth)) if self.background else None
             while not self.tracker.all_present.is_set():
                 failures = self.machine.failures()
                 if failures:
@@ -292,6 +314,21 @@ class Destination:
         assert self.machine
         while any(not t.first_run_ns and t.alive for t in self.machine.vcpus) and time.monotonic() < deadline:
             await asyncio.sleep(RESUME_POLL_S)
+
+    async def _apply_zero_map(self) -> None:
+        """Fetch the source's zero map and hand it to the tracker, with the vCPUs already
+        running. Before this the tracker's map is empty, which is always right (a zero page is
+        fetched, and answered as a zero bit); after it, the pages it marks are installed as
+        zero pages, never fetched. One attribute store: a reader sees one map or the other."""
+        assert self.header and self.tracker and self._session
+        session = self._session
+        zero_map, _ = await retry_async(  # idempotent: the source builds it once
+            self.retry, "zero map", lambda: fetch_zero_map(session, self.source_url, self.token))
+        try:
+            self.header.check_zero_map(zero_map)
+        except ProtoError as e:
+            raise MigrationError(f"bad zero map from the source: {e}") from None
+        self.tracker.zero_bitmap = zero_map.zero_bitmap
 
     async def _tell_source(self, done_ns: int) -> None:
         assert self.header and self.tracker and self._session

@@ -7,6 +7,7 @@ and the IDT. Found by a real x86-64 4-level walk over source memory (all of it p
 """
 from __future__ import annotations
 
+import re
 import struct
 from typing import Final
 
@@ -35,8 +36,14 @@ CANONICAL_BITS: Final = 48
 X86_MAX_INSTRUCTION: Final = 15
 PUSH_SIZE: Final = 8  # the next push in 64-bit mode writes RSP-8
 
-_TABLE: Final = struct.Struct(f"<{ENTRIES_PER_TABLE}Q")
 _ENTRY: Final = struct.Struct("<Q")
+PTE_SIZE: Final = _ENTRY.size
+# An entry's low byte (bytes.translate table) -> 1 where the walk follows it (present, PS clear:
+# a leaf in a PDPTE or PDE, reserved in a PML4E), else 0. A table is scanned through its 512 low
+# bytes at C speed, so only the entries followed cost Python steps: a 4 GiB guest mapped with
+# 2 MiB pages has four PDs of 512 leaves each, all stepped over (this runs in the downtime).
+_FOLLOWED: Final = bytes(1 if b & (PTE_PRESENT | PTE_PAGE_SIZE) == PTE_PRESENT else 0 for b in range(256))
+_FOLLOW: Final = re.compile(b"\x01")
 
 
 class EagerError(Exception):
@@ -52,7 +59,8 @@ def _check_table(memory: GuestMemory, gpa: int, what: str) -> None:
 def page_tables(memory: GuestMemory, cr3: int) -> set[int]:
     """Every page-table page reachable from `cr3` (PML4, PDPTs, PDs, PTs), as page GPAs.
 
-    Non-present entries are skipped; 1 GiB and 2 MiB entries are leaves. A table is walked once
+    Non-present entries are skipped; 1 GiB and 2 MiB entries are leaves (PS in a PML4E is
+    reserved: the CPU faults on it, so it leads nowhere either). A table is walked once
     per level it is reached at, so recursive mappings terminate and are still followed exactly.
     """
     pml4 = cr3 & CR3_ADDR_MASK
@@ -62,13 +70,10 @@ def page_tables(memory: GuestMemory, cr3: int) -> set[int]:
     pending = [(pml4, 4)]
     while pending:
         table, level = pending.pop()
-        for index, entry in enumerate(_TABLE.unpack(memory.read(table, PAGE_SIZE))):
-            if not entry & PTE_PRESENT:
-                continue
-            if level == 4 and entry & PTE_PAGE_SIZE:
-                continue  # reserved in a PML4E: the CPU faults on it, so it leads nowhere
-            if level in (3, 2) and entry & PTE_PAGE_SIZE:
-                continue  # a 1 GiB or 2 MiB page, not a table
+        raw = memory.read(table, PAGE_SIZE)
+        for followed in _FOLLOW.finditer(raw[::PTE_SIZE].translate(_FOLLOWED)):
+            index = followed.start()
+            (entry,) = _ENTRY.unpack_from(raw, index * PTE_SIZE)
             child = entry & PTE_ADDR_MASK
             _check_table(memory, child, f"the level-{level - 1} table named by entry {index} "
                                         f"of the level-{level} table at gpa {table:#x} (entry {entry:#x})")

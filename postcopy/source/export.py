@@ -1,5 +1,7 @@
 """Switchover on the source: pause the guest, capture its state, and build the MigrationHeader
-(vCPU/VM/device state, the eager pages, the zero-page bitmap). Everything here is downtime.
+(vCPU/VM/device state, the eager pages). Everything in export() is downtime. The zero map
+(zero_map) is built after it, when the destination asks, its guest already running: its cost
+grows with the guest (one lseek and mincore per data extent), the header's does not.
 """
 from __future__ import annotations
 
@@ -9,18 +11,17 @@ from pathlib import Path
 from typing import Final
 
 from postcopy.source.eager import EagerError, eager_pages
-from proto import PAGE_SIZE, MemoryRegion, MigrationHeader, PageRun, ProtoError
+from proto import PAGE_SIZE, MemoryRegion, MigrationHeader, PageRun, ProtoError, ZeroMap
 from proto.version import MAX_EAGER_BYTES
 from vmm.abi import kvm as abi
 from vmm.machine import Machine, MachineError
-from vmm.memory import GuestMemory
+from vmm.memory import RESIDENT_BIT as RESIDENT, GuestMemory
 from vmm.state import StateError, capture
 from vmm.vcpu import VcpuError
 
-__all__ = ["ExportError", "coalesce", "export", "read_boot_id", "zero_bitmap"]
+__all__ = ["ExportError", "coalesce", "export", "read_boot_id", "zero_bitmap", "zero_map"]
 
 BOOT_ID_PATH: Final = Path("/proc/sys/kernel/random/boot_id")
-RESIDENT: Final = 1  # mincore's bit 0: the host has the page
 # bytes.translate tables, one per bit of a bitmap byte: a resident_pages() byte -> that bit
 # where the page is zero (never resident), else 0.
 _ZERO_BIT: Final = tuple(bytes(0 if byte & RESIDENT else 1 << bit for byte in range(256)) for bit in range(8))
@@ -50,6 +51,13 @@ def zero_bitmap(memory: GuestMemory, eager: Iterable[int] = ()) -> bytes:
         index = memory.page_index(gpa)
         bitmap[index >> 3] &= ~(1 << (index & 7)) & 0xFF
     return bytes(bitmap[: (npages + 7) // 8])
+
+
+def zero_map(memory: GuestMemory, header: MigrationHeader) -> ZeroMap:
+    """The zero map of the paused guest `header` was exported from (its eager pages unmarked).
+    Exact whatever the time it is built: the guest no longer writes here."""
+    eager = (run.gpa + i * PAGE_SIZE for run in header.eager for i in range(run.npages))
+    return ZeroMap(header.migration_id, zero_bitmap(memory, eager))
 
 
 def coalesce(memory: GuestMemory, pages: Iterable[int]) -> list[PageRun]:
@@ -99,7 +107,6 @@ def export(machine: Machine, migration_id: str, workload: dict[str, int | str]) 
             vm_state=vm_state,
             devices=devices,
             eager=tuple(coalesce(memory, eager)),
-            zero_bitmap=zero_bitmap(memory, eager),
             paused_at_ns=paused_at_ns,
             boot_id=read_boot_id(),
             workload=workload,

@@ -67,13 +67,12 @@ def server_summary(server: PageServer) -> dict[str, Any]:
     stats = server.stats()
     header = server.header
     assert header is not None
-    zero_pages = int.from_bytes(header.zero_bitmap, "little").bit_count()
     return {
         "migration_id": server.migration_id,
         "state": stats["state"],
         "guest_pages": header.total_pages,
         "eager_pages": sum(run.npages for run in header.eager),
-        "zero_pages_in_header": zero_pages,
+        "zero_pages_in_map": stats["zero_map_pages"],
         "header_bytes": stats["header_bytes"],
         "pages_data": stats["pages_data"],
         "pages_zero": stats["pages_zero"],

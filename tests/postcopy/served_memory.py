@@ -23,7 +23,7 @@ def served_header(memory: GuestMemory, migration_id: str = "mig-served") -> Migr
     return MigrationHeader(
         migration_id=migration_id, page_size=PAGE_SIZE,
         regions=tuple(MemoryRegion(r.gpa, r.size) for r in memory.regions), vcpus=(vcpu,),
-        vm_state=VmState(b"", [], b""), devices={}, eager=(), zero_bitmap=bytes((memory.pages + 7) // 8),
+        vm_state=VmState(b"", [], b""), devices={}, eager=(),
         paused_at_ns=1, boot_id="test-boot", workload={"name": "pattern"})
 
 

@@ -19,14 +19,14 @@ GUEST = 16 * MiB
 
 def test_fault_scans_and_the_stream_fetch_every_page_of_a_paused_source() -> None:
     with source_process(GUEST, 2, prefill=1.0) as source:
-        header = asyncio.run(source.pause())
+        header, zero_bitmap = asyncio.run(source.pause())
         data_pages = (GUEST - DATA_GPA) // PAGE_SIZE
-        single = scan(header, source.url, source.token, 2, readahead_base=1, readahead_max=1)
+        single = scan(header, zero_bitmap, source.url, source.token, 2, readahead_base=1, readahead_max=1)
         assert single.pages == data_pages and len(single.latency_ns) == data_pages
         assert single.fetches > data_pages * 0.95  # one page a fault (zero-map pages are made here)
-        ahead = scan(header, source.url, source.token, 1, readahead_base=4, readahead_max=256)
+        ahead = scan(header, zero_bitmap, source.url, source.token, 1, readahead_base=4, readahead_max=256)
         assert ahead.pages == data_pages and ahead.fetches < data_pages // 16
-        streamed = stream.measure(header, source.url, source.token)
+        streamed = stream.measure(header, zero_bitmap, source.url, source.token)
         assert streamed["data_pages"] + streamed["zero_pages"] == GUEST // PAGE_SIZE
         assert streamed["data_pages"] > data_pages * 0.9 and streamed["mib_s"] > 0
 

@@ -89,7 +89,9 @@ def test_walk_handles_4k_2m_and_1g_pages_like_kvm() -> None:
         pml4, pdpt, pd, pt = 0x100000, 0x101000, 0x102000, 0x103000
         for table in (pml4, pdpt, pd, pt):
             memory.write(table, bytes(L.PAGE_SIZE))
-        _qwords(memory, pml4, {0: pdpt | TABLE, 3: pdpt | TABLE, 5: 0x7000})  # 5: not present
+        # 5: not present; 6: PS in a PML4E is reserved, not followed
+        _qwords(memory, pml4, {0: pdpt | TABLE, 3: pdpt | TABLE, 5: 0x7000,
+                               6: 0x104000 | TABLE | PTE_PAGE_SIZE})
         _qwords(memory, pdpt, {0: pd | TABLE, 1: 0 | TABLE | PTE_PAGE_SIZE})  # 1: a 1 GiB page at 0
         _qwords(memory, pd, {0: pt | TABLE, 1: 0x200000 | TABLE | PTE_PAGE_SIZE})
         _qwords(memory, pt, {0: 0x5000 | TABLE, 1: 0x3FF000 | TABLE, 2: 0x6000})  # 2: not present

@@ -28,6 +28,7 @@ from proto import (
     MigrationHeader,
     PageBatch,
     PageRequest,
+    ZeroMap,
     decode_any,
 )
 from vmm.machine import Machine
@@ -55,6 +56,14 @@ class Env:
             assert response.status == 200, await response.read()
             assert response.content_type == MSGPACK
             return MigrationHeader.decode(await response.read())
+
+    async def zero_map(self, header: MigrationHeader) -> ZeroMap:
+        async with self.http.get(f"{self.url}/v1/migration/zero-map") as response:
+            assert response.status == 200, await response.read()
+            assert response.content_type == MSGPACK
+            zero_map = ZeroMap.decode(await response.read())
+        header.check_zero_map(zero_map)
+        return zero_map
 
     def ws(self) -> aiohttp.client._WSRequestContextManager:
         return self.http.ws_connect(f"{self.url}/v1/pages/ws", max_msg_size=MAX_BATCH_MESSAGE_BYTES)
@@ -124,12 +133,18 @@ def test_start_exports_a_header_with_vcpus_regions_and_eager_pages_equal_to_memo
         assert {0x1000, 0x2000, 0x3000, 0x13000, 0x14000} <= eager
         for run in header.eager:
             assert run.data == memory.read(run.gpa, len(run.data))
+        # The zero map comes after the header, built from the paused guest's RAM.
+        zero_map = await env.zero_map(header)
         resident = memory.resident_pages()
         for index in range(0, memory.pages, 7):
             gpa = index * PAGE_SIZE
-            assert header.is_zero_page(gpa) == (not resident[index] & 1 and gpa not in eager)
-            if header.is_zero_page(gpa):
+            zero = zero_map.zero_bitmap[index >> 3] >> (index & 7) & 1 == 1
+            assert zero == (not resident[index] & 1 and gpa not in eager)
+            if zero:
                 assert memory.read(gpa, PAGE_SIZE) == bytes(PAGE_SIZE)
+        assert env.server.stats()["zero_map_pages"] == int.from_bytes(zero_map.zero_bitmap, "little").bit_count() > 0
+        # Built once: asked again, the same bytes.
+        assert await env.zero_map(header) == zero_map
         # Later calls return the same bytes; the guest is not exported twice.
         async with env.http.post(f"{env.url}/v1/migration/start") as again:
             assert again.status == 200 and MigrationHeader.decode(await again.read()) == header
@@ -191,6 +206,8 @@ def test_pages_and_complete_before_start_are_409() -> None:
             assert isinstance(reply, ErrorReply) and reply.code == 409
         complete = Complete(MIGRATION_ID, {}).encode()
         async with env.http.post(f"{env.url}/v1/migration/complete", data=complete) as response:
+            assert response.status == 409 and ErrorReply.decode(await response.read()).code == 409
+        async with env.http.get(f"{env.url}/v1/migration/zero-map") as response:  # no paused guest yet
             assert response.status == 409 and ErrorReply.decode(await response.read()).code == 409
         async with env.http.get(f"{env.url}/v1/vm/status") as status:
             progress = await status.json()
@@ -258,6 +275,8 @@ def test_complete_sets_the_event_and_ends_serving() -> None:
             assert again.status == 204  # a retried Complete
         async with env.http.post(f"{env.url}/v1/migration/start") as start:
             assert start.status == 409
+        async with env.http.get(f"{env.url}/v1/migration/zero-map") as zero_map:
+            assert zero_map.status == 409
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             async with env.ws():
                 pass

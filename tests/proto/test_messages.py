@@ -24,6 +24,7 @@ from proto import (
     build_page_batch,
     decode_any,
     pages_sum,
+    ZeroMap,
 )
 from proto.version import MAX_BATCH_MESSAGE_BYTES, MAX_REQUEST_MESSAGE_BYTES, MAX_STATE_BLOB_BYTES, PROTOCOL_VERSION, GiB
 
@@ -41,7 +42,7 @@ def make_vcpu(vcpu_id: int = 0, **blobs: bytes) -> VcpuState:
 
 
 def make_header(**overrides: Any) -> MigrationHeader:
-    """Two regions (16 pages at 0, 6 pages at 1 MiB); pages 2 and 17 are zero; page 0 eager."""
+    """Two regions (16 pages at 0, 6 pages at 1 MiB); page 0 eager (make_zero_map: 2 and 17 zero)."""
     fields: dict[str, Any] = dict(
         migration_id="mig-1_A",
         page_size=PAGE_SIZE,
@@ -50,13 +51,17 @@ def make_header(**overrides: Any) -> MigrationHeader:
         vm_state=VmState(clock=b"k" * 48, irqchip=[b"p" * 520, b"q" * 520, b"o" * 520], pit2=b"t" * 112),
         devices={"uart0": b"\x01\x02", "guest_services": b""},
         eager=[PageRun(0, b"\x07" * PAGE_SIZE)],
-        zero_bitmap=bytes([0b100, 0, 0b10]),
         paused_at_ns=123_456_789,
         boot_id="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
         workload={"name": "memtouch", "seed": 42},
     )
     fields.update(overrides)
     return MigrationHeader(**fields)
+
+
+def make_zero_map(bitmap: bytes = bytes([0b100, 0, 0b10]), migration_id: str = "mig-1_A") -> ZeroMap:
+    """make_header's zero map: pages 2 and 17 are zero."""
+    return ZeroMap(migration_id, bitmap)
 
 
 def wire(message: Any) -> dict[str, Any]:
@@ -292,10 +297,10 @@ def test_validate_range_rejects_a_run_past_the_end_of_its_region() -> None:
 
 
 def test_decode_rejects_another_protocol_version() -> None:
-    obj = wire(PageRequest(0, 1, "demand")) | {"v": 1}  # version 1 carried a checksum per page
-    with pytest.raises(ProtoError, match="^unsupported protocol version 1, this side speaks 2$"):
+    obj = wire(PageRequest(0, 1, "demand")) | {"v": 2}  # version 2 carried the zero map in the header
+    with pytest.raises(ProtoError, match=f"^unsupported protocol version 2, this side speaks {PROTOCOL_VERSION}$"):
         PageRequest.decode(pack(obj))
-    with pytest.raises(ProtoError, match="unsupported protocol version 1"):
+    with pytest.raises(ProtoError, match="unsupported protocol version 2"):
         decode_any(pack(obj))
 
 
@@ -366,14 +371,35 @@ def test_decode_rejects_a_string_over_the_message_limit() -> None:
 # --- MigrationHeader rules
 
 
-def test_header_helpers_locate_pages_in_the_zero_bitmap() -> None:
+def test_header_helpers_locate_pages_in_the_zero_map() -> None:
     header = make_header()
     assert header.total_pages == 22
     assert header.page_index(MiB + PAGE_SIZE) == 17
-    assert header.is_zero_page(2 * PAGE_SIZE) and header.is_zero_page(MiB + PAGE_SIZE)
-    assert not header.is_zero_page(0)
+    header.check_zero_map(make_zero_map())
     with pytest.raises(ProtoError, match="in no memory region"):
         header.page_index(16 * PAGE_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("zero_map", "error"),
+    [
+        (make_zero_map(bytes(2)), "zero_bitmap must be exactly 3 bytes, got 2"),
+        (make_zero_map(bytes(4)), "zero_bitmap must be exactly 3 bytes, got 4"),
+        (make_zero_map(bytes([0b100, 0, 0b10 | 0x40])), "zero_bitmap has bits set past its 22 pages"),
+        (make_zero_map(bytes([0b101, 0, 0])), "zero_bitmap marks page at gpa 0x0 of eager\\[0\\] zero"),
+        (make_zero_map(migration_id="mig-2"), "zero map of migration 'mig-2', the header's is 'mig-1_A'"),
+    ],
+)
+def test_a_zero_map_that_does_not_fit_the_header_is_refused(zero_map: ZeroMap, error: str) -> None:
+    with pytest.raises(ProtoError, match=error):
+        make_header().check_zero_map(zero_map)
+
+
+def test_a_zero_map_is_checked_against_eager_runs_of_several_pages() -> None:
+    header = make_header(eager=[PageRun(0, b"\1" * 3 * PAGE_SIZE)])
+    with pytest.raises(ProtoError, match="page at gpa 0x2000 of eager\\[0\\] zero"):
+        header.check_zero_map(make_zero_map())
+    header.check_zero_map(make_zero_map(bytes([0, 0, 0b10])))
 
 
 @pytest.mark.parametrize(
@@ -406,8 +432,6 @@ def test_header_helpers_locate_pages_in_the_zero_bitmap() -> None:
         ({"devices": {f"d{i}": b"" for i in range(17)}}, "devices must have at most 16 entries"),
         ({"devices": {"uart0": b"x" * (1 * MiB + 1)}}, "devices\\['uart0'\\] must be 0..1048576 bytes"),
         ({"devices": {"uart0": "text"}}, "devices\\['uart0'\\] must be bytes"),
-        ({"zero_bitmap": bytes(2)}, "zero_bitmap must be exactly 3 bytes, got 2"),
-        ({"zero_bitmap": bytes([0b100, 0, 0b10 | 0x40])}, "zero_bitmap has bits set past its 22 pages"),
         ({"eager": [PageRun(16 * PAGE_SIZE, bytes(PAGE_SIZE))]}, "not wholly inside one memory region"),
         ({"eager": [PageRun(15 * PAGE_SIZE, b"\1" * 2 * PAGE_SIZE)]}, "not wholly inside one memory region"),
         (
@@ -418,7 +442,6 @@ def test_header_helpers_locate_pages_in_the_zero_bitmap() -> None:
             {"eager": [PageRun(0, b"\1" * 2 * PAGE_SIZE), PageRun(PAGE_SIZE, b"\1" * PAGE_SIZE)]},
             "out of order or overlaps",
         ),
-        ({"eager": [PageRun(0, b"\1" * 3 * PAGE_SIZE)]}, "page at gpa 0x2000 is also marked zero"),
         ({"paused_at_ns": -1}, "paused_at_ns must be in"),
         ({"paused_at_ns": 2**63}, "paused_at_ns must be in"),
         ({"boot_id": ""}, "boot_id must match"),
@@ -440,7 +463,6 @@ def test_header_rejects_too_many_eager_bytes() -> None:
     with pytest.raises(ProtoError, match="eager runs total 69206016 bytes, over the limit of 67108864"):
         make_header(
             regions=[MemoryRegion(0, 2 * half)],
-            zero_bitmap=bytes(2 * half // PAGE_SIZE // 8),
             eager=[PageRun(0, b"\1" * half), PageRun(half, b"\1" * half)],
         )
 
@@ -544,20 +566,33 @@ def test_header_decode_names_where_a_nested_field_is_wrong() -> None:
 
 
 def test_a_header_damaged_on_the_way_is_refused() -> None:
-    """One flipped bit anywhere in the zero map (or the eager pages, or the vCPU state) would be
-    installed as it is: the header's own checksum refuses it."""
+    """One flipped bit anywhere in the eager pages or the vCPU state would be installed as it
+    is: the header's own checksum refuses it."""
     header = make_header()
     good = header.encode()
     assert MigrationHeader.decode(good) == header
-    for index in (good.index(header.zero_bitmap), good.index(header.eager[0].data) + 100, len(good) // 2):
+    for index in (good.index(header.eager[0].data) + 100, good.index(header.vcpus[0].regs), len(good) // 2):
         damaged = bytearray(good)
         damaged[index] ^= 0x01
         with pytest.raises(ProtoError):
             MigrationHeader.decode(bytes(damaged))
     obj = wire(header)
-    obj["zero_bitmap"] = bytes(len(header.zero_bitmap))  # well-formed, but not what was sent
+    obj["paused_at_ns"] += 1  # well-formed, but not what was sent
     with pytest.raises(ProtoError, match="checksum mismatch"):
         MigrationHeader.decode(pack(obj))
+
+
+def test_a_zero_map_round_trips_and_one_damaged_on_the_way_is_refused() -> None:
+    """One flipped bit in the zero map would install a data page as zeros: its checksum refuses it."""
+    zero_map = make_zero_map()
+    good = zero_map.encode()
+    assert ZeroMap.decode(good) == zero_map == decode_any(good)
+    damaged = bytearray(good)
+    damaged[good.index(zero_map.zero_bitmap)] ^= 0x01
+    with pytest.raises(ProtoError, match="checksum mismatch"):
+        ZeroMap.decode(bytes(damaged))
+    with pytest.raises(ProtoError, match="zero_bitmap must be 1.."):
+        ZeroMap("mig-1_A", b"")
 
 
 # --- Complete and ErrorReply rules

@@ -25,6 +25,7 @@ from proto import (
     ProtoError,
     VcpuState,
     VmState,
+    ZeroMap,
     build_page_batch,
     decode_any,
 )
@@ -74,7 +75,8 @@ def page_batches(draw: st.DrawFn) -> tuple[int, int, bytes]:
 
 
 @st.composite
-def headers(draw: st.DrawFn) -> MigrationHeader:
+def headers(draw: st.DrawFn) -> tuple[MigrationHeader, ZeroMap]:
+    """A header and a zero map that fits it (no eager page marked zero)."""
     regions = []
     gpa = 0
     for _ in range(draw(st.integers(1, 4))):
@@ -96,7 +98,7 @@ def headers(draw: st.DrawFn) -> MigrationHeader:
         PageRun(page_gpas[i], os.urandom(PAGE_SIZE)) for i in sorted(p for p in eager_pages if p is not None)
     ]
     vcpu_list = draw(st.lists(vcpus, min_size=1, max_size=3, unique_by=lambda vcpu: vcpu.id))
-    return MigrationHeader(
+    header = MigrationHeader(
         migration_id=draw(ids),
         page_size=PAGE_SIZE,
         regions=regions,
@@ -104,7 +106,6 @@ def headers(draw: st.DrawFn) -> MigrationHeader:
         vm_state=draw(vm_states),
         devices=draw(st.dictionaries(names, blobs, max_size=4)),
         eager=eager,
-        zero_bitmap=zero_bits.to_bytes((total_pages + 7) // 8, "little"),
         paused_at_ns=draw(st.integers(0, 2**63 - 1)),
         boot_id=draw(ids),
         workload=draw(
@@ -113,9 +114,10 @@ def headers(draw: st.DrawFn) -> MigrationHeader:
             )
         ),
     )
+    return header, ZeroMap(header.migration_id, zero_bits.to_bytes((total_pages + 7) // 8, "little"))
 
 
-messages = st.one_of(page_requests, completes, error_replies, headers())
+messages = st.one_of(page_requests, completes, error_replies, headers().flatmap(lambda pair: st.sampled_from(pair)))
 
 # Arbitrary msgpack values, to reach the field checks rather than stop at the parser.
 msgpack_values = st.recursive(
@@ -147,7 +149,7 @@ def test_decode_any_of_arbitrary_bytes_raises_only_proto_error(data: bytes) -> N
 
 @FAST
 @given(
-    st.sampled_from(["migration_header", "page_request", "page_batch", "complete", "error", "x"]),
+    st.sampled_from(["migration_header", "zero_map", "page_request", "page_batch", "complete", "error", "x"]),
     st.dictionaries(st.text(max_size=12), msgpack_values, max_size=12),
 )
 def test_decode_any_of_arbitrary_maps_raises_only_proto_error(
@@ -221,3 +223,8 @@ def test_flipping_any_data_byte_fails_verify(case: tuple[int, int, bytes], data:
     else:
         raise AssertionError("verify accepted corrupt data")
 
+@FAST
+@given(headers())
+def test_a_zero_map_that_marks_no_eager_page_fits_its_header(pair: tuple[MigrationHeader, ZeroMap]) -> None:
+    header, zero_map = pair
+    header.check_zero_map(ZeroMap.decode(zero_map.encode()))

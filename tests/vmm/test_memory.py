@@ -244,3 +244,29 @@ def test_resident_pages_of_a_memfd_agree_with_mincore_across_holes_and_chunks() 
         assert [i for i, b in enumerate(reference) if b & 1] == sorted(written)
     finally:
         mem.close()
+
+
+def test_resident_pages_of_a_file_count_data_that_left_the_page_cache(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A resumed page server maps its RAM file afresh (after a reboot, with a state directory
+    on disk, nothing of it is in memory): mincore says no page is there, but the file holds
+    them, and a page passed for zero would be installed as zeros on the destination."""
+    path = str(tmp_path / "ram")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 64 * PAGE)
+        for page in (3, 4, 5, 40, 63):
+            os.pwrite(fd, b"\x01" * PAGE, page * PAGE)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean, unmapped: out of the page cache
+    finally:
+        os.close(fd)
+    mem = GuestMemory.open_file(path, [(0, 64 * PAGE)])
+    try:
+        r = mem.regions[0]
+        in_memory = (ctypes.c_ubyte * mem.pages)()
+        assert libc.mincore(r.hva, r.size, in_memory) == 0
+        if any(b & 1 for b in in_memory):
+            pytest.skip(f"{tmp_path} keeps the pages in memory (tmpfs?): nothing left the page cache")
+        assert [i for i, b in enumerate(mem.resident_pages()) if b & 1] == [3, 4, 5, 40, 63]
+    finally:
+        mem.close()

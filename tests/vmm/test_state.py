@@ -50,12 +50,11 @@ def machines() -> Iterator[Machines]:
 def _through_proto(machine: Machine, vcpus: list[VcpuState], vm_state: VmState,
                    devices: dict[str, bytes]) -> MigrationHeader:
     """Encodes the captured state in a MigrationHeader and decodes it again."""
-    pages = machine.memory.pages
     header = MigrationHeader(
         migration_id="test-state", page_size=PAGE_SIZE,
         regions=tuple(MemoryRegion(r.gpa, r.size) for r in machine.memory.regions),
         vcpus=tuple(vcpus), vm_state=vm_state, devices=devices, eager=(),
-        zero_bitmap=bytes((pages + 7) // 8), paused_at_ns=time.monotonic_ns(), boot_id="boot", workload={},
+        paused_at_ns=time.monotonic_ns(), boot_id="boot", workload={},
     )
     return MigrationHeader.decode(header.encode())
 
