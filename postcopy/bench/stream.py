@@ -2,7 +2,7 @@
 
 A paused memtouch source (its RAM written before its guest starts, so every page is data) serves its pages; the
 real background code (destination/background.py: zero pages first, then pipelined batches over
-its own connection, on its own thread, installed with UFFDIO_COPY) pulls all of them into fresh,
+DEFAULT_STREAMS connections, a thread each, installed with UFFDIO_COPY) pulls all of them into fresh,
 userfaultfd-registered RAM. In the same run two Python processes push the same number of data
 bytes over a raw loopback socket; the ratio is the figure.
 
@@ -22,7 +22,7 @@ import uvloop
 from postcopy.bench import median
 from postcopy.bench.common import BenchOptions, section_main, source_process
 from postcopy.bench.socket_baseline import stream_bytes_per_s
-from postcopy.destination.background import run_background
+from postcopy.destination.background import DEFAULT_STREAMS, run_background
 from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection
 from postcopy.destination.install import Installer
@@ -47,15 +47,17 @@ def measure(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str) -
         tracker = PageTracker(memory, zero_bitmap)
         installer = Installer(uffd, memory, tracker, wake=False)  # nobody waits on this RAM
 
-        retry = RetryContext()  # as the destination's background: behind the retry wrapper
-        connection = RetryingSyncConnection.open(
+        retry = RetryContext()  # as the destination's background: behind the retry wrapper, as many streams
+        connections = [RetryingSyncConnection.open(
             lambda: SyncPageConnection(url, token, receive_timeout=retry.policy.request_timeout_s), retry)
+            for _ in range(DEFAULT_STREAMS)]
         try:
             t0 = time.perf_counter()
-            uvloop.run(run_background(connection, installer))
+            uvloop.run(run_background(connections, installer))
             seconds = time.perf_counter() - t0
         finally:
-            connection.close()
+            for connection in connections:
+                connection.close()
         for region in memory.regions:
             uffd.unregister(region.hva, region.size)
     finally:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal
 
 import aiohttp
 
-from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, run_background
+from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, DEFAULT_STREAMS, run_background
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import (FetchError, SyncPageConnection, auth_headers, fetch_zero_map,
                                          start_migration, tls_option)
@@ -108,7 +108,8 @@ class Destination:
                  readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
                  console: Callable[[str], None] | None = None, registry: Registry | None = None,
                  retry: RetryPolicy | None = None, ssl_context: ssl.SSLContext | None = None,
-                 background_batch_pages: int = DEFAULT_BATCH_PAGES, background_depth: int = DEFAULT_DEPTH) -> None:
+                 background_batch_pages: int = DEFAULT_BATCH_PAGES, background_depth: int = DEFAULT_DEPTH,
+                 background_streams: int = DEFAULT_STREAMS) -> None:
         self.source_url = source_url.rstrip("/")
         self.token = token
         self.fault_mode = fault_mode
@@ -120,6 +121,7 @@ class Destination:
         self.ssl_context = ssl_context
         self.background_batch_pages = background_batch_pages
         self.background_depth = background_depth
+        self.background_streams = max(1, background_streams)
         self.state = DestinationState.NEW
         self.machine: Machine | None = None
         self.memory: GuestMemory | None = None
@@ -132,7 +134,7 @@ class Destination:
         self._session: aiohttp.ClientSession | None = None
         # exit: one per vCPU; classic: one per handler thread
         self._vcpu_connections: list[RetryingSyncConnection] = []
-        self._background_connection: RetryingSyncConnection | None = None  # pipelined, its own thread
+        self._background_connections: list[RetryingSyncConnection] = []  # pipelined, a thread each
         self._classic_cpus: list[int | None] = []  # classic mode: where prepare() pinned the vCPUs
         self._started_ns = 0
         self._done_ns = 0
@@ -181,9 +183,9 @@ class Destination:
         self.installer = Installer(self.uffd, self.memory, self.tracker, wake=self.fault_mode == "classic")
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(self.ssl_context)))
         fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
-        # one per vCPU (or classic handler), then the background transfer's
+        # one per vCPU (or classic handler), then the background streams'
         opened = await asyncio.gather(
-            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(fetchers + 1)),
+            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(fetchers + self.background_streams)),
             return_exceptions=True)
         connections = [c for c in opened if isinstance(c, RetryingSyncConnection)]
         if len(connections) < len(opened):  # close the ones that did open: nobody else will
@@ -191,7 +193,7 @@ class Destination:
                 await asyncio.to_thread(c.close)
             raise next(e for e in opened if isinstance(e, BaseException))
         self._vcpu_connections = list(connections[:fetchers])
-        self._background_connection = connections[fetchers]
+        self._background_connections = list(connections[fetchers:])
         self._park_vcpus()
         self._to(DestinationState.LISTEN)
 
@@ -265,7 +267,7 @@ class Destination:
         try:
             await self._apply_zero_map()
             background = asyncio.ensure_future(run_background(
-                self._background_connection, self.installer, batch_pages=self.background_batch_pages,  # type: ignore[arg-type]
+                self._background_connections, self.installer, batch_pages=self.background_batch_pages,
                 depth=self.background_depth)) if self.background else None
             while not self.tracker.all_present.is_set():
                 failures = self.machine.failures()
@@ -483,8 +485,8 @@ class Destination:
         else:
             for sync in self._vcpu_connections:
                 await asyncio.to_thread(sync.close)
-        if self._background_connection is not None:
-            await asyncio.to_thread(self._background_connection.close)
+        for connection in self._background_connections:
+            await asyncio.to_thread(connection.close)
         if self._session is not None:
             await self._session.close()
         self._unregister_ram()

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from postcopy.destination.background import transfer
+from postcopy.destination.background import run_background, transfer
 from postcopy.destination.client import ZERO_COPY_MIN_BYTES, FetchError, SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import PageTracker
@@ -55,6 +55,48 @@ def test_a_background_transfer_of_large_batches_leaves_ram_holding_the_sources_p
 
     # every 8th page of the served pattern is zero: runs of data and zero pages in every batch
     assert asyncio.run(main()) == served.memory.read(0, served.memory.size)
+
+
+@pytest.mark.usefixtures("uffd_available")
+@pytest.mark.parametrize("broken", [False, True], ids=["three-streams", "one-stream-broken"])
+def test_background_streams_share_the_pages_or_end_together_on_an_error(served: Served, broken: bool) -> None:
+    """run_background with several connections: each claims its own batches from the one
+    tracker, so together they install every page once (their requests add up to a transfer);
+    a stream that fails ends them all with its error."""
+    header = served.header
+
+    def pull(url: str) -> tuple[bytes, list[int]]:
+        memory = GuestMemory.create(served.memory.size, "anon", "streams-test")
+        uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM)
+        connections = [SyncPageConnection(url, SERVED_TOKEN) for _ in range(3)]
+        try:
+            uffd.register(memory.regions[0].hva, memory.size)
+            tracker = PageTracker(memory)
+            if broken:
+                connections[1].close()
+                with pytest.raises(FetchError):
+                    asyncio.run(run_background(connections, Installer(uffd, memory, tracker, wake=False), batch_pages=16))
+                return b"", []
+            asyncio.run(run_background(connections, Installer(uffd, memory, tracker, wake=False), batch_pages=16))
+            assert tracker.all_present.is_set() and tracker.present == memory.pages
+            contents = memory.read(0, memory.size)
+            uffd.unregister(memory.regions[0].hva, memory.size)
+            return contents, [c.requests for c in connections]
+        finally:
+            for c in connections:
+                c.close()
+            uffd.close()
+            memory.close()
+
+    async def main() -> tuple[bytes, list[int]]:
+        async with PageServer.resumed(served.memory, header, header.encode(), token=SERVED_TOKEN) as server:
+            return await asyncio.to_thread(pull, await server.start("127.0.0.1", 0))
+
+    contents, requests = asyncio.run(main())
+    if not broken:
+        assert contents == served.memory.read(0, served.memory.size)
+        assert sum(requests) == -(-served.memory.pages // 16)  # every batch asked for once, by one stream
+        assert sum(1 for n in requests if n) >= 2, f"one stream did all the work: {requests}"
 
 
 def _good(request: PageRequest) -> bytes:
