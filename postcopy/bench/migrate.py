@@ -2,21 +2,23 @@
 
 Each row is one migration on the real path (a source VMM, `vmm serve`, running memtouch ->
 Destination: prepare, switchover, exit-mode faults plus the background transfer, complete),
-run in a child process of its own so that its peak RSS (ru_maxrss) is the destination's
-alone. A "written" guest has 75% of its RAM written before its guest starts (PUT /v1/vm's
+run in a child process of its own so that its peak RSS (VmHWM) is the destination's
+alone (not ru_maxrss: Linux carries that high-water mark across fork and exec, so a child
+started by a bench that had paged in 256 MiB reported the parent's 620 MiB). A "written" guest has 75% of its RAM written before its guest starts (PUT /v1/vm's
 ``prefill``), a "zero" one only what memtouch's fill reaches before the switchover;
 `written_mib` is measured, from the source's zero map.
 """
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
+from postcopy.bench import BenchError
 from postcopy.bench.common import BenchOptions, section_main, source_process
 from postcopy.destination.migration import Destination
 from proto.version import PAGE_SIZE
@@ -52,8 +54,15 @@ def migrate_once(guest_mib: int, prefill: float) -> dict[str, Any]:
                     "pages": result.pages}
 
         row = uvloop.run(migrate())
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"guest_mib": guest_mib, **row, "rss_mib": round(rss_kib / 1024)}
+    return {"guest_mib": guest_mib, **row, "rss_mib": round(peak_rss_kib() / 1024)}
+
+
+def peak_rss_kib() -> int:
+    """This process's own peak resident set (VmHWM of /proc/self/status), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise BenchError("no VmHWM in /proc/self/status")
 
 
 def run(opts: BenchOptions) -> list[dict[str, Any]]:
