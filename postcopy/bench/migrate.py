@@ -104,6 +104,7 @@ def plot(result: list[dict[str, Any]], path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("guest RAM (MiB)")
         ax.set_ylabel(unit)
+        ax.set_ylim(bottom=0)  # a zoomed axis would make a flat line look steep
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend()
