@@ -10,13 +10,13 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from postcopy import wsframe
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.websocket import BlockingWebSocket
 from postcopy.source.page_server import PageServer
 from postcopy.source.run import boot_memtouch
+from fake_pages import serve_answers  # type: ignore[import-not-found]
 from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, build_page_batch, decode_any
 from vmm.machine import Machine
 
@@ -113,29 +113,7 @@ def test_a_refusal_before_the_switchover_is_a_fetch_error_with_its_code() -> Non
 
 def fake_server(answer: Callable[[PageRequest], bytes]) -> Callable[[Callable[[str], None]], None]:
     """An aiohttp WebSocket server that answers each request with ``answer(request)``."""
-    def run(client: Callable[[str], None]) -> None:
-        async def main() -> None:
-            async def handler(request: web.Request) -> web.WebSocketResponse:
-                ws = web.WebSocketResponse()
-                await ws.prepare(request)
-                async for msg in ws:
-                    await ws.send_bytes(answer(PageRequest.decode(msg.data)))
-                return ws
-
-            app = web.Application()
-            app.add_routes([web.get("/v1/pages/ws", handler)])
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            try:
-                await asyncio.to_thread(client, f"http://127.0.0.1:{runner.addresses[0][1]}")
-            finally:
-                await runner.cleanup()
-
-        asyncio.run(main())
-
-    return run
+    return lambda client: serve_answers(answer, client)
 
 
 PAGES = os.urandom(4 * PAGE_SIZE)

@@ -9,16 +9,15 @@ import os
 import threading
 from collections.abc import Callable
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from postcopy.destination.background import run_background, transfer
 from postcopy.destination.client import ZERO_COPY_MIN_BYTES, FetchError, SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import PageTracker
 from postcopy.source.page_server import PageServer
-from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, build_page_batch, page_batch_parts
+from fake_pages import serve_answers  # type: ignore[import-not-found]
+from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, page_batch_parts
 from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
 from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM
 from vmm.memory import GuestMemory
@@ -117,35 +116,6 @@ def _data_too_long(request: PageRequest) -> bytes:
     return bytes(head) + bytes(data)
 
 
-def _fake_server(answer: Callable[[PageRequest], bytes], client: Callable[[str], None], *, ping: bool = False) -> None:
-    """An aiohttp WebSocket server answering each request with ``answer(request)`` (after a
-    ping if ``ping``); ``client(url)`` runs on a thread."""
-    async def main() -> None:
-        async def handler(request: web.Request) -> web.WebSocketResponse:
-            ws = web.WebSocketResponse(max_msg_size=0)
-            await ws.prepare(request)
-            async for msg in ws:
-                if msg.type is not aiohttp.WSMsgType.BINARY:
-                    continue
-                if ping:
-                    await ws.ping(b"are you there")
-                await ws.send_bytes(answer(PageRequest.decode(msg.data)))
-            return ws
-
-        app = web.Application()
-        app.add_routes([web.get("/v1/pages/ws", handler)])
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            await asyncio.to_thread(client, f"http://127.0.0.1:{runner.addresses[0][1]}")
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(main())
-
-
 @pytest.mark.parametrize(("answer", "why"), [
     (_corrupted, "checksum"),
     (lambda r: _good(PageRequest(r.gpa + PAGE_SIZE, r.count, r.kind)), "does not match"),
@@ -164,7 +134,7 @@ def test_a_wrong_large_answer_is_refused(answer: Callable[[PageRequest], bytes],
         finally:
             conn.close()
 
-    _fake_server(answer, client)
+    serve_answers(answer, client)
 
 
 @pytest.mark.parametrize("encode", [_good, lambda r: PageBatch.decode(_good(r)).encode()],
@@ -181,4 +151,4 @@ def test_pipelined_large_answers_with_pings_between_arrive_whole(encode: Callabl
         finally:
             conn.close()
 
-    _fake_server(encode, client, ping=True)
+    serve_answers(encode, client, ping=True)
