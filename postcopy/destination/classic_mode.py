@@ -44,6 +44,7 @@ EVENT_QWORD, ADDRESS_QWORD, PTID_QWORD = 0, 2, 3
 PTID_MASK = 0xFFFFFFFF
 UNKNOWN_VCPU = -1
 STOP_JOIN_S = 5.0
+PAGE_MASK = ~(PAGE_SIZE - 1)
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
 
 
@@ -190,10 +191,11 @@ class ClassicHandler:
         """Serve one read's messages: sorted, duplicates dropped, contiguous pages as one run."""
         q = h.qwords
         if nmsgs == 1:  # the usual read at one fault at a time: no list, no sort
-            page = self._page(q[EVENT_QWORD], q[ADDRESS_QWORD])
+            address = q[ADDRESS_QWORD]
+            page = self._page(q[EVENT_QWORD], address)
             if page >= 0:
                 h.faults += 1
-                self._install(h, page, 1)
+                self._install(h, page, 1, address & PAGE_MASK)
                 h.log(self._vcpu_of(q[PTID_QWORD] & PTID_MASK)).record(t0, UFFD_KIND, time.monotonic_ns() - t0)
             return
         pages = []
@@ -226,14 +228,14 @@ class ClassicHandler:
             log.error("uffd fault at host address %#x outside guest RAM", address)
         return page
 
-    def _install(self, h: _Handler, page: int, run: int) -> None:
-        """Install ``run`` faulting pages from ``page`` on, with a wake-up."""
+    def _install(self, h: _Handler, page: int, run: int, hva: int = -1) -> None:
+        """Install ``run`` faulting pages from ``page`` on, with a wake-up (``hva``: the first
+        page's host address, when the caller has it from the message)."""
         tracker = self.tracker
-        if run == 1 and h.readahead.max == 1 and tracker.state[page] == MISSING and not tracker.is_zero(page):
+        if hva >= 0 and h.readahead.max == 1 and tracker.state[page] == MISSING and not tracker.is_zero(page):
             # One page a fault, no window to size or claim (the page-in bench's case).
-            gpa = self.memory.page_gpa(page)
-            batch = h.connection.fetch(gpa, 1, "demand")  # type: ignore[union-attr]
-            self.installer.install_page(page, self.memory.hva(gpa), batch, DEMAND, h.copier)
+            batch = h.connection.fetch(self.memory.page_gpa(page), 1, "demand")  # type: ignore[union-attr]
+            self.installer.install_page(page, hva, batch, DEMAND, h.copier)
             return
         while run:
             if tracker.is_present(page):
