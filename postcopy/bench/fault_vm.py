@@ -81,7 +81,10 @@ def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpu
         for thread in machine.vcpus:  # as the destination does: each vCPU's own, behind the retry wrapper
             connection = RetryingSyncConnection.open(connect, retry)
             connections.append(connection)
-            resolver.prepare(thread, connection)  # type: ignore[arg-type]
+            prefetch = RetryingSyncConnection.open(connect, retry) if readahead_max > 1 else None
+            if prefetch is not None:  # the scan's prefetcher, as Destination.prepare opens it
+                connections.append(prefetch)
+            resolver.prepare(thread, connection, prefetch)  # type: ignore[arg-type]
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         services = machine.services
         t0 = time.perf_counter()
@@ -97,6 +100,10 @@ def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpu
                           sum(c.requests for c in sockets))
     finally:
         sys.setswitchinterval(old_interval)
+        if machine is not None:
+            machine.stop()
+        if resolver is not None:
+            resolver.close()  # stops the prefetchers before RAM goes
         if machine is not None:
             machine.close()  # stops the vCPUs and unmaps RAM
         else:
