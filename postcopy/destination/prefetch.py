@@ -41,7 +41,7 @@ class Prefetcher:
         self.windows = 0  # windows installed
         self._cond = threading.Condition()
         self._pending: collections.deque[tuple[int, int]] = collections.deque()  # claimed: (page, count)
-        self._start = self._next = self._horizon = 0  # this scan's first page, next to claim, limit
+        self._start = self._next = self._horizon = -1  # this scan's first page, next to claim, limit
         self._size = 1
         self._stop = False
         # A failure after close() ends at once instead of retrying toward a source still up.
