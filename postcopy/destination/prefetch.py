@@ -24,9 +24,12 @@ from proto import PageRequest
 
 log = logging.getLogger("postcopy.prefetch")
 DEPTH = 2  # windows in flight: the source builds the next while this thread installs one
-# How far past the vCPU's last fault it goes: a guest that walks this far without a fault
-# (every page installed in time) faults once here and the scan goes on from there.
-AHEAD_PAGES = 4096
+# How far past the vCPU's last fault it goes (64 MiB): a guest that walks this far without a
+# fault (every page installed in time) faults once here, waits one window, and the scan goes on.
+# Every page it fetches is wanted anyway (post-copy), so the bound only limits how long it
+# pulls one region ahead of the rest. Measured side by side on a 24 MiB scan: 4096 pages (one
+# restart a scan) was ~4% slower (median of 7, the noise on this host is larger).
+AHEAD_PAGES = 16384
 
 
 class Prefetcher:
