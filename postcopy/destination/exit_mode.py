@@ -127,7 +127,7 @@ class ExitModeResolver:
         prefetcher = st.prefetcher
         if prefetcher is not None and prefetcher.reached(page):
             if tracker.state[page] == IN_FLIGHT and prefetcher.wait(page):
-                prefetcher.follow(page, st.readahead.max)  # the guest outran it: keep it ahead of this fault
+                prefetcher.follow(page)  # the guest outran it: keep it ahead of this fault
                 return
             st.readahead.next_expected = page  # where the scan is: it goes on from here
         window = st.readahead.window(page)
@@ -141,7 +141,7 @@ class ExitModeResolver:
         self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND)
         st.readahead.fetched(page, 1 + extra)
         if prefetcher is not None and st.readahead.scanning:
-            prefetcher.follow(page + 1 + extra, st.readahead.next_window())
+            prefetcher.follow(page + 1 + extra)
 
     def fault_logs(self) -> dict[int, FaultLog]:
         return {vcpu: st.faults for vcpu, st in self.states.items()}

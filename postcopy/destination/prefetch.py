@@ -3,7 +3,7 @@
 In exit mode a vCPU thread fetches what its faults need. A vCPU that scans (exit_mode.py: each
 fault where its last window ended) hands the rest of its scan to its Prefetcher: a thread with
 a connection of its own that claims the next windows from the tracker, asks for them (DEPTH in
-flight), and installs each one (UFFDIO_COPY, DONTWAKE) while the guest walks the one before, so
+flight, each of the vCPU's largest readahead window), and installs each one (UFFDIO_COPY, DONTWAKE) while the guest walks the one before, so
 the guest meets installed pages and does not exit at all. It goes at most AHEAD_PAGES past the
 vCPU's last fault (it cannot see the guest between faults); a guest that outruns it faults on a
 claimed page and waits for its window (``wait``) rather than fetching it again.
@@ -45,7 +45,6 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._pending: collections.deque[tuple[int, int]] = collections.deque()  # claimed: (page, count)
         self._start = self._next = self._horizon = -1  # this scan's first page, next to claim, limit
-        self._size = 1
         self._stop = False
         # A failure after close() ends at once instead of retrying toward a source still up.
         connection.still_wanted = lambda: not self._stop
@@ -58,13 +57,15 @@ class Prefetcher:
         page it would claim next (the guest outran it)? Read without the lock (two ints)."""
         return self._start <= page <= self._next and self.failed is None
 
-    def follow(self, page: int, size: int) -> None:
-        """The vCPU's scan has its pages up to ``page``: keep AHEAD_PAGES past it, in windows
-        from ``size`` pages doubling to the maximum (a new scan if ``page`` is not this one's)."""
+    def follow(self, page: int) -> None:
+        """The vCPU's scan has its pages up to ``page``: keep AHEAD_PAGES past it (a new scan if
+        ``page`` is not this one's). Its windows are full-size from the first: doubling them
+        as the vCPU does would have the guest catch up and wait at each (the next window takes
+        twice as long to come as this one to walk). Measured side by side on a 24 MiB scan (two
+        runs, median of 7): the guest's time in faults 3.1-3.5 -> 2.2 ms; pages/s +0-19%."""
         with self._cond:
             if not self._start <= page <= self._next:
                 self._start = self._next = page
-                self._size = size
             self._horizon = max(self._horizon, page + self.ahead_pages)
             self._cond.notify_all()
 
@@ -131,12 +132,11 @@ class Prefetcher:
             while not self._stop:
                 page = self._next
                 if len(self._pending) < DEPTH and page < self._horizon:
-                    limit = tracker.ahead_run(page, min(self._size, self._horizon - page))
+                    limit = tracker.ahead_run(page, min(self.window_max, self._horizon - page))
                     n = tracker.claim(page, limit) if limit else 0
                     if n:
                         self._pending.append((page, n))
                         self._next = page + n
-                        self._size = min(self._size * 2, self.window_max)
                         return page, n
                     self._horizon = page  # a page that is not MISSING data: this scan ends here
                 if not block:

@@ -24,9 +24,5 @@ class Readahead:
         self.size = min(self.size * 2, self.max) if self.scanning else self.base
         return self.size
 
-    def next_window(self) -> int:
-        """The window the next fault gets if it comes where this one's ends (no state change)."""
-        return min(self.size * 2, self.max)
-
     def fetched(self, page: int, npages: int) -> None:
         self.next_expected = page + npages

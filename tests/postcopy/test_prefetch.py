@@ -101,7 +101,7 @@ def test_a_prefetcher_reconnects_through_drops_and_installs_every_page_right(ser
                 conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=2), ctx)
                 prefetcher = Prefetcher(installer, conn, window_max=64, ahead_pages=tracker.npages)
                 try:
-                    prefetcher.follow(0, 4)
+                    prefetcher.follow(0)
                     assert wait_until(lambda: tracker.missing() == 0), f"{tracker.missing()} pages missing"
                     assert prefetcher.failed is None and IN_FLIGHT not in tracker.state
                     assert prefetcher.wait(tracker.npages - 1)  # present: no wait
@@ -127,7 +127,7 @@ def test_a_prefetcher_whose_source_never_comes_back_gives_its_claims_back(served
                 conn = RetryingSyncConnection(lambda: SyncPageConnection(url, SERVED_TOKEN), ctx)
                 prefetcher = Prefetcher(installer, conn, window_max=64)
                 try:
-                    prefetcher.follow(8, 16)
+                    prefetcher.follow(8)
                     assert prefetcher.reached(8)
                     assert wait_until(lambda: prefetcher.failed is not None)
                     assert isinstance(prefetcher.failed, FetchError)
@@ -155,7 +155,7 @@ def test_closing_a_prefetcher_mid_scan_stops_it_at_once_and_leaves_no_claim(serv
                 tracker = installer.tracker
                 conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=30), ctx)
                 prefetcher = Prefetcher(installer, conn, window_max=64)
-                prefetcher.follow(0, 32)
+                prefetcher.follow(0)
                 assert wait_until(lambda: IN_FLIGHT in tracker.state)
                 time.sleep(0.1)
                 claimed = tracker.state.index(IN_FLIGHT)
