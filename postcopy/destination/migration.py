@@ -27,11 +27,12 @@ import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, DEFAULT_STREAMS, run_background
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
-from postcopy.destination.client import (FetchError, SyncPageConnection, auth_headers, fetch_zero_map,
-                                         start_migration, tls_option)
+from postcopy.destination.client import (MAX_WS_MESSAGE, FetchError, SyncPageConnection, auth_headers,
+                                         fetch_zero_map, start_migration, tls_option)
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
+from postcopy.destination.prefetch import answer_bytes
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection, RetryPolicy, retry_async
 from postcopy.observe.collect import register_destination
 from postcopy.observe.faultlog import CLASSIC_KINDS, EXIT_KINDS, FaultLog, blocktime_ns, kind_totals, latencies_ns
@@ -186,9 +187,9 @@ class Destination:
         fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
         prefetchers = vcpus if self.fault_mode == "exit" and self.readahead_max > 1 else 0
         # one per vCPU (or classic handler), one per vCPU's prefetcher, then the background streams'
+        connect = [self._open_sync] * fetchers + [self._open_prefetch] * prefetchers + [self._open_sync] * self.background_streams
         opened = await asyncio.gather(
-            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry)
-              for _ in range(fetchers + prefetchers + self.background_streams)),
+            *(asyncio.to_thread(RetryingSyncConnection.open, c, self.retry) for c in connect),
             return_exceptions=True)
         connections = [c for c in opened if isinstance(c, RetryingSyncConnection)]
         if len(connections) < len(opened):  # close the ones that did open: nobody else will
@@ -221,9 +222,13 @@ class Destination:
             thread.pause()  # not started yet: it parks as soon as it starts
         self.machine.start()
 
-    def _open_sync(self) -> SyncPageConnection:
+    def _open_sync(self, max_message: int = MAX_WS_MESSAGE) -> SyncPageConnection:
         return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
-                                  receive_timeout=self.retry.policy.request_timeout_s)
+                                  receive_timeout=self.retry.policy.request_timeout_s, max_message=max_message)
+
+    def _open_prefetch(self) -> SyncPageConnection:
+        """A prefetcher's: its answers are one readahead window at most, so a buffer that size."""
+        return self._open_sync(answer_bytes(self.readahead_max))
 
     # -- RUNNING -------------------------------------------------------------------------------
     async def switchover(self) -> None:

@@ -20,7 +20,7 @@ import threading
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import IN_FLIGHT, PRESENT, Arrival
 from postcopy.destination.retry import RetryingSyncConnection
-from proto import PageRequest
+from proto import PAGE_SIZE, PageRequest
 
 log = logging.getLogger("postcopy.prefetch")
 DEPTH = 2  # windows in flight: the source builds the next while this thread installs one
@@ -30,6 +30,12 @@ DEPTH = 2  # windows in flight: the source builds the next while this thread ins
 # pulls one region ahead of the rest. Measured side by side on a 24 MiB scan: 4096 pages (one
 # restart a scan) was ~4% slower (median of 7, the noise on this host is larger).
 AHEAD_PAGES = 16384
+
+
+def answer_bytes(window_max: int) -> int:
+    """The receive buffer its connection needs (a window's pages and the batch's framing): a
+    connection's buffer is allocated whole as it opens, 8 MiB by default, one per vCPU here."""
+    return window_max * PAGE_SIZE + (64 << 10)
 
 
 class Prefetcher:
