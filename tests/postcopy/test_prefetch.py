@@ -170,6 +170,29 @@ def test_closing_a_prefetcher_mid_scan_stops_it_at_once_and_leaves_no_claim(serv
     run_behind_proxy(served, schedule, body)
 
 
+def test_a_prefetcher_stays_within_its_horizon_and_a_new_scan_starts_its_own(served: Served) -> None:
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        def run() -> None:
+            with registered_ram(served.memory.size) as installer:
+                tracker = installer.tracker
+                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
+                prefetcher = Prefetcher(installer, conn, window_max=8, ahead_pages=16)
+                try:
+                    prefetcher.follow(200)
+                    assert wait_until(lambda: tracker.present == 16 and IN_FLIGHT not in tracker.state)
+                    prefetcher.follow(0)  # elsewhere: 16 from here, not up to the old scan's horizon
+                    assert wait_until(lambda: tracker.present == 32 and IN_FLIGHT not in tracker.state)
+                    time.sleep(0.05)
+                    assert tracker.present == 32 and prefetcher.windows == 4
+                    assert all(tracker.is_present(p) for p in [*range(0, 16), *range(200, 216)])
+                finally:
+                    prefetcher.close()
+
+        await asyncio.to_thread(run)
+
+    run_behind_proxy(served, ChaosSchedule(max_faults=0), body)
+
+
 def test_without_readahead_no_prefetcher_starts(served: Served) -> None:
     async def body(url: str, proxy: ChaosProxy) -> None:
         def run() -> None:
