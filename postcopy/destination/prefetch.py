@@ -9,8 +9,9 @@ not exit at all. It goes at most AHEAD_PAGES past the vCPU's last fault (it cann
 guest between faults); a guest that outruns it faults on a claimed page and waits for its
 window (``wait``) rather than fetching it again.
 
-Claims: only the windows in flight are claimed (IN_FLIGHT), so a scan that stops leaves no claim
-once they are installed; a connection that gives up (retry.py) or close() gives them back.
+Runs of the source's zero map on the way are made here (UFFDIO_ZEROPAGE), so a scan goes on
+past them. Claims: only the windows in flight are claimed (IN_FLIGHT), so a scan that stops
+leaves no claim once they are installed; a connection that gives up (retry.py) or close() gives them back.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class Prefetcher:
         with self._cond:
             if not self._start <= page <= self._next:
                 self._start = self._next = self._horizon = page
-            self._horizon = max(self._horizon, page + self.ahead_pages)
+            self._horizon = max(self._horizon, min(page + self.ahead_pages, self.tracker.npages))
             self._cond.notify_all()
 
     def wait(self, page: int) -> bool:
@@ -106,8 +107,16 @@ class Prefetcher:
                 window = self._claim(block=not requests)
                 if window is None:
                     return
-                if window[1]:
-                    requests.append(self.connection.send(memory.page_gpa(window[0]), window[1], "readahead"))
+                page, n, zero = window
+                if zero:  # a run of the source's zero map: made here, never fetched
+                    try:
+                        self.installer.install_zero(page, n)
+                    except BaseException:
+                        self.tracker.release(page, n)
+                        raise
+                    continue
+                if n:
+                    requests.append(self.connection.send(memory.page_gpa(page), n, "readahead"))
                     if len(requests) < DEPTH:
                         continue
                 if not requests:
@@ -131,22 +140,29 @@ class Prefetcher:
                 self._horizon = self._next
                 self._cond.notify_all()
 
-    def _claim(self, *, block: bool) -> tuple[int, int] | None:
-        """The next window to ask for, claimed: (page, count); count 0 if there is none now and
-        ``block`` is False; None once stopped."""
-        tracker = self.tracker
+    def _claim(self, *, block: bool) -> tuple[int, int, bool] | None:
+        """The next window, claimed: (page, count, zero): a window to ask for, or a run of the
+        source's zero map (zero); count 0 if there is none now and ``block`` is False; None
+        once stopped."""
+        tracker, memory = self.tracker, self.installer.memory
         with self._cond:
             while not self._stop:
                 page = self._next
                 if len(self._pending) < DEPTH and page < self._horizon:
-                    limit = tracker.ahead_run(page, min(self.window_max, self._horizon - page))
-                    n = tracker.claim(page, limit) if limit else 0
+                    zero = tracker.is_zero(page)
+                    if zero:  # up to its region's end: one UFFDIO_ZEROPAGE
+                        region = memory.region_of(memory.page_gpa(page))
+                        n = tracker.claim(page, min(region.first_page + region.pages, self._horizon) - page)
+                    else:
+                        limit = tracker.ahead_run(page, min(self.window_max, self._horizon - page))
+                        n = tracker.claim(page, limit) if limit else 0
                     if n:
-                        self._pending.append((page, n))
+                        if not zero:
+                            self._pending.append((page, n))
                         self._next = page + n
-                        return page, n
-                    self._horizon = page  # a page that is not MISSING data: this scan ends here
+                        return page, n, zero
+                    self._horizon = page  # a page that is not MISSING: this scan ends here
                 if not block:
-                    return page, 0
+                    return page, 0, False
                 self._cond.wait()
         return None

@@ -16,7 +16,7 @@ from postcopy.chaos import ChaosProxy, ChaosSchedule
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
-from postcopy.destination.pages import IN_FLIGHT, PageTracker
+from postcopy.destination.pages import IN_FLIGHT, Arrival, PageTracker
 from postcopy.destination.prefetch import Prefetcher
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection, RetryPolicy
 from proto import PAGE_SIZE
@@ -66,14 +66,14 @@ def test_a_scanning_guest_meets_prefetched_pages_and_every_page_is_the_sources(v
 
 
 @contextmanager
-def registered_ram(size: int) -> Iterator[Installer]:
+def registered_ram(size: int, zero_map: bytes | None = None) -> Iterator[Installer]:
     """Empty registered RAM with no guest (pages may be read only once present)."""
     uffd = Uffd(0)
     memory = GuestMemory.create(size, "anon")
     try:
         for region in memory.regions:
             uffd.register(region.hva, region.size)
-        tracker = PageTracker(memory)  # no zero map: zero pages come as zero runs and are installed
+        tracker = PageTracker(memory, zero_map)  # without one, zero pages come as zero runs of a batch
         yield Installer(uffd, memory, tracker, wake=False)
     finally:
         memory.close()
@@ -185,6 +185,30 @@ def test_a_prefetcher_stays_within_its_horizon_and_a_new_scan_starts_its_own(ser
                     time.sleep(0.05)
                     assert tracker.present == 32 and prefetcher.windows == 4
                     assert all(tracker.is_present(p) for p in [*range(0, 16), *range(200, 216)])
+                finally:
+                    prefetcher.close()
+
+        await asyncio.to_thread(run)
+
+    run_behind_proxy(served, ChaosSchedule(max_faults=0), body)
+
+
+def test_a_scan_goes_on_past_the_zero_maps_runs_made_here(served: Served) -> None:
+    zero_map = bytes([0x01]) * (served.memory.pages // 8)  # fill_pattern: every 8th page is zero
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        def run() -> None:
+            with registered_ram(served.memory.size, zero_map) as installer:
+                tracker = installer.tracker
+                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
+                prefetcher = Prefetcher(installer, conn, window_max=64, ahead_pages=tracker.npages)
+                try:
+                    prefetcher.follow(1)
+                    assert wait_until(lambda: tracker.missing() == 1 and IN_FLIGHT not in tracker.state)
+                    assert tracker.counts[Arrival.ZERO] == tracker.npages // 8 - 1  # all but page 0, behind it
+                    assert tracker.counts[Arrival.READAHEAD] == tracker.npages - tracker.npages // 8
+                    size = served.memory.size - PAGE_SIZE
+                    assert installer.memory.read(PAGE_SIZE, size) == served.memory.read(PAGE_SIZE, size)
                 finally:
                     prefetcher.close()
 
