@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from postcopy.destination.client import SyncPageConnection
@@ -49,9 +50,11 @@ class ScanResult:
 
 
 def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpus: int, *,
-         readahead_base: int, readahead_max: int) -> ScanResult:
+         readahead_base: int, readahead_max: int,
+         inspect: Callable[[ExitModeResolver, GuestMemory], None] | None = None) -> ScanResult:
     """Run the touch guest once over a fresh destination VM; every data page is fetched from
-    ``url`` (zero-map pages are made here, as in a migration)."""
+    ``url`` (zero-map pages are made here, as in a migration). ``inspect`` (tests) sees the
+    resolver and guest RAM once the guest is done, before anything is closed."""
     layout = [(r.gpa, r.size) for r in header.regions]
     size = sum(r.size for r in header.regions)
     memory = GuestMemory.create_layout(layout, "anon", "bench-fault-vm")
@@ -81,7 +84,10 @@ def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpu
         for thread in machine.vcpus:  # as the destination does: each vCPU's own, behind the retry wrapper
             connection = RetryingSyncConnection.open(connect, retry)
             connections.append(connection)
-            resolver.prepare(thread, connection)  # type: ignore[arg-type]
+            prefetch = RetryingSyncConnection.open(connect, retry) if readahead_max > 1 else None
+            if prefetch is not None:  # the scan's prefetcher, as Destination.prepare opens it
+                connections.append(prefetch)
+            resolver.prepare(thread, connection, prefetch)  # type: ignore[arg-type]
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         services = machine.services
         t0 = time.perf_counter()
@@ -93,10 +99,16 @@ def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpu
         if not finished:
             raise FaultVmError(f"touch guest with {vcpus} vCPUs did not finish in {RUN_TIMEOUT_S:.0f} s")
         pages = sum(p.done_pages for p in services.progress)
+        if inspect is not None:
+            inspect(resolver, memory)
         return ScanResult(vcpus, pages, seconds, latencies_ns(resolver.fault_logs().values()),
                           sum(c.requests for c in sockets))
     finally:
         sys.setswitchinterval(old_interval)
+        if machine is not None:
+            machine.stop()
+        if resolver is not None:
+            resolver.close()  # stops the prefetchers before RAM goes
         if machine is not None:
             machine.close()  # stops the vCPUs and unmaps RAM
         else:

@@ -7,8 +7,9 @@ serves its pages. Here a destination VM runs the `touch` guest on empty register
 Measured, side by side in this run:
 - one page per fault (no readahead), at each vCPU count: fault exit -> re-entry latency
   (p50, p99; a quick run pools the faults of QUICK_SCANS scans) and pages/s (their median);
-- the same scan with adaptive readahead (destination/readahead.py), pages/s (a quick run's
-  median of QUICK_SCANS scans), against the background stream's pages/s (stream.measure on the
+- the same scan with adaptive readahead (destination/readahead.py; the windows ahead of a scan
+  come from its prefetcher, destination/prefetch.py), pages/s, and the guest's faults and time
+  in them (a quick run's median of QUICK_SCANS scans), against the background stream's pages/s (stream.measure on the
   same source);
 - the yardstick: a 4 KiB raw-socket ping-pong between two Python processes (p50, p99),
   taken before and after the fault runs and pooled, since the load on this host drifts.
@@ -54,7 +55,9 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             ra_runs = sorted((scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=DEFAULT_BASE,
                                    readahead_max=DEFAULT_MAX) for _ in range(opts.repeat)), key=lambda r: r.pages_s)
             r = ra_runs[len(ra_runs) // 2]
+            # faults: how often the guest still exited (the prefetcher keeps a scan ahead of it)
             readahead[str(vcpus)] = {"pages": r.pages, "fetches": r.fetches, "pages_s": round(r.pages_s),
+                                     "faults": len(r.latency_ns), "fault_ms": round(sum(r.latency_ns) / 1e6, 2),
                                      "p50_us": percentiles_us(r.latency_ns).get("p50"),
                                      "runs_pages_s": [round(r.pages_s) for r in ra_runs]}
         stream.measure(header, zero_bitmap, source.url, source.token)

@@ -76,14 +76,14 @@ class SyncPageConnection:
     for a small batch, one recv."""
 
     def __init__(self, base_url: str, token: str, *, ssl_context: ssl.SSLContext | None = None,
-                 receive_timeout: float | None = None) -> None:
+                 receive_timeout: float | None = None, max_message: int = MAX_WS_MESSAGE) -> None:
         self.base_url = base_url.rstrip("/")
         self.requests = 0
         self.bytes_received = 0
         try:
             # receive_timeout: a stalled answer is a FetchError after this long (a socket timeout)
             self.ws = BlockingWebSocket(f"{self.base_url}{PAGES_PATH}", auth_headers(token),
-                                        max_message=MAX_WS_MESSAGE, ssl_context=ssl_context,
+                                        max_message=max_message, ssl_context=ssl_context,
                                         receive_timeout=receive_timeout)
         except HandshakeError as e:
             raise FetchError(f"cannot open the page stream at {self.base_url}: HTTP {e.status}"

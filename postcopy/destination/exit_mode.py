@@ -3,10 +3,10 @@
 uffd is opened with UFFD_FEATURE_SIGBUS, so nothing sleeps on the uffd wait queue: the vCPU's
 KVM_RUN comes back (faults.py says how), this thread fetches the page and a readahead window
 over its own connection, installs them with UFFDIO_COPY_MODE_DONTWAKE, completes the access
-and re-enters the guest. A vCPU that scans (each fault where its last window ended) also sends
-the request for the window after this one before it installs this one: the source builds and
-sends it while this thread installs and the guest works through the current window, so the next
-fault finds its answer already on the socket instead of waiting a round trip.
+and re-enters the guest. A vCPU that scans (each fault where its last window ended) hands the
+rest of its scan to its prefetcher (prefetch.py), which fetches and installs the next windows
+while the guest walks this one: the guest then meets installed pages and does not exit, and a
+fault on a window the prefetcher has in flight waits for it instead of fetching it again.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from time import monotonic_ns
 
 from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
-from postcopy.destination.pages import PRESENT, Arrival, PageTracker
+from postcopy.destination.pages import IN_FLIGHT, PRESENT, Arrival, PageTracker
+from postcopy.destination.prefetch import Prefetcher
 from postcopy.destination.readahead import Readahead
 from postcopy.destination.retry import NoLongerWanted, RetryingSyncConnection
 from postcopy.faults import MMIO, PAGE_MASK, FaultDecoder
 from postcopy.observe.faultlog import FaultLog
-from proto import PageRequest
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.uffd import PageCopier
 from vmm.vcpu import VcpuThread
@@ -35,8 +35,7 @@ class VcpuFaultState:
         self.decoder = decoder
         self.connection = connection
         self.readahead = readahead
-        self.ahead: PageRequest | None = None  # the window asked for ahead, answered next on connection
-        self.ahead_page = 0
+        self.prefetcher: Prefetcher | None = None  # where readahead is on and it has a connection
         self.waiting_page = -1  # the page this vCPU is fetching (its connection's retry asks)
         self.faults = FaultLog()  # fault exit to re-entry, one record per resolved fault
         self.copier: PageCopier | None = None  # this vCPU's one-page UFFDIO_COPY (set by prepare)
@@ -55,12 +54,19 @@ class ExitModeResolver:
         self._gpa0 = self.memory.regions[0].gpa  # qword_offset's offsets are from here
         self._lock = threading.Lock()
 
-    def prepare(self, thread: VcpuThread, connection: SyncPageConnection) -> None:
-        """Attach to a vCPU before it starts, with the connection it will own (opened before
-        the switchover, so not on the fault path)."""
+    def prepare(self, thread: VcpuThread, connection: SyncPageConnection,
+                prefetch: RetryingSyncConnection | None = None) -> None:
+        """Attach to a vCPU before it starts, with the connection it will own and its
+        prefetcher's (opened before the switchover, so not on the fault path; without readahead
+        no prefetcher starts and ``prefetch`` is closed)."""
         state = VcpuFaultState(FaultDecoder(self.memory), connection,
                                Readahead(self.readahead_base, self.readahead_max))
         state.copier = self.installer.page_copier()
+        if prefetch is not None and self.readahead_max > 1:
+            state.prefetcher = Prefetcher(self.installer, prefetch, window_max=self.readahead_max,
+                                          name=f"prefetch-{thread.id}")
+        elif prefetch is not None:
+            prefetch.close()
         with self._lock:
             self.states[thread.id] = state
         if isinstance(connection, RetryingSyncConnection):
@@ -106,7 +112,7 @@ class ExitModeResolver:
             return
         st.waiting_page = page
         try:
-            if st.readahead.max == 1 and st.ahead is None:  # one page a fault: no window to size
+            if st.readahead.max == 1:  # one page a fault: no window to size
                 self.installer.install_page(page, hva, st.connection.fetch(gpa, 1, "demand"), DEMAND,  # type: ignore[union-attr]
                                             st.copier)  # type: ignore[arg-type]
             else:
@@ -118,48 +124,32 @@ class ExitModeResolver:
 
     def _fetch_window(self, st: VcpuFaultState, page: int, gpa: int) -> None:
         tracker = self.tracker
-        window = st.readahead.window(page)
-        ahead = st.ahead
-        if ahead is not None:  # its answer comes first on this connection, whatever this fault is
-            st.ahead = None
-            batch = st.connection.receive(ahead)  # type: ignore[union-attr]
-            reached = st.ahead_page == page
-            if reached and st.readahead.scanning:
-                self._send_ahead(st, page + ahead.count)  # before the install: the source works meanwhile
-            self.installer.install_batch(batch, Arrival.READAHEAD)
-            if tracker.is_present(page):
-                if reached:
-                    st.readahead.fetched(page, ahead.count)
+        prefetcher = st.prefetcher
+        if prefetcher is not None and prefetcher.reached(page):
+            if tracker.state[page] == IN_FLIGHT and prefetcher.wait(page):
+                prefetcher.follow(page)  # the guest outran it: keep it ahead of this fault
                 return
+            st.readahead.next_expected = page  # where the scan is: it goes on from here
+        window = st.readahead.window(page)
         extra = tracker.claim_readahead(page, window) if window > 1 else 0
-        conn = st.connection
         try:
-            if st.readahead.scanning and window > 1:  # this window's request, then the next one's
-                request = conn.send(gpa, 1 + extra, "demand")  # type: ignore[union-attr]
-                self._send_ahead(st, page + 1 + extra)
-                batch = conn.receive(request)  # type: ignore[union-attr]
-            else:
-                batch = conn.fetch(gpa, 1 + extra, "demand")  # type: ignore[union-attr]
+            batch = st.connection.fetch(gpa, 1 + extra, "demand")  # type: ignore[union-attr]
         except BaseException:
-            st.ahead = None  # a connection that gave up forgets what it had in flight
             if extra:
                 tracker.release(page + 1, extra)
             raise
         self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND)
         st.readahead.fetched(page, 1 + extra)
-
-    def _send_ahead(self, st: VcpuFaultState, page: int) -> None:
-        """Ask for the window that starts at ``page`` (the next fault's, if the scan goes on)."""
-        n = self.tracker.ahead_run(page, st.readahead.next_window())
-        if n:
-            st.ahead = st.connection.send(self.memory.page_gpa(page), n, "readahead")  # type: ignore[union-attr]
-            st.ahead_page = page
+        if prefetcher is not None and st.readahead.scanning:
+            prefetcher.follow(page + 1 + extra)
 
     def fault_logs(self) -> dict[int, FaultLog]:
         return {vcpu: st.faults for vcpu, st in self.states.items()}
 
     def close(self) -> None:
         for st in self.states.values():
+            if st.prefetcher is not None:
+                st.prefetcher.close()
             if st.connection is not None:
                 st.connection.close()
                 st.connection = None

@@ -27,11 +27,12 @@ import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, DEFAULT_STREAMS, run_background
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
-from postcopy.destination.client import (FetchError, SyncPageConnection, auth_headers, fetch_zero_map,
-                                         start_migration, tls_option)
+from postcopy.destination.client import (MAX_WS_MESSAGE, FetchError, SyncPageConnection, auth_headers,
+                                         fetch_zero_map, start_migration, tls_option)
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
+from postcopy.destination.prefetch import answer_bytes
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection, RetryPolicy, retry_async
 from postcopy.observe.collect import register_destination
 from postcopy.observe.faultlog import CLASSIC_KINDS, EXIT_KINDS, FaultLog, blocktime_ns, kind_totals, latencies_ns
@@ -134,6 +135,7 @@ class Destination:
         self._session: aiohttp.ClientSession | None = None
         # exit: one per vCPU; classic: one per handler thread
         self._vcpu_connections: list[RetryingSyncConnection] = []
+        self._prefetch_connections: list[RetryingSyncConnection] = []  # a scanning vCPU's prefetcher each
         self._background_connections: list[RetryingSyncConnection] = []  # pipelined, a thread each
         self._classic_cpus: list[int | None] = []  # classic mode: where prepare() pinned the vCPUs
         self._started_ns = 0
@@ -183,9 +185,11 @@ class Destination:
         self.installer = Installer(self.uffd, self.memory, self.tracker, wake=self.fault_mode == "classic")
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(self.ssl_context)))
         fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
-        # one per vCPU (or classic handler), then the background streams'
+        prefetchers = vcpus if self.fault_mode == "exit" and self.readahead_max > 1 else 0
+        # one per vCPU (or classic handler), one per vCPU's prefetcher, then the background streams'
+        connect = [self._open_sync] * fetchers + [self._open_prefetch] * prefetchers + [self._open_sync] * self.background_streams
         opened = await asyncio.gather(
-            *(asyncio.to_thread(RetryingSyncConnection.open, self._open_sync, self.retry) for _ in range(fetchers + self.background_streams)),
+            *(asyncio.to_thread(RetryingSyncConnection.open, c, self.retry) for c in connect),
             return_exceptions=True)
         connections = [c for c in opened if isinstance(c, RetryingSyncConnection)]
         if len(connections) < len(opened):  # close the ones that did open: nobody else will
@@ -193,7 +197,8 @@ class Destination:
                 await asyncio.to_thread(c.close)
             raise next(e for e in opened if isinstance(e, BaseException))
         self._vcpu_connections = list(connections[:fetchers])
-        self._background_connections = list(connections[fetchers:])
+        self._prefetch_connections = list(connections[fetchers:fetchers + prefetchers])
+        self._background_connections = list(connections[fetchers + prefetchers:])
         self._park_vcpus()
         self._to(DestinationState.LISTEN)
 
@@ -207,8 +212,9 @@ class Destination:
         if self.fault_mode == "exit":
             self.resolver = ExitModeResolver(self.installer, readahead_base=self.readahead_base,
                                              readahead_max=self.readahead_max)
-            for thread, conn in zip(self.machine.vcpus, self._vcpu_connections):
-                self.resolver.prepare(thread, conn)
+            prefetch = self._prefetch_connections or [None] * len(self.machine.vcpus)
+            for thread, conn, ahead in zip(self.machine.vcpus, self._vcpu_connections, prefetch):
+                self.resolver.prepare(thread, conn, ahead)
         else:
             # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
             self._classic_cpus = list(place_vcpus(self.machine.vcpus))
@@ -216,9 +222,13 @@ class Destination:
             thread.pause()  # not started yet: it parks as soon as it starts
         self.machine.start()
 
-    def _open_sync(self) -> SyncPageConnection:
+    def _open_sync(self, max_message: int = MAX_WS_MESSAGE) -> SyncPageConnection:
         return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
-                                  receive_timeout=self.retry.policy.request_timeout_s)
+                                  receive_timeout=self.retry.policy.request_timeout_s, max_message=max_message)
+
+    def _open_prefetch(self) -> SyncPageConnection:
+        """A prefetcher's: its answers are one readahead window at most, so a buffer that size."""
+        return self._open_sync(answer_bytes(self.readahead_max))
 
     # -- RUNNING -------------------------------------------------------------------------------
     async def switchover(self) -> None:
@@ -483,7 +493,7 @@ class Destination:
         elif self.classic is not None:
             await asyncio.to_thread(self.classic.close)
         else:
-            for sync in self._vcpu_connections:
+            for sync in self._vcpu_connections + self._prefetch_connections:
                 await asyncio.to_thread(sync.close)
         for connection in self._background_connections:
             await asyncio.to_thread(connection.close)

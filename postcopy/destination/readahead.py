@@ -1,7 +1,7 @@
 """Readahead sized by what recent faults show: a vCPU that faults where its last window ended
 is scanning, so its window doubles; any other fault starts again from the base window. A
-scanning vCPU also asks for the window after this one before it installs this one (exit_mode.py),
-so the source builds it while the guest works through the current one."""
+scanning vCPU hands the windows after this one to its prefetcher (prefetch.py), which fetches
+and installs them while the guest works through the current one."""
 from __future__ import annotations
 
 DEFAULT_BASE = 4
@@ -23,10 +23,6 @@ class Readahead:
         self.scanning = page == self.next_expected
         self.size = min(self.size * 2, self.max) if self.scanning else self.base
         return self.size
-
-    def next_window(self) -> int:
-        """The window the next fault gets if it comes where this one's ends (no state change)."""
-        return min(self.size * 2, self.max)
 
     def fetched(self, page: int, npages: int) -> None:
         self.next_expected = page + npages

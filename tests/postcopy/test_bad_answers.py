@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +20,8 @@ from aiohttp import web
 from postcopy.destination.client import FetchError, SyncPageConnection, decode_batch
 from postcopy.destination.exit_mode import ExitModeResolver, VcpuFaultState
 from postcopy.destination.install import Installer, buffer_address
-from postcopy.destination.pages import MISSING, Arrival, PageTracker
+from postcopy.destination.pages import IN_FLIGHT, MISSING, Arrival, PageTracker
+from postcopy.destination.prefetch import Prefetcher
 from postcopy.destination.readahead import Readahead
 from postcopy.destination.retry import RetryContext, RetryExhausted, RetryingSyncConnection, RetryPolicy
 from postcopy.faults import FaultDecoder
@@ -170,25 +172,74 @@ def test_the_right_answer_through_the_same_path_installs_the_source_pages(destin
     assert memory.read(16 * PAGE_SIZE, 8 * PAGE_SIZE) == SOURCE[16 * PAGE_SIZE:24 * PAGE_SIZE]
 
 
-def test_a_scanning_vcpu_gets_its_next_window_from_the_request_it_sent_ahead(destination: Any) -> None:
+def _prefetcher(url: str, installer: Installer, most: int, ahead: int) -> Prefetcher:
+    ctx = RetryContext(RetryPolicy(deadline_s=0.0))
+    conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, TOKEN, receive_timeout=5), ctx)
+    return Prefetcher(installer, conn, window_max=most, ahead_pages=ahead)
+
+
+def _settled(tracker: PageTracker, present: int) -> bool:
+    deadline = time.monotonic() + 5
+    while tracker.present < present or IN_FLIGHT in tracker.state:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return tracker.present == present
+
+
+def test_a_scanning_vcpu_hands_the_windows_ahead_to_its_prefetcher(destination: Any) -> None:
     memory, uffd, tracker, installer = destination
-    with TamperingServer(lambda m: m) as server:
+    asked: list[Any] = []  # what the vCPU's own connection was asked for
+    with TamperingServer(lambda m: (asked.append(m), m)[1]) as server, TamperingServer(lambda m: m) as ahead:
         conn, resolver, state = _vcpu(server.url, installer, 4, 16)
+        state.prefetcher = _prefetcher(ahead.url, installer, 16, 32)
         try:
-            resolver._resolve(state, 16, 16 * PAGE_SIZE, memory.hva(16 * PAGE_SIZE))  # not a scan yet: [16, 20), nothing ahead
-            assert state.ahead is None and tracker.present == 4
-            resolver._resolve(state, 20, 20 * PAGE_SIZE, memory.hva(20 * PAGE_SIZE))  # a scan: [20, 28) now, [28, 44) ahead
-            assert state.ahead is not None and (state.ahead_page, state.ahead.count) == (28, 16)
-            assert tracker.present == 12 and tracker.state[28] == MISSING  # ahead is not claimed
-            resolver._resolve(state, 28, 28 * PAGE_SIZE, memory.hva(28 * PAGE_SIZE))  # answered by the ahead request: [28, 44)
-            assert (state.ahead_page, state.ahead.count) == (44, 16)  # and the next one is asked for
-            assert tracker.present == 28 and tracker.counts[Arrival.READAHEAD] == 28 - 2
-            resolver._resolve(state, 100, 100 * PAGE_SIZE, memory.hva(100 * PAGE_SIZE))  # off the scan: [44, 60) still goes in
-            assert state.ahead is None and tracker.present == 28 + 16 + 4
+            resolver._resolve(state, 16, 16 * PAGE_SIZE, memory.hva(16 * PAGE_SIZE))  # not a scan yet: [16, 20)
+            assert _settled(tracker, 4) and state.prefetcher.windows == 0
+            resolver._resolve(state, 20, 20 * PAGE_SIZE, memory.hva(20 * PAGE_SIZE))  # a scan: [20, 28), then 32 ahead
+            assert _settled(tracker, 12 + 32) and state.prefetcher.windows == 2  # [28, 44), [44, 60)
+            # The guest outran it (faults where it stopped): still the scan, 16 here and 32 more ahead.
+            resolver._resolve(state, 60, 60 * PAGE_SIZE, memory.hva(60 * PAGE_SIZE))
+            assert _settled(tracker, 12 + 32 + 16 + 32) and state.prefetcher.windows == 4
+            resolver._resolve(state, 200, 200 * PAGE_SIZE, memory.hva(200 * PAGE_SIZE))  # off the scan: base window
+            assert _settled(tracker, 92 + 4) and state.prefetcher.windows == 4 and len(asked) == 4
+            assert tracker.counts[Arrival.DEMAND] == 4 and tracker.counts[Arrival.READAHEAD] == 92
         finally:
+            state.prefetcher.close()
             conn.close()
-    for first, n in ((16, 44), (100, 4)):
+    for first, n in ((16, 92), (200, 4)):
         assert memory.read(first * PAGE_SIZE, n * PAGE_SIZE) == SOURCE[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
+
+
+def test_a_fault_on_a_window_in_flight_waits_for_the_prefetcher_and_fetches_nothing(destination: Any) -> None:
+    memory, uffd, tracker, installer = destination
+    asked: list[Any] = []
+    gate = threading.Event()  # holds the prefetcher's answers
+    with TamperingServer(lambda m: (asked.append(m), m)[1]) as server, \
+            TamperingServer(lambda m: (gate.wait(10), m)[1]) as ahead:
+        conn, resolver, state = _vcpu(server.url, installer, 4, 16)
+        state.prefetcher = _prefetcher(ahead.url, installer, 16, 32)
+        try:
+            for page in (16, 20):  # a scan: [28, ...) goes to the prefetcher, whose answers wait at the gate
+                resolver._resolve(state, page, page * PAGE_SIZE, memory.hva(page * PAGE_SIZE))
+            deadline = time.monotonic() + 5
+            while tracker.state[28] != IN_FLIGHT and time.monotonic() < deadline:  # claimed on its thread
+                time.sleep(0.002)
+            assert tracker.state[28] == IN_FLIGHT and len(asked) == 2
+            fault = threading.Thread(target=resolver._resolve, args=(state, 28, 28 * PAGE_SIZE, memory.hva(28 * PAGE_SIZE)))
+            fault.start()
+            fault.join(0.2)
+            assert fault.is_alive() and not tracker.is_present(28)  # waiting, not fetching it again
+            gate.set()
+            fault.join(5)
+            assert not fault.is_alive() and tracker.is_present(28) and len(asked) == 2
+            assert tracker.arrival[28] == Arrival.READAHEAD
+        finally:
+            gate.set()
+            state.prefetcher.close()
+            conn.close()
+    assert IN_FLIGHT not in tracker.state
+    assert memory.read(16 * PAGE_SIZE, 28 * PAGE_SIZE) == SOURCE[16 * PAGE_SIZE:44 * PAGE_SIZE]
 
 
 def test_every_single_byte_flip_of_a_batch_is_refused_or_harmless() -> None:

@@ -1,0 +1,243 @@
+"""The scan prefetcher (postcopy/destination/prefetch.py): a real guest scanning against a real
+page server with every page checked, and a prefetcher alone (no guest) on registered RAM whose
+connection drops, dies for good, or is closed mid-scan."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from postcopy.bench.common import source_process
+from postcopy.bench.fault_vm import scan
+from postcopy.chaos import ChaosProxy, ChaosSchedule
+from postcopy.destination.client import FetchError, SyncPageConnection
+from postcopy.destination.exit_mode import ExitModeResolver
+from postcopy.destination.install import Installer
+from postcopy.destination.pages import IN_FLIGHT, Arrival, PageTracker
+from postcopy.destination.prefetch import Prefetcher
+from postcopy.destination.retry import RetryContext, RetryingSyncConnection, RetryPolicy
+from proto import PAGE_SIZE
+from vmm.guest.layout import DATA_GPA
+from vmm.memory import GuestMemory
+from vmm.uffd import Uffd
+
+from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
+from test_retry import FAST, run_behind_proxy  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.usefixtures("uffd_available")
+MiB = 1 << 20
+BATCH = 256
+
+
+@pytest.mark.usefixtures("kvm_available")
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_a_scanning_guest_meets_prefetched_pages_and_every_page_is_the_sources(vcpus: int) -> None:
+    guest = 16 * MiB
+    data_pages = (guest - DATA_GPA) // PAGE_SIZE
+    with source_process(guest, 2, prefill=1.0) as source:
+        header, zero_bitmap = asyncio.run(source.pause())
+        seen: dict[str, object] = {}
+
+        def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+            tracker = resolver.tracker
+            assert tracker.missing() == 0 and IN_FLIGHT not in tracker.state  # no claim left behind
+            prefetchers = [st.prefetcher for st in resolver.states.values()]
+            assert all(p is not None and p.failed is None for p in prefetchers)
+            seen["windows"] = sum(p.windows for p in prefetchers if p is not None)
+            check = SyncPageConnection(source.url, source.token)  # the source's pages, asked for again
+            try:
+                for gpa in range(DATA_GPA, guest, BATCH * PAGE_SIZE):
+                    batch = check.fetch(gpa, BATCH, "background")
+                    assert batch.count == BATCH
+                    want = b"".join(bytes(n * PAGE_SIZE) if data is None else bytes(data) for _, n, data in batch.runs())
+                    assert memory.read(gpa, BATCH * PAGE_SIZE) == want, f"gpa {gpa:#x}"
+            finally:
+                check.close()
+
+        result = scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=4, readahead_max=256,
+                      inspect=inspect)
+    assert result.pages == data_pages
+    # Most windows came from the prefetchers: the guest exited a few times a vCPU, not per window.
+    assert seen["windows"] >= data_pages // 256 // 2  # type: ignore[operator]
+    assert len(result.latency_ns) < data_pages // 64
+
+
+@contextmanager
+def registered_ram(size: int, zero_map: bytes | None = None) -> Iterator[Installer]:
+    """Empty registered RAM with no guest (pages may be read only once present)."""
+    uffd = Uffd(0)
+    memory = GuestMemory.create(size, "anon")
+    try:
+        for region in memory.regions:
+            uffd.register(region.hva, region.size)
+        tracker = PageTracker(memory, zero_map)  # without one, zero pages come as zero runs of a batch
+        yield Installer(uffd, memory, tracker, wake=False)
+    finally:
+        memory.close()
+        uffd.close()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_prefetcher_reconnects_through_drops_and_installs_every_page_right(served: Served) -> None:
+    schedule = ChaosSchedule(seed=5, kinds=("drop", "truncate"), after_bytes=(20_000, 600_000), max_faults=4)
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        ctx = RetryContext(RetryPolicy(deadline_s=10, request_timeout_s=2, **FAST))  # type: ignore[arg-type]
+
+        def run() -> None:
+            with registered_ram(served.memory.size) as installer:
+                tracker = installer.tracker
+                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=2), ctx)
+                prefetcher = Prefetcher(installer, conn, window_max=64, ahead_pages=tracker.npages)
+                try:
+                    prefetcher.follow(0)
+                    assert wait_until(lambda: tracker.missing() == 0), f"{tracker.missing()} pages missing"
+                    assert prefetcher.failed is None and IN_FLIGHT not in tracker.state
+                    assert prefetcher.wait(tracker.npages - 1)  # present: no wait
+                    assert installer.memory.read(0, served.memory.size) == served.memory.read(0, served.memory.size)
+                finally:
+                    prefetcher.close()
+
+        await asyncio.to_thread(run)
+        assert proxy.stats.faults_injected >= 1 and ctx.report()["reconnects"] >= 1
+
+    run_behind_proxy(served, schedule, body)
+
+
+def test_a_prefetcher_whose_source_never_comes_back_gives_its_claims_back(served: Served) -> None:
+    schedule = ChaosSchedule(seed=1, kinds=("drop",), after_bytes=(1, 1))  # every connection dies at once
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        ctx = RetryContext(RetryPolicy(deadline_s=0.3, **FAST))  # type: ignore[arg-type]
+
+        def run() -> None:
+            with registered_ram(served.memory.size) as installer:
+                tracker = installer.tracker
+                conn = RetryingSyncConnection(lambda: SyncPageConnection(url, SERVED_TOKEN), ctx)
+                prefetcher = Prefetcher(installer, conn, window_max=64)
+                try:
+                    prefetcher.follow(8)
+                    assert prefetcher.reached(8)
+                    assert wait_until(lambda: prefetcher.failed is not None)
+                    assert isinstance(prefetcher.failed, FetchError)
+                    assert wait_until(lambda: IN_FLIGHT not in tracker.state)  # every claim given back
+                    assert tracker.missing() == tracker.npages
+                    assert not prefetcher.reached(8) and not prefetcher.wait(8)  # the vCPU fetches alone
+                finally:
+                    prefetcher.close()
+
+        await asyncio.to_thread(run)
+
+    run_behind_proxy(served, schedule, body)
+
+
+def test_closing_a_prefetcher_mid_scan_stops_it_at_once_and_leaves_no_claim(served: Served) -> None:
+    # The first answer stalls for longer than the test may take: windows stay in flight.
+    schedule = ChaosSchedule(seed=1, kinds=("stall",), after_bytes=(400, 400), stall_s=(30.0, 30.0), stall_drop=0.0,
+                             max_faults=1)
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        ctx = RetryContext(RetryPolicy(deadline_s=60, request_timeout_s=30, **FAST))  # type: ignore[arg-type]
+
+        def run() -> None:
+            with registered_ram(served.memory.size) as installer:
+                tracker = installer.tracker
+                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=30), ctx)
+                prefetcher = Prefetcher(installer, conn, window_max=64)
+                prefetcher.follow(0)
+                assert wait_until(lambda: IN_FLIGHT in tracker.state)
+                time.sleep(0.1)
+                claimed = tracker.state.index(IN_FLIGHT)
+                t0 = time.monotonic()
+                prefetcher.close()
+                assert time.monotonic() - t0 < 2.0
+                assert prefetcher.failed is None  # stopped, not failed
+                assert IN_FLIGHT not in tracker.state and not prefetcher.wait(claimed)
+
+        await asyncio.to_thread(run)
+
+    run_behind_proxy(served, schedule, body)
+
+
+def test_a_prefetcher_stays_within_its_horizon_and_a_new_scan_starts_its_own(served: Served) -> None:
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        def run() -> None:
+            with registered_ram(served.memory.size) as installer:
+                tracker = installer.tracker
+                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
+                prefetcher = Prefetcher(installer, conn, window_max=8, ahead_pages=16)
+                try:
+                    prefetcher.follow(200)
+                    assert wait_until(lambda: tracker.present == 16 and IN_FLIGHT not in tracker.state)
+                    prefetcher.follow(0)  # elsewhere: 16 from here, not up to the old scan's horizon
+                    assert wait_until(lambda: tracker.present == 32 and IN_FLIGHT not in tracker.state)
+                    time.sleep(0.05)
+                    assert tracker.present == 32 and prefetcher.windows == 4
+                    assert all(tracker.is_present(p) for p in [*range(0, 16), *range(200, 216)])
+                finally:
+                    prefetcher.close()
+
+        await asyncio.to_thread(run)
+
+    run_behind_proxy(served, ChaosSchedule(max_faults=0), body)
+
+
+def test_a_scan_goes_on_past_the_zero_maps_runs_made_here(served: Served) -> None:
+    zero_map = bytes([0x01]) * (served.memory.pages // 8)  # fill_pattern: every 8th page is zero
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        def run() -> None:
+            with registered_ram(served.memory.size, zero_map) as installer:
+                tracker = installer.tracker
+                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
+                prefetcher = Prefetcher(installer, conn, window_max=64, ahead_pages=tracker.npages)
+                try:
+                    prefetcher.follow(1)
+                    assert wait_until(lambda: tracker.missing() == 1 and IN_FLIGHT not in tracker.state)
+                    assert tracker.counts[Arrival.ZERO] == tracker.npages // 8 - 1  # all but page 0, behind it
+                    assert tracker.counts[Arrival.READAHEAD] == tracker.npages - tracker.npages // 8
+                    size = served.memory.size - PAGE_SIZE
+                    assert installer.memory.read(PAGE_SIZE, size) == served.memory.read(PAGE_SIZE, size)
+                finally:
+                    prefetcher.close()
+
+        await asyncio.to_thread(run)
+
+    run_behind_proxy(served, ChaosSchedule(max_faults=0), body)
+
+
+def test_without_readahead_no_prefetcher_starts(served: Served) -> None:
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        def run() -> None:
+            with registered_ram(served.memory.size) as installer:
+                resolver = ExitModeResolver(installer, readahead_base=1, readahead_max=1)
+                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
+
+                class Thread:  # what prepare reads and sets on a vCPU thread
+                    id = 0
+                    block_sigbus = False
+                    fault_handler = None
+                prefetch = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
+                resolver.prepare(Thread(), conn, prefetch)  # type: ignore[arg-type]
+                try:
+                    assert resolver.states[0].prefetcher is None
+                    prefetch.ctx.aborted.set()  # a closed connection may not open a new socket
+                    with pytest.raises(FetchError):  # prepare closed it: nobody uses it
+                        prefetch.fetch(0, 1, "demand")
+                finally:
+                    resolver.close()
+
+        await asyncio.to_thread(run)
+
+    run_behind_proxy(served, ChaosSchedule(max_faults=0), body)
