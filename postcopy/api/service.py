@@ -339,6 +339,8 @@ class VmmService:
         server = out.server
         stats = server.stats()
         state = _SOURCE_STATES[server.state]
+        if state == "completed" and out.summary is None:
+            state = "serving"  # completed once its summary is made: a poller reads both at once
         if out.error is not None and state != "completed":
             state = "failed"
         header = server.header
