@@ -135,9 +135,8 @@ class PageTracker:
 
     def ahead_run(self, page: int, limit: int) -> int:
         """How many MISSING data pages from ``page`` on (at most ``limit``, in its memory region)
-        a scanning vCPU may ask for ahead of its next fault. Not claimed: nobody waits for
-        them, so a vCPU that stops scanning (or stops) leaves no claim the background would
-        wait on; if the background fetches them too, the second install meets EEXIST."""
+        a scanning vCPU's prefetcher may take ahead of the guest (prefetch.py claims them next,
+        with ``claim``, which stops where another thread got there first)."""
         if page >= self.npages or self.is_zero(page):
             return 0
         return self.missing_run(page, min(limit, self._region_end(page) - page))
