@@ -35,23 +35,21 @@ class LocalBatch:
     """A PageBatch-shaped answer (gpa, count, data, runs()) whose data is an address in the
     image; one per connection, refilled by each fetch."""
 
-    __slots__ = ("gpa", "count", "data", "zero", "_runs", "_view")
+    __slots__ = ("gpa", "count", "data", "zero", "_view")
 
     def __init__(self, image: SourceImage) -> None:
         self.gpa = self.count = self.data = 0
         self.zero = bytes((self.count + 7) // 8)  # no zero pages: every page is data
         self._view = memoryview(image.buffer)  # not None: the installer takes the run as data
-        self._runs: list[tuple[int, int, memoryview | None]] = [(0, 0, self._view)]
 
     def fill(self, gpa: int, count: int, image_address: int) -> LocalBatch:
-        self.gpa, self.count, self.data = gpa, count, image_address + gpa
-        if len(self.zero) != (count + 7) // 8:
-            self.zero = bytes((count + 7) // 8)
-        self._runs[0] = (gpa, count, self._view)
+        self.gpa, self.data = gpa, image_address + gpa
+        if count != self.count:
+            self.count, self.zero = count, bytes((count + 7) // 8)
         return self
 
     def runs(self) -> list[tuple[int, int, memoryview | None]]:
-        return self._runs
+        return [(self.gpa, self.count, self._view)]
 
 
 class LocalPageConnection:

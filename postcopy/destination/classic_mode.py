@@ -87,6 +87,7 @@ class _Handler:
         self.logs: dict[int, FaultLog] = {}  # vCPU -> faults this thread served for it
         self.vcpus: list[int] = []  # the vCPU of each message of the current read
         self.copier: PageCopier | None = None  # this thread's one-page UFFDIO_COPY (wakes)
+        self.last_tid, self.last_log = -1, None  # ClassicHandler._log_of's one-entry cache
         self.thread: threading.Thread | None = None
 
     def log(self, vcpu: int) -> FaultLog:
@@ -131,6 +132,17 @@ class ClassicHandler:
     def fault_logs(self) -> dict[int, FaultLog]:
         """Every served fault by vCPU, merged over the handler threads (read between faults)."""
         return merge_logs([h.logs for h in self.handlers], (t.id for t in self._vcpus))
+
+    def _log_of(self, h: _Handler, tid: int) -> FaultLog:
+        """The log of the vCPU thread ``tid``, for handler ``h`` (the last one found is kept: a
+        handler pinned beside one vCPU serves that vCPU's faults one after another)."""
+        if tid == h.last_tid:
+            return h.last_log  # type: ignore[return-value]
+        vcpu = self._vcpu_of(tid)
+        fl = h.log(vcpu)
+        if vcpu != UNKNOWN_VCPU:  # a thread not known yet may be a vCPU that just started
+            h.last_tid, h.last_log = tid, fl
+        return fl
 
     def _vcpu_of(self, tid: int) -> int:
         vcpu = self._vcpu_of_tid.get(tid)
@@ -196,7 +208,7 @@ class ClassicHandler:
             if page >= 0:
                 h.faults += 1
                 self._install(h, page, 1, address & PAGE_MASK)
-                h.log(self._vcpu_of(q[PTID_QWORD] & PTID_MASK)).record(t0, UFFD_KIND, time.monotonic_ns() - t0)
+                self._log_of(h, q[PTID_QWORD] & PTID_MASK).record(t0, UFFD_KIND, time.monotonic_ns() - t0)
             return
         pages = []
         vcpus = h.vcpus

@@ -91,7 +91,7 @@ class Installer:
             if self._gone_after_completion(e):
                 return
             raise
-        self.tracker.mark_present(page, 1, how)
+        self.tracker.mark_one(page, how)
 
     def install_zero(self, page: int, npages: int) -> None:
         """Pages the source's zero map says are all zeros: installed here, never fetched."""

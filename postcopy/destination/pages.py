@@ -155,31 +155,40 @@ class PageTracker:
 
     def mark_present(self, page: int, npages: int, how: Arrival) -> int:
         """Record that [page, page+npages) is installed; returns how many were new."""
+        if npages == 1:
+            return self.mark_one(page, how)
         end = page + npages
         with self._lock:
             state, arrival = self.state, self.arrival
-            if npages == 1:  # a demand fault's page: no counting, no slices
-                new = 0
-                if state[page] != PRESENT:
-                    state[page] = PRESENT
-                    arrival[page] = how
-                    new = 1
-            else:
-                new = npages - state.count(_PRESENT, page, end)
-                if new == npages:  # the usual batch: none was present, one slice assignment each
-                    state[page:end] = _PRESENT * npages
-                    arrival[page:end] = bytes((how,)) * npages
-                elif new:
-                    for p in range(page, end):
-                        if state[p] != PRESENT:
-                            state[p] = PRESENT
-                            arrival[p] = how
+            new = npages - state.count(_PRESENT, page, end)
+            if new == npages:  # the usual batch: none was present, one slice assignment each
+                state[page:end] = _PRESENT * npages
+                arrival[page:end] = bytes((how,)) * npages
+            elif new:
+                for p in range(page, end):
+                    if state[p] != PRESENT:
+                        state[p] = PRESENT
+                        arrival[p] = how
             if new:
-                self.counts[how] += new
-                self.present += new
-                if self.present == self.npages:
-                    self.all_present.set()
+                self._count(how, new)
             return new
+
+    def mark_one(self, page: int, how: Arrival) -> int:
+        """mark_present of one page (a fault's): no slices, no counting of what was there."""
+        with self._lock:
+            if self.state[page] == PRESENT:
+                return 0
+            self.state[page] = PRESENT
+            self.arrival[page] = how
+            self._count(how, 1)
+            return 1
+
+    def _count(self, how: Arrival, new: int) -> None:
+        """Called with the lock held."""
+        self.counts[how] += new
+        self.present += new
+        if self.present == self.npages:
+            self.all_present.set()
 
     def counts_by_name(self) -> dict[str, int]:
         return {ARRIVAL_NAMES[a]: n for a, n in self.counts.items()}
