@@ -143,13 +143,8 @@ class FaultDecoder:
         if fault.kind is not MMIO:
             return  # the instruction is retried on re-entry
         vcpu = thread.vcpu
-        ram = self._ram_u64
-        if fault.length == 8 and not fault.gpa & 7 and ram is not None:
-            index = (fault.gpa - self._lo) >> 3
-            if fault.is_write:
-                ram[index] = vcpu.run_u64[MMIO_DATA_U64]
-            else:
-                vcpu.run_u64[MMIO_DATA_U64] = ram[index]
+        if fault.length == 8 and not fault.gpa & 7 and self._ram_u64 is not None:
+            self.complete_qword(vcpu, fault.gpa - self._lo)
             return
         data = vcpu.run_address + MMIO_DATA_OFFSET
         if fault.is_write:

@@ -65,6 +65,11 @@ class _ThreadArgs(threading.local):
         self.zeropage = zeropage, memoryview(zeropage).cast("Q")
 
 
+def _range_error(what: str, start: int, length: int, err: int) -> UffdError:
+    """The error of a UFFDIO_COPY/ZEROPAGE on [start, start + length), naming the kernel's errno."""
+    return UffdError(f"{what}({start:#x}, {length:#x}): {os.strerror(err)} (errno {errno.errorcode.get(err, err)})", err)
+
+
 class PageCopier:
     """UFFDIO_COPY of one page at a time in one mode, for the one thread that owns it (a vCPU's
     fault path): the argument preallocated with its length and mode set, so a fault's install
@@ -89,8 +94,7 @@ class PageCopier:
         except OSError as e:
             if e.errno == errno.EEXIST:
                 return 0
-            raise UffdError(f"UFFDIO_COPY({dst:#x}, {PAGE_SIZE:#x}): {os.strerror(e.errno)} "
-                            f"(errno {errno.errorcode.get(e.errno, e.errno)})", e.errno) from None
+            raise _range_error("UFFDIO_COPY", dst, PAGE_SIZE, e.errno) from None
 
 
 class Uffd:
@@ -178,7 +182,7 @@ class Uffd:
             return done, min(done + PAGE_SIZE, length)
         if err == errno.EAGAIN:
             return done, done  # the mm changed under us: go on from where it stopped
-        raise UffdError(f"{what}({start:#x}, {length:#x}): {os.strerror(err)} (errno {errno.errorcode.get(err, err)})", err)
+        raise _range_error(what, start, length, err)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -92,16 +92,15 @@ def transfer(connection: SyncPageConnection, installer: Installer, stop: threadi
             tracker.release(page, n)
 
 
-async def run_background(connections: SyncPageConnection | Sequence[SyncPageConnection], installer: Installer, *,
+async def run_background(connections: Sequence[SyncPageConnection], installer: Installer, *,
                          batch_pages: int = DEFAULT_BATCH_PAGES, depth: int = DEFAULT_DEPTH) -> None:
     """``transfer`` on a thread per connection, all pulling from the one tracker (a batch is
     claimed by one of them); cancelling this stops them at their next batch (closing a
     connection ends one blocked in recv). Two streams overlap one's recv with the other's
     UFFDIO_COPY (both release the GIL): the installs no longer wait for the socket."""
-    streams = list(connections) if isinstance(connections, (list, tuple)) else [connections]
     stop = threading.Event()
     tasks = [asyncio.ensure_future(asyncio.to_thread(transfer, c, installer, stop, batch_pages=batch_pages, depth=depth))
-             for c in streams]
+             for c in connections]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
