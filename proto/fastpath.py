@@ -18,7 +18,8 @@ from proto.checksum import Buffer, pages_sum
 from proto.messages import PageBatch, PageRequest
 from proto.version import MAX_BATCH_PAGES, MAX_GPA, PAGE_SIZE, PROTOCOL_VERSION
 
-__all__ = ["ONE_PAGE_ANSWER_BYTES", "encode_request", "one_page_head", "parse_request", "verified_one_page"]
+__all__ = ["DEMAND_GPA_AT", "DEMAND_REQUEST", "ONE_PAGE_ANSWER_BYTES", "ONE_PAGE_DATA_AT", "encode_request",
+           "one_page_head", "one_page_ok", "parse_request", "verified_one_page"]
 
 _pack = msgpack.packb
 
@@ -46,6 +47,12 @@ def encode_request(gpa: int, count: int, kind: str) -> bytes:
     return _REQUEST.pack(_REQUEST_HEAD, gpa, _REQUEST_COUNT, count, _REQUEST_KIND) + _KIND_BYTES[kind]
 
 
+# The fault path's own request, one page on demand, with its gpa zero; the gpa's 8 bytes
+# (big-endian) sit at DEMAND_GPA_AT. The source's socket recognises it by these (page_socket.py).
+DEMAND_REQUEST: Final = encode_request(0, 1, "demand")
+DEMAND_GPA_AT: Final = len(_REQUEST_HEAD)
+
+
 def parse_request(payload: Buffer) -> tuple[int, int, str] | None:
     """(gpa, count, kind) of a fixed-layout PageRequest whose fields are valid as
     PageRequest checks them, else None (for the general decoder: other layouts, errors)."""
@@ -69,6 +76,7 @@ _ANSWER_SUM: Final = _pack("count") + _pack(1) + _pack("zero") + _pack(b"\0") + 
 _ANSWER_DATA: Final = _pack("data") + b"\xc5" + PAGE_SIZE.to_bytes(2, "big")
 _ANSWER: Final = struct.Struct(f">{len(_ANSWER_HEAD)}sQ{len(_ANSWER_SUM)}sQ{len(_ANSWER_DATA)}s")
 ONE_PAGE_ANSWER_BYTES: Final = _ANSWER.size + PAGE_SIZE
+ONE_PAGE_DATA_AT: Final = _ANSWER.size  # where the page starts in the answer
 
 
 def one_page_head(gpa: int, page: Buffer) -> bytes:
@@ -77,18 +85,26 @@ def one_page_head(gpa: int, page: Buffer) -> bytes:
     return _ANSWER.pack(_ANSWER_HEAD, gpa, _ANSWER_SUM, pages_sum(page), _ANSWER_DATA)
 
 
+def one_page_ok(buf: bytearray | memoryview, at: int, request_gpa: int) -> bool:
+    """Whether buf[at:at + ONE_PAGE_ANSWER_BYTES] is the fixed-layout one-page answer for
+    ``request_gpa`` and its page (from ``at + ONE_PAGE_DATA_AT``) matches its checksum: the
+    fault path's check, with no copy and no record. False: the general decoder says what is
+    wrong with it (a bad checksum included)."""
+    return (len(buf) - at >= ONE_PAGE_ANSWER_BYTES
+            and buf[at + _DATA_KEY_AT:at + _ANSWER.size] == _ANSWER_DATA
+            and buf[at:at + _SUM_AT] == _HEAD_TO_SUM(_ANSWER_HEAD, request_gpa, _ANSWER_SUM)
+            and pages_sum(memoryview(buf)[at + _ANSWER.size:at + ONE_PAGE_ANSWER_BYTES]) == _U64_AT(buf, at + _SUM_AT)[0])
+
+
 def verified_one_page(answer: Buffer, request_gpa: int) -> PageBatch | None:
     """The PageBatch in ``answer`` if it is the fixed-layout one-page answer for
     ``request_gpa`` and its page matches its checksum; else None (the general decoder then
     says what is wrong with it, a bad checksum included)."""
     view = memoryview(answer)
-    if (len(view) != ONE_PAGE_ANSWER_BYTES or view[:_SUM_AT] != _HEAD_TO_SUM(_ANSWER_HEAD, request_gpa, _ANSWER_SUM)
-            or view[_DATA_KEY_AT:_ANSWER.size] != _ANSWER_DATA):
+    if len(view) != ONE_PAGE_ANSWER_BYTES or not one_page_ok(view, 0, request_gpa):
         return None
     checksum = _U64_AT(view, _SUM_AT)[0]
     data = bytes(view[_ANSWER.size:])
-    if pages_sum(data) != checksum:
-        return None
     # Checked above byte for byte: what PageBatch's own checks (and check_answers, verify)
     # would establish, so the record is made without repeating them.
     batch = _new_batch(PageBatch)

@@ -67,5 +67,13 @@ class LocalPageConnection:
         self.requests += 1
         return self.batch.fill(gpa, count, self._address)
 
+    def fetch_page(self, gpa: int) -> int:
+        """One page on demand: its address in the image (as SyncPageConnection.fetch_page
+        gives the address of a checked page in its receive buffer)."""
+        if gpa < DATA_GPA or gpa + PAGE_SIZE > self._end:
+            raise ValueError(f"local source asked for the page at gpa {gpa:#x}, outside its data pages")
+        self.requests += 1
+        return self._address + gpa
+
     def close(self) -> None:
         pass

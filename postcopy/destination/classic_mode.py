@@ -53,6 +53,8 @@ class PageSource(Protocol):
 
     def fetch(self, gpa: int, count: int, kind: str) -> PageBatch: ...
 
+    def fetch_page(self, gpa: int) -> int | PageBatch: ...
+
     def close(self) -> None: ...
 
 
@@ -246,8 +248,8 @@ class ClassicHandler:
         tracker = self.tracker
         if hva >= 0 and h.readahead.max == 1 and tracker.state[page] == MISSING and not tracker.is_zero(page):
             # One page a fault, no window to size or claim (the page-in bench's case).
-            batch = h.connection.fetch(self.memory.page_gpa(page), 1, "demand")  # type: ignore[union-attr]
-            self.installer.install_page(page, hva, batch, DEMAND, h.copier)
+            data = h.connection.fetch_page(self.memory.page_gpa(page))  # type: ignore[union-attr]
+            self.installer.install_page(page, hva, data, DEMAND, h.copier)
             return
         while run:
             if tracker.is_present(page):

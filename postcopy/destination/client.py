@@ -13,13 +13,17 @@ from typing import TypeVar
 import aiohttp
 
 from postcopy.destination.websocket import BlockingWebSocket, HandshakeError, WebSocketError
-from proto import (ErrorReply, Message, MigrationHeader, PageBatch, PageRequest, ProtoError, ZeroMap, decode_any,
-                   parse_page_batch_head)
-from proto.fastpath import encode_request, verified_one_page
+from postcopy.fastframes import ONE_PAGE_FRAME_BYTES, ONE_PAGE_FRAME_HEAD
+from proto import (PAGE_SIZE, ErrorReply, Message, MigrationHeader, PageBatch, PageRequest, ProtoError, ZeroMap,
+                   decode_any, parse_page_batch_head)
+from proto.fastpath import ONE_PAGE_ANSWER_BYTES, ONE_PAGE_DATA_AT, encode_request, one_page_ok, verified_one_page
+from proto.version import MAX_GPA
 
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
+DEMAND = "demand"
+PAGE_OFFSET_MASK = PAGE_SIZE - 1
 M = TypeVar("M", bound=Message)
 # An answer this long has its fields read here and its pages taken as a view of the receive
 # buffer (parse_page_batch_head), not copied by msgpack: a batch of readahead or background
@@ -94,6 +98,28 @@ class SyncPageConnection:
     def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
         """``count`` pages from ``gpa``, checked against the request and their checksums."""
         return self.receive(self.send(gpa, count, kind))
+
+    def fetch_page(self, gpa: int) -> int | PageBatch:
+        """The fault path's fetch, one page on demand at ``gpa`` (page aligned, in guest RAM):
+        the address of its data in this connection's receive buffer, checked against its
+        checksum (valid until the next receive), when the answer is the fixed-layout one-page
+        answer; else (a zero page, an error) what receive() makes of the answer."""
+        if gpa & PAGE_OFFSET_MASK or not 0 <= gpa <= MAX_GPA - PAGE_SIZE:  # before anything is sent
+            raise ValueError(f"fetch_page needs a page-aligned gpa below {MAX_GPA:#x}, got {gpa:#x}")
+        self.requests += 1
+        ws = self.ws
+        try:
+            ws.send(encode_request(gpa, 1, DEMAND))
+            at = ws.recv_known(ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES)
+        except WebSocketError as e:
+            raise FetchError(f"page stream broke during demand fetch of gpa {gpa:#x}: {e}") from None
+        if at < 0:  # another frame: read and decoded as any answer
+            return self.receive(PageRequest(gpa, 1, DEMAND))
+        self.bytes_received += ONE_PAGE_ANSWER_BYTES
+        if one_page_ok(ws.buffer, at, gpa):
+            return ws.buffer_address + at + ONE_PAGE_DATA_AT
+        # Not this page, or not matching its checksum: the general decoder says what is wrong.
+        return decode_batch(memoryview(ws.buffer)[at:at + ONE_PAGE_ANSWER_BYTES], PageRequest(gpa, 1, DEMAND))
 
     def send(self, gpa: int, count: int, kind: str) -> PageRequest:
         """Send a request; its answer comes from ``receive`` after those of earlier requests

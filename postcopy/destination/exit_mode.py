@@ -113,7 +113,7 @@ class ExitModeResolver:
         st.waiting_page = page
         try:
             if st.readahead.max == 1:  # one page a fault: no window to size
-                self.installer.install_page(page, hva, st.connection.fetch(gpa, 1, "demand"), DEMAND,  # type: ignore[union-attr]
+                self.installer.install_page(page, hva, st.connection.fetch_page(gpa), DEMAND,  # type: ignore[union-attr]
                                             st.copier)  # type: ignore[arg-type]
             else:
                 self._fetch_window(st, page, gpa)

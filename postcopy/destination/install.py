@@ -22,7 +22,6 @@ from vmm.uffd import PageCopier, Uffd, UffdError
 # Where CPython keeps a bytes object's characters: after its header (ob_sval), so the address
 # of its data is id() + this, with no ctypes call (a third of a one-page install's Python).
 BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
-ONE_DATA_PAGE = b"\x00"  # the zero bitmap of a one-page batch whose page is data
 
 
 def buffer_address(data: bytes | memoryview | int) -> int:
@@ -78,15 +77,15 @@ class Installer:
         """A one-page UFFDIO_COPY in this installer's mode, for one thread's install_page."""
         return self.uffd.page_copier(self.copy_mode)
 
-    def install_page(self, page: int, hva: int, batch: PageBatch, how: Arrival, copier: PageCopier) -> None:
-        """A one-page batch fetched for a fault at ``page`` (host address ``hva``, which the
-        caller derived from the same gpa the batch was checked against), with the calling
-        thread's ``copier``: one UFFDIO_COPY, no runs, no address lookups."""
-        if batch.zero != ONE_DATA_PAGE:  # a zero page after all
-            self.install_batch(batch, how)
+    def install_page(self, page: int, hva: int, data: int | PageBatch, how: Arrival, copier: PageCopier) -> None:
+        """What fetch_page gave for a fault at ``page`` (host address ``hva``, which the caller
+        derived from the gpa it fetched), with the calling thread's ``copier``: the address of
+        one checked data page, installed with one UFFDIO_COPY and no lookups; or a batch."""
+        if type(data) is not int:  # not one data page in the fixed layout (a zero page, say)
+            self.install_batch(data, how)  # type: ignore[arg-type]
             return
         try:
-            self.installed_bytes += copier.copy(hva, buffer_address(batch.data))
+            self.installed_bytes += copier.copy(hva, data)
         except UffdError as e:
             if self._gone_after_completion(e):
                 return

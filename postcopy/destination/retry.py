@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from postcopy.destination.client import FetchError, SyncPageConnection
+from postcopy.destination.client import DEMAND, FetchError, SyncPageConnection
 from proto import PageBatch, PageRequest
 
 T = TypeVar("T")
@@ -184,6 +184,20 @@ class RetryingSyncConnection:
 
     def fetch(self, gpa: int, count: int, kind: str) -> PageBatch:
         return self.receive(self.send(gpa, count, kind))
+
+    def fetch_page(self, gpa: int) -> int | PageBatch:
+        """SyncPageConnection.fetch_page, surviving the socket as fetch does: after a failure
+        the request joins those in flight and is sent again on the new socket."""
+        conn = self._conn
+        if conn is None or self._in_flight:  # recovering, or a pipeline in use: the general way
+            return self.fetch(gpa, 1, DEMAND)
+        try:
+            return conn.fetch_page(gpa)
+        except FetchError as error:
+            request = PageRequest(gpa, 1, DEMAND)
+            self._in_flight.append(request)
+            self._recover(error)
+            return self.receive(request)
 
     def send(self, gpa: int, count: int, kind: str) -> PageRequest:
         request = PageRequest(gpa, count, kind)  # type: ignore[arg-type]

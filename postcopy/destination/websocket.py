@@ -9,6 +9,7 @@ a close frame, a text frame or a protocol violation is an error.
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import os
 import socket
@@ -62,6 +63,9 @@ class BlockingWebSocket:
         # Room for one maximal frame header too; replies are read straight into it.
         self._buf = bytearray(max_message + 16)
         self._view = memoryview(self._buf)
+        # Where the buffer lies: recv_known's caller installs pages from it by address (the
+        # buffer is never resized, so the address holds while this socket lives).
+        self.buffer_address = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
         self._start = self._end = 0
         self._receive_timeout = receive_timeout
         self._keys, self._key_at = b"", MASK_KEY_POOL
@@ -163,6 +167,27 @@ class BlockingWebSocket:
                 raise WebSocketError("the server sent a text frame; page answers are binary")
             elif opcode != wsframe.OP_PONG:
                 raise WebSocketError(f"the server sent a frame with opcode {opcode:#x}")
+
+    @property
+    def buffer(self) -> bytearray:
+        """The receive buffer that recv_known's offsets index."""
+        return self._buf
+
+    def recv_known(self, head: bytes, total: int) -> int:
+        """The fault path's receive, for an answer whose frame head is known: when the next
+        frame starts with ``head`` (which fixes its length, ``total`` bytes with the head), read
+        all of it and return where its payload starts in ``buffer`` (valid until the next
+        receive). Else -1, and the frame stays for recv(), which reads any frame."""
+        if self._start == self._end:  # nothing buffered (the usual): read from the front
+            self._start = self._end = 0
+        self._fill(len(head))
+        start = self._start
+        if not self._buf.startswith(head, start):
+            return -1
+        self._fill(total)
+        start = self._start  # _fill may have moved the unread bytes to the front
+        self._start = start + total
+        return start + len(head)
 
     def _frame(self) -> tuple[int, memoryview]:
         """One whole frame, read into the buffer (a frame's head, then as much as it needs)."""

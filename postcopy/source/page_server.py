@@ -39,7 +39,7 @@ from proto import (
     page_batch_parts,
 )
 from proto.checksum import Buffer
-from proto.fastpath import one_page_head, parse_request
+from proto.fastpath import ONE_PAGE_ANSWER_BYTES, one_page_head, parse_request
 from proto.version import (
     MAX_COMPLETE_MESSAGE_BYTES,
     MAX_ERROR_MESSAGE_LEN,
@@ -68,6 +68,7 @@ PROGRESS_INTERVAL_S: Final = 0.02
 SERVING_SWITCH_INTERVAL_S: Final = 0.0002
 
 _ZERO_PAGE: Final = bytes(PAGE_SIZE)
+PAGE_OFFSET_MASK: Final = PAGE_SIZE - 1
 _AUTH: Final = web.AppKey("auth", bytes)
 _SERVER: Final = web.AppKey("server", "PageServer")
 
@@ -136,6 +137,7 @@ class PageServer:
         self._stats = ServerStats()
         self._stats_lock = threading.Lock()
         self._sockets: set[ServedSocket] = set()
+        self._pages_answered_closed = 0  # answer_page's answers on sockets already closed
         # One view of each region of guest RAM, sliced per request (no copy): set at the
         # switchover, valid until the machine closes, which its owner does after close().
         self._spans: list[tuple[int, int, memoryview]] = []
@@ -219,6 +221,11 @@ class PageServer:
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
             stats = asdict(self._stats)
+            # answer_page's answers, which the sockets count: all data pages, one-page batches
+            fast = self._pages_answered_closed + sum(s.pages_answered for s in list(self._sockets))
+        stats["pages_data"] += fast
+        stats["batch_bytes"] += fast * ONE_PAGE_ANSWER_BYTES
+        stats["requests"]["demand"] += fast
         stats["state"] = self.state.value
         stats["errors"] = {str(code): n for code, n in stats["errors"].items()}
         if self._stats.completed_ns:
@@ -381,7 +388,8 @@ class PageServer:
         plain = (transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
                  and not transport.get_write_buffer_size())
         kind = ThreadedPageSocket if plain else PageSocket
-        socket: ServedSocket = kind.take_over(transport, self.answer, self._answer_text, max_frame=WS_MAX_FRAME_BYTES)
+        socket: ServedSocket = kind.take_over(transport, self.answer, self._answer_text, max_frame=WS_MAX_FRAME_BYTES,
+                                              answer_page=self.answer_page)
         self._sockets.add(socket)
         self._stats.ws_connections += 1
         try:
@@ -390,7 +398,22 @@ class PageServer:
             if not socket.closed.done():  # this handler was cancelled: its socket goes with it
                 socket.abort()
             self._sockets.discard(socket)
+            with self._stats_lock:
+                self._pages_answered_closed += socket.pages_answered
         return ws
+
+    def answer_page(self, gpa: int) -> tuple[bytes, memoryview] | None:
+        """The fault path's answer: for a one-page demand request at ``gpa`` (the socket took
+        it from the fixed layout) of a data page while serving, the fixed-layout batch head and
+        the page, a view of guest RAM. None for anything else (not serving, a gpa misaligned or
+        outside guest RAM, a zero page): answer() then answers it, with its errors and stats."""
+        if self.state is not MigrationState.SERVING or gpa & PAGE_OFFSET_MASK:
+            return None
+        for first, end, region_view in self._spans:
+            if first <= gpa and gpa + PAGE_SIZE <= end:
+                page = region_view[gpa - first:gpa - first + PAGE_SIZE]
+                return None if page == _ZERO_PAGE else (one_page_head(gpa, page), page)
+        return None
 
     def answer(self, frame: bytes) -> tuple[list[Buffer], bool]:
         """The hot path: the answer to one binary frame (one decode, one build; the pages as a

@@ -11,9 +11,12 @@ answered here, the guest's pages going out as views of its RAM (no copy).
   answers from inside ``data_received``, one ``writelines`` each.
 
 What a socket answers is decided by PageServer.answer(); this module only frames it (RFC 6455,
-via postcopy.wsframe). Both offer the PageServer the same three things: ``closed`` (a future of
-its loop, done when the connection is gone and nothing of guest RAM is referenced any more),
-``close(code, reason)`` and ``abort()``.
+via postcopy.wsframe). The fault path's request, a one-page demand request in the fixed layout
+(proto/fastpath.py), is recognised in its masked frame by fastframes.demand_gpa and answered by
+PageServer.answer_page: no frame parser, no general decode, no stats lock (the socket counts
+those answers itself, ``pages_answered``). Both sockets offer the PageServer the same things:
+``closed`` (a future of its loop, done when the connection is gone and nothing of guest RAM is
+referenced any more), ``pages_answered``, ``close(code, reason)`` and ``abort()``.
 """
 from __future__ import annotations
 
@@ -26,11 +29,14 @@ from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from postcopy import wsframe
+from postcopy.fastframes import DEMAND_FRAME_BYTES, ONE_PAGE_FRAME_BYTES, ONE_PAGE_FRAME_HEAD, demand_gpa
 
 log = logging.getLogger("postcopy.source.page_socket")
 
 # (payload) -> (answer parts, close the socket after them)
 Answerer = Callable[[bytes], tuple[Sequence[bytes | memoryview], bool]]
+# (gpa of a one-page demand request) -> (batch head, page), or None: answer it as any frame
+PageAnswerer = Callable[[int], tuple[bytes, memoryview] | None]
 # The longest client frame head: 2 bytes, a 64-bit length, the 4-byte mask key.
 MAX_CLIENT_HEAD: Final = 14
 # A small client frame: 2 bytes (FIN + binary opcode; mask bit + a length under 126), the key.
@@ -44,6 +50,7 @@ class ServedSocket(Protocol):
     """What the page server keeps of each page socket, whichever kind."""
 
     closed: asyncio.Future[None]
+    pages_answered: int  # one-page demand answers its fast path gave (not in the server's stats)
 
     def close(self, code: int, reason: str = "") -> None: ...
 
@@ -56,8 +63,20 @@ class _Frames:
 
     _answer: Answerer
     _on_text: Answerer
+    _answer_page: PageAnswerer | None
     _max_frame: int
     _closing: bool
+    pages_answered: int  # by _answer_page: counted by the socket, not under the server's stats lock
+
+    def _demand_answer(self, frame: bytes | bytearray) -> list[bytes | memoryview] | None:
+        """The whole answer (frame head included) to frame[:DEMAND_FRAME_BYTES] if it is a
+        one-page demand request that ``_answer_page`` answers; else None (the general path)."""
+        gpa = demand_gpa(frame)
+        parts = self._answer_page(gpa) if gpa >= 0 and self._answer_page is not None else None
+        if parts is None:
+            return None
+        self.pages_answered += 1
+        return [ONE_PAGE_FRAME_HEAD, *parts]
 
     def _frames(self, buf: bytes | bytearray, start: int, end: int) -> int:
         """Answer every whole frame in buf[start:end]; returns where the unparsed rest begins."""
@@ -113,10 +132,12 @@ class ThreadedPageSocket(_Frames):
     peer that reads nothing (whose buffered answers are views of guest RAM)."""
 
     def __init__(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
-                 max_frame: int) -> None:
+                 max_frame: int, answer_page: PageAnswerer | None = None) -> None:
         raw = transport.get_extra_info("socket")
         self.transport = transport
         self._answer = answer
+        self._answer_page = answer_page
+        self.pages_answered = 0
         self._on_text = on_text
         self._max_frame = max_frame
         self._closing = False
@@ -132,8 +153,8 @@ class ThreadedPageSocket(_Frames):
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
-                  max_frame: int) -> ThreadedPageSocket:
-        socket_ = cls(transport, answer, on_text, max_frame=max_frame)
+                  max_frame: int, answer_page: PageAnswerer | None = None) -> ThreadedPageSocket:
+        socket_ = cls(transport, answer, on_text, max_frame=max_frame, answer_page=answer_page)
         socket_._thread.start()
         return socket_
 
@@ -141,12 +162,22 @@ class ThreadedPageSocket(_Frames):
     def _run(self) -> None:
         sock, buf = self._sock, self._buf
         view = memoryview(buf)
+        sendmsg = sock.sendmsg
         start = end = 0
         try:
             while not self._closing:
                 n = sock.recv_into(view[end:])
                 if not n:
                     break
+                # The fault path: one whole demand request and nothing else, answered with no
+                # parser and no stats lock. Anything else (or None from answer_page) goes below.
+                if n == DEMAND_FRAME_BYTES and not end:
+                    message = self._demand_answer(buf)
+                    if message is not None:
+                        sent = sendmsg(message)
+                        if sent != ONE_PAGE_FRAME_BYTES:  # cut short (a signal)
+                            self._send_rest(message, sent)
+                        continue
                 end += n
                 start = self._frames(buf, start, end)
                 if start == end:
@@ -235,9 +266,12 @@ class PageSocket(asyncio.Protocol, _Frames):
     """One destination's page socket, served from the event loop's read callback (TLS)."""
 
     def __init__(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
-                 max_frame: int, previous: asyncio.BaseProtocol | None = None) -> None:
+                 max_frame: int, answer_page: PageAnswerer | None = None,
+                 previous: asyncio.BaseProtocol | None = None) -> None:
         self.transport = transport
         self._answer = answer
+        self._answer_page = answer_page
+        self.pages_answered = 0
         self._on_text = on_text
         self._max_frame = max_frame
         self._previous = previous  # aiohttp's protocol: told when the connection is lost
@@ -247,9 +281,9 @@ class PageSocket(asyncio.Protocol, _Frames):
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
-                  max_frame: int) -> PageSocket:
+                  max_frame: int, answer_page: PageAnswerer | None = None) -> PageSocket:
         previous = transport.get_protocol()
-        socket_ = cls(transport, answer, on_text, max_frame=max_frame, previous=previous)
+        socket_ = cls(transport, answer, on_text, max_frame=max_frame, answer_page=answer_page, previous=previous)
         transport.set_protocol(socket_)
         return socket_
 
@@ -261,6 +295,11 @@ class PageSocket(asyncio.Protocol, _Frames):
             start = self._frames(buf, 0, len(buf))
             del buf[:start]
         else:  # the usual case: one whole request in one read, no copy
+            if len(data) == DEMAND_FRAME_BYTES:
+                message = self._demand_answer(data)
+                if message is not None:
+                    self.transport.writelines(message)
+                    return
             start = self._frames(data, 0, len(data))
             if start < len(data):
                 buf += data[start:]

@@ -138,10 +138,11 @@ def _vcpu(url: str, installer: Installer, base: int, most: int) -> tuple[Retryin
     return conn, resolver, state
 
 
+@pytest.mark.parametrize("window", [1, 8])  # 1: the one-page fetch (fetch_page); 8: a readahead window
 @pytest.mark.parametrize("case", list(TAMPERED))
-def test_a_bad_answer_installs_nothing_and_gives_back_the_claim(case: str, destination: Any) -> None:
+def test_a_bad_answer_installs_nothing_and_gives_back_the_claim(case: str, window: int, destination: Any) -> None:
     memory, uffd, tracker, installer = destination
-    page, window = 16, 8
+    page = 16
     with TamperingServer(TAMPERED[case]) as server:
         conn, resolver, state = _vcpu(server.url, installer, window, window)
         try:

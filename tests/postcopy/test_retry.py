@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -102,6 +103,35 @@ def test_vcpu_fetch_reconnects_through_dropped_and_truncated_streams_and_gets_th
     run_behind_proxy(served, schedule, body)
 
 
+def test_vcpu_one_page_fetch_reconnects_through_dropped_truncated_and_corrupted_streams(served: Served) -> None:
+    """The fault path's fetch_page: its fast read gives way to the general recovery, which sends
+    the request again on a new socket; every page arrives right, in place or as a batch."""
+    schedule = ChaosSchedule(seed=4, kinds=("drop", "truncate", "corrupt"), after_bytes=(200, 9000), max_faults=6)
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        ctx = RetryContext(RetryPolicy(deadline_s=10, **FAST))  # type: ignore[arg-type]
+
+        def fetch_all() -> list[bytes]:
+            conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=2), ctx)
+            try:
+                return [page_bytes(conn.fetch_page(page * PAGE_SIZE)) for page in range(64)]
+            finally:
+                conn.close()
+
+        pages = await asyncio.to_thread(fetch_all)
+        for page, data in enumerate(pages):
+            assert data == served.memory.read(page * PAGE_SIZE, PAGE_SIZE), page
+        assert proxy.stats.faults_injected == 6
+        assert ctx.report()["reconnects"] >= 4 and ctx.report()["exhausted"] == 0
+
+    run_behind_proxy(served, schedule, body)
+
+
+def page_bytes(got: int | PageBatch) -> bytes:
+    """What fetch_page gave, as bytes: a checked page in place (its address), or a batch."""
+    return ctypes.string_at(got, PAGE_SIZE) if isinstance(got, int) else pages_of(got)
+
+
 def test_vcpu_fetch_on_a_stalled_stream_times_out_and_asks_again(served: Served) -> None:
     schedule = ChaosSchedule(seed=1, kinds=("stall",), after_bytes=(400, 400), stall_s=(3.0, 3.0), stall_drop=0.0,
                              max_faults=1)
@@ -131,7 +161,7 @@ def _fetch_in_a_thread(conn: RetryingSyncConnection) -> tuple[threading.Thread, 
 
     def fetch() -> None:
         try:
-            conn.fetch(0, 1, "demand")
+            conn.fetch_page(0)
         except BaseException as e:  # noqa: BLE001 - the test reads what came out
             outcome.append(e)
 
