@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection
 from postcopy.observe.faultlog import latencies_ns
-from postcopy.destination.exit_mode import ExitModeResolver
+from postcopy.destination.classic_mode import place_vcpus
+from postcopy.destination.exit_mode import ExitModeResolver, fetch_poll_ns
 from postcopy.destination.install import Installer
 from postcopy.destination.migration import SWITCH_INTERVAL_S
 from postcopy.destination.pages import Arrival, PageTracker
@@ -50,7 +51,7 @@ class ScanResult:
 
 
 def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpus: int, *,
-         readahead_base: int, readahead_max: int,
+         readahead_base: int, readahead_max: int, poll: bool = True,
          inspect: Callable[[ExitModeResolver, GuestMemory], None] | None = None) -> ScanResult:
     """Run the touch guest once over a fresh destination VM; every data page is fetched from
     ``url`` (zero-map pages are made here, as in a migration). ``inspect`` (tests) sees the
@@ -66,6 +67,7 @@ def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpu
     old_interval = sys.getswitchinterval()
     try:
         machine = Machine.create(MachineConfig(size, vcpus), memory=memory)
+        place_vcpus(machine.vcpus)  # as the destination places them
         program, params = workloads.plan("touch", size, vcpus, seed=1)
         memory.write(0, bytes(DATA_GPA))  # the boot region is present; the data region is not
         machine.boot(program, params)
@@ -78,11 +80,14 @@ def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpu
         resolver = ExitModeResolver(installer, readahead_base=readahead_base, readahead_max=readahead_max)
         retry = RetryContext()
 
-        def connect() -> SyncPageConnection:
-            sockets.append(SyncPageConnection(url, token, receive_timeout=retry.policy.request_timeout_s))
+        poll_ns = fetch_poll_ns(vcpus) if poll else 0
+
+        def connect(poll_ns: int = 0) -> SyncPageConnection:
+            sockets.append(SyncPageConnection(url, token, receive_timeout=retry.policy.request_timeout_s,
+                                              poll_ns=poll_ns))
             return sockets[-1]
         for thread in machine.vcpus:  # as the destination does: each vCPU's own, behind the retry wrapper
-            connection = RetryingSyncConnection.open(connect, retry)
+            connection = RetryingSyncConnection.open(lambda: connect(poll_ns), retry)
             connections.append(connection)
             prefetch = RetryingSyncConnection.open(connect, retry) if readahead_max > 1 else None
             if prefetch is not None:  # the scan's prefetcher, as Destination.prepare opens it

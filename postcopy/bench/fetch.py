@@ -6,7 +6,9 @@ serves its pages. Here a destination VM runs the `touch` guest on empty register
 (fault_vm.py): every data page is a fault exit resolved by the real exit-mode path.
 Measured, side by side in this run:
 - one page per fault (no readahead), at each vCPU count: fault exit -> re-entry latency
-  (p50, p99; a quick run pools the faults of QUICK_SCANS scans) and pages/s (their median);
+  (p50, p99; a quick run pools the faults of QUICK_SCANS scans) and pages/s (their median),
+  with the destination's polling (exit_mode.fetch_poll_ns: a single vCPU polls for its page);
+  where it polls, one scan beside it that sleeps in recv instead, for reference;
 - the same scan with adaptive readahead (destination/readahead.py; the windows ahead of a scan
   come from its prefetcher, destination/prefetch.py), pages/s, and the guest's faults and time
   in them (a quick run's median of QUICK_SCANS scans), against the background stream's pages/s (stream.measure on the
@@ -24,6 +26,7 @@ from postcopy.bench import stream
 from postcopy.bench.common import BenchOptions, percentiles_us, section_main, source_process
 from postcopy.bench.fault_vm import scan
 from postcopy.bench.socket_baseline import pingpong_ns
+from postcopy.destination.exit_mode import fetch_poll_ns
 from postcopy.destination.readahead import DEFAULT_BASE, DEFAULT_MAX
 
 MiB = 1 << 20
@@ -47,7 +50,12 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             latency_ns = [ns for r in runs for ns in r.latency_ns]
             single[str(vcpus)] = {**percentiles_us(latency_ns), "pages": sum(r.pages for r in runs),
                                   "fetches": sum(r.fetches for r in runs), "scans": len(runs),
-                                  "pages_s": round(statistics.median(r.pages_s for r in runs))}
+                                  "pages_s": round(statistics.median(r.pages_s for r in runs)),
+                                  "poll_us": fetch_poll_ns(vcpus) // 1000}
+            if fetch_poll_ns(vcpus):  # beside it, the same vCPU count sleeping in recv instead
+                unpolled = scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=1,
+                                readahead_max=1, poll=False)
+                single[str(vcpus)]["no_poll"] = {**percentiles_us(unpolled.latency_ns), "pages_s": round(unpolled.pages_s)}
         # The readahead scan and the stream: the median of ``repeat`` runs each, the stream after
         # one uncounted transfer (as the stream section: a 24 MiB run takes ~20 ms here).
         readahead: dict[str, dict[str, Any]] = {}
@@ -90,8 +98,12 @@ def table(result: dict[str, Any]) -> list[str]:
     lines = [f"fetch: touch guest faulting on every page of {result['guest_mib']} MiB, page server on loopback",
              f"  {'':24s} {'p50 us':>8} {'p99 us':>8} {'pages/s':>9}"]
     for vcpus, d in result["vcpus"].items():
+        polled = f"  (polls {d['poll_us']} us)" if d.get("poll_us") else ""
         lines.append(f"  1 page/fault, {vcpus} vCPU{'s' if vcpus != '1' else ' '}   "
-                     f"{d['p50']:>8.1f} {d['p99']:>8.1f} {d['pages_s']:>9}")
+                     f"{d['p50']:>8.1f} {d['p99']:>8.1f} {d['pages_s']:>9}{polled}")
+        if "no_poll" in d:
+            n = d["no_poll"]
+            lines.append(f"    the same, not polling  {n['p50']:>8.1f} {n['p99']:>8.1f} {n['pages_s']:>9}")
     s = result["socket"]
     lines.append(f"  raw socket ping-pong     {s['p50']:>8.1f} {s['p99']:>8.1f}")
     for vcpus, d in result["readahead"].items():

@@ -80,7 +80,7 @@ class SyncPageConnection:
     for a small batch, one recv."""
 
     def __init__(self, base_url: str, token: str, *, ssl_context: ssl.SSLContext | None = None,
-                 receive_timeout: float | None = None, max_message: int = MAX_WS_MESSAGE) -> None:
+                 receive_timeout: float | None = None, max_message: int = MAX_WS_MESSAGE, poll_ns: int = 0) -> None:
         self.base_url = base_url.rstrip("/")
         self.requests = 0
         self.bytes_received = 0
@@ -88,7 +88,7 @@ class SyncPageConnection:
             # receive_timeout: a stalled answer is a FetchError after this long (a socket timeout)
             self.ws = BlockingWebSocket(f"{self.base_url}{PAGES_PATH}", auth_headers(token),
                                         max_message=max_message, ssl_context=ssl_context,
-                                        receive_timeout=receive_timeout)
+                                        receive_timeout=receive_timeout, poll_ns=poll_ns)
         except HandshakeError as e:
             raise FetchError(f"cannot open the page stream at {self.base_url}: HTTP {e.status}"
                              f"{_refusal(e.body)}") from None

@@ -26,6 +26,16 @@ from vmm.uffd import PageCopier
 from vmm.vcpu import VcpuThread
 
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
+# How long a vCPU thread polls for its page before it sleeps in recv (websocket._poll_into).
+FETCH_POLL_NS = 200_000
+
+
+def fetch_poll_ns(vcpus: int) -> int:
+    """The polling a VM's vCPU connections get: only a VM's single vCPU thread polls. With
+    several, the polling thread takes back the GIL between its tries before a thread that
+    waits for it wakes up (a wake-up across CPUs), and the others' faults wait up to the
+    switch interval: at 2 vCPUs polling made fetch p50 and p99 worse (docs/performance.md)."""
+    return FETCH_POLL_NS if vcpus == 1 else 0
 
 
 class VcpuFaultState:

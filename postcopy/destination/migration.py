@@ -29,7 +29,7 @@ from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, 
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import (MAX_WS_MESSAGE, FetchError, SyncPageConnection, auth_headers,
                                          fetch_zero_map, start_migration, tls_option)
-from postcopy.destination.exit_mode import ExitModeResolver
+from postcopy.destination.exit_mode import ExitModeResolver, fetch_poll_ns
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
 from postcopy.destination.prefetch import answer_bytes
@@ -187,7 +187,11 @@ class Destination:
         fetchers = vcpus if self.fault_mode == "exit" else len(handler_cpus(vcpus))
         prefetchers = vcpus if self.fault_mode == "exit" and self.readahead_max > 1 else 0
         # one per vCPU (or classic handler), one per vCPU's prefetcher, then the background streams'
-        connect = [self._open_sync] * fetchers + [self._open_prefetch] * prefetchers + [self._open_sync] * self.background_streams
+        poll_ns = fetch_poll_ns(vcpus) if self.fault_mode == "exit" else 0
+
+        def open_vcpu() -> SyncPageConnection:
+            return self._open_sync(poll_ns=poll_ns)
+        connect = [open_vcpu] * fetchers + [self._open_prefetch] * prefetchers + [self._open_sync] * self.background_streams
         opened = await asyncio.gather(
             *(asyncio.to_thread(RetryingSyncConnection.open, c, self.retry) for c in connect),
             return_exceptions=True)
@@ -209,6 +213,11 @@ class Destination:
         reads as it starts is set first: the exit-mode fault handler (it blocks SIGBUS there),
         the classic mode's CPU placement."""
         assert self.machine and self.installer
+        # vCPUs pinned round robin in both modes: the classic handler is placed beside them (one
+        # per CPU they use), and in exit mode a vCPU thread's fetch pairs with the source's
+        # thread for its socket on its CPU instead of chasing it across CPUs (2 vCPUs: fetch
+        # p99 ~170 against ~210 us unpinned, docs/performance.md).
+        cpus = place_vcpus(self.machine.vcpus)
         if self.fault_mode == "exit":
             self.resolver = ExitModeResolver(self.installer, readahead_base=self.readahead_base,
                                              readahead_max=self.readahead_max)
@@ -216,15 +225,15 @@ class Destination:
             for thread, conn, ahead in zip(self.machine.vcpus, self._vcpu_connections, prefetch):
                 self.resolver.prepare(thread, conn, ahead)
         else:
-            # The best classic handler: vCPUs pinned, one pinned handler per their CPUs.
-            self._classic_cpus = list(place_vcpus(self.machine.vcpus))
+            self._classic_cpus = list(cpus)  # the best classic handler: one pinned handler per CPU
         for thread in self.machine.vcpus:
             thread.pause()  # not started yet: it parks as soon as it starts
         self.machine.start()
 
-    def _open_sync(self, max_message: int = MAX_WS_MESSAGE) -> SyncPageConnection:
+    def _open_sync(self, max_message: int = MAX_WS_MESSAGE, poll_ns: int = 0) -> SyncPageConnection:
         return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
-                                  receive_timeout=self.retry.policy.request_timeout_s, max_message=max_message)
+                                  receive_timeout=self.retry.policy.request_timeout_s, max_message=max_message,
+                                  poll_ns=poll_ns)
 
     def _open_prefetch(self) -> SyncPageConnection:
         """A prefetcher's: its answers are one readahead window at most, so a buffer that size."""

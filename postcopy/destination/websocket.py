@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import struct
+from time import monotonic_ns
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -51,7 +52,7 @@ class BlockingWebSocket:
 
     def __init__(self, url: str, headers: dict[str, str], *, max_message: int,
                  ssl_context: ssl.SSLContext | None = None, timeout: float | None = 10.0,
-                 receive_timeout: float | None = None) -> None:
+                 receive_timeout: float | None = None, poll_ns: int = 0) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss", "http", "https"):
             raise WebSocketError(f"cannot open a WebSocket to {url!r}: scheme {parts.scheme!r}")
@@ -68,6 +69,7 @@ class BlockingWebSocket:
         self.buffer_address = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
         self._start = self._end = 0
         self._receive_timeout = receive_timeout
+        self.poll_ns = 0  # set after the handshake (a plain socket only): see _poll_into
         self._keys, self._key_at = b"", MASK_KEY_POOL
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -83,6 +85,8 @@ class BlockingWebSocket:
             # After the handshake an answer may take as long as the source takes (None), or at
             # most receive_timeout: then recv fails, a WebSocketError here.
             self._set_receive_timeout(sock, receive_timeout)
+            # A TLS socket's reads take no flags (and the SSL layer would hide what is waiting).
+            self.poll_ns = 0 if isinstance(sock, ssl.SSLSocket) else max(0, poll_ns)
         except BaseException:
             self._drop()
             raise
@@ -245,7 +249,7 @@ class BlockingWebSocket:
         if sock is None:
             raise WebSocketError("the socket is closed")
         try:
-            n = sock.recv_into(target)
+            n = self._poll_into(sock, target) if self.poll_ns else sock.recv_into(target)
         except BlockingIOError:  # SO_RCVTIMEO ran out
             self._drop()
             raise WebSocketError(f"the socket timed out: no answer within {self._receive_timeout} s") from None
@@ -256,6 +260,21 @@ class BlockingWebSocket:
             self._drop()
             raise WebSocketError("the server closed the connection")
         return n
+
+    def _poll_into(self, sock: socket.socket, target: memoryview) -> int:
+        """recv_into, trying without blocking for up to ``poll_ns`` first and yielding the CPU
+        between tries (KVM's halt polling, for a vCPU thread's fetch): an answer that comes
+        within it finds this thread running on a CPU that never halted, where a blocking recv
+        sleeps and is woken across CPUs (tens of us in a nested guest) with cold caches."""
+        deadline = monotonic_ns() + self.poll_ns
+        recv_into = sock.recv_into
+        while True:
+            try:
+                return recv_into(target, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if monotonic_ns() >= deadline:
+                    return recv_into(target)  # blocking, within SO_RCVTIMEO
+                os.sched_yield()  # whatever else is runnable on this CPU goes first
 
     def _sendall(self, data: bytes) -> None:
         if self.sock is None:

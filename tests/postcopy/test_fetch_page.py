@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from postcopy import wsframe
 from postcopy.destination.client import FetchError, SyncPageConnection
-from postcopy.destination.websocket import WS_GUID, BlockingWebSocket
+from postcopy.destination.exit_mode import FETCH_POLL_NS, fetch_poll_ns
+from postcopy.destination.websocket import WS_GUID, BlockingWebSocket, WebSocketError
 from postcopy.fastframes import DEMAND_FRAME_BYTES, ONE_PAGE_FRAME_BYTES, ONE_PAGE_FRAME_HEAD, demand_gpa
 from postcopy.source.page_server import PageServer
 from proto import PAGE_SIZE, PageBatch, PageRequest, build_page_batch
@@ -236,19 +237,41 @@ def raw_server() -> Iterator[tuple[str, list[bytes]]]:
     listener.close()
 
 
+# poll_ns: none; shorter than the 20 ms between pieces (it polls, then sleeps in recv); longer
+@pytest.mark.parametrize("poll_ns", [0, 200_000, 2_000_000_000])
 @pytest.mark.parametrize("cuts", [(1,), (3, 40), (ONE_PAGE_FRAME_BYTES - 1,), (2, 4, 100, 2000)])
-def test_an_answer_that_arrives_in_pieces_is_read_whole(raw_server: tuple[str, list[bytes]], cuts: tuple[int, ...]) -> None:
+def test_an_answer_that_arrives_in_pieces_is_read_whole(raw_server: tuple[str, list[bytes]], cuts: tuple[int, ...],
+                                                       poll_ns: int) -> None:
     url, chunks = raw_server
     frame = ONE_PAGE_FRAME_HEAD + one_page_head(GPA, PAGE) + PAGE
     edges = [0, *cuts, len(frame)]
     chunks += [frame[a:b] for a, b in zip(edges, edges[1:])]
-    ws = BlockingWebSocket(f"{url}/v1/pages/ws", {}, max_message=8 << 20, receive_timeout=5)
+    ws = BlockingWebSocket(f"{url}/v1/pages/ws", {}, max_message=8 << 20, receive_timeout=5, poll_ns=poll_ns)
+    assert ws.poll_ns == poll_ns
     try:
         ws.send(encode_request(GPA, 1, "demand"))
         at = ws.recv_known(ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES)
         assert bytes(ws.buffer[at:at + len(frame) - len(ONE_PAGE_FRAME_HEAD)]) == frame[len(ONE_PAGE_FRAME_HEAD):]
     finally:
         ws.close()
+
+
+def test_a_polling_socket_still_times_out_when_no_answer_comes(raw_server: tuple[str, list[bytes]]) -> None:
+    url, _ = raw_server  # the peer reads the request and answers nothing
+    ws = BlockingWebSocket(f"{url}/v1/pages/ws", {}, max_message=8 << 20, receive_timeout=0.2, poll_ns=50_000_000)
+    try:
+        ws.send(encode_request(GPA, 1, "demand"))
+        t0 = time.monotonic()
+        with pytest.raises(WebSocketError, match="timed out"):
+            ws.recv_known(ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES)
+        assert 0.2 <= time.monotonic() - t0 < 2.0  # the poll, then the kernel's receive timeout
+    finally:
+        ws.close()
+
+
+def test_only_a_single_vcpu_polls_for_its_page() -> None:
+    assert fetch_poll_ns(1) == FETCH_POLL_NS > 0
+    assert fetch_poll_ns(2) == fetch_poll_ns(4) == 0
 
 
 def test_another_frame_is_left_whole_for_recv(raw_server: tuple[str, list[bytes]]) -> None:

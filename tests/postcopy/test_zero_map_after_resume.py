@@ -120,3 +120,4 @@ def test_a_zero_map_that_marks_an_eager_page_fails_the_migration_and_pauses_the_
         assert dest.tracker is not None and not any(dest.tracker.zero_bitmap)
 
     _run(check)
+

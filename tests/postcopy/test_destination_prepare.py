@@ -1,0 +1,41 @@
+"""What Destination.prepare sets up for the fault path before the switchover, against a live
+page server: the vCPU threads' placement and which connections poll."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from postcopy.destination.classic_mode import vcpu_cpus
+from postcopy.destination.exit_mode import FETCH_POLL_NS
+from postcopy.destination.migration import Destination
+from postcopy.source.run import boot_memtouch
+from test_zero_map_after_resume import GUEST, TOKEN, _SourceThread  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
+
+
+def test_a_single_vcpu_polls_for_its_pages_and_every_vcpu_is_pinned() -> None:
+    """What prepare() sets up for the fault path: a single vCPU's connection polls (exit mode
+    only; never the prefetchers' or the background's), and the vCPU threads are pinned round
+    robin in both modes."""
+    machine, workload = boot_memtouch(GUEST, 2, seed=5)
+    try:
+        with _SourceThread(machine, workload) as source:
+            async def prepare(mode: str, vcpus: int) -> tuple[list[int], list[int], list[int | None]]:
+                dest = Destination(source.url, TOKEN, fault_mode=mode)  # type: ignore[arg-type]
+                try:
+                    await dest.prepare(GUEST, vcpus)
+                    assert dest.machine is not None
+                    return ([c._conn.ws.poll_ns for c in dest._vcpu_connections],  # type: ignore[union-attr]
+                            [c._conn.ws.poll_ns for c in dest._prefetch_connections + dest._background_connections],  # type: ignore[union-attr]
+                            [t.cpu for t in dest.machine.vcpus])
+                finally:
+                    await dest.close()
+
+            for mode, vcpus, polls in (("exit", 1, FETCH_POLL_NS), ("exit", 2, 0), ("classic", 1, 0)):
+                vcpu_polls, others, cpus = asyncio.run(prepare(mode, vcpus))
+                assert set(vcpu_polls) == {polls} and set(others) == {0}, (mode, vcpus)
+                assert cpus == vcpu_cpus(vcpus), (mode, vcpus)
+    finally:
+        machine.close()
