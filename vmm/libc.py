@@ -92,12 +92,17 @@ def check(ret: int, what: str) -> int:
 
 
 def checked_ioctl(fd: int, request: int, arg: object, what: str, error: type[Exception]) -> int:
-    """ioctl that raises ``error(message, errno)`` naming ``what`` and the kernel's error."""
-    ret = ioctl(fd, request, arg)
-    if ret < 0:
+    """ioctl that raises ``error(message, errno)`` naming ``what`` and the kernel's error. A call
+    a signal interrupted (EINTR) is made again, as Python does for its own system calls (PEP
+    475): KVM_CREATE_VM, for one, fails so while a profiler or debugger is attached. Not for
+    KVM_RUN, whose EINTR means a kick (vcpu.py calls it directly)."""
+    while True:
+        ret = ioctl(fd, request, arg)
+        if ret >= 0:
+            return ret
         err = ctypes.get_errno()
-        raise error(f"{what}: {os.strerror(err)} (errno {errno.errorcode.get(err, err)})", err)
-    return ret
+        if err != errno.EINTR:
+            raise error(f"{what}: {os.strerror(err)} (errno {errno.errorcode.get(err, err)})", err)
 
 
 def gettid() -> int:

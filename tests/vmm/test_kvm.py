@@ -288,3 +288,23 @@ def test_kvm_run_with_immediate_exit_returns_eintr_without_entering(booted: Mach
     assert vcpu.run() == -errno.EINTR
     vcpu.run_struct.immediate_exit = 0
     assert vcpu.get_regs().rip == rip
+
+
+def test_a_control_ioctl_interrupted_by_a_signal_is_made_again_and_other_errors_are_named(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVM_CREATE_VM fails with EINTR while a profiler is attached: checked_ioctl asks again,
+    as Python does for its own system calls; any other error is raised with its name."""
+    answers = [(-1, errno.EINTR), (-1, errno.EINTR), (7, 0)]
+    calls: list[int] = []
+
+    def fake_ioctl(fd: int, request: int, arg: object) -> int:
+        calls.append(request)
+        ret, err = answers.pop(0)
+        ctypes.set_errno(err)
+        return ret
+
+    monkeypatch.setattr(libc, "ioctl", fake_ioctl)
+    assert libc.checked_ioctl(3, 0xAE01, 0, "KVM_CREATE_VM", KvmError) == 7 and len(calls) == 3
+    answers[:] = [(-1, errno.ENOMEM)]
+    with pytest.raises(KvmError, match="KVM_CREATE_VM: Cannot allocate memory .errno ENOMEM."):
+        libc.checked_ioctl(3, 0xAE01, 0, "KVM_CREATE_VM", KvmError)
