@@ -4,6 +4,7 @@ thousands of random requests, valid and hostile, over HTTP and the page socket."
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import random
 import socket
 import ssl
@@ -60,6 +61,26 @@ def test_pages_over_tls_verified_by_the_ca_match_memory(served: Served, tls_file
             await asyncio.to_thread(conn.close)
         assert pages_of(batch) == served.memory.read(5 * PAGE_SIZE, 4 * PAGE_SIZE)
         assert pages_of(one) == served.memory.read(9 * PAGE_SIZE, PAGE_SIZE)
+
+    serve(served, body, tls=server_context(str(tls_files.cert), str(tls_files.key)))
+
+
+def test_the_fault_paths_one_page_fetch_over_tls(served: Served, tls_files: TlsFiles) -> None:
+    """fetch_page over TLS: the event loop's socket answers the demand frame on its fast path
+    too; a zero page comes as a batch; the client does not poll a TLS socket."""
+    async def body(server: PageServer, url: str) -> None:
+        conn = await asyncio.to_thread(SyncPageConnection, url, SERVED_TOKEN, poll_ns=1_000_000,
+                                       ssl_context=client_context(str(tls_files.ca)))
+        try:
+            assert conn.ws.poll_ns == 0
+            address = await asyncio.to_thread(conn.fetch_page, 9 * PAGE_SIZE)
+            zero = await asyncio.to_thread(conn.fetch_page, 8 * PAGE_SIZE)  # every 8th page is zero
+            assert isinstance(address, int)
+            assert ctypes.string_at(address, PAGE_SIZE) == served.memory.read(9 * PAGE_SIZE, PAGE_SIZE)
+            assert isinstance(zero, PageBatch) and zero.zero == b"\x01"
+            assert [s.pages_answered for s in server._sockets] == [1]
+        finally:
+            await asyncio.to_thread(conn.close)
 
     serve(served, body, tls=server_context(str(tls_files.cert), str(tls_files.key)))
 
