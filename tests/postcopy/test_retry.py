@@ -80,47 +80,29 @@ def test_a_fatal_refusal_is_not_retried() -> None:
     assert calls == 1
 
 
-def test_vcpu_fetch_reconnects_through_dropped_and_truncated_streams_and_gets_the_right_pages(served: Served) -> None:
-    # Each of the first 6 connections is cut inside its first answers (the upgrade passes).
-    schedule = ChaosSchedule(seed=2, kinds=("drop", "truncate", "corrupt"), after_bytes=(400, 9000), max_faults=6)
+@pytest.mark.parametrize(("how", "seed", "after"), [("fetch", 2, 400), ("fetch_page", 4, 200)])
+def test_vcpu_fetch_reconnects_through_dropped_truncated_and_corrupted_streams(served: Served, how: str, seed: int,
+                                                                             after: int) -> None:
+    """Both ways a vCPU fetches: a window (fetch) and the fault path's one page (fetch_page,
+    whose fast read gives way to the general recovery, which sends the request again on a new
+    socket). Each of the first 6 connections is cut inside its first answers (the upgrade
+    passes); every page arrives right."""
+    schedule = ChaosSchedule(seed=seed, kinds=("drop", "truncate", "corrupt"), after_bytes=(after, 9000), max_faults=6)
 
     async def body(url: str, proxy: ChaosProxy) -> None:
         ctx = RetryContext(RetryPolicy(deadline_s=10, **FAST))  # type: ignore[arg-type]
 
-        def fetch_all() -> list[PageBatch]:
+        def fetch_all() -> list[tuple[int, bytes]]:
             conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=2), ctx)
             try:
-                return [conn.fetch(gpa, 4, "demand") for gpa in range(0, 64 * PAGE_SIZE, 4 * PAGE_SIZE)]
+                if how == "fetch":
+                    return [(gpa, pages_of(conn.fetch(gpa, 4, "demand"))) for gpa in range(0, 64 * PAGE_SIZE, 4 * PAGE_SIZE)]
+                return [(gpa, page_bytes(conn.fetch_page(gpa))) for gpa in range(0, 64 * PAGE_SIZE, PAGE_SIZE)]
             finally:
                 conn.close()
 
-        batches = await asyncio.to_thread(fetch_all)
-        for batch in batches:
-            assert pages_of(batch) == served.memory.read(batch.gpa, 4 * PAGE_SIZE)
-        assert proxy.stats.faults_injected == 6
-        assert ctx.report()["reconnects"] >= 4 and ctx.report()["exhausted"] == 0
-
-    run_behind_proxy(served, schedule, body)
-
-
-def test_vcpu_one_page_fetch_reconnects_through_dropped_truncated_and_corrupted_streams(served: Served) -> None:
-    """The fault path's fetch_page: its fast read gives way to the general recovery, which sends
-    the request again on a new socket; every page arrives right, in place or as a batch."""
-    schedule = ChaosSchedule(seed=4, kinds=("drop", "truncate", "corrupt"), after_bytes=(200, 9000), max_faults=6)
-
-    async def body(url: str, proxy: ChaosProxy) -> None:
-        ctx = RetryContext(RetryPolicy(deadline_s=10, **FAST))  # type: ignore[arg-type]
-
-        def fetch_all() -> list[bytes]:
-            conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=2), ctx)
-            try:
-                return [page_bytes(conn.fetch_page(page * PAGE_SIZE)) for page in range(64)]
-            finally:
-                conn.close()
-
-        pages = await asyncio.to_thread(fetch_all)
-        for page, data in enumerate(pages):
-            assert data == served.memory.read(page * PAGE_SIZE, PAGE_SIZE), page
+        for gpa, data in await asyncio.to_thread(fetch_all):
+            assert data == served.memory.read(gpa, len(data)), gpa
         assert proxy.stats.faults_injected == 6
         assert ctx.report()["reconnects"] >= 4 and ctx.report()["exhausted"] == 0
 
