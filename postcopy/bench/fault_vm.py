@@ -54,8 +54,10 @@ def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpu
          readahead_base: int, readahead_max: int, poll: bool = True,
          inspect: Callable[[ExitModeResolver, GuestMemory], None] | None = None) -> ScanResult:
     """Run the touch guest once over a fresh destination VM; every data page is fetched from
-    ``url`` (zero-map pages are made here, as in a migration). ``inspect`` (tests) sees the
-    resolver and guest RAM once the guest is done, before anything is closed."""
+    ``url`` (zero-map pages are made here, as in a migration), the vCPUs placed and their
+    connections polling as the destination's (``poll`` False: none polls, for comparison).
+    ``inspect`` (tests) sees the resolver and guest RAM once the guest is done, before anything
+    is closed."""
     layout = [(r.gpa, r.size) for r in header.regions]
     size = sum(r.size for r in header.regions)
     memory = GuestMemory.create_layout(layout, "anon", "bench-fault-vm")

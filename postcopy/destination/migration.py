@@ -211,7 +211,7 @@ class Destination:
         waits until it runs, one wake-up per vCPU that a busy host delays, and the switchover
         then only releases them (their state is restored while they wait). What a vCPU thread
         reads as it starts is set first: the exit-mode fault handler (it blocks SIGBUS there),
-        the classic mode's CPU placement."""
+        its CPU (both modes pin the vCPUs)."""
         assert self.machine and self.installer
         # vCPUs pinned round robin in both modes: the classic handler is placed beside them (one
         # per CPU they use), and in exit mode a vCPU thread's fetch pairs with the source's
