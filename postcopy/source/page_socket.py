@@ -61,12 +61,24 @@ class _Frames:
     """Parsing client frames out of a buffer and answering each: shared by both sockets.
     ``_send(parts, close_after)`` and ``close(code, reason)`` are the socket's own."""
 
+    transport: asyncio.Transport
     _answer: Answerer
     _on_text: Answerer
     _answer_page: PageAnswerer | None
     _max_frame: int
     _closing: bool
     pages_answered: int  # by _answer_page: counted by the socket, not under the server's stats lock
+
+    def _set_up(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, max_frame: int,
+                answer_page: PageAnswerer | None) -> None:
+        """What both sockets keep of their connection and of the server."""
+        self.transport = transport
+        self._answer = answer
+        self._on_text = on_text
+        self._max_frame = max_frame
+        self._answer_page = answer_page
+        self.pages_answered = 0
+        self._closing = False
 
     def _demand_answer(self, frame: bytes | bytearray) -> list[bytes | memoryview] | None:
         """The whole answer (frame head included) to frame[:DEMAND_FRAME_BYTES] if it is a
@@ -134,13 +146,7 @@ class ThreadedPageSocket(_Frames):
     def __init__(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
                  max_frame: int, answer_page: PageAnswerer | None = None) -> None:
         raw = transport.get_extra_info("socket")
-        self.transport = transport
-        self._answer = answer
-        self._answer_page = answer_page
-        self.pages_answered = 0
-        self._on_text = on_text
-        self._max_frame = max_frame
-        self._closing = False
+        self._set_up(transport, answer, on_text, max_frame, answer_page)
         self._close_request: tuple[int, str] | None = None
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
@@ -268,16 +274,10 @@ class PageSocket(asyncio.Protocol, _Frames):
     def __init__(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
                  max_frame: int, answer_page: PageAnswerer | None = None,
                  previous: asyncio.BaseProtocol | None = None) -> None:
-        self.transport = transport
-        self._answer = answer
-        self._answer_page = answer_page
-        self.pages_answered = 0
-        self._on_text = on_text
-        self._max_frame = max_frame
+        self._set_up(transport, answer, on_text, max_frame, answer_page)
         self._previous = previous  # aiohttp's protocol: told when the connection is lost
         self._buf = bytearray()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._closing = False
 
     @classmethod
     def take_over(cls, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
