@@ -186,8 +186,8 @@ class BlockingWebSocket:
             self._start = self._end = 0
         self._fill(len(head))
         start = self._start
-        if not self._buf.startswith(head, start):
-            return -1
+        if not self._buf.startswith(head, start) or total - len(head) > self.max_message:
+            return -1  # (a frame over max_message: recv() refuses it with its error)
         self._fill(total)
         start = self._start  # _fill may have moved the unread bytes to the front
         self._start = start + total

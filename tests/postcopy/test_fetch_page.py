@@ -274,6 +274,20 @@ def test_only_a_single_vcpu_polls_for_its_page() -> None:
     assert fetch_poll_ns(2) == fetch_poll_ns(4) == 0
 
 
+def test_a_known_frame_over_the_connections_limit_is_left_to_recv_which_refuses_it(
+        raw_server: tuple[str, list[bytes]]) -> None:
+    url, chunks = raw_server
+    chunks.append(ONE_PAGE_FRAME_HEAD + one_page_head(GPA, PAGE) + PAGE)
+    ws = BlockingWebSocket(f"{url}/v1/pages/ws", {}, max_message=1024, receive_timeout=5)
+    try:
+        ws.send(encode_request(GPA, 1, "demand"))
+        assert ws.recv_known(ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES) == -1
+        with pytest.raises(WebSocketError, match="bad frame"):
+            ws.recv()
+    finally:
+        ws.close()
+
+
 def test_another_frame_is_left_whole_for_recv(raw_server: tuple[str, list[bytes]]) -> None:
     url, chunks = raw_server
     other = build_page_batch(GPA, 1, PAGE)  # a shorter frame: its head differs
