@@ -80,6 +80,22 @@ def registered_ram(size: int, zero_map: bytes | None = None) -> Iterator[Install
         uffd.close()
 
 
+@contextmanager
+def prefetching(url: str, size: int, ctx: RetryContext, *, zero_map: bytes | None = None, open_now: bool = True,
+                receive_timeout: float | None = None, **prefetcher_args: int) -> Iterator[tuple[Installer, Prefetcher]]:
+    """A prefetcher alone on empty registered RAM, its connection to ``url`` opened now (or at
+    its first request); closed when the block ends."""
+    with registered_ram(size, zero_map) as installer:
+        def connect() -> SyncPageConnection:
+            return SyncPageConnection(url, SERVED_TOKEN, receive_timeout=receive_timeout)
+        conn = RetryingSyncConnection.open(connect, ctx) if open_now else RetryingSyncConnection(connect, ctx)
+        prefetcher = Prefetcher(installer, conn, **prefetcher_args)
+        try:
+            yield installer, prefetcher
+        finally:
+            prefetcher.close()
+
+
 def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -96,18 +112,15 @@ def test_a_prefetcher_reconnects_through_drops_and_installs_every_page_right(ser
         ctx = RetryContext(RetryPolicy(deadline_s=10, request_timeout_s=2, **FAST))  # type: ignore[arg-type]
 
         def run() -> None:
-            with registered_ram(served.memory.size) as installer:
+            pages = served.memory.pages
+            with prefetching(url, served.memory.size, ctx, receive_timeout=2, window_max=64,
+                             ahead_pages=pages) as (installer, prefetcher):
                 tracker = installer.tracker
-                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=2), ctx)
-                prefetcher = Prefetcher(installer, conn, window_max=64, ahead_pages=tracker.npages)
-                try:
-                    prefetcher.follow(0)
-                    assert wait_until(lambda: tracker.missing() == 0), f"{tracker.missing()} pages missing"
-                    assert prefetcher.failed is None and IN_FLIGHT not in tracker.state
-                    assert prefetcher.wait(tracker.npages - 1)  # present: no wait
-                    assert installer.memory.read(0, served.memory.size) == served.memory.read(0, served.memory.size)
-                finally:
-                    prefetcher.close()
+                prefetcher.follow(0)
+                assert wait_until(lambda: tracker.missing() == 0), f"{tracker.missing()} pages missing"
+                assert prefetcher.failed is None and IN_FLIGHT not in tracker.state
+                assert prefetcher.wait(tracker.npages - 1)  # present: no wait
+                assert installer.memory.read(0, served.memory.size) == served.memory.read(0, served.memory.size)
 
         await asyncio.to_thread(run)
         assert proxy.stats.faults_injected >= 1 and ctx.report()["reconnects"] >= 1
@@ -122,20 +135,15 @@ def test_a_prefetcher_whose_source_never_comes_back_gives_its_claims_back(served
         ctx = RetryContext(RetryPolicy(deadline_s=0.3, **FAST))  # type: ignore[arg-type]
 
         def run() -> None:
-            with registered_ram(served.memory.size) as installer:
+            with prefetching(url, served.memory.size, ctx, open_now=False, window_max=64) as (installer, prefetcher):
                 tracker = installer.tracker
-                conn = RetryingSyncConnection(lambda: SyncPageConnection(url, SERVED_TOKEN), ctx)
-                prefetcher = Prefetcher(installer, conn, window_max=64)
-                try:
-                    prefetcher.follow(8)
-                    assert prefetcher.reached(8)
-                    assert wait_until(lambda: prefetcher.failed is not None)
-                    assert isinstance(prefetcher.failed, FetchError)
-                    assert wait_until(lambda: IN_FLIGHT not in tracker.state)  # every claim given back
-                    assert tracker.missing() == tracker.npages
-                    assert not prefetcher.reached(8) and not prefetcher.wait(8)  # the vCPU fetches alone
-                finally:
-                    prefetcher.close()
+                prefetcher.follow(8)
+                assert prefetcher.reached(8)
+                assert wait_until(lambda: prefetcher.failed is not None)
+                assert isinstance(prefetcher.failed, FetchError)
+                assert wait_until(lambda: IN_FLIGHT not in tracker.state)  # every claim given back
+                assert tracker.missing() == tracker.npages
+                assert not prefetcher.reached(8) and not prefetcher.wait(8)  # the vCPU fetches alone
 
         await asyncio.to_thread(run)
 
@@ -151,10 +159,8 @@ def test_closing_a_prefetcher_mid_scan_stops_it_at_once_and_leaves_no_claim(serv
         ctx = RetryContext(RetryPolicy(deadline_s=60, request_timeout_s=30, **FAST))  # type: ignore[arg-type]
 
         def run() -> None:
-            with registered_ram(served.memory.size) as installer:
+            with prefetching(url, served.memory.size, ctx, receive_timeout=30, window_max=64) as (installer, prefetcher):
                 tracker = installer.tracker
-                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN, receive_timeout=30), ctx)
-                prefetcher = Prefetcher(installer, conn, window_max=64)
                 prefetcher.follow(0)
                 assert wait_until(lambda: IN_FLIGHT in tracker.state)
                 time.sleep(0.1)
@@ -173,20 +179,16 @@ def test_closing_a_prefetcher_mid_scan_stops_it_at_once_and_leaves_no_claim(serv
 def test_a_prefetcher_stays_within_its_horizon_and_a_new_scan_starts_its_own(served: Served) -> None:
     async def body(url: str, proxy: ChaosProxy) -> None:
         def run() -> None:
-            with registered_ram(served.memory.size) as installer:
+            with prefetching(url, served.memory.size, RetryContext(), window_max=8,
+                             ahead_pages=16) as (installer, prefetcher):
                 tracker = installer.tracker
-                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
-                prefetcher = Prefetcher(installer, conn, window_max=8, ahead_pages=16)
-                try:
-                    prefetcher.follow(200)
-                    assert wait_until(lambda: tracker.present == 16 and IN_FLIGHT not in tracker.state)
-                    prefetcher.follow(0)  # elsewhere: 16 from here, not up to the old scan's horizon
-                    assert wait_until(lambda: tracker.present == 32 and IN_FLIGHT not in tracker.state)
-                    time.sleep(0.05)
-                    assert tracker.present == 32 and prefetcher.windows == 4
-                    assert all(tracker.is_present(p) for p in [*range(0, 16), *range(200, 216)])
-                finally:
-                    prefetcher.close()
+                prefetcher.follow(200)
+                assert wait_until(lambda: tracker.present == 16 and IN_FLIGHT not in tracker.state)
+                prefetcher.follow(0)  # elsewhere: 16 from here, not up to the old scan's horizon
+                assert wait_until(lambda: tracker.present == 32 and IN_FLIGHT not in tracker.state)
+                time.sleep(0.05)
+                assert tracker.present == 32 and prefetcher.windows == 4
+                assert all(tracker.is_present(p) for p in [*range(0, 16), *range(200, 216)])
 
         await asyncio.to_thread(run)
 
@@ -198,19 +200,15 @@ def test_a_scan_goes_on_past_the_zero_maps_runs_made_here(served: Served) -> Non
 
     async def body(url: str, proxy: ChaosProxy) -> None:
         def run() -> None:
-            with registered_ram(served.memory.size, zero_map) as installer:
+            with prefetching(url, served.memory.size, RetryContext(), zero_map=zero_map, window_max=64,
+                             ahead_pages=served.memory.pages) as (installer, prefetcher):
                 tracker = installer.tracker
-                conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
-                prefetcher = Prefetcher(installer, conn, window_max=64, ahead_pages=tracker.npages)
-                try:
-                    prefetcher.follow(1)
-                    assert wait_until(lambda: tracker.missing() == 1 and IN_FLIGHT not in tracker.state)
-                    assert tracker.counts[Arrival.ZERO] == tracker.npages // 8 - 1  # all but page 0, behind it
-                    assert tracker.counts[Arrival.READAHEAD] == tracker.npages - tracker.npages // 8
-                    size = served.memory.size - PAGE_SIZE
-                    assert installer.memory.read(PAGE_SIZE, size) == served.memory.read(PAGE_SIZE, size)
-                finally:
-                    prefetcher.close()
+                prefetcher.follow(1)
+                assert wait_until(lambda: tracker.missing() == 1 and IN_FLIGHT not in tracker.state)
+                assert tracker.counts[Arrival.ZERO] == tracker.npages // 8 - 1  # all but page 0, behind it
+                assert tracker.counts[Arrival.READAHEAD] == tracker.npages - tracker.npages // 8
+                size = served.memory.size - PAGE_SIZE
+                assert installer.memory.read(PAGE_SIZE, size) == served.memory.read(PAGE_SIZE, size)
 
         await asyncio.to_thread(run)
 
