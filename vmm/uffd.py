@@ -75,10 +75,11 @@ class PageCopier:
     fault path): the argument preallocated with its length and mode set, so a fault's install
     is three stores and the ioctl."""
 
-    __slots__ = ("_fd", "_buf", "_q")
+    __slots__ = ("_fd", "_buf", "_q", "copied")
 
     def __init__(self, fd: int, mode: int) -> None:
         self._fd = fd
+        self.copied = 0  # pages this copier installed (its owner's only: no lock)
         self._buf = bytearray(ctypes.sizeof(abi.uffdio_copy))
         self._q = memoryview(self._buf).cast("Q")
         self._q[2], self._q[3] = PAGE_SIZE, mode
@@ -90,6 +91,7 @@ class PageCopier:
         q[0], q[1], q[4] = dst, src, 0
         try:
             ioctl(self._fd, abi.UFFDIO_COPY, self._buf, True)
+            self.copied += 1
             return PAGE_SIZE
         except OSError as e:
             if e.errno == errno.EEXIST:
@@ -135,13 +137,14 @@ class Uffd:
         rng = abi.uffdio_range(start, length)
         _ioctl(self.fd, abi.UFFDIO_WAKE, ctypes.byref(rng), f"UFFDIO_WAKE({start:#x}, {length:#x})")
 
-    def copy(self, dst: int, src: int, length: int, mode: int = 0) -> int:
+    def copy(self, dst: int, src: int, length: int, mode: int = 0, existed: list[int] | None = None) -> int:
         """UFFDIO_COPY of a page-aligned run; returns the bytes this call installed.
 
         A page that already exists (EEXIST: another thread installed it first, which is
-        normal) is skipped and the rest of the run still goes in."""
+        normal) is skipped and the rest of the run still goes in; its offset in the run is
+        appended to ``existed`` if given (who created which page: pages.py counts by it)."""
         buf, q = self._args.copy
-        installed = 0
+        installed, start = 0, dst
         while length > 0:
             q[0], q[1], q[2], q[3], q[4] = dst, src, length, mode, 0
             try:
@@ -149,6 +152,8 @@ class Uffd:
                 return installed + length
             except OSError as e:
                 done, advance = self._progress(e.errno, q[COPY_RESULT], "UFFDIO_COPY", dst, length)
+            if existed is not None and advance > done:
+                existed.append(dst + done - start)
             installed += done
             dst, src, length = dst + advance, src + advance, length - advance
         return installed
@@ -157,10 +162,10 @@ class Uffd:
         """A one-page UFFDIO_COPY for one thread (see PageCopier)."""
         return PageCopier(self.fd, mode)
 
-    def zeropage(self, start: int, length: int, mode: int = 0) -> int:
+    def zeropage(self, start: int, length: int, mode: int = 0, existed: list[int] | None = None) -> int:
         """UFFDIO_ZEROPAGE of a page-aligned run; same convention as ``copy``."""
         buf, q = self._args.zeropage
-        installed = 0
+        installed, first = 0, start
         while length > 0:
             q[0], q[1], q[2], q[3] = start, length, mode, 0
             try:
@@ -168,6 +173,8 @@ class Uffd:
                 return installed + length
             except OSError as e:
                 done, advance = self._progress(e.errno, q[ZEROPAGE_RESULT], "UFFDIO_ZEROPAGE", start, length)
+            if existed is not None and advance > done:
+                existed.append(start + done - first)
             installed += done
             start, length = start + advance, length - advance
         return installed

@@ -45,37 +45,54 @@ class Installer:
         self.tracker = tracker
         self.copy_mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
         self.zero_mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        self.installed_bytes = 0
+        self._copied_bytes = 0  # by the batch and run installs; each thread's PageCopier counts its own
+        self._copiers: list[PageCopier] = []
+
+    @property
+    def installed_bytes(self) -> int:
+        """Bytes installed with UFFDIO_COPY (zero pages are not counted)."""
+        return self._copied_bytes + PAGE_SIZE * sum(c.copied for c in self._copiers)
 
     def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1) -> None:
         """Install every page of a verified batch; the first ``demanded`` pages are recorded as
         ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead)."""
         base = buffer_address(batch.data)
         offset = 0
+        created = 0
+        existed: list[int] = []  # offsets in the batch of pages another install created first
         try:
             for gpa, npages, view in batch.runs():
                 length = npages * PAGE_SIZE
                 hva = self.memory.hva(gpa, length)
+                before = len(existed)
                 if view is None:
-                    self.uffd.zeropage(hva, length, self.zero_mode)
+                    created += self.uffd.zeropage(hva, length, self.zero_mode, existed)
                 else:
-                    self.installed_bytes += self.uffd.copy(hva, base + offset, length, self.copy_mode)
+                    copied = self.uffd.copy(hva, base + offset, length, self.copy_mode, existed)
+                    self._copied_bytes += copied
+                    created += copied
                     offset += length
+                if len(existed) > before:  # offsets in this run, made offsets in the batch
+                    existed[before:] = [gpa - batch.gpa + e for e in existed[before:]]
         except UffdError as e:
             if self._gone_after_completion(e):
                 return
             raise
         page = self.memory.page_index(batch.gpa)
-        if first_how is not None:
-            self.tracker.mark_present(page, demanded, first_how)
-            if batch.count > demanded:
-                self.tracker.mark_present(page + demanded, batch.count - demanded, how)
-        else:
-            self.tracker.mark_present(page, batch.count, how)
+        created //= PAGE_SIZE
+        if first_how is None:
+            self.tracker.mark_present(page, batch.count, how, created)
+            return
+        ours = demanded - sum(1 for e in existed if e < demanded * PAGE_SIZE)  # of the demanded pages
+        self.tracker.mark_present(page, demanded, first_how, ours)
+        if batch.count > demanded:
+            self.tracker.mark_present(page + demanded, batch.count - demanded, how, created - ours)
 
     def page_copier(self) -> PageCopier:
         """A one-page UFFDIO_COPY in this installer's mode, for one thread's install_page."""
-        return self.uffd.page_copier(self.copy_mode)
+        copier = self.uffd.page_copier(self.copy_mode)
+        self._copiers.append(copier)
+        return copier
 
     def install_page(self, page: int, hva: int, data: int | PageBatch, how: Arrival, copier: PageCopier) -> None:
         """What fetch_page gave for a fault at ``page`` (host address ``hva``, which the caller
@@ -85,24 +102,25 @@ class Installer:
             self.install_batch(data, how)  # type: ignore[arg-type]
             return
         try:
-            self.installed_bytes += copier.copy(hva, data)
+            created = copier.copy(hva, data)
         except UffdError as e:
             if self._gone_after_completion(e):
                 return
             raise
-        self.tracker.mark_one(page, how)
+        if created:  # else another install created it and counts it
+            self.tracker.mark_created(page, how)
 
     def install_zero(self, page: int, npages: int) -> None:
         """Pages the source's zero map says are all zeros: installed here, never fetched."""
         gpa = self.memory.page_gpa(page)
         length = npages * PAGE_SIZE
         try:
-            self.uffd.zeropage(self.memory.hva(gpa, length), length, self.zero_mode)
+            created = self.uffd.zeropage(self.memory.hva(gpa, length), length, self.zero_mode)
         except UffdError as e:
             if self._gone_after_completion(e):
                 return
             raise
-        self.tracker.mark_present(page, npages, Arrival.ZERO)
+        self.tracker.mark_present(page, npages, Arrival.ZERO, created // PAGE_SIZE)
 
     def _gone_after_completion(self, e: UffdError) -> bool:
         """ENOENT with every page present: guest RAM was unregistered (Destination.close) under an
@@ -111,5 +129,6 @@ class Installer:
 
     def install_run(self, gpa: int, data: bytes, how: Arrival) -> None:
         """A run of pages sent whole (the eager set)."""
-        self.installed_bytes += self.uffd.copy(self.memory.hva(gpa, len(data)), buffer_address(data), len(data), self.copy_mode)
-        self.tracker.mark_present(self.memory.page_index(gpa), len(data) // PAGE_SIZE, how)
+        created = self.uffd.copy(self.memory.hva(gpa, len(data)), buffer_address(data), len(data), self.copy_mode)
+        self._copied_bytes += created
+        self.tracker.mark_present(self.memory.page_index(gpa), len(data) // PAGE_SIZE, how, created // PAGE_SIZE)

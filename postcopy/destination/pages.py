@@ -3,8 +3,13 @@ wanted. Demand, readahead and background all ask it, so no race has two owners.
 
 Pages are numbered over all memory regions back to back (GuestMemory.page_index). A page goes
 MISSING -> (IN_FLIGHT ->) PRESENT, never back but for a failed background fetch, which returns
-its claim. Who installed a page is recorded once, at the MISSING/IN_FLIGHT -> PRESENT step, so
-the counts by arrival add up to the guest's page count exactly.
+its claim.
+
+A page is counted once, by the install that created it: the kernel lets exactly one
+UFFDIO_COPY or UFFDIO_ZEROPAGE of a page succeed (the others get EEXIST), and every install
+says how many pages it created. So the counts by arrival add up to the guest's page count
+exactly, and a fault's own page needs no lock to be counted (``mark_created``): the vCPU
+threads would otherwise contend for it at every fault.
 """
 from __future__ import annotations
 
@@ -45,10 +50,30 @@ class PageTracker:
         self.zero_bitmap = bytes(zero_bitmap) if zero_bitmap is not None else bytes(nbytes)
         if len(self.zero_bitmap) != nbytes:
             raise ValueError(f"zero map of {len(self.zero_bitmap)} bytes, guest RAM of {self.npages} pages needs {nbytes}")
-        self.counts = dict.fromkeys(Arrival, 0)
-        self.present = 0
+        self._counts = dict.fromkeys(Arrival, 0)  # under the lock: what mark_present counted
+        self._present = 0
+        # What mark_created counted, without the lock: one byte (the Arrival) per page,
+        # appended (one C call, whole under the GIL); summed into counts when they are read.
+        self._created = bytearray()
+        self._tallied, self._tally = 0, dict.fromkeys(Arrival, 0)  # _created[:_tallied], by arrival
         self._lock = threading.Lock()
         self.all_present = threading.Event()
+
+    @property
+    def present(self) -> int:
+        return self._present + len(self._created)
+
+    @property
+    def counts(self) -> dict[Arrival, int]:
+        """Pages present by how they arrived (a copy)."""
+        with self._lock:
+            created, n = self._created, len(self._created)
+            if n > self._tallied:  # only what was created since the last read is counted
+                tail = created[self._tallied:n]
+                for how in Arrival:
+                    self._tally[how] += tail.count(how)
+                self._tallied = n
+            return {how: self._counts[how] + self._tally[how] for how in Arrival}
 
     # -- queries (lock-free: single bytes read under the GIL) ---------------------------------
     def is_present(self, page: int) -> bool:
@@ -153,41 +178,41 @@ class PageTracker:
                 if self.state[p] == IN_FLIGHT:
                     self.state[p] = MISSING
 
-    def mark_present(self, page: int, npages: int, how: Arrival) -> int:
-        """Record that [page, page+npages) is installed; returns how many were new."""
-        if npages == 1:
-            return self.mark_one(page, how)
+    def mark_present(self, page: int, npages: int, how: Arrival, created: int | None = None) -> int:
+        """Record that [page, page+npages) is installed; returns how many pages it counted.
+        ``created``: how many of them the caller's UFFDIO_COPY/ZEROPAGE created, which is what
+        is counted; None (pages written before guest RAM was registered, with no install to
+        ask) counts those not marked yet."""
         end = page + npages
         with self._lock:
             state, arrival = self.state, self.arrival
-            new = npages - state.count(_PRESENT, page, end)
-            if new == npages:  # the usual batch: none was present, one slice assignment each
+            absent = npages - state.count(_PRESENT, page, end)
+            if absent == npages:  # the usual batch: none was marked, one slice assignment each
                 state[page:end] = _PRESENT * npages
                 arrival[page:end] = bytes((how,)) * npages
-            elif new:
+            elif absent:
                 for p in range(page, end):
                     if state[p] != PRESENT:
                         state[p] = PRESENT
                         arrival[p] = how
+            new = absent if created is None else created
             if new:
-                self._count(how, new)
+                self._counts[how] += new
+                self._present += new
+                if self._present + len(self._created) == self.npages:
+                    self.all_present.set()
             return new
 
-    def mark_one(self, page: int, how: Arrival) -> int:
-        """mark_present of one page (a fault's): no slices, no counting of what was there."""
-        with self._lock:
-            if self.state[page] == PRESENT:
-                return 0
-            self.state[page] = PRESENT
-            self.arrival[page] = how
-            self._count(how, 1)
-            return 1
-
-    def _count(self, how: Arrival, new: int) -> None:
-        """Called with the lock held."""
-        self.counts[how] += new
-        self.present += new
-        if self.present == self.npages:
+    def mark_created(self, page: int, how: Arrival) -> None:
+        """One page the caller's own UFFDIO_COPY created just now (it did not get EEXIST), as a
+        fault installs it: recorded and counted without the lock. No other install created
+        it, so nobody else counts it. A claim racing this may mark the page IN_FLIGHT again;
+        its install then finds it existing (EEXIST, not counted) and marks it PRESENT."""
+        self.state[page] = PRESENT
+        self.arrival[page] = how
+        created = self._created
+        created.append(how)
+        if len(created) + self._present == self.npages:  # the last page, whoever counts it
             self.all_present.set()
 
     def counts_by_name(self) -> dict[str, int]:

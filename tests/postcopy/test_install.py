@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from postcopy.destination.install import Installer
+from postcopy.destination.install import Installer, buffer_address
 from postcopy.destination.pages import Arrival, PageTracker
 from proto import PAGE_SIZE, PageBatch, build_page_batch
 from vmm.memory import GuestMemory
@@ -51,6 +51,26 @@ def test_an_install_into_unregistered_ram_before_completion_is_an_error() -> Non
         with pytest.raises(UffdError, match="ENOENT"):
             installer.install_batch(_batch(0, 1), Arrival.DEMAND)
         assert tracker.missing() == PAGES
+    finally:
+        memory.close()
+        uffd.close()
+
+
+def test_a_batch_over_a_page_a_fault_created_counts_only_the_pages_it_created() -> None:
+    uffd, memory, tracker, installer = _setup()
+    try:
+        copier = installer.page_copier()
+        page = _batch(2, 1)
+        installer.install_page(2, memory.regions[0].hva + 2 * PAGE_SIZE, buffer_address(page.data), Arrival.DEMAND, copier)
+        assert tracker.counts[Arrival.DEMAND] == 1 and installer.installed_bytes == PAGE_SIZE
+        # A demanded page 1 with readahead 2..3: page 2 exists, so the readahead created one.
+        installer.install_batch(_batch(1, 3), Arrival.READAHEAD, first_how=Arrival.DEMAND)
+        counts = tracker.counts
+        assert (counts[Arrival.DEMAND], counts[Arrival.READAHEAD]) == (2, 1)
+        # And a background batch over all four creates only page 0.
+        installer.install_batch(_batch(0, PAGES), Arrival.BACKGROUND)
+        assert tracker.counts[Arrival.BACKGROUND] == 1 and tracker.all_present.is_set()
+        assert sum(tracker.counts.values()) == PAGES and installer.installed_bytes == PAGES * PAGE_SIZE
     finally:
         memory.close()
         uffd.close()

@@ -20,6 +20,26 @@ def test_counts_by_arrival_add_up_to_the_guest() -> None:
     assert sum(t.counts.values()) == 64 and t.all_present.is_set() and t.missing() == 0
 
 
+def test_pages_created_without_the_lock_count_once_beside_counted_installs() -> None:
+    t = PageTracker(_Memory(8))  # type: ignore[arg-type]
+    t.mark_created(3, Arrival.DEMAND)  # a fault's own UFFDIO_COPY created page 3
+    assert t.state[3] == PRESENT and t.present == 1 and t.counts[Arrival.DEMAND] == 1
+    # A batch over 0..7 found page 3 existing (EEXIST): it created 7, and counts 7.
+    assert t.mark_present(0, 8, Arrival.BACKGROUND, created=7) == 7
+    assert t.counts == {**dict.fromkeys(Arrival, 0), Arrival.DEMAND: 1, Arrival.BACKGROUND: 7}
+    assert t.all_present.is_set() and t.missing() == 0 and t.arrival[3] == Arrival.DEMAND
+
+
+def test_the_last_page_created_without_the_lock_completes_the_guest() -> None:
+    t = PageTracker(_Memory(4))  # type: ignore[arg-type]
+    t.mark_present(0, 3, Arrival.EAGER)
+    assert not t.all_present.is_set()
+    t.mark_created(3, Arrival.DEMAND)
+    assert t.all_present.is_set() and sum(t.counts.values()) == 4
+    # Counts read in between only tally what was created since the last read.
+    assert t.counts[Arrival.DEMAND] == 1 and t.present == 4
+
+
 def test_claim_stops_at_pages_others_have_and_release_returns_them() -> None:
     t = PageTracker(_Memory(32))  # type: ignore[arg-type]
     t.mark_present(5, 1, Arrival.DEMAND)

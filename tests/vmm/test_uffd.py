@@ -133,8 +133,9 @@ def test_copy_over_an_existing_page_skips_it_and_installs_the_rest(region: Regio
     old = _pages(0xEE)
     assert uffd.copy(region.page(existing), ctypes.addressof(old), PAGE_SIZE) == PAGE_SIZE
     new = _pages(0x10, 0x11, 0x12, 0x13, 0x14)
-    installed = uffd.copy(region.page(0), ctypes.addressof(new), 5 * PAGE_SIZE)
-    assert installed == 4 * PAGE_SIZE
+    existed: list[int] = []
+    installed = uffd.copy(region.page(0), ctypes.addressof(new), 5 * PAGE_SIZE, existed=existed)
+    assert installed == 4 * PAGE_SIZE and existed == [existing * PAGE_SIZE]
     assert region.resident()[:5] == [True] * 5
     for i in range(5):
         want = 0xEE if i == existing else 0x10 + i
@@ -146,6 +147,7 @@ def test_page_copier_installs_one_page_skips_an_existing_one_and_names_other_err
     first, second = _pages(0x21), _pages(0x22)
     assert copier.copy(region.page(3), ctypes.addressof(first)) == PAGE_SIZE
     assert copier.copy(region.page(3), ctypes.addressof(second)) == 0  # EEXIST: the first stays
+    assert copier.copied == 1
     assert region.read(3) == bytes([0x21]) * PAGE_SIZE and region.resident()[:5] == [False, False, False, True, False]
     with pytest.raises(UffdError, match=f"UFFDIO_COPY\\({region.page(1) + 1:#x}") as e:
         copier.copy(region.page(1) + 1, ctypes.addressof(first))  # unaligned
@@ -163,7 +165,8 @@ def test_copy_over_existing_pages_only_installs_nothing(region: Region, uffd: Uf
 def test_zeropage_over_an_existing_page_skips_it_and_installs_the_rest(region: Region, uffd: Uffd) -> None:
     src = _pages(0x77)
     uffd.copy(region.page(1), ctypes.addressof(src), PAGE_SIZE)
-    assert uffd.zeropage(region.page(0), 3 * PAGE_SIZE) == 2 * PAGE_SIZE
+    existed: list[int] = []
+    assert uffd.zeropage(region.page(0), 3 * PAGE_SIZE, existed=existed) == 2 * PAGE_SIZE and existed == [PAGE_SIZE]
     assert region.read(1) == bytes([0x77]) * PAGE_SIZE
     assert region.read(0) == bytes(PAGE_SIZE) and region.read(2) == bytes(PAGE_SIZE)
 
