@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -74,6 +75,7 @@ class VcpuThread:
         self.memory = memory
         self.pio = pio
         self.fault_handler: MemoryFaultHandler | None = None
+        self.fault_state: object = None  # the fault handler's own data for this vCPU
         self.state = VcpuState.CREATED
         self.error: str | None = None
         self.exit_counts: dict[int, int] = {}
@@ -184,12 +186,16 @@ class VcpuThread:
     def _loop(self) -> VcpuState:
         run = self.vcpu.run_struct
         run_u32 = self.vcpu.run_u32
-        kvm_run = self.vcpu.run
+        fd, ioctl, KVM_RUN = self.vcpu.fd, fcntl.ioctl, abi.KVM_RUN
         counts = self.exit_counts
         if self.first_run_ns == 0:
             self.first_run_ns = time.monotonic_ns()
         while True:
-            ret = kvm_run()
+            try:  # Vcpu.run, inlined: one Python call less per exit (a fault's is a few)
+                ioctl(fd, KVM_RUN)
+                ret = 0
+            except OSError as e:
+                ret = -e.errno
             if ret:
                 counts[NO_EXIT] = counts.get(NO_EXIT, 0) + 1
                 if self.fault_handler is not None and self.fault_handler.on_fault_exit(self, ret):

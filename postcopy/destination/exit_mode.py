@@ -79,6 +79,7 @@ class ExitModeResolver:
             prefetch.close()
         with self._lock:
             self.states[thread.id] = state
+        thread.fault_state = state
         if isinstance(connection, RetryingSyncConnection):
             connection.still_wanted = lambda: not self.tracker.is_present(state.waiting_page)
         thread.block_sigbus = True  # a patched kernel queues SIGBUS; we read it with sigtimedwait
@@ -87,7 +88,7 @@ class ExitModeResolver:
     def on_fault_exit(self, thread: VcpuThread, ret: int) -> bool:
         # The hot path of this fault mode: one call per fault exit, nothing allocated per page,
         # and as few Python calls as the logic allows (at 2 vCPUs they run under one GIL).
-        st = self.states[thread.id]
+        st: VcpuFaultState = thread.fault_state  # type: ignore[assignment]
         t0 = monotonic_ns()  # the clock of the source's pause and of the timeline
         decoder = st.decoder
         offset = decoder.qword_offset(thread.vcpu) if ret == 0 else -1
