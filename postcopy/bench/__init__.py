@@ -28,3 +28,12 @@ def median(values: list[float]) -> float:
     s = sorted(values)
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """How ``a`` compares with ``b``, measured in rounds (a[i] ran right beside b[i]): the median
+    of the rounds' ratios. This host's speed drifts by a third over seconds (other work under
+    this microVM); each ratio is taken at one speed, where a ratio of medians mixes speeds."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio needs rounds of both, got {len(a)} and {len(b)}")
+    return median([x / y if y else float("nan") for x, y in zip(a, b)])

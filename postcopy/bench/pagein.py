@@ -17,7 +17,8 @@ starting the vCPU threads to the last vCPU's GS_DONE. Modes:
 
 Each configuration runs ``repeat`` times after one warm-up round (HOST.md: the first pass over
 fresh host memory is slower), modes interleaved, and with the C limit interleaved too when
-that section is asked for; the median is reported.
+that section is asked for; the median is reported, and each ratio is the median of the rounds'
+ratios (bench.paired_ratio: a run against the one beside it, at the same host speed).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from postcopy.bench import BenchError, BenchOptions, costs, limit, median
+from postcopy.bench import BenchError, BenchOptions, costs, limit, median, paired_ratio
 from postcopy.bench.source import LocalPageConnection, SourceImage
 from postcopy.destination.classic_mode import ClassicHandler, place_vcpus
 from postcopy.destination.exit_mode import ExitModeResolver
@@ -209,19 +210,21 @@ def medians(rates: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, flo
     return {mode: {v: round(median(xs), 1) for v, xs in by_v.items()} for mode, by_v in rates.items()}
 
 
-def _ratio(a: float, b: float) -> float:
-    return round(a / b, 3) if b else float("nan")
+def _ratio(a: list[float], b: list[float]) -> float:
+    return round(paired_ratio(a, b), 3)
 
 
 def run(opts: BenchOptions) -> dict[str, Any]:
     m = measure(opts)
-    py = medians(m["rates"]["python"])
+    runs, c_runs = m["rates"]["python"], m["rates"]["limit"]
+    py = medians(runs)
     out: dict[str, Any] = {mode: py[mode] for mode in MODES if mode in py}
-    out["ratio_exit_classic"] = {v: _ratio(py["exit"][v], py["classic"][v]) for v in py.get("exit", {})}
-    lim = medians(m["rates"]["limit"])
-    if lim:
-        # Each mode against the C limit's figure for the same mode; classic against C's best classic.
-        out["ratio_to_limit"] = {mode: {v: _ratio(py[mode][v], lim[mode][v]) for v in py[mode]} for mode in MODES}
+    # Ratios are of runs made in the same round (paired_ratio): exit against classic two runs
+    # later, each Python mode against the C run of the same mode right after it (classic
+    # against C's best classic).
+    out["ratio_exit_classic"] = {v: _ratio(runs["exit"][v], runs["classic"][v]) for v in runs.get("exit", {})}
+    if c_runs:
+        out["ratio_to_limit"] = {mode: {v: _ratio(runs[mode][v], c_runs[mode][v]) for v in runs[mode]} for mode in MODES}
     out["mem_mib"], out["pages"], out["repeat"] = m["mem_mib"], m["pages"], m["repeat"]
     out["runs"] = m["rates"]["python"]
     out["handler_p50_us"] = m["handler_p50_us"]

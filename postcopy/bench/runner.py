@@ -26,6 +26,7 @@ SECTIONS: dict[str, str] = {
     "stream": "postcopy.bench.stream",
     "migrate": "postcopy.bench.migrate",
 }
+FULL_REPEAT, QUICK_REPEAT = 3, 5
 
 
 def available() -> dict[str, ModuleType]:
@@ -47,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {', '.join(SECTIONS)} (default: all present)")
     parser.add_argument("--vcpus", default="1,2", help="vCPU counts to run, comma-separated (default 1,2)")
     parser.add_argument("--mem", help="guest size for the page-in sections (default 256M, 32M with --quick)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each configuration; the median is reported")
+    parser.add_argument("--repeat", type=int, help=f"runs of each configuration; the median is reported (default "
+                        f"{FULL_REPEAT}, {QUICK_REPEAT} with --quick: its runs are short, so one preemption weighs more)")
 
 
 def options(args: argparse.Namespace) -> BenchOptions:
@@ -61,10 +63,11 @@ def options(args: argparse.Namespace) -> BenchOptions:
         raise BenchError(f"--vcpus wants numbers separated by commas, got {args.vcpus!r}") from None
     if not vcpus or any(v < 1 for v in vcpus):
         raise BenchError(f"--vcpus wants counts of at least 1, got {args.vcpus!r}")
-    if args.repeat < 1:
-        raise BenchError(f"--repeat must be at least 1, got {args.repeat}")
+    repeat = args.repeat if args.repeat is not None else QUICK_REPEAT if args.quick else FULL_REPEAT
+    if repeat < 1:
+        raise BenchError(f"--repeat must be at least 1, got {repeat}")
     mem = parse_size(args.mem) if args.mem else None
-    return BenchOptions(sections=sections, quick=args.quick, vcpus=vcpus, mem=mem, repeat=args.repeat)
+    return BenchOptions(sections=sections, quick=args.quick, vcpus=vcpus, mem=mem, repeat=repeat)
 
 
 def run(opts: BenchOptions, progress=None) -> dict[str, Any]:

@@ -3,6 +3,7 @@ destination's fault paths and the guest's check passes; a wrong page is caught; 
 builds and runs (or says why not); `postcopy bench --json` has the keys the issue names."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -12,7 +13,7 @@ import threading
 import pytest
 
 from postcopy import cli
-from postcopy.bench import BenchError, limit, pagein
+from postcopy.bench import BenchError, limit, pagein, paired_ratio, runner
 from postcopy.bench.source import SourceImage
 from postcopy.destination import classic_mode
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
@@ -113,3 +114,19 @@ def test_bench_rejects_an_unknown_section() -> None:
     with contextlib.redirect_stderr(err):
         assert cli.main(["bench", "--sections", "pagein,bogus"]) == 1
     assert "unknown section(s) bogus" in err.getvalue()
+
+
+def test_a_paired_ratio_is_the_median_of_the_rounds_ratios() -> None:
+    # The host was slower in rounds 3 and 5: the ratio of the medians (40 / 50) would say 0.8.
+    assert paired_ratio([45, 40, 20, 46, 22], [50, 50, 25, 50, 25]) == pytest.approx(0.88)
+    assert paired_ratio([90, 90, 60], [100, 100, 60]) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="rounds of both"):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize(("args", "repeat"), [([], runner.FULL_REPEAT), (["--quick"], runner.QUICK_REPEAT),
+                                              (["--quick", "--repeat", "2"], 2)])
+def test_quick_runs_repeat_more_unless_told(args: list[str], repeat: int) -> None:
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    assert runner.options(parser.parse_args(args)).repeat == repeat
