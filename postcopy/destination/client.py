@@ -13,7 +13,7 @@ from typing import TypeVar
 import aiohttp
 
 from postcopy.destination.websocket import BlockingWebSocket, HandshakeError, WebSocketError
-from postcopy.fastframes import ONE_PAGE_FRAME_BYTES, ONE_PAGE_FRAME_HEAD
+from postcopy.fastframes import ONE_PAGE_FRAME_BYTES, ONE_PAGE_FRAME_HEAD, demand_frame
 from proto import (PAGE_SIZE, ErrorReply, Message, MigrationHeader, PageBatch, PageRequest, ProtoError, ZeroMap,
                    decode_any, parse_page_batch_head)
 from proto.fastpath import ONE_PAGE_ANSWER_BYTES, ONE_PAGE_DATA_AT, encode_request, one_page_ok, verified_one_page
@@ -109,7 +109,7 @@ class SyncPageConnection:
         self.requests += 1
         ws = self.ws
         try:
-            ws.send(encode_request(gpa, 1, DEMAND))
+            ws.send_frame(demand_frame(gpa, ws.mask_key()))
             at = ws.recv_known(ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES)
         except WebSocketError as e:
             raise FetchError(f"page stream broke during demand fetch of gpa {gpa:#x}: {e}") from None

@@ -143,16 +143,23 @@ class BlockingWebSocket:
 
     # -- frames --------------------------------------------------------------------------------
     def send(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> None:
-        # Each frame's mask key is fresh and unpredictable (RFC 6455 5.3), drawn from a pool of
-        # os.urandom bytes: one getrandom call per MASK_KEY_POOL // 4 frames, not per frame.
-        at = self._key_at
-        if at == MASK_KEY_POOL:
-            self._keys, at = os.urandom(MASK_KEY_POOL), 0
-        key = self._keys[at:at + wsframe.MASK_BYTES]
-        self._key_at = at + wsframe.MASK_BYTES
+        key = self.mask_key()
         n = len(payload)
         head = bytes((wsframe.FIN | opcode, wsframe.MASKED | n)) if n < 126 else wsframe.header(opcode, n, masked=True)
         self._sendall(head + key + wsframe.mask(payload, key))
+
+    def mask_key(self) -> bytes:
+        """The next frame's mask key, fresh and unpredictable (RFC 6455 5.3), drawn from a pool
+        of os.urandom bytes: one getrandom call per MASK_KEY_POOL // 4 frames, not per frame."""
+        at = self._key_at
+        if at == MASK_KEY_POOL:
+            self._keys, at = os.urandom(MASK_KEY_POOL), 0
+        self._key_at = at + wsframe.MASK_BYTES
+        return self._keys[at:at + wsframe.MASK_BYTES]
+
+    def send_frame(self, frame: bytes) -> None:
+        """A whole frame built by the caller (masked with mask_key(): fastframes.demand_frame)."""
+        self._sendall(frame)
 
     def recv(self) -> memoryview:
         """The next binary message. Pings are answered on the way; anything else is an error."""
