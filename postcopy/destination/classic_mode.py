@@ -31,7 +31,7 @@ from postcopy.destination.readahead import Readahead
 from postcopy.observe.faultlog import UFFD_KIND, FaultLog, merge_logs
 from proto import PageBatch
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT, uffd_msg
-from vmm.guest.layout import PAGE_SIZE
+from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.uffd import PageCopier, Uffd
 from vmm.vcpu import VcpuThread
 
@@ -117,6 +117,10 @@ class ClassicHandler:
             h.copier = installer.page_copier()
         self._vcpus = vcpus
         self._vcpu_of_tid: dict[int, int] = {}
+        # Guest RAM as one region (the usual layout): a message's page and gpa by arithmetic.
+        one = self.memory.regions[0]
+        self._hva_lo, self._hva_hi = (one.hva, one.hva + one.size) if len(self.memory.regions) == 1 else (0, 0)
+        self._hva_page, self._hva_gpa = one.first_page - (one.hva >> PAGE_SHIFT), one.gpa - one.hva
         self.error: BaseException | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
@@ -237,6 +241,8 @@ class ClassicHandler:
         """The page a uffd message faults on, or -1 (another event, or outside guest RAM)."""
         if event & 0xFF != UFFD_EVENT_PAGEFAULT:
             return -1
+        if self._hva_lo <= address < self._hva_hi:
+            return self._hva_page + (address >> PAGE_SHIFT)
         page = self.memory.page_of_hva(address)
         if page < 0:
             log.error("uffd fault at host address %#x outside guest RAM", address)
@@ -246,9 +252,11 @@ class ClassicHandler:
         """Install ``run`` faulting pages from ``page`` on, with a wake-up (``hva``: the first
         page's host address, when the caller has it from the message)."""
         tracker = self.tracker
-        if hva >= 0 and h.readahead.max == 1 and tracker.state[page] == MISSING and not tracker.is_zero(page):
+        if (hva >= 0 and h.readahead.max == 1 and tracker.state[page] == MISSING
+                and not tracker.zero_bitmap[page >> 3] >> (page & 7) & 1):  # tracker.is_zero, inlined
             # One page a fault, no window to size or claim (the page-in bench's case).
-            data = h.connection.fetch_page(self.memory.page_gpa(page))  # type: ignore[union-attr]
+            gpa = hva + self._hva_gpa if self._hva_lo <= hva < self._hva_hi else self.memory.page_gpa(page)
+            data = h.connection.fetch_page(gpa)  # type: ignore[union-attr]
             self.installer.install_page(page, hva, data, DEMAND, h.copier)
             return
         while run:
