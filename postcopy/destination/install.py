@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import threading
 
 from proto import PAGE_SIZE, PageBatch
 from postcopy.destination.pages import Arrival, PageTracker
@@ -45,7 +46,10 @@ class Installer:
         self.tracker = tracker
         self.copy_mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
         self.zero_mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        self._copied_bytes = 0  # by the batch and run installs; each thread's PageCopier counts its own
+        # Bytes copied by batch and run installs (several threads: a lock, once per batch);
+        # each thread's PageCopier counts its own pages.
+        self._copied_bytes = 0
+        self._copied_lock = threading.Lock()
         self._copiers: list[PageCopier] = []
 
     @property
@@ -69,7 +73,7 @@ class Installer:
                     created += self.uffd.zeropage(hva, length, self.zero_mode, existed)
                 else:
                     copied = self.uffd.copy(hva, base + offset, length, self.copy_mode, existed)
-                    self._copied_bytes += copied
+                    self._count_copied(copied)
                     created += copied
                     offset += length
                 if len(existed) > before:  # offsets in this run, made offsets in the batch
@@ -87,6 +91,10 @@ class Installer:
         self.tracker.mark_present(page, demanded, first_how, ours)
         if batch.count > demanded:
             self.tracker.mark_present(page + demanded, batch.count - demanded, how, created - ours)
+
+    def _count_copied(self, nbytes: int) -> None:
+        with self._copied_lock:
+            self._copied_bytes += nbytes
 
     def page_copier(self) -> PageCopier:
         """A one-page UFFDIO_COPY in this installer's mode, for one thread's install_page."""
@@ -130,5 +138,5 @@ class Installer:
     def install_run(self, gpa: int, data: bytes, how: Arrival) -> None:
         """A run of pages sent whole (the eager set)."""
         created = self.uffd.copy(self.memory.hva(gpa, len(data)), buffer_address(data), len(data), self.copy_mode)
-        self._copied_bytes += created
+        self._count_copied(created)
         self.tracker.mark_present(self.memory.page_index(gpa), len(data) // PAGE_SIZE, how, created // PAGE_SIZE)
