@@ -9,6 +9,7 @@ per page, and every page is a data page (no zero map).
 from __future__ import annotations
 
 import ctypes
+import mmap
 from array import array
 
 from vmm.guest import touch
@@ -19,11 +20,14 @@ QWORDS_PER_PAGE = PAGE_SIZE // 8
 
 
 class SourceImage:
-    """``size`` bytes of guest RAM as the source holds it (data pages from DATA_GPA on)."""
+    """``size`` bytes of guest RAM as the source holds it (data pages from DATA_GPA on), page
+    aligned as guest RAM is (an anonymous mapping: a bytearray's data starts 16 bytes into a
+    page, and every page copied from it would straddle two, which the C limit's never do)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.buffer = bytearray([FILL]) * size
+        self.buffer = mmap.mmap(-1, size)
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(self.buffer)), FILL, size)
         first = DATA_GPA // PAGE_SIZE
         qwords = memoryview(self.buffer).cast("Q")
         qwords[first * QWORDS_PER_PAGE::QWORDS_PER_PAGE] = array(
