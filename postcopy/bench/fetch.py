@@ -11,8 +11,8 @@ Measured, side by side in this run:
   where it polls, one scan beside it that sleeps in recv instead, for reference;
 - the same scan with adaptive readahead (destination/readahead.py; the windows ahead of a scan
   come from its prefetcher, destination/prefetch.py), pages/s, and the guest's faults and time
-  in them (a quick run's median of QUICK_SCANS scans), against the background stream's pages/s (stream.measure on the
-  same source);
+  in them, alternated round by round with the background stream from the same source
+  (stream.measure): the ratio is the median of the rounds' ratios (bench.paired_ratio);
 - the yardstick: a 4 KiB raw-socket ping-pong between two Python processes (p50, p99),
   taken before and after the fault runs and pooled, since the load on this host drifts.
 """
@@ -22,9 +22,9 @@ import asyncio
 import statistics
 from typing import Any
 
-from postcopy.bench import stream
+from postcopy.bench import paired_ratio, stream
 from postcopy.bench.common import BenchOptions, percentiles_us, section_main, source_process
-from postcopy.bench.fault_vm import scan
+from postcopy.bench.fault_vm import ScanResult, scan
 from postcopy.bench.socket_baseline import pingpong_ns
 from postcopy.destination.exit_mode import fetch_poll_ns
 from postcopy.destination.readahead import DEFAULT_BASE, DEFAULT_MAX
@@ -56,22 +56,29 @@ def run(opts: BenchOptions) -> dict[str, Any]:
                 unpolled = scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=1,
                                 readahead_max=1, poll=False)
                 single[str(vcpus)]["no_poll"] = {**percentiles_us(unpolled.latency_ns), "pages_s": round(unpolled.pages_s)}
-        # The readahead scan and the stream: the median of ``repeat`` runs each, the stream after
-        # one uncounted transfer (as the stream section: a 24 MiB run takes ~20 ms here).
+        # The readahead scan and the stream, alternated (``repeat`` rounds, after one uncounted
+        # transfer, as the stream section: a 24 MiB run of either takes ~20 ms here); the ratio
+        # is the median of the rounds' ratios (paired_ratio).
+        ra_vcpus = opts.vcpus[:1] if opts.quick else opts.vcpus
+        ra_runs: dict[int, list[ScanResult]] = {v: [] for v in ra_vcpus}
+        streams: list[dict[str, Any]] = []
+        stream.measure(header, zero_bitmap, source.url, source.token)
+        for _ in range(opts.repeat):
+            for vcpus in ra_vcpus:
+                ra_runs[vcpus].append(scan(header, zero_bitmap, source.url, source.token, vcpus,
+                                           readahead_base=DEFAULT_BASE, readahead_max=DEFAULT_MAX))
+            streams.append(stream.measure(header, zero_bitmap, source.url, source.token))
         readahead: dict[str, dict[str, Any]] = {}
-        for vcpus in opts.vcpus[:1] if opts.quick else opts.vcpus:
-            ra_runs = sorted((scan(header, zero_bitmap, source.url, source.token, vcpus, readahead_base=DEFAULT_BASE,
-                                   readahead_max=DEFAULT_MAX) for _ in range(opts.repeat)), key=lambda r: r.pages_s)
-            r = ra_runs[len(ra_runs) // 2]
+        for vcpus, runs_v in ra_runs.items():
+            r = sorted(runs_v, key=lambda r: r.pages_s)[len(runs_v) // 2]
             # faults: how often the guest still exited (the prefetcher keeps a scan ahead of it)
             readahead[str(vcpus)] = {"pages": r.pages, "fetches": r.fetches, "pages_s": round(r.pages_s),
                                      "faults": len(r.latency_ns), "fault_ms": round(sum(r.latency_ns) / 1e6, 2),
                                      "p50_us": percentiles_us(r.latency_ns).get("p50"),
-                                     "runs_pages_s": [round(r.pages_s) for r in ra_runs]}
-        stream.measure(header, zero_bitmap, source.url, source.token)
-        streams = sorted((stream.measure(header, zero_bitmap, source.url, source.token) for _ in range(opts.repeat)),
-                         key=lambda t: t["pages_s"])
-        streamed = streams[len(streams) // 2]
+                                     "runs_pages_s": [round(r.pages_s) for r in runs_v]}
+        streamed = sorted(streams, key=lambda t: t["pages_s"])[len(streams) // 2]
+        # The sequential scan as one vCPU sees it: the most demanding case for readahead.
+        scan_ratio = paired_ratio([r.pages_s for r in ra_runs[min(ra_vcpus)]], [t["pages_s"] for t in streams])
         socket_ns += pingpong_ns(rounds)
     sock = percentiles_us(socket_ns)
     # The headline is the worst of 1 and 2 vCPUs (issue 10); more vCPUs than this host's 2
@@ -79,8 +86,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     headline = [d for v, d in single.items() if int(v) <= 2] or list(single.values())
     p50 = max(d["p50"] for d in headline)
     p99 = max(d["p99"] for d in headline)
-    # The sequential scan as one vCPU sees it: the most demanding case for readahead.
-    scan_rate = readahead[str(min(opts.vcpus))]["pages_s"]
+    scan_rate = readahead[str(min(ra_vcpus))]["pages_s"]
     return {
         "guest_mib": mem // MiB,
         "p50_us": p50, "p99_us": p99,
@@ -90,7 +96,8 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         "readahead_pages_s": scan_rate,
         "readahead": readahead,
         "stream_pages_s": streamed["pages_s"],
-        "readahead_ratio_to_stream": round(scan_rate / streamed["pages_s"], 3),
+        "stream_runs_pages_s": [t["pages_s"] for t in streams],
+        "readahead_ratio_to_stream": round(scan_ratio, 3),
     }
 
 
