@@ -129,6 +129,12 @@ class FaultDecoder:
             return -1
         return offset
 
+    def qword_span(self) -> tuple[int, int, memoryview | None]:
+        """What qword_offset and complete_qword work with, for the loop that inlines them
+        (exit_mode.ExitModeResolver._run): the gpa that offsets count from, the end of the
+        offsets qword_offset takes (0, so none, where RAM is not one region), RAM as qwords."""
+        return self._lo, self._qword_end, self._ram_u64
+
     def complete_qword(self, vcpu: Vcpu, offset: int) -> None:
         """``complete`` for the access qword_offset found, its page now present."""
         ram = self._ram_u64

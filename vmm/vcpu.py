@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from vmm import libc
@@ -76,6 +77,9 @@ class VcpuThread:
         self.pio = pio
         self.fault_handler: MemoryFaultHandler | None = None
         self.fault_state: object = None  # the fault handler's own data for this vCPU
+        # The fault handler's own KVM_RUN loop for this vCPU, in place of _loop: it takes its
+        # usual exit itself and hands every other to handle_exit (exit mode's fault path).
+        self.run_loop: Callable[[], VcpuState] | None = None
         self.state = VcpuState.CREATED
         self.error: str | None = None
         self.exit_counts: dict[int, int] = {}
@@ -153,8 +157,10 @@ class VcpuThread:
                 self._finish(VcpuState.STOPPED)
                 return
             self.state = VcpuState.RUNNING
+        if self.first_run_ns == 0:
+            self.first_run_ns = time.monotonic_ns()
         try:
-            final = self._loop()
+            final = self.run_loop() if self.run_loop is not None else self._loop()
         except Exception as e:  # noqa: BLE001 - a vCPU must report, never vanish
             log.exception("vCPU %d failed", self.id)
             self.error = f"vCPU {self.id}: {e}"
@@ -184,48 +190,55 @@ class VcpuThread:
         return False
 
     def _loop(self) -> VcpuState:
-        run = self.vcpu.run_struct
-        run_u32 = self.vcpu.run_u32
         fd, ioctl, KVM_RUN = self.vcpu.fd, fcntl.ioctl, abi.KVM_RUN
-        counts = self.exit_counts
-        if self.first_run_ns == 0:
-            self.first_run_ns = time.monotonic_ns()
+        handle = self.handle_exit
         while True:
-            try:  # Vcpu.run, inlined: one Python call less per exit (a fault's is a few)
+            try:  # Vcpu.run, inlined: one Python call less per exit
                 ioctl(fd, KVM_RUN)
                 ret = 0
             except OSError as e:
                 ret = -e.errno
-            if ret:
-                counts[NO_EXIT] = counts.get(NO_EXIT, 0) + 1
-                if self.fault_handler is not None and self.fault_handler.on_fault_exit(self, ret):
-                    continue
-                if ret == -EINTR:
-                    run.immediate_exit = 0
-                    if self._request is not None and self._service_request():
-                        return VcpuState.STOPPED
-                    continue
-                raise VcpuError(f"vCPU {self.id}: KVM_RUN failed: {errno.errorcode.get(-ret, -ret)} "
-                                f"(exit reason {abi.KVM_EXIT_NAMES.get(run.exit_reason, run.exit_reason)})")
-            reason = run_u32[EXIT_REASON_U32]
-            counts[reason] = counts.get(reason, 0) + 1
-            if reason == KVM_EXIT_MMIO:  # first: on this host, a missing page of guest RAM
-                handler = self.fault_handler
-                if handler is None or not handler.on_fault_exit(self, 0):
-                    self._mmio(run)
-            elif reason == KVM_EXIT_IO:
-                self._pio(run.io)
-            elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
-                if self.fault_handler is None or not self.fault_handler.on_fault_exit(self, 0):
-                    raise VcpuError(self._describe_internal_error(run.internal))
-            elif reason == abi.KVM_EXIT_HLT:
-                return VcpuState.HALTED
-            elif reason == abi.KVM_EXIT_SHUTDOWN:
-                raise VcpuError(f"vCPU {self.id}: the guest shut down (triple fault) at rip {self.vcpu.get_regs().rip:#x}")
-            elif reason == abi.KVM_EXIT_INTR:
-                pass
-            else:
-                raise VcpuError(f"vCPU {self.id}: unhandled exit {abi.KVM_EXIT_NAMES.get(reason, reason)}")
+            final = handle(ret)
+            if final is not None:
+                return final
+
+    def handle_exit(self, ret: int) -> VcpuState | None:
+        """What KVM_RUN returned (0, or -errno) and the exit it left in kvm_run, handled the
+        general way; the state to end in, or None to re-enter. A run_loop hands here every exit
+        it does not take itself."""
+        counts = self.exit_counts
+        run = self.vcpu.run_struct
+        if ret:
+            counts[NO_EXIT] = counts.get(NO_EXIT, 0) + 1
+            if self.fault_handler is not None and self.fault_handler.on_fault_exit(self, ret):
+                return None
+            if ret == -EINTR:
+                run.immediate_exit = 0
+                if self._request is not None and self._service_request():
+                    return VcpuState.STOPPED
+                return None
+            raise VcpuError(f"vCPU {self.id}: KVM_RUN failed: {errno.errorcode.get(-ret, -ret)} "
+                            f"(exit reason {abi.KVM_EXIT_NAMES.get(run.exit_reason, run.exit_reason)})")
+        reason = self.vcpu.run_u32[EXIT_REASON_U32]
+        counts[reason] = counts.get(reason, 0) + 1
+        if reason == KVM_EXIT_MMIO:  # first: on this host, a missing page of guest RAM
+            handler = self.fault_handler
+            if handler is None or not handler.on_fault_exit(self, 0):
+                self._mmio(run)
+        elif reason == KVM_EXIT_IO:
+            self._pio(run.io)
+        elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            if self.fault_handler is None or not self.fault_handler.on_fault_exit(self, 0):
+                raise VcpuError(self._describe_internal_error(run.internal))
+        elif reason == abi.KVM_EXIT_HLT:
+            return VcpuState.HALTED
+        elif reason == abi.KVM_EXIT_SHUTDOWN:
+            raise VcpuError(f"vCPU {self.id}: the guest shut down (triple fault) at rip {self.vcpu.get_regs().rip:#x}")
+        elif reason == abi.KVM_EXIT_INTR:
+            pass
+        else:
+            raise VcpuError(f"vCPU {self.id}: unhandled exit {abi.KVM_EXIT_NAMES.get(reason, reason)}")
+        return None
 
     def _pio(self, io: abi.kvm_run_io) -> None:
         size, port, count = io.size, io.port, io.count

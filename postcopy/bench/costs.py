@@ -4,7 +4,9 @@ on real objects (a KVM vCPU's kvm_run page, userfaultfd-registered RAM), no gues
 - decode: FaultDecoder.decode of an MMIO exit inside RAM (this host's data-access fault).
 - uffdio_copy: one page, DONTWAKE, from the source image into registered, missing RAM.
 - resolve: ExitModeResolver.on_fault_exit whole (decode, tracker, fetch from the local source,
-  UFFDIO_COPY, tracker update, MMIO completion): the vCPU thread's work per fault.
+  UFFDIO_COPY, tracker update, MMIO completion): the general path. This host's usual fault is
+  taken by the vCPU's own loop (ExitModeResolver._run) with the same pieces but no decode
+  record, which cannot be timed alone; its Python per fault is less than this.
 Each is the median of per-call times.
 The rest of a fault (exit and re-entry: KVM_RUN, the guest's emulated instructions) is the
 run's time per fault minus ``resolve``.

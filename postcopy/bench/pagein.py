@@ -248,5 +248,5 @@ def table(result: dict[str, Any]) -> list[str]:
     c = result["fault_costs_us"]
     if c:
         lines.append(f"  one exit-mode fault, alone (p50 us): decode {c['decode_us']:.2f}, UFFDIO_COPY {c['uffdio_copy_us']:.2f}, "
-                     f"whole resolve on the vCPU thread {c['resolve_us']:.2f}")
+                     f"on_fault_exit (the general path) {c['resolve_us']:.2f}")
     return lines

@@ -3,13 +3,15 @@
 uffd is opened with UFFD_FEATURE_SIGBUS, so nothing sleeps on the uffd wait queue: the vCPU's
 KVM_RUN comes back (faults.py says how), this thread fetches the page and a readahead window
 over its own connection, installs them with UFFDIO_COPY_MODE_DONTWAKE, completes the access
-and re-enters the guest. A vCPU that scans (each fault where its last window ended) hands the
+and re-enters the guest. The vCPU runs this mode's own KVM_RUN loop (``_run``), which takes
+this host's usual fault itself and hands everything else to the vCPU thread's general handling. A vCPU that scans (each fault where its last window ended) hands the
 rest of its scan to its prefetcher (prefetch.py), which fetches and installs the next windows
 while the guest walks this one: the guest then meets installed pages and does not exit, and a
 fault on a window the prefetcher has in flight waits for it instead of fetching it again.
 """
 from __future__ import annotations
 
+import fcntl
 import threading
 from time import monotonic_ns
 
@@ -23,7 +25,9 @@ from postcopy.faults import MMIO, PAGE_MASK, FaultDecoder
 from postcopy.observe.faultlog import FaultLog
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.uffd import PageCopier
-from vmm.vcpu import VcpuThread
+from vmm.abi import kvm as kvm_abi
+from vmm.kvm import EXIT_REASON_U32, MMIO_DATA_U64, MMIO_IS_WRITE_U8, MMIO_LEN_U32, MMIO_PHYS_ADDR_U64
+from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, VcpuThread
 
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
 # How long a vCPU thread polls for its page before it sleeps in recv (websocket._poll_into).
@@ -61,7 +65,6 @@ class ExitModeResolver:
         self.readahead_base = readahead_base
         self.readahead_max = readahead_max
         self.states: dict[int, VcpuFaultState] = {}
-        self._gpa0 = self.memory.regions[0].gpa  # qword_offset's offsets are from here
         self._lock = threading.Lock()
 
     def prepare(self, thread: VcpuThread, connection: SyncPageConnection,
@@ -84,22 +87,63 @@ class ExitModeResolver:
             connection.still_wanted = lambda: not self.tracker.is_present(state.waiting_page)
         thread.block_sigbus = True  # a patched kernel queues SIGBUS; we read it with sigtimedwait
         thread.fault_handler = self
+        thread.run_loop = lambda: self._run(thread)
+
+    def _run(self, thread: VcpuThread) -> VcpuState:
+        """The vCPU's KVM_RUN loop (VcpuThread.run_loop). This host's usual fault, an MMIO exit
+        for an aligned 8-byte access inside single-region RAM, is resolved here, in this frame
+        but for the fetch and the install: at 2 vCPUs both threads run their Python per fault
+        under one GIL, and each Python call is more time holding it (and more shared objects
+        written from both CPUs). Every other exit goes to the thread's general handling
+        (handle_exit), a fault among them to on_fault_exit."""
+        st: VcpuFaultState = thread.fault_state  # type: ignore[assignment]
+        vcpu, decoder, record = thread.vcpu, st.decoder, st.faults.record
+        u8, u32, u64 = vcpu.run_u8, vcpu.run_u32, vcpu.run_u64
+        lo, qword_end, ram = decoder.qword_span()
+        fd, ioctl, KVM_RUN = vcpu.fd, fcntl.ioctl, kvm_abi.KVM_RUN
+        state, page_base, hva_base, resolve = self.tracker.state, decoder.page_base, decoder.hva_base, self._resolve
+        handle, counts = thread.handle_exit, thread.exit_counts
+        taken = 0  # exits taken here since they were last added to the thread's exit counts
+        try:
+            while True:
+                try:  # Vcpu.run, inlined
+                    ioctl(fd, KVM_RUN)
+                    ret = 0
+                except OSError as e:
+                    ret = -e.errno
+                # FaultDecoder.qword_offset, then complete_qword, inlined.
+                if not ret and u32[EXIT_REASON_U32] == KVM_EXIT_MMIO and u32[MMIO_LEN_U32] == 8:
+                    t0 = monotonic_ns()  # the clock of the source's pause and of the timeline
+                    offset = u64[MMIO_PHYS_ADDR_U64] - lo
+                    if not offset & 7 and 0 <= offset < qword_end:
+                        taken += 1
+                        page = page_base + (offset >> PAGE_SHIFT)
+                        if state[page] != PRESENT:
+                            first = offset & PAGE_MASK
+                            resolve(st, page, lo + first, hva_base + first)
+                        if u8[MMIO_IS_WRITE_U8]:
+                            ram[offset >> 3] = u64[MMIO_DATA_U64]  # type: ignore[index]
+                        else:
+                            u64[MMIO_DATA_U64] = ram[offset >> 3]  # type: ignore[index]
+                        record(t0, MMIO, monotonic_ns() - t0)
+                        continue
+                if taken:
+                    counts[KVM_EXIT_MMIO] = counts.get(KVM_EXIT_MMIO, 0) + taken
+                    taken = 0
+                final = handle(ret)
+                if final is not None:
+                    return final
+        finally:
+            if taken:
+                counts[KVM_EXIT_MMIO] = counts.get(KVM_EXIT_MMIO, 0) + taken
 
     def on_fault_exit(self, thread: VcpuThread, ret: int) -> bool:
-        # The hot path of this fault mode: one call per fault exit, nothing allocated per page,
-        # and as few Python calls as the logic allows (at 2 vCPUs they run under one GIL).
+        """Any fault exit (the MemoryFaultHandler of the vCPU threads): the ones _run does not
+        take itself (a queued SIGBUS, an instruction fetch, an access of another size or
+        across pages, RAM in several regions), or all of them where _run is not the loop."""
         st: VcpuFaultState = thread.fault_state  # type: ignore[assignment]
-        t0 = monotonic_ns()  # the clock of the source's pause and of the timeline
+        t0 = monotonic_ns()
         decoder = st.decoder
-        offset = decoder.qword_offset(thread.vcpu) if ret == 0 else -1
-        if offset >= 0:  # this host's usual fault: no Fault record filled and read back
-            page = decoder.page_base + (offset >> PAGE_SHIFT)
-            if self.tracker.state[page] != PRESENT:
-                first = offset & PAGE_MASK
-                self._resolve(st, page, self._gpa0 + first, decoder.hva_base + first)
-            decoder.complete_qword(thread.vcpu, offset)
-            st.faults.record(t0, MMIO, monotonic_ns() - t0)
-            return True
         fault = decoder.decode(thread, ret)
         if fault is None:
             return False

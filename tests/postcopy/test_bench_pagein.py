@@ -9,13 +9,14 @@ import io
 import json
 import os
 import threading
+from array import array
 
 import pytest
 
 from postcopy import cli
 from postcopy.bench import BenchError, limit, pagein, paired_ratio, runner
 from postcopy.bench.source import SourceImage
-from postcopy.destination import classic_mode
+from postcopy.destination import classic_mode, exit_mode
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
 
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
@@ -32,6 +33,21 @@ def image() -> SourceImage:
 def test_every_mode_pages_in_every_page_and_the_guest_check_passes(image: SourceImage, mode: str, vcpus: int) -> None:
     rate = pagein.run_python(image, mode, vcpus)  # raises BenchError if any check fails
     assert rate > 0
+
+
+def test_the_exit_mode_loop_takes_every_fault_of_the_touch_guest_itself(image: SourceImage,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The touch guest's faults are all this host's usual one (an aligned qword read, then
+    # written): ExitModeResolver._run resolves each in its loop, and its general handler only
+    # sees the kicks that stop the vCPUs.
+    general = []
+    on_fault_exit = exit_mode.ExitModeResolver.on_fault_exit
+    monkeypatch.setattr(exit_mode.ExitModeResolver, "on_fault_exit",
+                        lambda self, thread, ret: general.append(ret) or on_fault_exit(self, thread, ret))
+    latencies = array("Q")
+    pagein.run_python(image, "exit", 2, latencies)
+    assert len(latencies) == pagein.data_pages(MEM) and all(latencies)
+    assert not [ret for ret in general if ret == 0]
 
 
 def test_a_wrong_page_from_the_source_fails_the_guest_check() -> None:
