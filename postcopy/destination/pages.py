@@ -51,23 +51,23 @@ class PageTracker:
         if len(self.zero_bitmap) != nbytes:
             raise ValueError(f"zero map of {len(self.zero_bitmap)} bytes, guest RAM of {self.npages} pages needs {nbytes}")
         self._counts = dict.fromkeys(Arrival, 0)  # under the lock: what mark_present counted
-        self._present = 0
+        self.counted = 0  # their sum (read without the lock by mark_created's completion check)
         # What mark_created counted, without the lock: one byte (the Arrival) per page,
         # appended (one C call, whole under the GIL); summed into counts when they are read.
-        self._created = bytearray()
-        self._tallied, self._tally = 0, dict.fromkeys(Arrival, 0)  # _created[:_tallied], by arrival
+        self.created = bytearray()
+        self._tallied, self._tally = 0, dict.fromkeys(Arrival, 0)  # created[:_tallied], by arrival
         self._lock = threading.Lock()
         self.all_present = threading.Event()
 
     @property
     def present(self) -> int:
-        return self._present + len(self._created)
+        return self.counted + len(self.created)
 
     @property
     def counts(self) -> dict[Arrival, int]:
         """Pages present by how they arrived (a copy)."""
         with self._lock:
-            created, n = self._created, len(self._created)
+            created, n = self.created, len(self.created)
             if n > self._tallied:  # only what was created since the last read is counted
                 tail = created[self._tallied:n]
                 for how in Arrival:
@@ -198,8 +198,8 @@ class PageTracker:
             new = absent if created is None else created
             if new:
                 self._counts[how] += new
-                self._present += new
-                if self._present + len(self._created) == self.npages:
+                self.counted += new
+                if self.counted + len(self.created) == self.npages:
                     self.all_present.set()
             return new
 
@@ -207,12 +207,13 @@ class PageTracker:
         """One page the caller's own UFFDIO_COPY created just now (it did not get EEXIST), as a
         fault installs it: recorded and counted without the lock. No other install created
         it, so nobody else counts it. A claim racing this may mark the page IN_FLIGHT again;
-        its install then finds it existing (EEXIST, not counted) and marks it PRESENT."""
+        its install then finds it existing (EEXIST, not counted) and marks it PRESENT.
+        exit_mode.ExitModeResolver._run does these same four steps inline."""
         self.state[page] = PRESENT
         self.arrival[page] = how
-        created = self._created
+        created = self.created
         created.append(how)
-        if len(created) + self._present == self.npages:  # the last page, whoever counts it
+        if len(created) + self.counted == self.npages:  # the last page, whoever counts it
             self.all_present.set()
 
     def counts_by_name(self) -> dict[str, int]:

@@ -17,6 +17,7 @@ from postcopy import cli
 from postcopy.bench import BenchError, limit, pagein, paired_ratio, runner
 from postcopy.bench.source import SourceImage
 from postcopy.destination import classic_mode, exit_mode
+from postcopy.destination.pages import PRESENT, Arrival, PageTracker
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
 
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
@@ -39,15 +40,21 @@ def test_the_exit_mode_loop_takes_every_fault_of_the_touch_guest_itself(image: S
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # The touch guest's faults are all this host's usual one (an aligned qword read, then
     # written): ExitModeResolver._run resolves each in its loop, and its general handler only
-    # sees the kicks that stop the vCPUs.
-    general = []
+    # sees the kicks that stop the vCPUs. What the loop inlines keeps the books as the
+    # general path does: every page counted once, as demanded, and the guest complete.
+    general, trackers = [], []
     on_fault_exit = exit_mode.ExitModeResolver.on_fault_exit
     monkeypatch.setattr(exit_mode.ExitModeResolver, "on_fault_exit",
                         lambda self, thread, ret: general.append(ret) or on_fault_exit(self, thread, ret))
+    monkeypatch.setattr(pagein, "PageTracker", lambda memory: trackers.append(PageTracker(memory)) or trackers[-1])
     latencies = array("Q")
     pagein.run_python(image, "exit", 2, latencies)
-    assert len(latencies) == pagein.data_pages(MEM) and all(latencies)
+    pages = pagein.data_pages(MEM)
+    assert len(latencies) == pages and all(latencies)
     assert not [ret for ret in general if ret == 0]
+    tracker, = trackers
+    assert tracker.all_present.is_set() and tracker.counts[Arrival.DEMAND] == pages == len(tracker.created)
+    assert tracker.state.count(PRESENT) == tracker.npages and tracker.arrival.count(Arrival.DEMAND) == pages
 
 
 def test_a_wrong_page_from_the_source_fails_the_guest_check() -> None:
