@@ -109,8 +109,7 @@ class SyncPageConnection:
         self.requests += 1
         ws = self.ws
         try:
-            ws.send_frame(demand_frame(gpa, ws.mask_key()))
-            at = ws.recv_known(ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES)
+            at = ws.exchange_known(demand_frame(gpa, ws.mask_key()), ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES)
         except WebSocketError as e:
             raise FetchError(f"page stream broke during demand fetch of gpa {gpa:#x}: {e}") from None
         if at < 0:  # another frame: read and decoded as any answer

@@ -184,6 +184,31 @@ class BlockingWebSocket:
         """The receive buffer that recv_known's offsets index."""
         return self._buf
 
+    def exchange_known(self, frame: bytes, head: bytes, total: int) -> int:
+        """The fault path's round trip: send_frame(frame), then recv_known(head, total), with
+        the usual case (nothing buffered, no polling, the answer whole in one recv) taken in
+        this frame: at 2 vCPUs each Python call is more time under the GIL that the other vCPU
+        thread waits for (docs/performance.md). Anything else goes on the general way."""
+        sock = self.sock
+        if sock is None or self._start != self._end or self.poll_ns:
+            self.send_frame(frame)
+            return self.recv_known(head, total)
+        try:
+            sock.sendall(frame)
+        except (OSError, ssl.SSLError) as e:
+            raise self._broken(e, sending=True) from None
+        try:
+            n = sock.recv_into(self._view)
+        except (OSError, ssl.SSLError) as e:
+            raise self._broken(e, sending=False) from None
+        if not n:
+            raise self._broken(None, sending=False)
+        self._start, self._end = 0, n
+        if n >= total and self._buf.startswith(head) and total - len(head) <= self.max_message:
+            self._start = total
+            return len(head)
+        return self.recv_known(head, total)  # a part of it, or another frame first
+
     def recv_known(self, head: bytes, total: int) -> int:
         """The fault path's receive, for an answer whose frame head is known: when the next
         frame starts with ``head`` (which fixes its length, ``total`` bytes with the head), read
@@ -257,16 +282,23 @@ class BlockingWebSocket:
             raise WebSocketError("the socket is closed")
         try:
             n = self._poll_into(sock, target) if self.poll_ns else sock.recv_into(target)
-        except BlockingIOError:  # SO_RCVTIMEO ran out
-            self._drop()
-            raise WebSocketError(f"the socket timed out: no answer within {self._receive_timeout} s") from None
         except (OSError, ssl.SSLError) as e:
-            self._drop()
-            raise WebSocketError(f"the socket broke: {e}") from None
+            raise self._broken(e, sending=False) from None
         if not n:
-            self._drop()
-            raise WebSocketError("the server closed the connection")
+            raise self._broken(None, sending=False)
         return n
+
+    def _broken(self, error: BaseException | None, *, sending: bool) -> WebSocketError:
+        """The socket is dropped; what the failed send or recv (``error``; None: the server
+        closed the connection) tells the caller."""
+        self._drop()
+        if error is None:
+            return WebSocketError("the server closed the connection")
+        if isinstance(error, BlockingIOError):  # SO_SNDTIMEO / SO_RCVTIMEO ran out
+            if sending:
+                return WebSocketError(f"the socket timed out: the server took no request within {self._receive_timeout} s")
+            return WebSocketError(f"the socket timed out: no answer within {self._receive_timeout} s")
+        return WebSocketError(f"the socket broke: {error}")
 
     def _poll_into(self, sock: socket.socket, target: memoryview) -> int:
         """recv_into, trying without blocking for up to ``poll_ns`` first and yielding the CPU
@@ -288,12 +320,8 @@ class BlockingWebSocket:
             raise WebSocketError("the socket is closed")
         try:
             self.sock.sendall(data)
-        except BlockingIOError:  # SO_SNDTIMEO ran out: the source reads nothing
-            self._drop()
-            raise WebSocketError(f"the socket timed out: the server took no request within {self._receive_timeout} s") from None
-        except (OSError, ssl.SSLError) as e:
-            self._drop()
-            raise WebSocketError(f"the socket broke: {e}") from None
+        except (OSError, ssl.SSLError) as e:  # BlockingIOError: SO_SNDTIMEO ran out, the source reads nothing
+            raise self._broken(e, sending=True) from None
 
     # -- teardown ------------------------------------------------------------------------------
     def close(self) -> None:
