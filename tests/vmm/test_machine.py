@@ -2,6 +2,7 @@
 corruption, config errors, and the UART and port-I/O bus (through a guest and directly)."""
 from __future__ import annotations
 
+import errno
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from vmm.guest.layout import CODE_GPA, DATA_GPA, PAGE_SIZE, BootParams
 from vmm.guest.pattern import expected_page
 from vmm.guest.program import ENTRY_LABEL, emit_exception_stubs, link
 from vmm.machine import Machine, MachineConfig, MachineError
-from vmm.vcpu import VcpuState
+from vmm.vcpu import KVM_EXIT_IO, VcpuState
 
 GUEST_BYTES = 16 << 20
 DATA_PAGES = (GUEST_BYTES - DATA_GPA) // PAGE_SIZE
@@ -157,6 +158,40 @@ def test_pause_stops_progress_and_resume_continues_it_monotonically(guests: Gues
     m.check()
     assert seen == sorted(seen) and len(set(seen)) == len(seen), seen
     assert m.services.errors == 0
+
+
+@kvm_only
+def test_a_run_loop_that_hands_every_exit_to_handle_exit_runs_pauses_and_stops_the_guest() -> None:
+    # A fault handler's own loop (exit mode's) replaces _loop; what it does not take itself goes
+    # to handle_exit, which must still count exits, serve port I/O, and park or stop on a kick.
+    program, params = workloads.plan("memtouch", MEMTOUCH_BYTES, 1, 1, report_every=MEMTOUCH_REPORT_EVERY)
+    m = Machine.create(MachineConfig(MEMTOUCH_BYTES, 1))
+    try:
+        m.boot(program, params)
+        thread, handed = m.vcpus[0], []
+
+        def run_loop() -> VcpuState:
+            while True:
+                ret = thread.vcpu.run()
+                handed.append(ret)
+                final = thread.handle_exit(ret)
+                if final is not None:
+                    return final
+
+        thread.run_loop = run_loop
+        m.start()
+        _wait_reports(m)
+        m.pause()
+        assert thread.state is VcpuState.PAUSED
+        verified = m.services.verified
+        m.resume()
+        assert m.services.wait_for(lambda: m.services.verified > verified, WAIT_S), "no progress after resume"
+        m.check()
+        assert handed and sum(thread.exit_counts.values()) == len(handed)
+        assert thread.exit_counts.get(KVM_EXIT_IO, 0) > 0 and -errno.EINTR in handed
+    finally:
+        m.close()
+    assert thread.state is VcpuState.STOPPED
 
 
 # -- configuration errors --------------------------------------------------------------------
