@@ -63,6 +63,7 @@ class BlockingWebSocket:
         self.max_message = max_message
         # Room for one maximal frame header too; replies are read straight into it.
         self._buf = bytearray(max_message + 16)
+        self.buffer = self._buf  # the receive buffer that recv_known's offsets index
         self._view = memoryview(self._buf)
         # Where the buffer lies: recv_known's caller installs pages from it by address (the
         # buffer is never resized, so the address holds while this socket lives).
@@ -179,10 +180,6 @@ class BlockingWebSocket:
             elif opcode != wsframe.OP_PONG:
                 raise WebSocketError(f"the server sent a frame with opcode {opcode:#x}")
 
-    @property
-    def buffer(self) -> bytearray:
-        """The receive buffer that recv_known's offsets index."""
-        return self._buf
 
     def exchange_known(self, frame: bytes, head: bytes, total: int) -> int:
         """The fault path's round trip: send_frame(frame), then recv_known(head, total), with
