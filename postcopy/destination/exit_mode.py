@@ -4,10 +4,11 @@ uffd is opened with UFFD_FEATURE_SIGBUS, so nothing sleeps on the uffd wait queu
 KVM_RUN comes back (faults.py says how), this thread fetches the page and a readahead window
 over its own connection, installs them with UFFDIO_COPY_MODE_DONTWAKE, completes the access
 and re-enters the guest. The vCPU runs this mode's own KVM_RUN loop (``_run``), which takes
-this host's usual fault itself and hands everything else to the vCPU thread's general handling. A vCPU that scans (each fault where its last window ended) hands the
-rest of its scan to its prefetcher (prefetch.py), which fetches and installs the next windows
-while the guest walks this one: the guest then meets installed pages and does not exit, and a
-fault on a window the prefetcher has in flight waits for it instead of fetching it again.
+this host's usual fault itself and hands everything else to the vCPU thread's general handling.
+A vCPU that scans (each fault where its last window ended) hands the rest of its scan to its
+prefetcher (prefetch.py), which fetches and installs the next windows while the guest walks
+this one: the guest then meets installed pages and does not exit, and a fault on a window the
+prefetcher has in flight waits for it instead of fetching it again.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from postcopy.destination.readahead import Readahead
 from postcopy.destination.retry import NoLongerWanted, RetryingSyncConnection
 from postcopy.faults import MMIO, PAGE_MASK, FaultDecoder
 from postcopy.observe.faultlog import FaultLog
-from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
-from vmm.uffd import PageCopier, UffdError
 from vmm.abi import kvm as kvm_abi
+from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.kvm import EXIT_REASON_U32, MMIO_DATA_U64, MMIO_IS_WRITE_U8, MMIO_LEN_U32, MMIO_PHYS_ADDR_U64
+from vmm.uffd import PageCopier, UffdError
 from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, VcpuThread
 
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
