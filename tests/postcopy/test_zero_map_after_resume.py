@@ -4,10 +4,6 @@ then the map comes, fits the header, and the tracker ends with it; a map that do
 the header fails the migration with the guest paused, never installing a data page as zeros."""
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Awaitable, Callable
-
 import pytest
 
 import postcopy.source.page_server as page_server
@@ -15,64 +11,11 @@ from postcopy.destination.migration import Destination, DestinationState, Migrat
 from postcopy.destination.pages import Arrival
 from postcopy.source.export import zero_map
 from postcopy.source.page_server import PageServer
-from postcopy.source.run import boot_memtouch
 from proto import PAGE_SIZE, MigrationHeader, ZeroMap
-from vmm.machine import Machine
+from source_thread import GUEST, migrate_in_process as _run  # type: ignore[import-not-found]
 from vmm.memory import GuestMemory
 
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
-
-MiB = 1 << 20
-GUEST = 32 * MiB
-TOKEN = "zero-map-token"
-
-
-class _SourceThread:
-    """The page server on a thread and event loop of its own, as in its own process: the
-    destination's loop blocks (pausing its vCPUs) while a vCPU may wait on a page."""
-
-    def __init__(self, machine: Machine, workload: dict[str, int | str]) -> None:
-        self.machine, self.workload = machine, workload
-        self.ready = threading.Event()
-        self.url = ""
-        self.server: PageServer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="source", daemon=True)
-
-    async def _serve(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        async with PageServer(self.machine, token=TOKEN, migration_id="mig-zero", workload=self.workload) as server:
-            self.server, self.url = server, await server.start("127.0.0.1", 0)
-            self.ready.set()
-            await self._stop.wait()
-
-    def __enter__(self) -> _SourceThread:
-        self._thread.start()
-        assert self.ready.wait(10), "the page server did not start"
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-
-def _run(check: Callable[[PageServer, Destination], Awaitable[None]]) -> None:
-    machine, workload = boot_memtouch(GUEST, 2, seed=5)
-    try:
-        with _SourceThread(machine, workload) as source:
-            async def migrate() -> None:
-                dest = Destination(source.url, TOKEN, fault_mode="exit")
-                try:
-                    await dest.prepare(GUEST, len(machine.vcpus))
-                    assert source.server is not None
-                    await check(source.server, dest)
-                finally:
-                    await dest.close()
-            asyncio.run(migrate())
-    finally:
-        machine.close()
 
 
 def test_the_guest_runs_before_the_zero_map_which_then_fits_the_header() -> None:
