@@ -1,0 +1,119 @@
+"""While memory is missing the vCPU threads yield the CPU to the transfer (migration.py,
+POSTCOPY_VCPU_NICE): reniced after the resume, set back when every page is present or the
+migration fails, and left alone where this process could not set them back."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import postcopy.destination.migration as migration
+from postcopy.destination.migration import Destination, DestinationState, MigrationError
+from postcopy.source.page_server import PageServer
+from source_thread import migrate_in_process  # type: ignore[import-not-found]
+from vmm.priority import may_set_nice, set_thread_nice, thread_nice
+
+pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
+
+
+def _vcpu_nices(dest: Destination) -> list[int]:
+    assert dest.machine is not None
+    return [thread_nice(t.tid) for t in dest.machine.vcpus]
+
+
+class TransferWatch:
+    """Replaces the background transfer: records the vCPUs' nice values as it starts, then runs
+    it (or fails at once, with ``fail``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
+        self.tids: list[int] = []  # the vCPU threads, set by the test after the switchover
+        self.nices: list[int] | None = None
+        real = migration.run_background
+
+        async def watched(connections, installer, **kw):  # type: ignore[no-untyped-def]
+            self.nices = [thread_nice(t) for t in self.tids]
+            if fail:
+                raise MigrationError("the transfer broke (test)")
+            await real(connections, installer, **kw)
+        monkeypatch.setattr(migration, "run_background", watched)
+
+    def switched_over(self, dest: Destination) -> list[int]:
+        """The vCPUs' nice values after the switchover, before the transfer."""
+        assert dest.machine is not None
+        self.tids = [t.tid for t in dest.machine.vcpus]
+        return _vcpu_nices(dest)
+
+
+def test_vcpus_run_reniced_while_memory_is_missing_and_get_their_priority_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    watch = TransferWatch(monkeypatch)
+
+    async def check(server: PageServer, dest: Destination) -> None:
+        assert dest.machine is not None
+        await dest.switchover()
+        before = watch.switched_over(dest)
+        await dest.wait_complete(timeout=60)
+        assert watch.nices == [migration.POSTCOPY_VCPU_NICE] * len(before) != before
+        assert _vcpu_nices(dest) == before  # set back at completion, the guest still running
+        assert dest.state is DestinationState.COMPLETE and not dest.machine.failures()
+
+    migrate_in_process(check)
+
+
+def test_a_failed_migration_sets_the_vcpus_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    watch = TransferWatch(monkeypatch, fail=True)
+
+    async def check(server: PageServer, dest: Destination) -> None:
+        assert dest.machine is not None
+        await dest.switchover()
+        before = watch.switched_over(dest)
+        with pytest.raises(MigrationError, match="the transfer broke"):
+            await dest.wait_complete(timeout=60)
+        assert watch.nices == [migration.POSTCOPY_VCPU_NICE] * len(before)
+        assert _vcpu_nices(dest) == before and dest.state is DestinationState.FAILED
+
+    migrate_in_process(check)
+
+
+@pytest.mark.parametrize("why", ["vcpu_nice=0", "may not set back"])
+def test_vcpus_keep_their_priority_when_asked_or_when_it_could_not_come_back(
+        monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    watch = TransferWatch(monkeypatch)
+    options = {"vcpu_nice": 0} if why == "vcpu_nice=0" else {}
+    if why == "may not set back":
+        monkeypatch.setattr(migration, "may_set_nice", lambda nice: False)
+
+    async def check(server: PageServer, dest: Destination) -> None:
+        assert dest.machine is not None
+        await dest.switchover()
+        before = watch.switched_over(dest)
+        await dest.wait_complete(timeout=60)
+        assert watch.nices == before == _vcpu_nices(dest)
+
+    migrate_in_process(check, **options)
+
+
+def test_thread_nice_is_per_thread_and_root_may_set_it_back() -> None:
+    tid: list[int] = []
+    go, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        tid.append(threading.get_native_id())
+        go.set()
+        done.wait(10)
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert go.wait(10)
+        mine = thread_nice(threading.get_native_id())
+        set_thread_nice(tid[0], mine + 5)
+        assert thread_nice(tid[0]) == mine + 5 and thread_nice(threading.get_native_id()) == mine
+        if may_set_nice(mine):  # root here (CAP_SYS_NICE); an unprivileged run says no
+            set_thread_nice(tid[0], mine)
+            assert thread_nice(tid[0]) == mine
+        else:
+            with pytest.raises(PermissionError):
+                set_thread_nice(tid[0], mine)
+    finally:
+        done.set()
+        t.join()

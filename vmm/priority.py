@@ -1,0 +1,35 @@
+"""A thread's nice value (setpriority(2) on its tid), and whether this process may set it back.
+
+Raising a nice value is always allowed; lowering it again needs CAP_SYS_NICE or an RLIMIT_NICE
+whose ceiling (20 - soft limit) reaches it. So a caller that lowers a thread's priority for a
+while asks ``may_set_nice(previous)`` first, or the thread would stay slow for good.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+CAP_SYS_NICE = 23  # linux/capability.h
+
+
+def thread_nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def set_thread_nice(tid: int, nice: int) -> None:
+    """Set one thread's nice value (PRIO_PROCESS with a tid is that thread alone on Linux)."""
+    os.setpriority(os.PRIO_PROCESS, tid, nice)
+
+
+def has_cap_sys_nice() -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    return False
+
+
+def may_set_nice(nice: int) -> bool:
+    """May this process set a thread's nice value to ``nice`` whatever it is now?"""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    return soft == resource.RLIM_INFINITY or nice >= 20 - soft or has_cap_sys_nice()
