@@ -78,12 +78,22 @@ def run(opts: BenchOptions) -> list[dict[str, Any]]:
     return rows
 
 
+def add_stream_bound(rows: list[dict[str, Any]], stream_mib_s: float) -> None:
+    """Each row's time against the `stream` section's rate from the same run: issue 10's bound
+    for a mostly written guest is 1.3 x guest size / stream rate (``ratio_to_stream``)."""
+    for r in rows:
+        r["stream_bound_ms"] = round(r["guest_mib"] / stream_mib_s * 1000, 1)
+        r["ratio_to_stream"] = round(r["total_ms"] / r["stream_bound_ms"], 2)
+
+
 def table(result: list[dict[str, Any]]) -> list[str]:
     lines = ["migrate: post-copy over loopback, 2 vCPUs, exit mode",
-             f"  {'guest MiB':>9} {'written':>8} {'downtime ms':>12} {'total ms':>9} {'dest RSS MiB':>13}"]
+             f"  {'guest MiB':>9} {'written':>8} {'downtime ms':>12} {'total ms':>9} {'/ stream':>9} "
+             f"{'dest RSS MiB':>13}"]
     for r in result:
+        bound = f"{r['ratio_to_stream']:>9.2f}" if "ratio_to_stream" in r else f"{'-':>9}"
         lines.append(f"  {r['guest_mib']:>9} {r['written_mib']:>8} {r['downtime_ms']:>12} {r['total_ms']:>9.0f} "
-                     f"{r['rss_mib']:>13}")
+                     f"{bound} {r['rss_mib']:>13}")
     return lines
 
 

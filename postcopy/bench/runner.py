@@ -85,6 +85,8 @@ def run(opts: BenchOptions, progress=None) -> dict[str, Any]:
         out[name] = module.run(opts)
         if progress is not None:
             progress(f"bench: {name} done in {time.monotonic() - t0:.1f} s")
+    if isinstance(out.get("migrate"), list) and "mib_s" in out.get("stream", {}):  # both ran
+        present["migrate"].add_stream_bound(out["migrate"], out["stream"]["mib_s"])
     return out
 
 

@@ -43,6 +43,10 @@ def test_one_migration_row_and_the_tables_render() -> None:
     assert row["downtime_ms"] is not None and row["total_ms"] > 0 and row["rss_mib"] > 0
     assert sum(row["pages"].values()) == 64 * MiB // PAGE_SIZE
     assert migrate.table([row])[2].split()[0] == "64"
+    assert migrate.table([row])[2].split()[4] == "-"  # no stream section in this run
+    migrate.add_stream_bound([row], 1024.0)  # 64 MiB at 1 GiB/s: 62.5 ms
+    assert row["stream_bound_ms"] == 62.5 and row["ratio_to_stream"] == round(row["total_ms"] / 62.5, 2)
+    assert float(migrate.table([row])[2].split()[4]) == row["ratio_to_stream"]
     fake = {"guest_mib": 16, "p50_us": 50.0, "p99_us": 90.0, "ratio_p50_to_socket": 1.2,
             "vcpus": {"1": {"p50": 50.0, "p99": 90.0, "pages_s": 10}},
             "socket": {"p50": 40.0, "p99": 60.0}, "readahead_pages_s": 5,
