@@ -17,7 +17,7 @@ GUEST = 32 * MiB
 TOKEN = "in-process-token"
 
 
-class _SourceThread:
+class SourceThread:
     """The page server on a thread and event loop of its own, as in its own process: the
     destination's loop blocks (pausing its vCPUs) while a vCPU may wait on a page."""
 
@@ -37,7 +37,7 @@ class _SourceThread:
             self.ready.set()
             await self._stop.wait()
 
-    def __enter__(self) -> _SourceThread:
+    def __enter__(self) -> SourceThread:
         self._thread.start()
         assert self.ready.wait(10), "the page server did not start"
         return self
@@ -53,7 +53,7 @@ def migrate_in_process(check: Callable[[PageServer, Destination], Awaitable[None
     hand both to ``check``; the destination is closed after it."""
     machine, workload = boot_memtouch(GUEST, 2, seed=5)
     try:
-        with _SourceThread(machine, workload) as source:
+        with SourceThread(machine, workload) as source:
             async def migrate() -> None:
                 dest = Destination(source.url, TOKEN, **{"fault_mode": "exit", **options})
                 try:

@@ -10,7 +10,7 @@ from postcopy.destination.classic_mode import vcpu_cpus
 from postcopy.destination.exit_mode import FETCH_POLL_NS
 from postcopy.destination.migration import Destination
 from postcopy.source.run import boot_memtouch
-from test_zero_map_after_resume import GUEST, TOKEN, _SourceThread  # type: ignore[import-not-found]
+from source_thread import GUEST, TOKEN, SourceThread  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
 
@@ -21,7 +21,7 @@ def test_a_single_vcpu_polls_for_its_pages_and_every_vcpu_is_pinned() -> None:
     robin in both modes."""
     machine, workload = boot_memtouch(GUEST, 2, seed=5)
     try:
-        with _SourceThread(machine, workload) as source:
+        with SourceThread(machine, workload) as source:
             async def prepare(mode: str, vcpus: int) -> tuple[list[int], list[int], list[int | None]]:
                 dest = Destination(source.url, TOKEN, fault_mode=mode)  # type: ignore[arg-type]
                 try:
