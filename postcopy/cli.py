@@ -110,7 +110,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report = uvloop.run(run_demo(parse_size(args.mem), args.vcpus, args.fault_mode, warmup_s=args.warmup,
                                      after_s=args.after, seed=args.seed, readahead_base=args.readahead,
                                      progress=_progress(args), timeline=args.report is not None,
-                                     chaos=chaos, retry=RetryPolicy(deadline_s=args.retry_deadline)))
+                                     chaos=chaos, retry=RetryPolicy(deadline_s=args.retry_deadline),
+                                     vcpu_nice=args.vcpu_nice))
     except DemoError as e:
         print(f"postcopy demo: error: {e}", file=sys.stderr)
         return 1
@@ -125,7 +126,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         fault_mode=args.fault_mode, create=args.create, mem=args.mem, vcpus=args.vcpus, seed=args.seed,
         warmup_s=args.warmup, after_s=args.after, readahead=args.readahead, timeout_s=args.timeout,
         timeline=args.report is not None, state_dir=args.state_dir, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_ca=args.tls_ca, retry_deadline_s=args.retry_deadline)
+        tls_ca=args.tls_ca, retry_deadline_s=args.retry_deadline, vcpu_nice=args.vcpu_nice)
     api_token = _api_token(args)
 
     async def run() -> dict[str, Any]:
@@ -197,6 +198,18 @@ def _tls_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="reach the page server over TLS, trusting only this CA certificate (PEM)")
 
 
+def _nice(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 19:
+        raise argparse.ArgumentTypeError(f"a nice value from 0 to 19, not {value!r}")
+    return int(value)
+
+
+def _vcpu_nice_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vcpu-nice", type=_nice, metavar="0-19",
+                        help="the destination's vCPU threads run at this nice value until every page is present, "
+                             "leaving the CPU to the transfer (default 10; 0: as they are)")
+
+
 def _state_dir_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", metavar="DIR",
                         help="keep guest RAM in DIR/ram (use tmpfs, e.g. /dev/shm/...) and save the header there at "
@@ -214,7 +227,7 @@ def cmd_dest(args: argparse.Namespace) -> int:
         async with local_vmm() as vmm:
             await vmm.incoming(args.source.rstrip("/"), token, fault_mode=args.fault_mode, after_s=args.after,
                                readahead=args.readahead, timeline=args.report is not None, tls_ca=args.tls_ca,
-                               retry_deadline_s=args.retry_deadline)
+                               retry_deadline_s=args.retry_deadline, vcpu_nice=args.vcpu_nice)
             return await follow(vmm, args.timeout, _progress(args))
 
     try:
@@ -276,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--chaos", action="store_true", help="migrate through the fault-injection proxy (postcopy/chaos.py)")
     schedule_args(d)
     _retry_args(d)
+    _vcpu_nice_args(d)
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("migrate", help="migrate a guest between two VMMs through their control APIs")
@@ -300,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     _tls_server_args(m)
     _tls_client_args(m)
     _retry_args(m)
+    _vcpu_nice_args(m)
     m.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("source", help="run a guest and serve its pages to a destination")
@@ -327,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
     _tls_client_args(t)
     _retry_args(t)
+    _vcpu_nice_args(t)
     t.set_defaults(func=cmd_dest)
 
     r = sub.add_parser("report", help="render a saved JSON report as report.html and timeline.png")

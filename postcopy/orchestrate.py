@@ -48,6 +48,7 @@ class MigrateOptions:
     tls_key: str | None = None
     tls_ca: str | None = None  # the destination trusts only this CA for the page server
     retry_deadline_s: float | None = None  # how long one outage of the page server may last
+    vcpu_nice: int | None = None  # the destination's vCPU threads while memory is missing (None: its default)
 
 
 async def run_migration(source: ApiClient, dest: ApiClient, opts: MigrateOptions,
@@ -72,7 +73,7 @@ async def run_migration(source: ApiClient, dest: ApiClient, opts: MigrateOptions
     try:
         await dest.incoming(page_url, opts.token, fault_mode=opts.fault_mode, after_s=opts.after_s,
                             readahead=opts.readahead, source_check=before, timeline=opts.timeline,
-                            tls_ca=opts.tls_ca, retry_deadline_s=opts.retry_deadline_s)
+                            tls_ca=opts.tls_ca, retry_deadline_s=opts.retry_deadline_s, vcpu_nice=opts.vcpu_nice)
     except ApiClientError as e:
         await _cancel_quietly(source)  # the guest keeps running on the source
         raise OrchestrationError(f"destination: {e}") from None

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from postcopy.destination.vcpu_priority import MAX_NICE, POSTCOPY_VCPU_NICE
 from vmm.guest.workloads import WORKLOADS
 from vmm.machine import MachineConfig, MachineError
 from vmm.memory import GuestMemoryError, parse_size
@@ -220,6 +221,7 @@ class IncomingSpec:
     timeline: bool  # the report carries the timeline (Destination.metrics()), for report.html
     tls_ca: str | None = None  # reach the page server over TLS, trusting only this CA
     retry_deadline_s: float | None = None  # how long one outage of the page server may last
+    vcpu_nice: int = POSTCOPY_VCPU_NICE  # the vCPU threads' nice value while memory is missing
 
     @classmethod
     def parse(cls, body: Any) -> IncomingSpec:
@@ -237,6 +239,7 @@ class IncomingSpec:
             raise ApiError(400, f"{what}: field 'timeline' must be true or false")
         tls_ca = f.path("tls_ca")
         retry_deadline = f.number("retry_deadline_s", -1.0, 0.0, MAX_RETRY_DEADLINE_S)
+        vcpu_nice = f.integer("vcpu_nice", POSTCOPY_VCPU_NICE, 0, MAX_NICE)
         check = f.nested("source_check")
         f.done()
         assert source_url is not None
@@ -254,4 +257,4 @@ class IncomingSpec:
             source_check = SourceCheck(ok, pages if pages >= 0 else None, errors if errors >= 0 else None)
         assert source_url is not None and token is not None
         return cls(source_url, token, fault_mode, after_s, readahead, source_check, timeline,  # type: ignore[arg-type]
-                   tls_ca, retry_deadline if retry_deadline >= 0 else None)
+                   tls_ca, retry_deadline if retry_deadline >= 0 else None, vcpu_nice)

@@ -34,6 +34,7 @@ from postcopy.destination.install import Installer
 from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
 from postcopy.destination.prefetch import answer_bytes
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection, RetryPolicy, retry_async
+from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE, VcpuPriority
 from postcopy.observe.collect import register_destination
 from postcopy.observe.faultlog import CLASSIC_KINDS, EXIT_KINDS, FaultLog, blocktime_ns, kind_totals, latencies_ns
 from postcopy.observe.prometheus import Registry
@@ -44,7 +45,6 @@ from vmm import state as vmstate
 from vmm.abi.userfaultfd import UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID
 from vmm.machine import Machine, MachineConfig
 from vmm.memory import GuestMemory
-from vmm.priority import may_set_nice, set_thread_nice, thread_nice
 from vmm.uffd import Uffd, UffdError
 
 log = logging.getLogger("postcopy.destination")
@@ -55,13 +55,6 @@ SWITCH_INTERVAL_S = 0.0002
 # Pages present and guest progress are sampled this often, from the event loop, for the timeline.
 SAMPLE_INTERVAL_S = 0.01
 RESUME_WAIT_S, RESUME_POLL_S = 0.1, 0.0002  # the background starts once the vCPUs run (or after this)
-# While memory is missing the vCPU threads run at this nice value, so that a busy guest leaves
-# the CPU to the transfer that ends the post-copy phase (every page still missing is a fault
-# to come, and the source must stay up until the last one). Measured side by side on this
-# 2-core host (docs/performance.md), a busy 2-vCPU guest, 768 MiB of 1 GiB written: 0.80-1.08 s
-# to completion at nice 0, 0.53-0.56 s at 10, the guest's CPU time during it 0.7-1.0 -> ~0.2 s.
-# 0 leaves the vCPUs as they are.
-POSTCOPY_VCPU_NICE = 10
 
 
 class DestinationState(enum.Enum):
@@ -131,8 +124,7 @@ class Destination:
         self.background_batch_pages = background_batch_pages
         self.background_depth = background_depth
         self.background_streams = max(1, background_streams)
-        self.vcpu_nice = vcpu_nice
-        self._vcpu_nice_before: dict[int, int] = {}  # tid -> nice, for the vCPUs reniced while memory is missing
+        self.vcpu_priority = VcpuPriority(vcpu_nice)  # while memory is missing (vcpu_priority.py)
         self.state = DestinationState.NEW
         self.machine: Machine | None = None
         self.memory: GuestMemory | None = None
@@ -293,7 +285,8 @@ class Destination:
         await self._resumed()
         background: asyncio.Future[None] | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._yield_to_transfer()  # after the resume: the first KVM_RUNs are downtime
+        # After the resume (the first KVM_RUNs are downtime), until every page is present.
+        self.vcpu_priority.lower(self.machine.vcpus, self.migration_id)
         try:
             await self._apply_zero_map()
             background = asyncio.ensure_future(run_background(
@@ -323,7 +316,7 @@ class Destination:
             self.machine.pause()  # never run a guest on memory it did not get
             raise MigrationError(f"migration failed while running: {e}") from None
         finally:
-            self._restore_vcpu_priority()
+            self.vcpu_priority.restore()
             if background is not None:
                 if not background.done():
                     background.cancel()
@@ -347,39 +340,6 @@ class Destination:
         assert self.machine
         while any(not t.first_run_ns and t.alive for t in self.machine.vcpus) and time.monotonic() < deadline:
             await asyncio.sleep(RESUME_POLL_S)
-
-    def _yield_to_transfer(self) -> None:
-        """Renice the vCPU threads to ``vcpu_nice`` until every page is present, where this
-        process may set them back (vmm.priority); else leave them, and say so once."""
-        assert self.machine
-        if self.vcpu_nice <= 0:
-            return
-        for thread in self.machine.vcpus:
-            if not thread.tid or not thread.alive:
-                continue
-            try:
-                before = thread_nice(thread.tid)
-                if before >= self.vcpu_nice:
-                    continue
-                if not may_set_nice(before):
-                    log.info("vCPU threads keep their priority during post-copy: this process could not "
-                             "set it back to %d (needs CAP_SYS_NICE or RLIMIT_NICE)", before,
-                             extra={"event": "vcpu_priority_kept", "migration_id": self.migration_id})
-                    return
-                set_thread_nice(thread.tid, self.vcpu_nice)
-            except ProcessLookupError:  # the thread ended meanwhile
-                continue
-            self._vcpu_nice_before[thread.tid] = before
-
-    def _restore_vcpu_priority(self) -> None:
-        for tid, nice in self._vcpu_nice_before.items():
-            try:
-                set_thread_nice(tid, nice)
-            except ProcessLookupError:  # stopped meanwhile
-                pass
-            except PermissionError as e:  # may_set_nice said yes: something changed our limits
-                log.warning("cannot set vCPU thread %d back to nice %d: %s", tid, nice, e)
-        self._vcpu_nice_before.clear()
 
     async def _apply_zero_map(self) -> None:
         """Fetch the source's zero map and hand it to the tracker, with the vCPUs already

@@ -13,6 +13,7 @@ import aiohttp
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH
 from postcopy.destination.client import FetchError, auth_headers, tls_option
 from postcopy.destination.retry import FatalFetchError, RetryContext, RetryPolicy, retry_async
+from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE
 from proto import ErrorReply, ProtoError, decode_any
 from postcopy.destination.migration import Destination, FaultMode, MigrationError, result_dict
 from postcopy.observe.prometheus import Registry
@@ -66,21 +67,23 @@ async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s
                   on_destination: Callable[[Destination], None] | None = None,
                   adopt: Callable[[Machine], None] | None = None, retry: RetryPolicy | None = None,
                   ssl_context: ssl.SSLContext | None = None, background_batch_pages: int = DEFAULT_BATCH_PAGES,
-                  background_depth: int = DEFAULT_DEPTH) -> dict[str, Any]:
+                  background_depth: int = DEFAULT_DEPTH, vcpu_nice: int = POSTCOPY_VCPU_NICE) -> dict[str, Any]:
     """Migrate, let the guest run ``after_s`` here, order a full sweep; return the report.
     ``before`` is the source-side sweep result, if one was made. ``timeline`` adds
     report["timeline"] (Destination.metrics(), with the source's progress series);
     ``registry`` is where the destination's Prometheus metrics go. ``on_destination`` sees the
     Destination before it prepares (to follow its progress); ``adopt``, if given, receives the
     running guest (every page present) instead of it being paused and closed. ``retry`` says
-    how long a lost source is waited for; ``ssl_context`` is the TLS the source must speak."""
+    how long a lost source is waited for; ``ssl_context`` is the TLS the source must speak;
+    ``vcpu_nice`` the vCPU threads' nice value while memory is missing (vcpu_priority.py)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_option(ssl_context))) as session:
         status = await retry_async(RetryContext(retry), "source status",
                                    lambda: source_json(session, "GET", f"{source_url}/v1/vm/status", token))
         dest = Destination(source_url, token, fault_mode=fault_mode, readahead_base=readahead_base,
                            readahead_max=readahead_max,
                            console=console, registry=registry, retry=retry, ssl_context=ssl_context,
-                           background_batch_pages=background_batch_pages, background_depth=background_depth)
+                           background_batch_pages=background_batch_pages, background_depth=background_depth,
+                           vcpu_nice=vcpu_nice)
         if on_destination is not None:
             on_destination(dest)
         try:

@@ -56,7 +56,7 @@ def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tm
                 assert out["url"].startswith("http://127.0.0.1:")
                 status, inc = await _raw(dst, "PUT", "/v1/migration/incoming", {
                     "source_url": out["url"], "token": TOKEN, "fault_mode": "exit", "after_s": 0.3,
-                    "readahead": 4, "source_check": before})
+                    "readahead": 4, "vcpu_nice": 5, "source_check": before})
                 assert status == 202 and inc["role"] == "destination"
                 seen = set()
                 deadline = time.monotonic() + 60
@@ -132,6 +132,10 @@ def test_bad_requests_get_a_clear_400_or_409_and_change_nothing() -> None:
                 ("PUT", "/v1/migration/incoming", {"source_url": "ftp://x", "token": "t"}, 400, "http:// or https://"),
                 ("PUT", "/v1/migration/incoming", {"source_url": "http://h:1", "token": "t", "fault_mode": "fast"},
                  400, "field 'fault_mode' must be one of exit, classic, auto"),
+                ("PUT", "/v1/migration/incoming", {"source_url": "http://h:1", "token": "t", "vcpu_nice": 20},
+                 400, "field 'vcpu_nice'"),
+                ("PUT", "/v1/migration/incoming", {"source_url": "http://h:1", "token": "t", "vcpu_nice": -1},
+                 400, "field 'vcpu_nice'"),
                 ("PUT", "/v1/migration/outgoing", {"listen": "127.0.0.1:0", "token": "t"}, 404, "no VM"),
                 ("PUT", "/v1/migration/outgoing", {"listen": "nowhere", "token": "t"}, 400, "want HOST:PORT"),
                 ("PUT", "/v1/migration/outgoing", {"listen": "127.0.0.1:0", "token": "a\r\nX-Evil: 1"}, 400,

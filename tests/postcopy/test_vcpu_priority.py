@@ -1,6 +1,6 @@
-"""While memory is missing the vCPU threads yield the CPU to the transfer (migration.py,
-POSTCOPY_VCPU_NICE): reniced after the resume, set back when every page is present or the
-migration fails, and left alone where this process could not set them back."""
+"""While memory is missing the vCPU threads yield the CPU to the transfer (vcpu_priority.py):
+reniced after the resume, set back when every page is present or the migration fails, and left
+alone where asked (0) or where this process could not set them back."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,10 @@ import threading
 import pytest
 
 import postcopy.destination.migration as migration
+import postcopy.destination.vcpu_priority as vcpu_priority
+from postcopy.api.models import IncomingSpec
 from postcopy.destination.migration import Destination, DestinationState, MigrationError
+from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE, VcpuPriority
 from postcopy.source.page_server import PageServer
 from source_thread import migrate_in_process  # type: ignore[import-not-found]
 from vmm.priority import may_set_nice, set_thread_nice, thread_nice
@@ -53,7 +56,7 @@ def test_vcpus_run_reniced_while_memory_is_missing_and_get_their_priority_back(
         await dest.switchover()
         before = watch.switched_over(dest)
         await dest.wait_complete(timeout=60)
-        assert watch.nices == [migration.POSTCOPY_VCPU_NICE] * len(before) != before
+        assert watch.nices == [POSTCOPY_VCPU_NICE] * len(before) != before
         assert _vcpu_nices(dest) == before  # set back at completion, the guest still running
         assert dest.state is DestinationState.COMPLETE and not dest.machine.failures()
 
@@ -69,7 +72,7 @@ def test_a_failed_migration_sets_the_vcpus_back_too(monkeypatch: pytest.MonkeyPa
         before = watch.switched_over(dest)
         with pytest.raises(MigrationError, match="the transfer broke"):
             await dest.wait_complete(timeout=60)
-        assert watch.nices == [migration.POSTCOPY_VCPU_NICE] * len(before)
+        assert watch.nices == [POSTCOPY_VCPU_NICE] * len(before)
         assert _vcpu_nices(dest) == before and dest.state is DestinationState.FAILED
 
     migrate_in_process(check)
@@ -81,7 +84,7 @@ def test_vcpus_keep_their_priority_when_asked_or_when_it_could_not_come_back(
     watch = TransferWatch(monkeypatch)
     options = {"vcpu_nice": 0} if why == "vcpu_nice=0" else {}
     if why == "may not set back":
-        monkeypatch.setattr(migration, "may_set_nice", lambda nice: False)
+        monkeypatch.setattr(vcpu_priority, "may_set_nice", lambda nice: False)
 
     async def check(server: PageServer, dest: Destination) -> None:
         assert dest.machine is not None
@@ -117,3 +120,16 @@ def test_thread_nice_is_per_thread_and_root_may_set_it_back() -> None:
     finally:
         done.set()
         t.join()
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_a_vcpu_nice_out_of_range_is_refused(nice: int) -> None:
+    with pytest.raises(ValueError, match="vcpu_nice must be 0 to 19"):
+        VcpuPriority(nice)
+
+
+def test_an_incoming_migration_takes_vcpu_nice_from_its_request() -> None:
+    base = {"source_url": "http://10.0.0.1:7000", "token": "t"}
+    assert IncomingSpec.parse(base).vcpu_nice == POSTCOPY_VCPU_NICE
+    assert IncomingSpec.parse({**base, "vcpu_nice": 0}).vcpu_nice == 0
+    assert IncomingSpec.parse({**base, "vcpu_nice": 19}).vcpu_nice == 19

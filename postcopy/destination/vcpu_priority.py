@@ -1,0 +1,60 @@
+"""The vCPU threads' priority while memory is missing: they yield the CPU to the transfer.
+
+Every page still missing is a fault to come, and the source must stay up until the last one, so
+a destination that shares its CPUs with a busy guest runs the guest's vCPU threads at
+POSTCOPY_VCPU_NICE until every page is present, then sets them back. Measured side by side on
+this 2-core host (docs/performance.md), a busy 2-vCPU guest with 768 MiB of 1 GiB written:
+0.80-1.08 s to completion at nice 0, 0.53-0.56 s at 10, the guest's CPU time meanwhile 0.7-1.0
+-> ~0.2 s. An operator picks another value per migration (`vcpu_nice`; 0 leaves them alone).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from vmm.priority import may_set_nice, set_thread_nice, thread_nice
+from vmm.vcpu import VcpuThread
+
+log = logging.getLogger("postcopy.destination")
+POSTCOPY_VCPU_NICE = 10
+MAX_NICE = 19
+
+
+class VcpuPriority:
+    def __init__(self, nice: int) -> None:
+        if not 0 <= nice <= MAX_NICE:
+            raise ValueError(f"vcpu_nice must be 0 to {MAX_NICE}, not {nice}")
+        self.nice = nice
+        self._before: dict[int, int] = {}  # tid -> nice, for the threads reniced
+
+    def lower(self, threads: Iterable[VcpuThread], migration_id: str | None = None) -> None:
+        """Renice the running vCPU threads to ``nice``, where this process may set them back
+        (vmm.priority); else leave them, and say so."""
+        if not self.nice:
+            return
+        for thread in threads:
+            if not thread.tid or not thread.alive:
+                continue
+            try:
+                before = thread_nice(thread.tid)
+                if before >= self.nice:
+                    continue
+                if not may_set_nice(before):
+                    log.info("vCPU threads keep their priority during post-copy: this process could not "
+                             "set it back to %d (needs CAP_SYS_NICE or RLIMIT_NICE)", before,
+                             extra={"event": "vcpu_priority_kept", "migration_id": migration_id})
+                    return
+                set_thread_nice(thread.tid, self.nice)
+            except ProcessLookupError:  # the thread ended meanwhile
+                continue
+            self._before[thread.tid] = before
+
+    def restore(self) -> None:
+        for tid, nice in self._before.items():
+            try:
+                set_thread_nice(tid, nice)
+            except ProcessLookupError:  # stopped meanwhile
+                pass
+            except PermissionError as e:  # may_set_nice said yes: our limits changed since
+                log.warning("cannot set vCPU thread %d back to nice %d: %s", tid, nice, e)
+        self._before.clear()
