@@ -94,6 +94,7 @@ class MigrationResult:
     pagein_rate: float = 0.0  # pages/s from switchover to completion
     blocktime_ms: dict[int, float] = field(default_factory=dict)
     retries: dict[str, Any] = field(default_factory=dict)  # what the retry wrappers did
+    vcpu_nice: int = 0  # the vCPU threads' nice value while memory was missing (0: left as they were)
 
 
 @dataclass(slots=True)
@@ -401,6 +402,7 @@ class Destination:
             pagein_rate=round(fetched / running_s, 1),
             blocktime_ms=blocktime,
             retries=self.retry.report(),
+            vcpu_nice=self.vcpu_priority.applied,
         )
 
     # -- what it looked like -------------------------------------------------------------------

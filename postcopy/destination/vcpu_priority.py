@@ -25,6 +25,7 @@ class VcpuPriority:
         if not 0 <= nice <= MAX_NICE:
             raise ValueError(f"vcpu_nice must be 0 to {MAX_NICE}, not {nice}")
         self.nice = nice
+        self.applied = 0  # the nice value the vCPUs got, 0 if they were left alone (the report's)
         self._before: dict[int, int] = {}  # tid -> nice, for the threads reniced
 
     def lower(self, threads: Iterable[VcpuThread], migration_id: str | None = None) -> None:
@@ -48,6 +49,7 @@ class VcpuPriority:
             except ProcessLookupError:  # the thread ended meanwhile
                 continue
             self._before[thread.tid] = before
+            self.applied = self.nice
 
     def restore(self) -> None:
         for tid, nice in self._before.items():
