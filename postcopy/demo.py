@@ -173,6 +173,7 @@ def render(report: dict[str, Any]) -> str:
         f"  fault latency   p50 {lat.get('p50', '-')} us, p99 {lat.get('p99', '-')} us over {lat.get('count', 0)} faults",
         f"  page-in rate    {report['pagein_rate']:.0f} pages/s",
         f"  blocktime       {_blocktime(report.get('blocktime_ms') or {})} (time each vCPU waited for pages)",
+        f"  vCPU priority   {_vcpu_nice(report.get('vcpu_nice', 0))}",
         f"  guest check     before: {_sweep(g['before'])}; after: {_sweep(g['after'])}",
         f"  verified        {report['verified']} (guest errors {report['guest_errors']})",
     ]
@@ -182,6 +183,10 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  chaos           {report['faults_injected']} faults injected ({injected}); "
                      f"{retries.get('failures', 0)} failed fetches, {retries.get('reconnects', 0)} reconnects")
     return "\n".join(lines)
+
+
+def _vcpu_nice(nice: int) -> str:
+    return f"nice {nice} until every page was present" if nice else "unchanged during post-copy"
 
 
 def _blocktime(per_vcpu: dict[Any, float]) -> str:

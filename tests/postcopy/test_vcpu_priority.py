@@ -10,6 +10,7 @@ import pytest
 import postcopy.destination.migration as migration
 import postcopy.destination.vcpu_priority as vcpu_priority
 from postcopy.api.models import IncomingSpec
+from postcopy.demo import render
 from postcopy.destination.migration import Destination, DestinationState, MigrationError
 from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE, VcpuPriority
 from postcopy.source.page_server import PageServer
@@ -134,3 +135,11 @@ def test_an_incoming_migration_takes_vcpu_nice_from_its_request() -> None:
     assert IncomingSpec.parse(base).vcpu_nice == POSTCOPY_VCPU_NICE
     assert IncomingSpec.parse({**base, "vcpu_nice": 0}).vcpu_nice == 0
     assert IncomingSpec.parse({**base, "vcpu_nice": 19}).vcpu_nice == 19
+
+
+@pytest.mark.parametrize("nice, line", [(10, "nice 10 until every page was present"), (0, "unchanged during post-copy")])
+def test_the_demo_report_says_what_the_vcpus_ran_at(nice: int, line: str) -> None:
+    report = {"guest_mib": 32, "vcpus": 2, "fault_mode": "exit", "downtime_ms": 3.0, "total_ms": 90.0,
+              "pages": {"demand": 1}, "exit_kinds": {"mmio": 1}, "pagein_rate": 1.0, "vcpu_nice": nice,
+              "guest": {"before": {}, "after": {}}, "verified": True, "guest_errors": 0}
+    assert f"  vCPU priority   {line}" in render(report).splitlines()
