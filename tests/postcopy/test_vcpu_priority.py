@@ -48,8 +48,9 @@ class TransferWatch:
         return _vcpu_nices(dest)
 
 
+@pytest.mark.parametrize("mode", ["exit", "classic"])
 def test_vcpus_run_reniced_while_memory_is_missing_and_get_their_priority_back(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     watch = TransferWatch(monkeypatch)
 
     async def check(server: PageServer, dest: Destination) -> None:
@@ -62,7 +63,7 @@ def test_vcpus_run_reniced_while_memory_is_missing_and_get_their_priority_back(
         assert _vcpu_nices(dest) == before  # set back at completion, the guest still running
         assert dest.state is DestinationState.COMPLETE and not dest.machine.failures()
 
-    migrate_in_process(check)
+    migrate_in_process(check, fault_mode=mode)
 
 
 def test_a_failed_migration_sets_the_vcpus_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
