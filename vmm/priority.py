@@ -1,4 +1,5 @@
-"""A thread's nice value (setpriority(2) on its tid), and whether this process may set it back.
+"""A thread's nice value (setpriority(2) on its tid), whether this process may set it back, and
+a vCPU thread that runs guest code at a higher nice value for a while (GuestNice).
 
 Raising a nice value is always allowed; lowering it again needs CAP_SYS_NICE or an RLIMIT_NICE
 whose ceiling (20 - soft limit) reaches it. So a caller that lowers a thread's priority for a
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 from pathlib import Path
 
 CAP_SYS_NICE = 23  # linux/capability.h
@@ -33,3 +35,34 @@ def may_set_nice(nice: int) -> bool:
     """May this process set a thread's nice value to ``nice`` whatever it is now?"""
     soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
     return soft == resource.RLIM_INFINITY or nice >= 20 - soft or has_cap_sys_nice()
+
+
+class GuestNice:
+    """A vCPU thread that runs guest code at nice ``low`` for a while: back at ``base`` while it
+    does other urgent work of its own (``urgent``/``relax`` around it, on the thread itself),
+    and for good at ``end`` (from any thread). The lock orders an ``end`` against a thread
+    between ``urgent`` and ``relax``, which would otherwise leave it at ``low``."""
+
+    __slots__ = ("tid", "base", "low", "_lock", "_on")
+
+    def __init__(self, tid: int, base: int, low: int) -> None:
+        self.tid, self.base, self.low = tid, base, low
+        self._lock = threading.Lock()
+        self._on = True
+        set_thread_nice(tid, low)
+
+    def urgent(self) -> None:
+        with self._lock:
+            if self._on:
+                set_thread_nice(self.tid, self.base)
+
+    def relax(self) -> None:
+        with self._lock:
+            if self._on:
+                set_thread_nice(self.tid, self.low)
+
+    def end(self) -> None:
+        with self._lock:
+            if self._on:
+                self._on = False
+                set_thread_nice(self.tid, self.base)

@@ -24,6 +24,7 @@ from vmm.abi import kvm as abi
 from vmm.devices.bus import PioBus
 from vmm.kvm import EXIT_REASON_U32, Vcpu
 from vmm.memory import GuestMemory
+from vmm.priority import GuestNice
 
 log = logging.getLogger("vmm.vcpu")
 KICK_SIGNAL = signal.SIGUSR1
@@ -87,6 +88,9 @@ class VcpuThread:
         self.finished_ns = 0  # CLOCK_MONOTONIC when the thread halted, stopped or failed
         self.cpu: int | None = None  # pin the thread to this host CPU when it starts (placement)
         self.block_sigbus = False  # set by fault handlers that read SIGBUS with sigtimedwait
+        # While set, the guest runs at its lower priority and the fault handler resolves a fault
+        # at the thread's own (vmm.priority; the destination sets it while memory is missing).
+        self.guest_nice: GuestNice | None = None
         self.tid = 0
         self._request: str | None = None
         self._changed = threading.Condition()

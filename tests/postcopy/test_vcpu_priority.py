@@ -15,7 +15,8 @@ from postcopy.destination.migration import Destination, DestinationState, Migrat
 from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE, VcpuPriority
 from postcopy.source.page_server import PageServer
 from source_thread import migrate_in_process  # type: ignore[import-not-found]
-from vmm.priority import may_set_nice, set_thread_nice, thread_nice
+from vmm.priority import GuestNice, may_set_nice, set_thread_nice, thread_nice
+from vmm.vcpu import VcpuThread
 
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
 
@@ -26,16 +27,18 @@ def _vcpu_nices(dest: Destination) -> list[int]:
 
 
 class TransferWatch:
-    """Replaces the background transfer: records the vCPUs' nice values as it starts, then runs
-    it (or fails at once, with ``fail``)."""
+    """Replaces the background transfer: records the vCPUs' nice values as it starts (and the
+    levels their GuestNice holds), then runs it (or fails at once, with ``fail``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
-        self.tids: list[int] = []  # the vCPU threads, set by the test after the switchover
+        self.threads: list[VcpuThread] = []  # set by the test after the switchover
         self.nices: list[int] | None = None
+        self.levels: list[tuple[int, int] | None] = []  # (base, low) of each vCPU's GuestNice
         real = migration.run_background
 
         async def watched(connections, installer, **kw):  # type: ignore[no-untyped-def]
-            self.nices = [thread_nice(t) for t in self.tids]
+            self.nices = [thread_nice(t.tid) for t in self.threads]
+            self.levels = [(g.base, g.low) if (g := t.guest_nice) else None for t in self.threads]
             if fail:
                 raise MigrationError("the transfer broke (test)")
             await real(connections, installer, **kw)
@@ -44,8 +47,14 @@ class TransferWatch:
     def switched_over(self, dest: Destination) -> list[int]:
         """The vCPUs' nice values after the switchover, before the transfer."""
         assert dest.machine is not None
-        self.tids = [t.tid for t in dest.machine.vcpus]
+        self.threads = list(dest.machine.vcpus)
         return _vcpu_nices(dest)
+
+    def lowered(self, before: list[int]) -> bool:
+        """Every vCPU's guest ran at POSTCOPY_VCPU_NICE as the transfer started (a vCPU in the
+        middle of a fault is at its own nice then: exit mode resolves faults at it)."""
+        return (self.levels == [(b, POSTCOPY_VCPU_NICE) for b in before] and self.nices is not None
+                and all(n in (POSTCOPY_VCPU_NICE, b) for n, b in zip(self.nices, before)))
 
 
 @pytest.mark.parametrize("mode", ["exit", "classic"])
@@ -58,12 +67,64 @@ def test_vcpus_run_reniced_while_memory_is_missing_and_get_their_priority_back(
         await dest.switchover()
         before = watch.switched_over(dest)
         result = await dest.wait_complete(timeout=60)
-        assert watch.nices == [POSTCOPY_VCPU_NICE] * len(before) != before
+        assert watch.lowered(before) and POSTCOPY_VCPU_NICE not in before
+        if mode == "classic":  # its vCPUs sleep in the kernel on a fault: they never go back up
+            assert watch.nices == [POSTCOPY_VCPU_NICE] * len(before)
         assert result.vcpu_nice == POSTCOPY_VCPU_NICE  # the report says so
         assert _vcpu_nices(dest) == before  # set back at completion, the guest still running
         assert dest.state is DestinationState.COMPLETE and not dest.machine.failures()
 
     migrate_in_process(check, fault_mode=mode)
+
+
+def test_an_exit_mode_vcpu_fetches_its_page_at_its_own_priority() -> None:
+    """The guest runs at POSTCOPY_VCPU_NICE, but a fault's fetch is the transfer's most urgent
+    work: the vCPU thread makes it at the nice it had before (GuestNice.urgent)."""
+    seen: list[tuple[int, int]] = []  # (nice while fetching, nice before the migration)
+
+    async def check(server: PageServer, dest: Destination) -> None:
+        assert dest.machine is not None
+        for connection in dest._vcpu_connections:
+            real = connection.fetch
+
+            def fetch(gpa: int, count: int, kind: str, real=real):  # type: ignore[no-untyped-def]
+                me = threading.get_native_id()
+                thread = next(t for t in dest.machine.vcpus if t.tid == me)  # type: ignore[union-attr]
+                if thread.guest_nice is not None:
+                    seen.append((thread_nice(me), thread.guest_nice.base))
+                return real(gpa, count, kind)
+            connection.fetch = fetch  # type: ignore[method-assign]
+        await dest.switchover()
+        await dest.wait_complete(timeout=60)
+
+    migrate_in_process(check, background_batch_pages=4, background_depth=1)  # pages stay missing a while
+    assert seen, "no vCPU fetched a page while its guest was reniced"
+    assert all(nice == base for nice, base in seen), seen
+
+
+def test_guest_nice_puts_a_thread_back_up_for_urgent_work_until_it_ends() -> None:
+    tid: list[int] = []
+    go, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), go.set(), done.wait(10)))
+    t.start()
+    try:
+        assert go.wait(10)
+        base = thread_nice(tid[0])
+        g = GuestNice(tid[0], base, base + 7)
+        assert thread_nice(tid[0]) == base + 7
+        g.urgent()
+        assert thread_nice(tid[0]) == base
+        g.relax()
+        assert thread_nice(tid[0]) == base + 7
+        g.end()
+        assert thread_nice(tid[0]) == base
+        g.relax()  # a fault that was under way when it ended: stays up
+        g.urgent()
+        g.relax()
+        assert thread_nice(tid[0]) == base
+    finally:
+        done.set()
+        t.join()
 
 
 def test_a_failed_migration_sets_the_vcpus_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,7 +136,7 @@ def test_a_failed_migration_sets_the_vcpus_back_too(monkeypatch: pytest.MonkeyPa
         before = watch.switched_over(dest)
         with pytest.raises(MigrationError, match="the transfer broke"):
             await dest.wait_complete(timeout=60)
-        assert watch.nices == [POSTCOPY_VCPU_NICE] * len(before)
+        assert watch.lowered(before)
         assert _vcpu_nices(dest) == before and dest.state is DestinationState.FAILED
 
     migrate_in_process(check)
@@ -95,6 +156,7 @@ def test_vcpus_keep_their_priority_when_asked_or_when_it_could_not_come_back(
         before = watch.switched_over(dest)
         result = await dest.wait_complete(timeout=60)
         assert watch.nices == before == _vcpu_nices(dest) and result.vcpu_nice == 0
+        assert watch.levels == [None] * len(before)
 
     migrate_in_process(check, **options)
 
