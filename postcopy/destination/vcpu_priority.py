@@ -7,8 +7,9 @@ this 2-core host (docs/performance.md), a busy 2-vCPU guest with 768 MiB of 1 Gi
 0.80-1.08 s to completion at nice 0, 0.53-0.56 s at 10, the guest's CPU time meanwhile 0.7-1.0
 -> ~0.2 s. A vCPU that exits on a missing page fetches it at its own priority, since that
 fetch is the transfer's most urgent work (exit mode, GuestNice.urgent): in a 256 MiB demo-like
-migration its faults' p99 went from 7.4-10.7 ms back to 2.7-4.2 ms (3.0-6.0 at nice 0). An
-operator picks another value per migration (`vcpu_nice`; 0 leaves them alone).
+migration the faults' p99 went from 7.4-10.7 ms back to 2.9-4.8 (3.1-4.2 at nice 0), and the
+vCPUs waited 176-203 ms in all against 240-287 at nice 0. An operator picks another value per
+migration (`vcpu_nice`; 0 leaves them alone).
 """
 from __future__ import annotations
 
