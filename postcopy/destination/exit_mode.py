@@ -94,13 +94,14 @@ class ExitModeResolver:
         """The vCPU's KVM_RUN loop (VcpuThread.run_loop). This host's usual fault, an MMIO exit
         for an aligned 8-byte access inside single-region RAM, is taken here; with one page a
         fault (no readahead), and the guest at the thread's own priority, it is resolved in
-        this frame, the fetch and the UFFDIO_COPY its only Python calls. At 2 vCPUs both threads run their Python under one GIL and write
-        the reference counts of every function they call and object they load from both CPUs:
-        side by side, this loop against one that called a function per piece (decode,
-        resolve, install, mark, complete, record) paged in 4-15% faster at 2 vCPUs, 5% at 1.
-        So four pieces are inlined, each marked with its original, which keeps serving the
-        general path. Every other exit goes to the thread's general handling (handle_exit), a
-        fault among them to on_fault_exit."""
+        this frame, the fetch and the UFFDIO_COPY its only Python calls. At 2 vCPUs both
+        threads run their Python under one GIL and write the reference counts of every
+        function they call and object they load from both CPUs: side by side, this loop
+        against one that called a function per piece (decode, resolve, install, mark,
+        complete, record) paged in 4-15% faster at 2 vCPUs, 5% at 1. So four pieces are
+        inlined, each marked with its original, which keeps serving the general path. Every
+        other exit goes to the thread's general handling (handle_exit), a fault among them to
+        on_fault_exit."""
         st: VcpuFaultState = thread.fault_state  # type: ignore[assignment]
         vcpu, decoder, faults = thread.vcpu, st.decoder, st.faults
         u8, u32, u64 = vcpu.run_u8, vcpu.run_u32, vcpu.run_u64
