@@ -206,7 +206,7 @@ def _nice(value: str) -> int:
 
 def _vcpu_nice_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpu-nice", type=_nice, metavar="0-19",
-                        help="the destination's vCPU threads run at this nice value until every page is present, "
+                        help="the destination's vCPUs run guest code at this nice value until every page is present, "
                              "leaving the CPU to the transfer (default 10; 0: as they are)")
 
 
