@@ -19,6 +19,9 @@ from vmm.priority import GuestNice, may_set_nice, set_thread_nice, thread_nice
 from vmm.vcpu import VcpuThread
 
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
+# Lowering the vCPUs' priority is only done where it can be undone (vmm.priority.may_set_nice).
+may_renice = pytest.mark.skipif(not may_set_nice(thread_nice(threading.get_native_id())),
+                                reason="setting a thread back to its nice value needs CAP_SYS_NICE or RLIMIT_NICE")
 
 
 def _vcpu_nices(dest: Destination) -> list[int]:
@@ -57,6 +60,7 @@ class TransferWatch:
                 and all(n in (POSTCOPY_VCPU_NICE, b) for n, b in zip(self.nices, before)))
 
 
+@may_renice
 @pytest.mark.parametrize("mode", ["exit", "classic"])
 def test_vcpus_run_reniced_while_memory_is_missing_and_get_their_priority_back(
         monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
@@ -77,6 +81,7 @@ def test_vcpus_run_reniced_while_memory_is_missing_and_get_their_priority_back(
     migrate_in_process(check, fault_mode=mode)
 
 
+@may_renice
 def test_an_exit_mode_vcpu_fetches_its_page_at_its_own_priority() -> None:
     """The guest runs at POSTCOPY_VCPU_NICE, but a fault's fetch is the transfer's most urgent
     work: the vCPU thread makes it at the nice it had before (GuestNice.urgent)."""
@@ -102,6 +107,7 @@ def test_an_exit_mode_vcpu_fetches_its_page_at_its_own_priority() -> None:
     assert all(nice == base for nice, base in seen), seen
 
 
+@may_renice
 def test_guest_nice_puts_a_thread_back_up_for_urgent_work_until_it_ends() -> None:
     tid: list[int] = []
     go, done = threading.Event(), threading.Event()
@@ -127,6 +133,7 @@ def test_guest_nice_puts_a_thread_back_up_for_urgent_work_until_it_ends() -> Non
         t.join()
 
 
+@may_renice
 def test_a_failed_migration_sets_the_vcpus_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
     watch = TransferWatch(monkeypatch, fail=True)
 
