@@ -24,6 +24,7 @@ import uvloop
 from postcopy.logs import LOG_FORMAT_ENV, LOG_FORMATS, VERBOSE_ENV, setup_logging
 from postcopy.progress import ProgressLine
 from vmm.memory import GuestMemoryError, parse_size
+from vmm.priority import MAX_NICE
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
 
@@ -199,13 +200,13 @@ def _tls_client_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _nice(value: str) -> int:
-    if not value.isdigit() or not 0 <= int(value) <= 19:
-        raise argparse.ArgumentTypeError(f"a nice value from 0 to 19, not {value!r}")
+    if not value.isdigit() or not 0 <= int(value) <= MAX_NICE:
+        raise argparse.ArgumentTypeError(f"a nice value from 0 to {MAX_NICE}, not {value!r}")
     return int(value)
 
 
 def _vcpu_nice_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vcpu-nice", type=_nice, metavar="0-19",
+    parser.add_argument("--vcpu-nice", type=_nice, metavar=f"0-{MAX_NICE}",
                         help="the destination's vCPUs run guest code at this nice value until every page is present, "
                              "leaving the CPU to the transfer (default 10; 0: as they are)")
 

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 CAP_SYS_NICE = 23  # linux/capability.h
+MAX_NICE = 19  # the lowest priority a nice value gives (setpriority(2): -20 to 19)
 
 
 def thread_nice(tid: int) -> int:

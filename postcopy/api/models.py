@@ -7,10 +7,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from postcopy.destination.vcpu_priority import MAX_NICE, POSTCOPY_VCPU_NICE
+from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE
 from vmm.guest.workloads import WORKLOADS
 from vmm.machine import MachineConfig, MachineError
 from vmm.memory import GuestMemoryError, parse_size
+from vmm.priority import MAX_NICE
 
 FaultModeChoice = Literal["exit", "classic", "auto"]
 FAULT_MODES: Final = ("exit", "classic", "auto")

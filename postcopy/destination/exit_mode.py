@@ -27,6 +27,7 @@ from postcopy.observe.faultlog import FaultLog
 from vmm.abi import kvm as kvm_abi
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.kvm import EXIT_REASON_U32, MMIO_DATA_U64, MMIO_IS_WRITE_U8, MMIO_LEN_U32, MMIO_PHYS_ADDR_U64
+from vmm.priority import GuestNice
 from vmm.uffd import PageCopier, UffdError
 from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, VcpuThread
 
@@ -113,7 +114,7 @@ class ExitModeResolver:
         npages, all_present = tracker.npages, tracker.all_present
         one_page = st.readahead.max == 1 and st.connection is not None
         fetch_page = st.connection.fetch_page if one_page else None  # type: ignore[union-attr]
-        copier, install_page, resolve = st.copier, self.installer.install_page, self._resolve_urgently
+        copier, install_page, resolve = st.copier, self.installer.install_page, self._resolve
         copy = copier.copy  # type: ignore[union-attr]
         log_t, log_kind, log_latency = faults.t_ns.append, faults.kind.append, faults.latency_ns.append
         handle, counts = thread.handle_exit, thread.exit_counts
@@ -158,7 +159,7 @@ class ExitModeResolver:
                                 except NoLongerWanted:
                                     pass  # as _resolve: the page came another way
                             else:
-                                resolve(thread, st, page, lo + first, hva_base + first)
+                                resolve(st, page, lo + first, hva_base + first, thread.guest_nice)
                         # FaultDecoder.complete_qword, inlined
                         if u8[MMIO_IS_WRITE_U8]:
                             ram[offset >> 3] = u64[MMIO_DATA_U64]  # type: ignore[index]
@@ -192,36 +193,27 @@ class ExitModeResolver:
         state = self.tracker.state
         page = fault.first_page
         if state[page] != PRESENT:
-            self._resolve_urgently(thread, st, page, fault.first_gpa, fault.first_hva)
+            self._resolve(st, page, fault.first_gpa, fault.first_hva, thread.guest_nice)
         if fault.npages > 1:  # an access across pages
             for i in range(1, fault.npages):
                 if state[page + i] != PRESENT:
-                    self._resolve_urgently(thread, st, page + i, fault.first_gpa + i * PAGE_SIZE,
-                                           fault.first_hva + i * PAGE_SIZE)
+                    self._resolve(st, page + i, fault.first_gpa + i * PAGE_SIZE, fault.first_hva + i * PAGE_SIZE,
+                                  thread.guest_nice)
         decoder.complete(thread, fault)
         st.faults.record(t0, fault.kind, monotonic_ns() - t0)
         return True
 
-    def _resolve_urgently(self, thread: VcpuThread, st: VcpuFaultState, page: int, gpa: int, hva: int) -> None:
-        """_resolve, at the thread's own priority where its guest runs at a lower one
-        (VcpuThread.guest_nice): the page it fetches is the transfer's most urgent work."""
-        guest_nice = thread.guest_nice
-        if guest_nice is None:
-            self._resolve(st, page, gpa, hva)
-            return
-        guest_nice.urgent()
-        try:
-            self._resolve(st, page, gpa, hva)
-        finally:
-            guest_nice.relax()
-
-    def _resolve(self, st: VcpuFaultState, page: int, gpa: int, hva: int) -> None:
-        """Make a missing ``page`` present: from the zero map, or fetched with its window."""
+    def _resolve(self, st: VcpuFaultState, page: int, gpa: int, hva: int, guest_nice: GuestNice | None = None) -> None:
+        """Make a missing ``page`` present: from the zero map, or fetched with its window. Where
+        the guest runs at a lower priority (``guest_nice``: VcpuThread.guest_nice), the fetch is
+        made at the thread's own: the page it brings is the transfer's most urgent work."""
         tracker = self.tracker
         if tracker.zero_bitmap[page >> 3] >> (page & 7) & 1:  # tracker.is_zero, inlined
             self.installer.install_zero(page, 1)
             return
         st.waiting_page = page
+        if guest_nice is not None:
+            guest_nice.urgent()
         try:
             if st.readahead.max == 1:  # one page a fault: no window to size
                 self.installer.install_page(page, hva, st.connection.fetch_page(gpa), DEMAND,  # type: ignore[union-attr]
@@ -232,6 +224,9 @@ class ExitModeResolver:
             # The source went away while this vCPU waited and the page came another way (the
             # retry checked that it is present): the fault is resolved all the same.
             pass
+        finally:
+            if guest_nice is not None:
+                guest_nice.relax()
 
     def _fetch_window(self, st: VcpuFaultState, page: int, gpa: int) -> None:
         tracker = self.tracker

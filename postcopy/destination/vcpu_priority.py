@@ -16,12 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from vmm.priority import GuestNice, may_set_nice, thread_nice
+from vmm.priority import MAX_NICE, GuestNice, may_set_nice, thread_nice
 from vmm.vcpu import VcpuThread
 
 log = logging.getLogger("postcopy.destination")
 POSTCOPY_VCPU_NICE = 10
-MAX_NICE = 19
 
 
 class VcpuPriority:
