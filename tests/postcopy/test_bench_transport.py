@@ -31,6 +31,19 @@ def test_fault_scans_and_the_stream_fetch_every_page_of_a_paused_source() -> Non
         assert streamed["data_pages"] > data_pages * 0.9 and streamed["mib_s"] > 0
 
 
+def test_one_page_scans_pool_their_faults_per_vcpu_count() -> None:
+    with source_process(GUEST, 2, prefill=1.0) as source:
+        header, zero_bitmap = asyncio.run(source.pause())
+        single = fetch.one_page_scans(source, header, zero_bitmap, 2, (1, 2))
+    data_pages = (GUEST - DATA_GPA) // PAGE_SIZE
+    for vcpus in ("1", "2"):
+        d = single[vcpus]
+        assert d["scans"] == 2 and d["pages"] == 2 * data_pages and d["count"] == 2 * data_pages
+        assert 0 < d["p50"] <= d["p99"] <= d["max"] and d["pages_s"] > 0
+    assert "no_poll" in single["1"] and "no_poll" not in single["2"]  # only a single vCPU polls
+    assert single["1"]["no_poll"]["count"] == data_pages
+
+
 def test_the_yardsticks_measure_round_trips_and_a_rate() -> None:
     p = percentiles_us(pingpong_ns(200))
     assert p["count"] == 200 and 0 < p["p50"] <= p["p99"]
@@ -53,5 +66,7 @@ def test_one_migration_row_and_the_tables_render() -> None:
             "readahead": {"1": {"pages_s": 5, "fetches": 3}}, "stream_pages_s": 10,
             "readahead_ratio_to_stream": 0.5}
     assert any("ping-pong" in line for line in fetch.table(fake))
+    assert "16 MiB, page server" in fetch.table(fake)[0]
+    assert "64 MiB (one page a fault), 16 MiB (readahead)" in fetch.table({**fake, "fault_guest_mib": 64})[0]
     assert stream.table({"guest_mib": 16, "data_pages": 1, "zero_pages": 0, "mib_s": 1.0, "pages_s": 1,
                          "seconds": 1.0, "socket_mib_s": 2.0, "ratio_to_socket": 0.5, "repeat": 3})[-1].split()[-1] == "0.500"
