@@ -25,6 +25,7 @@ from postcopy.destination.retry import RetryPolicy
 from postcopy.logs import child_env
 from postcopy.orchestrate import MigrateOptions, OrchestrationError, run_migration
 from postcopy.progress import ProgressLine
+from vmm.libc import ends_with_parent
 
 VMM_START_TIMEOUT_S: Final = 30.0
 CHAOS_STOP_TIMEOUT_S: Final = 10.0
@@ -39,7 +40,8 @@ async def spawn_ready(what: str, argv: list[str], key: str) -> tuple[asyncio.sub
     """Start ``python -m <argv>`` (logging as we do) and wait for its one-line JSON ready event;
     returns the process and the event's ``key``."""
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", *argv, stdout=asyncio.subprocess.PIPE,
-                                                env=dict(os.environ, **child_env()))
+                                                env=dict(os.environ, **child_env()),
+                                                preexec_fn=ends_with_parent())
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), VMM_START_TIMEOUT_S)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
+from collections.abc import Callable
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -46,6 +48,10 @@ sigtimedwait.restype = ctypes.c_int
 syscall = libc.syscall
 syscall.restype = ctypes.c_long
 
+prctl = libc.prctl
+prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+prctl.restype = ctypes.c_int
+
 PROT_READ, PROT_WRITE = 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x20, 0x4000
 MAP_FAILED = ctypes.c_void_p(-1).value
@@ -54,6 +60,7 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 SIG_BLOCK, SIG_UNBLOCK = 0, 1
 SYS_rt_tgsigqueueinfo = 297  # x86-64
 SYS_gettid = 186
+PR_SET_PDEATHSIG = 1
 
 
 class timespec(ctypes.Structure):
@@ -107,3 +114,19 @@ def checked_ioctl(fd: int, request: int, arg: object, what: str, error: type[Exc
 
 def gettid() -> int:
     return int(syscall(SYS_gettid))
+
+
+def ends_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` for a child that must not outlive the thread starting it: the kernel
+    sends the child SIGTERM when that thread ends, its process killed even by SIGKILL
+    (PR_SET_PDEATHSIG, kept across exec), so a killed bench or demo leaves no VMM running its
+    guest on the host. The parent's pid is read here, before the fork: a parent gone before
+    the prctl would never send the signal, so the child sends it to itself. Between fork and
+    exec the child makes only these C calls (no import, no lock)."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec

@@ -23,6 +23,7 @@ from postcopy.bench import BenchError, BenchOptions
 from postcopy.destination.client import fetch_zero_map, start_migration
 from postcopy.logs import child_env
 from proto import MigrationHeader
+from vmm.libc import ends_with_parent
 
 SOURCE_START_TIMEOUT_S = 60.0
 SOURCE_STOP_TIMEOUT_S = 10.0
@@ -56,7 +57,8 @@ def source_process(mem_bytes: int, vcpus: int, seed: int = 7, prefill: float = 0
     with tempfile.TemporaryDirectory(prefix="postcopy-bench-") as tmp:
         api = f"unix:{tmp}/source.sock"
         proc = subprocess.Popen([sys.executable, "-m", "vmm.cli", "serve", "--api", api, "--ready-json"],
-                                stdout=subprocess.PIPE, env=dict(os.environ, **child_env()))
+                                stdout=subprocess.PIPE, env=dict(os.environ, **child_env()),
+                                preexec_fn=ends_with_parent())
         try:
             assert proc.stdout is not None
             if not proc.stdout.readline():

@@ -22,6 +22,7 @@ from postcopy.bench import BenchError
 from postcopy.bench.common import BenchOptions, section_main, source_process
 from postcopy.destination.migration import Destination
 from proto.version import PAGE_SIZE
+from vmm.libc import ends_with_parent
 
 MiB = 1 << 20
 VCPUS = 2
@@ -71,7 +72,8 @@ def run(opts: BenchOptions) -> list[dict[str, Any]]:
     for guest_mib, written in QUICK_ROWS if opts.quick else FULL_ROWS:
         child = subprocess.run([sys.executable, "-m", "postcopy.bench.migrate", "--one", str(guest_mib),
                                 str(WRITTEN_FRACTION if written else 0.0)],
-                               capture_output=True, timeout=CHILD_TIMEOUT_S, check=False)
+                               capture_output=True, timeout=CHILD_TIMEOUT_S, check=False,
+                               preexec_fn=ends_with_parent())
         if child.returncode:
             raise RuntimeError(f"migration of {guest_mib} MiB failed: {child.stderr.decode()[-2000:]}")
         rows.append(json.loads(child.stdout))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 import time
 from types import ModuleType
@@ -102,7 +103,14 @@ def table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(args: argparse.Namespace) -> int:
+    # SIGTERM (a timeout, a kill) unwinds like Ctrl-C: each section's source VMM is stopped and
+    # its files removed (a SIGKILL leaves the files; the VMMs end with us: vmm.libc.ends_with_parent).
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         opts = options(args)
         result = run(opts, progress=None if args.json else lambda s: print(s, file=sys.stderr, flush=True))

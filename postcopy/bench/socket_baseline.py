@@ -22,6 +22,7 @@ import time
 from typing import Final
 
 from proto.version import PAGE_SIZE
+from vmm.libc import ends_with_parent
 
 REQUEST_BYTES: Final = 24  # about a msgpack PageRequest
 CHUNK_BYTES: Final = 1 << 20
@@ -65,7 +66,7 @@ class Peer:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "postcopy.bench.socket_baseline", "serve"],
-                                     stdout=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, preexec_fn=ends_with_parent())
         assert self.proc.stdout is not None
         port = int(self.proc.stdout.readline())
         self.sock = socket.create_connection(("127.0.0.1", port))

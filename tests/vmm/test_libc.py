@@ -1,0 +1,57 @@
+"""vmm.libc.ends_with_parent: a child started with it ends when its parent does."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vmm import libc
+
+# A parent that starts a long-sleeping child with ends_with_parent, prints its pid, then waits.
+PARENT = """
+import subprocess, sys, time
+from vmm.libc import ends_with_parent
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=ends_with_parent())
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody has reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_child_ends_when_its_parent_is_killed() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        assert not _gone(child)
+        parent.kill()  # SIGKILL: the parent runs no cleanup of its own
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(child), "the child outlived its parent"
+    finally:
+        if not _gone(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_child_whose_parent_is_already_gone_ends_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if the parent had died between the fork and the prctl: the pid it recorded is not the
+    # child's parent, so the child sends itself the signal before it runs anything.
+    monkeypatch.setattr(libc.os, "getpid", lambda: 1 << 30)
+    preexec = libc.ends_with_parent()
+    monkeypatch.undo()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=preexec)
+    assert child.wait(10) == -signal.SIGTERM
