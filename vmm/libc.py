@@ -121,12 +121,13 @@ def ends_with_parent() -> Callable[[], None]:
     sends the child SIGTERM when that thread ends, its process killed even by SIGKILL
     (PR_SET_PDEATHSIG, kept across exec), so a killed bench or demo leaves no VMM running its
     guest on the host. The parent's pid is read here, before the fork: a parent gone before
-    the prctl would never send the signal, so the child sends it to itself. Between fork and
-    exec the child makes only these C calls (no import, no lock)."""
+    the prctl would never send the signal, so the child kills itself (SIGKILL: before exec it
+    still has its parent's signal handlers, and nothing of its own to clean up). Between fork
+    and exec the child makes only these C calls (no import, no lock)."""
     parent = os.getpid()
 
     def preexec() -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGKILL)
     return preexec

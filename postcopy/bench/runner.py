@@ -110,12 +110,14 @@ def _terminated(signum: int, frame: object) -> None:
 def main(args: argparse.Namespace) -> int:
     # SIGTERM (a timeout, a kill) unwinds like Ctrl-C: each section's source VMM is stopped and
     # its files removed (a SIGKILL leaves the files; the VMMs end with us: vmm.libc.ends_with_parent).
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         opts = options(args)
         result = run(opts, progress=None if args.json else lambda s: print(s, file=sys.stderr, flush=True))
     except BenchError as e:
         print(f"postcopy bench: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (tests)
     print(json.dumps(result) if args.json else "\n".join(table(result)).rstrip())
     return 0

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import threading
 from array import array
 
@@ -109,8 +110,10 @@ def test_without_a_compiler_the_limit_says_why(monkeypatch: pytest.MonkeyPatch, 
 
 def _bench_json(*args: str) -> dict:
     out = io.StringIO()
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     with contextlib.redirect_stdout(out):
         assert cli.main(["bench", "--json", "--sections", "pagein,limit", "--mem", "8M", "--repeat", "1", *args]) == 0
+    assert signal.getsignal(signal.SIGTERM) is on_sigterm  # the bench's own handler is gone with it
     return json.loads(out.getvalue())
 
 

@@ -3,6 +3,12 @@ code runs the real paths and its figures add up (not how fast they are: that is 
 from __future__ import annotations
 
 import asyncio
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -70,3 +76,38 @@ def test_one_migration_row_and_the_tables_render() -> None:
     assert "64 MiB (one page a fault), 16 MiB (readahead)" in fetch.table({**fake, "fault_guest_mib": 64})[0]
     assert stream.table({"guest_mib": 16, "data_pages": 1, "zero_pages": 0, "mib_s": 1.0, "pages_s": 1,
                          "seconds": 1.0, "socket_mib_s": 2.0, "ratio_to_socket": 0.5, "repeat": 3})[-1].split()[-1] == "0.500"
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` and that run the VMM (`vmm.cli serve`)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(stat[:-4] + "cmdline", "rb") as f:
+                cmdline = f.read()
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"vmm.cli" in cmdline:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def test_a_terminated_bench_stops_its_source_vmm() -> None:
+    """SIGTERM to the bench alone (not its process group): its source VMM goes too."""
+    bench = subprocess.Popen([sys.executable, "-m", "postcopy.cli", "bench", "--sections", "fetch", "--quick"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (sources := _children(bench.pid)) and time.monotonic() < deadline and bench.poll() is None:
+            time.sleep(0.05)
+        assert sources, "the bench started no source VMM"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(30) == 128 + signal.SIGTERM  # unwound, not killed by the signal
+        for pid in sources:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()

@@ -49,9 +49,13 @@ def test_a_child_ends_when_its_parent_is_killed() -> None:
 
 def test_a_child_whose_parent_is_already_gone_ends_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # As if the parent had died between the fork and the prctl: the pid it recorded is not the
-    # child's parent, so the child sends itself the signal before it runs anything.
+    # child's parent, so the child ends before it runs anything, whatever handlers it inherited.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     monkeypatch.setattr(libc.os, "getpid", lambda: 1 << 30)
     preexec = libc.ends_with_parent()
     monkeypatch.undo()
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=preexec)
-    assert child.wait(10) == -signal.SIGTERM
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=preexec)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert child.wait(10) == -signal.SIGKILL
