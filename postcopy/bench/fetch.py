@@ -47,20 +47,17 @@ SOURCE_VCPUS = 2
 def run(opts: BenchOptions) -> dict[str, Any]:
     mem = (QUICK_MIB if opts.quick else FULL_MIB) * MiB
     rounds = 2000 if opts.quick else 10000
-    if not opts.quick:  # one source for both parts
-        with source_process(mem, SOURCE_VCPUS, prefill=1.0) as source:  # every page data
-            header, zero_bitmap = asyncio.run(source.pause())
-            socket_ns = pingpong_ns(rounds)
-            single = one_page_scans(source, header, zero_bitmap, 1, opts.vcpus)
-            return _readahead(opts, source, header, zero_bitmap, single, socket_ns + pingpong_ns(rounds))
-    with source_process(QUICK_FAULT_MIB * MiB, SOURCE_VCPUS, prefill=1.0) as source:
+    fault_mem, scans = (QUICK_FAULT_MIB * MiB, QUICK_SCANS) if opts.quick else (mem, 1)
+    with source_process(fault_mem, SOURCE_VCPUS, prefill=1.0) as source:  # every page data
         header, zero_bitmap = asyncio.run(source.pause())
         socket_ns = pingpong_ns(rounds)
-        single = one_page_scans(source, header, zero_bitmap, QUICK_SCANS, opts.vcpus)
+        single = one_page_scans(source, header, zero_bitmap, scans, opts.vcpus)
+        if fault_mem == mem:  # the full run: the readahead part from the same source
+            return _readahead_result(opts, source, header, zero_bitmap, single, socket_ns + pingpong_ns(rounds))
     with source_process(mem, SOURCE_VCPUS, prefill=1.0) as source:
         header, zero_bitmap = asyncio.run(source.pause())
-        result = _readahead(opts, source, header, zero_bitmap, single, socket_ns + pingpong_ns(rounds))
-    return {**result, "fault_guest_mib": QUICK_FAULT_MIB}
+        result = _readahead_result(opts, source, header, zero_bitmap, single, socket_ns + pingpong_ns(rounds))
+    return {**result, "fault_guest_mib": fault_mem // MiB}
 
 
 def one_page_scans(source: Source, header: MigrationHeader, zero_bitmap: bytes, scans: int,
@@ -87,8 +84,8 @@ def one_page_scans(source: Source, header: MigrationHeader, zero_bitmap: bytes, 
     return single
 
 
-def _readahead(opts: BenchOptions, source: Source, header: MigrationHeader, zero_bitmap: bytes,
-               single: dict[str, dict[str, Any]], socket_ns: list[int]) -> dict[str, Any]:
+def _readahead_result(opts: BenchOptions, source: Source, header: MigrationHeader, zero_bitmap: bytes,
+                      single: dict[str, dict[str, Any]], socket_ns: list[int]) -> dict[str, Any]:
     """The readahead scans and the stream from the paused ``source``, then the section's
     result with the one-page scans' ``single`` and the ping-pong's ``socket_ns``."""
     # The readahead scan and the stream, alternated (``repeat`` rounds, after one uncounted
