@@ -17,6 +17,8 @@ from postcopy.bench.fault_vm import scan
 from postcopy.bench.socket_baseline import pingpong_ns, stream_bytes_per_s
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
 
+from procs import running  # type: ignore[import-not-found]
+
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
 MiB = 1 << 20
 GUEST = 16 * MiB
@@ -93,14 +95,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_terminated_bench_stops_its_source_vmm() -> None:
     """SIGTERM to the bench alone (not its process group): its source VMM goes too."""
     bench = subprocess.Popen([sys.executable, "-m", "postcopy.cli", "bench", "--sections", "fetch", "--quick"],
@@ -113,9 +107,9 @@ def test_a_terminated_bench_stops_its_source_vmm() -> None:
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(30) == 128 + signal.SIGTERM  # unwound, not killed by the signal
         deadline = time.monotonic() + 10  # stopped by the bench, or by the kernel as it exited
-        while any(map(_running, sources)) and time.monotonic() < deadline:
+        while any(map(running, sources)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(map(_running, sources))
+        assert not any(map(running, sources))
     finally:
         if bench.poll() is None:
             bench.kill()

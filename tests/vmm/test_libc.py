@@ -11,6 +11,8 @@ import pytest
 
 from vmm import libc
 
+from procs import running  # type: ignore[import-not-found]
+
 # A parent that starts a long-sleeping child with ends_with_parent, prints its pid, then waits.
 PARENT = """
 import subprocess, sys, time
@@ -21,29 +23,20 @@ time.sleep(60)
 """
 
 
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie nobody has reaped yet."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def test_a_child_ends_when_its_parent_is_killed() -> None:
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE)
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
     try:
-        assert not _gone(child)
+        assert running(child)
         parent.kill()  # SIGKILL: the parent runs no cleanup of its own
         parent.wait()
         deadline = time.monotonic() + 10
-        while not _gone(child) and time.monotonic() < deadline:
+        while running(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _gone(child), "the child outlived its parent"
+        assert not running(child), "the child outlived its parent"
     finally:
-        if not _gone(child):
+        if running(child):
             os.kill(child, signal.SIGKILL)
 
 
