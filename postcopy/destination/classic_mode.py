@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from postcopy.destination.install import Installer
-from postcopy.destination.pages import MISSING, Arrival
+from postcopy.destination.pages import MISSING, PRESENT, Arrival
 from postcopy.destination.readahead import Readahead
 from postcopy.observe.faultlog import UFFD_KIND, FaultLog, merge_logs
 from proto import PageBatch
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT, uffd_msg
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
-from vmm.uffd import PageCopier, Uffd
+from vmm.uffd import PageCopier, Uffd, UffdError
 from vmm.vcpu import VcpuThread
 
 log = logging.getLogger("postcopy.classic")
@@ -191,16 +191,65 @@ class ClassicHandler:
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         fd, buf, stop_r = self.uffd.fd, [h.buf], self._stop_r
+        poll, readv, monotonic_ns = poller.poll, os.readv, time.monotonic_ns
+        # The usual read with one page a fault (no readahead: the page-in bench's case), one
+        # message for a missing data page in single-region RAM, is served in this frame, as
+        # exit mode's _run serves its usual fault: _page, _install, Installer.install_page,
+        # PageTracker.mark_created and the fault log's record inlined, each marked with its
+        # original (which keeps serving every other read). Per fault, the handler's Python is
+        # on the vCPU's path: the two share a CPU.
+        q, tracker = h.qwords, self.tracker
+        state, arrival, created, zero = tracker.state, tracker.arrival, tracker.created, tracker.zero_bitmap
+        npages, all_present = tracker.npages, tracker.all_present
+        hva_lo, hva_hi, hva_page, hva_gpa = self._hva_lo, self._hva_hi, self._hva_page, self._hva_gpa
+        one_page = h.readahead.max == 1 and h.connection is not None and h.copier is not None
+        fetch_page = h.connection.fetch_page if one_page else None  # type: ignore[union-attr]
+        copier = h.copier
+        copy, install_page = copier.copy, self.installer.install_page  # type: ignore[union-attr]
         try:
             while True:
-                for ready, _ in poller.poll():
+                for ready, _ in poll():
                     if ready == stop_r:
                         return
                 try:
-                    n = os.readv(fd, buf)
+                    n = readv(fd, buf)
                 except BlockingIOError:
                     continue  # another handler read them
-                self._serve(h, n // MSG_SIZE, time.monotonic_ns())
+                t0 = monotonic_ns()
+                if n == MSG_SIZE and one_page:
+                    address = q[ADDRESS_QWORD]
+                    # _page, inlined
+                    if q[EVENT_QWORD] & 0xFF == UFFD_EVENT_PAGEFAULT and hva_lo <= address < hva_hi:
+                        page = hva_page + (address >> PAGE_SHIFT)
+                        # _install's one-page case, inlined
+                        if state[page] == MISSING and not zero[page >> 3] >> (page & 7) & 1:
+                            h.faults += 1
+                            hva = address & PAGE_MASK
+                            data = fetch_page(hva + hva_gpa)  # type: ignore[misc]
+                            # Installer.install_page for one data page, inlined; anything else
+                            # (a batch, a failed copy) goes to it whole
+                            made = -1
+                            if type(data) is int:
+                                try:
+                                    made = copy(hva, data)  # 0: EEXIST, counted by its maker
+                                except UffdError:
+                                    pass  # install_page tries again and says what it is
+                            if made < 0:
+                                install_page(page, hva, data, DEMAND, copier)  # type: ignore[arg-type]
+                            elif made:  # PageTracker.mark_created, inlined
+                                state[page] = PRESENT
+                                arrival[page] = DEMAND
+                                created.append(DEMAND)
+                                if len(created) + tracker.counted == npages:
+                                    all_present.set()
+                            # _log_of's cached case and FaultLog.record, inlined (latency last)
+                            tid = q[PTID_QWORD] & PTID_MASK
+                            fl = h.last_log if tid == h.last_tid else self._log_of(h, tid)
+                            fl.t_ns.append(t0)  # type: ignore[union-attr]
+                            fl.kind.append(UFFD_KIND)  # type: ignore[union-attr]
+                            fl.latency_ns.append(monotonic_ns() - t0)  # type: ignore[union-attr]
+                            continue
+                self._serve(h, n // MSG_SIZE, t0)
         except BaseException as e:  # noqa: BLE001 - a handler must report, never vanish
             log.error("classic handler: %s", e)
             self.error = e
@@ -231,7 +280,7 @@ class ClassicHandler:
             run = 1
             while i + run < n and pages[i + run] == pages[i] + run:
                 run += 1
-            self._install(h, pages[i], run)
+            self._install(h, pages[i], run, self._page_hva(pages[i]) if run == 1 else -1)
             i += run
         done = time.monotonic_ns() - t0
         for vcpu in vcpus:
@@ -248,9 +297,14 @@ class ClassicHandler:
             log.error("uffd fault at host address %#x outside guest RAM", address)
         return page
 
+    def _page_hva(self, page: int) -> int:
+        if self._hva_lo:
+            return (page - self._hva_page) << PAGE_SHIFT
+        return self.memory.hva(self.memory.page_gpa(page), PAGE_SIZE)
+
     def _install(self, h: _Handler, page: int, run: int, hva: int = -1) -> None:
-        """Install ``run`` faulting pages from ``page`` on, with a wake-up (``hva``: the first
-        page's host address, when the caller has it from the message)."""
+        """Install ``run`` faulting pages from ``page`` on, with a wake-up (``hva``: the host
+        address of a single page, which then takes the one-page path where there is no window)."""
         tracker = self.tracker
         if (hva >= 0 and h.readahead.max == 1 and tracker.state[page] == MISSING
                 and not tracker.zero_bitmap[page >> 3] >> (page & 7) & 1):  # tracker.is_zero, inlined

@@ -58,6 +58,28 @@ def test_the_exit_mode_loop_takes_every_fault_of_the_touch_guest_itself(image: S
     assert tracker.state.count(PRESENT) == tracker.npages and tracker.arrival.count(Arrival.DEMAND) == pages
 
 
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_the_classic_handler_loop_serves_a_read_of_one_fault_itself(image: SourceImage, vcpus: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A read of one fault message, one page a fault, is served in the handler's loop; only a
+    # read of several messages (two vCPUs faulting at once) goes to _serve. Either way the
+    # books are kept: every page counted once, as demanded, each fault logged.
+    served: list[int] = []
+    serve = classic_mode.ClassicHandler._serve
+    monkeypatch.setattr(classic_mode.ClassicHandler, "_serve",
+                        lambda self, h, nmsgs, t0: served.append(nmsgs) or serve(self, h, nmsgs, t0))
+    trackers: list[PageTracker] = []
+    monkeypatch.setattr(pagein, "PageTracker", lambda memory: trackers.append(PageTracker(memory)) or trackers[-1])
+    latencies = array("Q")
+    pagein.run_python(image, "classic", vcpus, latencies)
+    pages = pagein.data_pages(MEM)
+    assert 1 not in served and (vcpus > 1 or not served)
+    assert len(latencies) == pages and all(latencies)
+    tracker, = trackers
+    assert tracker.all_present.is_set() and tracker.counts[Arrival.DEMAND] == pages == len(tracker.created)
+    assert tracker.state.count(PRESENT) == tracker.npages and tracker.arrival.count(Arrival.DEMAND) == pages
+
+
 def test_a_wrong_page_from_the_source_fails_the_guest_check() -> None:
     bad = SourceImage(MEM)
     gpa = DATA_GPA + 100 * PAGE_SIZE

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from postcopy.bench.source import LocalPageConnection, SourceImage
-from postcopy.destination.classic_mode import ADDRESS_QWORD, EVENT_QWORD, PTID_QWORD, ClassicHandler
+from postcopy.destination.classic_mode import ADDRESS_QWORD, EVENT_QWORD, MSG_QWORDS, PTID_QWORD, ClassicHandler
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import PRESENT, Arrival, PageTracker
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT
@@ -41,6 +41,38 @@ def test_a_fault_message_installs_its_page_from_the_source_and_logs_it(layout: l
             assert tracker.state[page] == PRESENT and tracker.arrival[page] == Arrival.DEMAND
             assert memory.view(gpa, 8).cast("Q")[0] == touch.check_expected(gpa)
         assert tracker.present == 2 and h.faults == 2 and sum(len(log) for log in handler.fault_logs().values()) == 2
+        handler.close()
+    finally:
+        memory.close()
+        uffd.close()
+
+
+@pytest.mark.parametrize("layout", [[(0, 8 * MiB)], [(0, 4 * MiB), (6 * MiB, 2 * MiB)]], ids=["one-region", "two-regions"])
+def test_a_read_of_two_fault_messages_installs_both_pages(layout: list[tuple[int, int]]) -> None:
+    # Two vCPUs faulting at once: one read, two messages, pages apart (each one a fault's
+    # own install) and a duplicate of the first (present by then: only woken).
+    image = SourceImage(8 * MiB)
+    memory = GuestMemory.create_layout(layout, "anon", "classic-test")
+    uffd = Uffd(0)
+    try:
+        for region in memory.regions:
+            uffd.register(region.hva, region.size)
+        tracker = PageTracker(memory)
+        handler = ClassicHandler(uffd, Installer(uffd, memory, tracker, wake=True), [LocalPageConnection(image)],
+                                 cpus=[None], readahead_base=1, readahead_max=1)
+        h = handler.handlers[0]
+        gpas = (sum(layout[-1]) - PAGE_SIZE, DATA_GPA, sum(layout[-1]) - PAGE_SIZE)
+        for i, gpa in enumerate(gpas):
+            q = i * MSG_QWORDS
+            h.qwords[q + EVENT_QWORD], h.qwords[q + PTID_QWORD] = UFFD_EVENT_PAGEFAULT, 4242
+            h.qwords[q + ADDRESS_QWORD] = memory.hva(gpa, 8) + 8 * i
+        handler._serve(h, len(gpas), time.monotonic_ns())
+        for gpa in gpas[:2]:
+            page = memory.page_index(gpa)
+            assert tracker.state[page] == PRESENT and tracker.arrival[page] == Arrival.DEMAND
+            assert memory.view(gpa, 8).cast("Q")[0] == touch.check_expected(gpa)
+        assert tracker.present == 2 == tracker.counts[Arrival.DEMAND] == h.copier.copied and h.faults == 3
+        assert sum(len(log) for log in handler.fault_logs().values()) == 3
         handler.close()
     finally:
         memory.close()
