@@ -127,11 +127,18 @@ class Machine:
         for t in self.vcpus:
             t.start()
 
+    def lower_priority(self) -> None:
+        """The vCPU threads at MAX_NICE until resumed (VcpuThread.lower_priority); pause does
+        it first, a caller that times the pause may do it before."""
+        for t in self.vcpus:
+            t.lower_priority()
+
     def pause(self) -> None:
+        self.lower_priority()  # first: no vCPU still in guest code then outranks this thread
         for t in self.vcpus:
-            t.kick()  # kick all first: they stop in parallel
+            t.request_pause()  # ask and kick all before waiting: they stop in parallel
         for t in self.vcpus:
-            t.pause()
+            t.wait_paused()
 
     def resume(self) -> None:
         for t in self.vcpus:

@@ -7,6 +7,7 @@ while asks ``may_set_nice(previous)`` first, or the thread would stay slow for g
 """
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import threading
@@ -25,6 +26,7 @@ def set_thread_nice(tid: int, nice: int) -> None:
     os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
+@functools.cache  # read once: a pause asks it per vCPU, in the downtime (30 us a read here)
 def has_cap_sys_nice() -> bool:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("CapEff:"):

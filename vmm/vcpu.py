@@ -24,7 +24,7 @@ from vmm.abi import kvm as abi
 from vmm.devices.bus import PioBus
 from vmm.kvm import EXIT_REASON_U32, Vcpu
 from vmm.memory import GuestMemory
-from vmm.priority import GuestNice
+from vmm.priority import MAX_NICE, GuestNice, may_set_nice, set_thread_nice, thread_nice
 
 log = logging.getLogger("vmm.vcpu")
 KICK_SIGNAL = signal.SIGUSR1
@@ -92,6 +92,7 @@ class VcpuThread:
         # at the thread's own (vmm.priority; the destination sets it while memory is missing).
         self.guest_nice: GuestNice | None = None
         self.tid = 0
+        self._nice_before_pause: int | None = None  # set while a pause keeps the thread at MAX_NICE
         self._request: str | None = None
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.id}", daemon=True)
@@ -109,6 +110,30 @@ class VcpuThread:
 
     def pause(self, timeout: float = 5.0) -> None:
         """Stop the vCPU at a point where its state is consistent; returns when parked."""
+        self.lower_priority()
+        self.request_pause()
+        self.wait_paused(timeout)
+
+    def lower_priority(self) -> None:
+        """Before a pause: run this thread at MAX_NICE until it is resumed, where this process
+        may set it back (vmm.priority). On a busy host the pausing thread, or a kicked vCPU
+        thread, could otherwise wait a whole scheduler slice behind a vCPU thread still running
+        guest code: Machine.pause lowers them all before it kicks any. Measured on the source
+        of whole migrations of a busy 2-vCPU guest (docs/performance.md): without it the pause
+        took 2.8-3.6 ms in 7 of 24, with it 0.4-0.9 ms in all of 48 run before and after."""
+        if self._nice_before_pause is not None or not self.tid or self.state is not VcpuState.RUNNING:
+            return
+        try:
+            nice = thread_nice(self.tid)
+            if nice < MAX_NICE and may_set_nice(nice):
+                set_thread_nice(self.tid, MAX_NICE)
+                self._nice_before_pause = nice
+        except OSError:  # the thread ended meanwhile, or this process may not renice it
+            pass
+
+    def request_pause(self) -> None:
+        """Ask the vCPU to park and kick it out of KVM_RUN; wait_paused waits for it (Machine
+        asks every vCPU before it waits for any: they stop in parallel)."""
         with self._changed:
             if self.state not in (VcpuState.RUNNING, VcpuState.CREATED):
                 return
@@ -116,8 +141,12 @@ class VcpuThread:
             if not self._thread.is_alive():
                 return  # not started: it parks as soon as it starts
         self.kick()
+
+    def wait_paused(self, timeout: float = 5.0) -> None:
         settled = (VcpuState.PAUSED, VcpuState.HALTED, VcpuState.FAILED, VcpuState.STOPPED)
         with self._changed:
+            if self._request != "pause" or not self._thread.is_alive():
+                return  # not asked (it was not running), or not started: it parks as it starts
             if not self._changed.wait_for(lambda: self.state in settled, timeout):
                 raise VcpuError(f"vCPU {self.id} did not pause within {timeout} s")
 
@@ -127,7 +156,16 @@ class VcpuThread:
                 self._request = None
             if self.state is VcpuState.PAUSED:
                 self.state = VcpuState.RUNNING
+            self._restore_priority()
             self._changed.notify_all()
+
+    def _restore_priority(self) -> None:
+        nice, self._nice_before_pause = self._nice_before_pause, None
+        if nice is not None:
+            try:
+                set_thread_nice(self.tid, nice)
+            except OSError:  # the thread ended meanwhile
+                pass
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._changed:

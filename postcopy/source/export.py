@@ -82,6 +82,7 @@ def export(machine: Machine, migration_id: str, workload: dict[str, int | str]) 
 
     The vCPUs stay paused: from here on the source only serves pages.
     """
+    machine.lower_priority()  # the guest still runs: not downtime
     paused_at_ns = time.monotonic_ns()
     try:
         machine.pause()

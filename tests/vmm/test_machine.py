@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from vmm import vcpu as vcpu_module
 from vmm.devices.bus import PioBus
 from vmm.devices.guest_services import GuestServices
 from vmm.devices.uart import UART_LSR, UART_LSR_THRE, Uart
@@ -20,6 +21,7 @@ from vmm.guest.layout import CODE_GPA, DATA_GPA, PAGE_SIZE, BootParams
 from vmm.guest.pattern import expected_page
 from vmm.guest.program import ENTRY_LABEL, emit_exception_stubs, link
 from vmm.machine import Machine, MachineConfig, MachineError
+from vmm.priority import MAX_NICE, set_thread_nice, thread_nice
 from vmm.vcpu import KVM_EXIT_IO, VcpuState
 
 GUEST_BYTES = 16 << 20
@@ -158,6 +160,29 @@ def test_pause_stops_progress_and_resume_continues_it_monotonically(guests: Gues
     m.check()
     assert seen == sorted(seen) and len(set(seen)) == len(seen), seen
     assert m.services.errors == 0
+
+
+@kvm_only
+def test_a_paused_vcpu_thread_runs_at_the_lowest_priority_until_resumed(guests: Guests,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # While the pause kicks the vCPUs, none of them may keep the pausing thread (or a kicked
+    # one) off a CPU: each is at MAX_NICE from its kick to its resume, then at its own again.
+    m, _ = guests.start("memtouch", 2)
+    _wait_reports(m)
+    tids = [t.tid for t in m.vcpus]
+    set_thread_nice(tids[1], 3)  # a priority of its own, which the resume gives back
+    m.pause()
+    assert [thread_nice(tid) for tid in tids] == [MAX_NICE, MAX_NICE]
+    m.resume()
+    assert [thread_nice(tid) for tid in tids] == [0, 3]
+    paused_at = m.services.verified
+    assert m.services.wait_for(lambda: m.services.verified > paused_at, WAIT_S), "no progress after resume"
+    # A process that could not set the priority back leaves it alone.
+    monkeypatch.setattr(vcpu_module, "may_set_nice", lambda nice: False)
+    m.pause()
+    assert [thread_nice(tid) for tid in tids] == [0, 3]
+    m.resume()
+    m.check()
 
 
 @kvm_only
