@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from postcopy.destination.install import Installer
-from postcopy.destination.pages import MISSING, PRESENT, Arrival
+from postcopy.destination.pages import MISSING, Arrival
 from postcopy.destination.readahead import Readahead
 from postcopy.observe.faultlog import UFFD_KIND, FaultLog, merge_logs
 from proto import PageBatch
@@ -194,13 +194,12 @@ class ClassicHandler:
         poll, readv, monotonic_ns = poller.poll, os.readv, time.monotonic_ns
         # The usual read with one page a fault (no readahead: the page-in bench's case), one
         # message for a missing data page in single-region RAM, is served in this frame, as
-        # exit mode's _run serves its usual fault: _page, _install, Installer.install_page,
-        # PageTracker.mark_created and the fault log's record inlined, each marked with its
-        # original (which keeps serving every other read). Per fault, the handler's Python is
-        # on the vCPU's path: the two share a CPU.
+        # exit mode's _run serves its usual fault: _page, _install, Installer.install_page and
+        # the fault log's record inlined, each marked with its original (which keeps serving
+        # every other read). Per fault, the handler's Python is on the vCPU's path: the two
+        # share a CPU.
         q, tracker = h.qwords, self.tracker
-        state, arrival, created, zero = tracker.state, tracker.arrival, tracker.created, tracker.zero_bitmap
-        npages, all_present = tracker.npages, tracker.all_present
+        state, zero, mark_created = tracker.state, tracker.zero_bitmap, tracker.mark_created
         hva_lo, hva_hi, hva_page, hva_gpa = self._hva_lo, self._hva_hi, self._hva_page, self._hva_gpa
         one_page = h.readahead.max == 1 and h.connection is not None and h.copier is not None
         fetch_page = h.connection.fetch_page if one_page else None  # type: ignore[union-attr]
@@ -236,12 +235,8 @@ class ClassicHandler:
                                     pass  # install_page tries again and says what it is
                             if made < 0:
                                 install_page(page, hva, data, DEMAND, copier)  # type: ignore[arg-type]
-                            elif made:  # PageTracker.mark_created, inlined
-                                state[page] = PRESENT
-                                arrival[page] = DEMAND
-                                created.append(DEMAND)
-                                if len(created) + tracker.counted == npages:
-                                    all_present.set()
+                            elif made:
+                                mark_created(page, DEMAND)
                             # _log_of's cached case and FaultLog.record, inlined (latency last)
                             tid = q[PTID_QWORD] & PTID_MASK
                             fl = h.last_log if tid == h.last_tid else self._log_of(h, tid)

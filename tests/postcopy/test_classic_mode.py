@@ -3,7 +3,9 @@ kernel writes it in the handler's buffer, served with the handler's own code, ag
 userfaultfd. Guest RAM in one region takes the arithmetic path, in several the regions' lookup."""
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,17 +23,35 @@ pytestmark = pytest.mark.usefixtures("uffd_available")
 MiB = 1 << 20
 
 
-@pytest.mark.parametrize("layout", [[(0, 8 * MiB)], [(0, 4 * MiB), (6 * MiB, 2 * MiB)]], ids=["one-region", "two-regions"])
-def test_a_fault_message_installs_its_page_from_the_source_and_logs_it(layout: list[tuple[int, int]]) -> None:
+LAYOUTS = pytest.mark.parametrize("layout", [[(0, 8 * MiB)], [(0, 4 * MiB), (6 * MiB, 2 * MiB)]],
+                                  ids=["one-region", "two-regions"])
+
+
+@contextlib.contextmanager
+def one_page_handler(layout: list[tuple[int, int]]) -> Iterator[tuple[ClassicHandler, GuestMemory, PageTracker]]:
+    """A classic handler (one page a fault) over registered guest RAM of ``layout`` and a local
+    source; its thread is not started: the tests hand it messages themselves."""
     image = SourceImage(8 * MiB)
     memory = GuestMemory.create_layout(layout, "anon", "classic-test")
     uffd = Uffd(0)
+    handler: ClassicHandler | None = None
     try:
         for region in memory.regions:
             uffd.register(region.hva, region.size)
         tracker = PageTracker(memory)
         handler = ClassicHandler(uffd, Installer(uffd, memory, tracker, wake=True), [LocalPageConnection(image)],
                                  cpus=[None], readahead_base=1, readahead_max=1)
+        yield handler, memory, tracker
+    finally:
+        if handler is not None:
+            handler.close()
+        memory.close()
+        uffd.close()
+
+
+@LAYOUTS
+def test_a_fault_message_installs_its_page_from_the_source_and_logs_it(layout: list[tuple[int, int]]) -> None:
+    with one_page_handler(layout) as (handler, memory, tracker):
         h = handler.handlers[0]
         for gpa in (DATA_GPA, sum(layout[-1]) - PAGE_SIZE):  # in the first region, and the last page of the last
             h.qwords[EVENT_QWORD], h.qwords[PTID_QWORD] = UFFD_EVENT_PAGEFAULT, 4242
@@ -41,25 +61,13 @@ def test_a_fault_message_installs_its_page_from_the_source_and_logs_it(layout: l
             assert tracker.state[page] == PRESENT and tracker.arrival[page] == Arrival.DEMAND
             assert memory.view(gpa, 8).cast("Q")[0] == touch.check_expected(gpa)
         assert tracker.present == 2 and h.faults == 2 and sum(len(log) for log in handler.fault_logs().values()) == 2
-        handler.close()
-    finally:
-        memory.close()
-        uffd.close()
 
 
-@pytest.mark.parametrize("layout", [[(0, 8 * MiB)], [(0, 4 * MiB), (6 * MiB, 2 * MiB)]], ids=["one-region", "two-regions"])
+@LAYOUTS
 def test_a_read_of_two_fault_messages_installs_both_pages(layout: list[tuple[int, int]]) -> None:
     # Two vCPUs faulting at once: one read, two messages, pages apart (each one a fault's
     # own install) and a duplicate of the first (present by then: only woken).
-    image = SourceImage(8 * MiB)
-    memory = GuestMemory.create_layout(layout, "anon", "classic-test")
-    uffd = Uffd(0)
-    try:
-        for region in memory.regions:
-            uffd.register(region.hva, region.size)
-        tracker = PageTracker(memory)
-        handler = ClassicHandler(uffd, Installer(uffd, memory, tracker, wake=True), [LocalPageConnection(image)],
-                                 cpus=[None], readahead_base=1, readahead_max=1)
+    with one_page_handler(layout) as (handler, memory, tracker):
         h = handler.handlers[0]
         gpas = (sum(layout[-1]) - PAGE_SIZE, DATA_GPA, sum(layout[-1]) - PAGE_SIZE)
         for i, gpa in enumerate(gpas):
@@ -73,7 +81,3 @@ def test_a_read_of_two_fault_messages_installs_both_pages(layout: list[tuple[int
             assert memory.view(gpa, 8).cast("Q")[0] == touch.check_expected(gpa)
         assert tracker.present == 2 == tracker.counts[Arrival.DEMAND] == h.copier.copied and h.faults == 3
         assert sum(len(log) for log in handler.fault_logs().values()) == 3
-        handler.close()
-    finally:
-        memory.close()
-        uffd.close()
