@@ -69,6 +69,13 @@ class Sampler:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def cancel(self) -> None:
+        """Stop at once, with no last sample (the caller took its own), and without waiting for
+        the loop to run the cancellation: a caller in a hurry (the source's switchover)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+
     async def stop(self) -> None:
         """Stop, with one last sample so every series ends at the moment it was stopped."""
         task, self._task = self._task, None

@@ -77,6 +77,23 @@ def test_sampler_samples_until_stopped_and_once_more_at_stop() -> None:
     assert len(seen) >= 3 and seen == sorted(seen)
 
 
+def test_a_cancelled_sampler_takes_no_sample_more_not_even_a_last_one() -> None:
+    seen: list[int] = []
+
+    async def main() -> None:
+        sampler = Sampler(0.001, seen.append)
+        sampler.start()
+        await asyncio.sleep(0.01)
+        n = len(seen)
+        sampler.cancel()  # no await: it stops before the loop runs again
+        assert len(seen) == n
+        await asyncio.sleep(0.01)
+        assert len(seen) == n
+        sampler.cancel()  # again: nothing to do
+    asyncio.run(main())
+    assert seen
+
+
 def test_timeline_sorts_faults_by_time_and_is_relative_to_its_origin() -> None:
     logs = {0: _log((5_000_000, 0, 2000)), 1: _log((3_000_000, 1, 1000))}
     pages, progress = Series(["eager", "demand"]), Series(["verified"])
