@@ -15,7 +15,7 @@ import time
 from types import ModuleType
 from typing import Any
 
-from postcopy.bench import BenchError, BenchOptions
+from postcopy.bench import BenchError, BenchOptions, targets
 from vmm.memory import parse_size
 
 # Every section, in run order: name -> module (with run(opts) -> dict and table(result) -> list[str]).
@@ -88,6 +88,7 @@ def run(opts: BenchOptions, progress=None) -> dict[str, Any]:
             progress(f"bench: {name} done in {time.monotonic() - t0:.1f} s")
     if isinstance(out.get("migrate"), list) and "mib_s" in out.get("stream", {}):  # both ran
         present["migrate"].add_stream_bound(out["migrate"], out["stream"]["mib_s"])
+    out["targets"] = targets.check(out)
     return out
 
 
@@ -95,12 +96,14 @@ def table(result: dict[str, Any]) -> list[str]:
     present = available()
     lines: list[str] = []
     for name, part in result.items():
+        if name not in SECTIONS:
+            continue
         if "skipped" in part and name not in ("limit",):
             lines.append(f"{name}: skipped: {part['skipped']}")
         elif name in present:
             lines += present[name].table(part)
         lines.append("")
-    return lines
+    return lines + targets.table(result.get("targets", []))
 
 
 def _terminated(signum: int, frame: object) -> None:

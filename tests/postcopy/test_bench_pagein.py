@@ -147,6 +147,10 @@ def test_bench_json_has_the_pagein_and_limit_keys(c_limit: limit.Limit) -> None:
             assert p[mode][v] > 0 and lim[mode][v] > 0
             assert p["ratio_to_limit"][mode][v] == pytest.approx(p[mode][v] / lim[mode][v], rel=1e-2)
         assert p["ratio_exit_classic"][v] == pytest.approx(p["exit"][v] / p["classic"][v], rel=1e-2)
+    # Issue 10's targets from this run's own figures (the sections' part of them).
+    checked = {c["target"]: c for c in d["targets"]}
+    assert checked["pagein exit, Python / C, 2 vCPUs"]["value"] == pytest.approx(p["ratio_to_limit"]["exit"]["2"], abs=1e-3)
+    assert not any(name.startswith(("fetch", "stream", "migrate")) for name in checked)
 
 
 def test_bench_json_without_a_compiler_leaves_the_limit_out(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
