@@ -93,6 +93,7 @@ class VcpuThread:
         self.guest_nice: GuestNice | None = None
         self.tid = 0
         self._nice_before_pause: int | None = None  # set while a pause keeps the thread at MAX_NICE
+        self._resumes = 0  # resume() calls: a parked thread waits for the next
         self._request: str | None = None
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.id}", daemon=True)
@@ -152,6 +153,7 @@ class VcpuThread:
 
     def resume(self) -> None:
         with self._changed:
+            self._resumes += 1
             if self._request == "pause":
                 self._request = None
             if self.state is VcpuState.PAUSED:
@@ -216,10 +218,15 @@ class VcpuThread:
             self._changed.notify_all()
 
     def _park(self) -> None:
-        """Called with _changed held: wait while paused."""
+        """Called with _changed held: wait until resumed (or stopped). Not until the pause request
+        is gone: a pause asked again between the resume and this thread's waking would keep it
+        parked while resume() has already called it running, and that pause would wait for it in
+        vain. The new request's kick set immediate_exit, so the next KVM_RUN returns at once and
+        the thread parks again, as PAUSED."""
         self.state = VcpuState.PAUSED
         self._changed.notify_all()
-        self._changed.wait_for(lambda: self._request != "pause")
+        resumes = self._resumes
+        self._changed.wait_for(lambda: self._resumes != resumes or self._request == "stop")
 
     def _service_request(self) -> bool:
         """After EINTR: park or stop as asked. True means leave the loop."""

@@ -186,6 +186,22 @@ def test_a_paused_vcpu_thread_runs_at_the_lowest_priority_until_resumed(guests: 
 
 
 @kvm_only
+def test_a_pause_right_after_a_resume_waits_for_a_vcpu_that_has_not_left_its_park_yet(guests: Guests) -> None:
+    # resume() calls the vCPUs running before their threads have woken; a pause asked then
+    # must still find each parked, not wait for one that went back to sleep in its park.
+    m, _ = guests.start("memtouch", 2)
+    _wait_reports(m)
+    set_thread_nice(m.vcpus[1].tid, 10)  # it wakes later than the thread that resumes and pauses
+    for _ in range(100):
+        m.pause()
+        assert all(t.state is VcpuState.PAUSED for t in m.vcpus)
+        m.resume()
+    paused_at = m.services.verified
+    assert m.services.wait_for(lambda: m.services.verified > paused_at, WAIT_S), "no progress after resume"
+    m.check()
+
+
+@kvm_only
 def test_a_run_loop_that_hands_every_exit_to_handle_exit_runs_pauses_and_stops_the_guest() -> None:
     # A fault handler's own loop (exit mode's) replaces _loop; what it does not take itself goes
     # to handle_exit, which must still count exits, serve port I/O, and park or stop on a kick.
