@@ -41,9 +41,10 @@ def may_set_nice(nice: int) -> bool:
 
 
 class GuestNice:
-    """A vCPU thread that runs guest code at nice ``low`` for a while: back at ``base`` while it
-    does other urgent work of its own (``urgent``/``relax`` around it, on the thread itself),
-    and for good at ``end`` (from any thread). The lock orders an ``end`` against a thread
+    """A vCPU thread that runs guest code at nice ``low`` for a while (the destination's while
+    memory is missing; a paused one until it is resumed): back at ``base`` while it does other
+    urgent work of its own (``urgent``/``relax`` around it, on the thread itself), and for good
+    at ``end`` (from any thread). The lock orders an ``end`` against a thread
     between ``urgent`` and ``relax``, which would otherwise leave it at ``low``."""
 
     __slots__ = ("tid", "base", "low", "_lock", "_on")

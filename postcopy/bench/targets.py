@@ -53,12 +53,12 @@ def _written(row: dict[str, Any]) -> bool:
     return row["written_mib"] > row["guest_mib"] * WRITTEN_FRACTION_ABOVE
 
 
-def _worst(figure: Callable[[dict[str, Any]], float | None], pick: Callable[[dict[str, Any]], bool] = lambda r: True,
-           worst: Callable[[list[float]], float] = max) -> Callable[[dict[str, Any]], float | None]:
-    """The worst of ``figure`` over the migrate rows that ``pick`` takes."""
+def _worst(figure: Callable[[dict[str, Any]], float | None],
+           pick: Callable[[dict[str, Any]], bool] = lambda r: True) -> Callable[[dict[str, Any]], float | None]:
+    """The largest (every migrate bound is an upper one) of ``figure`` over the rows ``pick`` takes."""
     def read(result: dict[str, Any]) -> float | None:
         values = [v for r in _rows(result) if pick(r) and (v := figure(r)) is not None]
-        return worst(values) if values else None
+        return max(values) if values else None
     return read
 
 
