@@ -16,7 +16,6 @@ import asyncio
 import collections
 import logging
 import threading
-import time
 from collections.abc import Sequence
 
 from postcopy.destination.client import SyncPageConnection
@@ -81,7 +80,9 @@ def transfer(connection: SyncPageConnection, installer: Installer, stop: threadi
                     continue
                 pending.append((page, n, connection.send(memory.page_gpa(page), n, "background")))
             if not pending:
-                time.sleep(IDLE_WAIT_S)
+                # The rest is in flight elsewhere: wake when it is in (the transfer ends
+                # then, not up to IDLE_WAIT_S later) or look again after IDLE_WAIT_S.
+                tracker.all_present.wait(IDLE_WAIT_S)
                 continue
             page, n, request = pending[0]
             batch = connection.receive(request)
