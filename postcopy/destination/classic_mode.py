@@ -69,6 +69,15 @@ def handler_cpus(nvcpus: int) -> list[int]:
     return sorted(set(vcpu_cpus(nvcpus)))
 
 
+def cpu_beside(cpu: int | None) -> int | None:
+    """The CPU after ``cpu`` among those this process may use, for a thread that should not
+    take its vCPU's CPU (a scan's prefetcher); None if ``cpu`` is None or it is the only one."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if cpu is None or cpu not in cpus or len(cpus) < 2:
+        return None
+    return cpus[(cpus.index(cpu) + 1) % len(cpus)]
+
+
 def place_vcpus(threads: list[VcpuThread]) -> list[int]:
     """Pin each vCPU thread (when it starts) as vcpu_cpus says; returns the handler CPUs."""
     for thread, cpu in zip(threads, vcpu_cpus(len(threads))):

@@ -16,6 +16,7 @@ import fcntl
 import threading
 from time import monotonic_ns
 
+from postcopy.destination.classic_mode import cpu_beside
 from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import IN_FLIGHT, PRESENT, Arrival, PageTracker
@@ -79,7 +80,7 @@ class ExitModeResolver:
         state.copier = self.installer.page_copier()
         if prefetch is not None and self.readahead_max > 1:
             state.prefetcher = Prefetcher(self.installer, prefetch, window_max=self.readahead_max,
-                                          name=f"prefetch-{thread.id}")
+                                          name=f"prefetch-{thread.id}", cpu=cpu_beside(thread.cpu))
         elif prefetch is not None:
             prefetch.close()
         with self._lock:

@@ -4,6 +4,7 @@ connection drops, dies for good, or is closed mid-scan."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ import pytest
 from postcopy.bench.common import source_process
 from postcopy.bench.fault_vm import scan
 from postcopy.chaos import ChaosProxy, ChaosSchedule
+from postcopy.destination.classic_mode import cpu_beside, vcpu_cpus
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
@@ -46,6 +48,8 @@ def test_a_scanning_guest_meets_prefetched_pages_and_every_page_is_the_sources(v
             assert tracker.missing() == 0 and IN_FLIGHT not in tracker.state  # no claim left behind
             prefetchers = [st.prefetcher for st in resolver.states.values()]
             assert all(p is not None and p.failed is None for p in prefetchers)
+            # each beside its vCPU, pinned round robin as the destination pins them
+            assert [p.cpu for p in prefetchers] == [cpu_beside(c) for c in vcpu_cpus(vcpus)]  # type: ignore[union-attr]
             seen["windows"] = sum(p.windows for p in prefetchers if p is not None)
             check = SyncPageConnection(source.url, source.token)  # the source's pages, asked for again
             try:
@@ -235,6 +239,34 @@ def test_without_readahead_no_prefetcher_starts(served: Served) -> None:
                         prefetch.fetch(0, 1, "demand")
                 finally:
                     resolver.close()
+
+        await asyncio.to_thread(run)
+
+    run_behind_proxy(served, ChaosSchedule(max_faults=0), body)
+
+
+def test_cpu_beside_is_another_cpu_this_process_may_use() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    assert cpu_beside(None) is None  # a vCPU the scheduler places: so is its prefetcher
+    if len(cpus) < 2:
+        assert cpu_beside(cpus[0]) is None
+        return
+    assert [cpu_beside(c) for c in cpus] == [*cpus[1:], cpus[0]]
+    assert cpu_beside(max(cpus) + 1) is None  # a CPU this process may not use
+
+
+def test_a_prefetcher_runs_on_the_cpu_it_was_given(served: Served) -> None:
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+
+    async def body(url: str, proxy: ChaosProxy) -> None:
+        def run() -> None:
+            with prefetching(url, served.memory.size, RetryContext(), window_max=8, ahead_pages=16,
+                             cpu=cpu) as (installer, prefetcher):
+                prefetcher.follow(0)
+                assert wait_until(lambda: installer.tracker.present == 16)
+                assert os.sched_getaffinity(prefetcher._thread.native_id) == {cpu}  # type: ignore[arg-type]
+                assert os.sched_getaffinity(0) == allowed  # only its own thread was pinned
 
         await asyncio.to_thread(run)
 
