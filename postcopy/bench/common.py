@@ -47,6 +47,32 @@ class Source:
         header.check_zero_map(zero_map)
         return header, zero_map.zero_bitmap
 
+    @contextlib.contextmanager
+    def kept_off(self, cpus: set[int]) -> Iterator[None]:
+        """For the block, every thread of the source on this process's CPUs but ``cpus`` (the
+        threads it starts meanwhile inherit it), then back on all of them; nothing changes
+        where no CPU would be left. On a real pair of hosts the source has CPUs of its own; on
+        this one it is kept off the CPUs a measurement gives to the guest."""
+        allowed = os.sched_getaffinity(0)
+        rest = allowed - cpus
+        if not rest or rest == allowed:
+            yield
+            return
+        _set_affinity(self.proc.pid, rest)
+        try:
+            yield
+        finally:
+            _set_affinity(self.proc.pid, allowed)
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` on ``cpus`` (a thread that ends meanwhile is skipped)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+
 
 @contextlib.contextmanager
 def source_process(mem_bytes: int, vcpus: int, seed: int = 7, prefill: float = 0.0) -> Iterator[Source]:

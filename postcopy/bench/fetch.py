@@ -14,7 +14,10 @@ Measured, side by side in this run:
   come from its prefetcher, destination/prefetch.py), pages/s, and the guest's faults and time
   in them, alternated round by round with the background stream from the same source
   (stream.measure; in a quick run a QUICK_MIB source of its own): the ratio is the median of
-  the rounds' ratios (bench.paired_ratio);
+  the rounds' ratios (bench.paired_ratio). During a scan the source is kept off its vCPUs'
+  CPUs where one is left (Source.kept_off): left to the scheduler, the source's socket
+  thread sometimes sat on a lone scanning vCPU's CPU, taking half of it from the guest's walk
+  while the other CPU idled, which two hosts cannot do (docs/performance.md, readahead);
 - the yardstick: a 4 KiB raw-socket ping-pong between two Python processes (p50, p99),
   taken before and after the fault runs and pooled, since the load on this host drifts.
 """
@@ -27,6 +30,7 @@ from typing import Any
 from postcopy.bench import paired_ratio, stream
 from postcopy.bench.common import BenchOptions, Source, percentiles_us, section_main, source_process
 from postcopy.bench.fault_vm import ScanResult, scan
+from postcopy.destination.classic_mode import vcpu_cpus
 from postcopy.bench.socket_baseline import pingpong_ns
 from postcopy.destination.exit_mode import fetch_poll_ns
 from postcopy.destination.readahead import DEFAULT_BASE, DEFAULT_MAX
@@ -99,8 +103,9 @@ def _readahead_result(opts: BenchOptions, source: Source, header: MigrationHeade
     stream.measure(header, zero_bitmap, source.url, source.token)
     for _ in range(opts.repeat):
         for vcpus in ra_vcpus:
-            ra_runs[vcpus].append(scan(header, zero_bitmap, source.url, source.token, vcpus,
-                                       readahead_base=DEFAULT_BASE, readahead_max=DEFAULT_MAX))
+            with source.kept_off(set(vcpu_cpus(vcpus))):
+                ra_runs[vcpus].append(scan(header, zero_bitmap, source.url, source.token, vcpus,
+                                           readahead_base=DEFAULT_BASE, readahead_max=DEFAULT_MAX))
         streams.append(stream.measure(header, zero_bitmap, source.url, source.token))
     readahead: dict[str, dict[str, Any]] = {}
     for vcpus, runs_v in ra_runs.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from postcopy.bench import fetch, migrate, stream
 from postcopy.bench.common import percentiles_us, source_process
 from postcopy.bench.fault_vm import scan
 from postcopy.bench.socket_baseline import pingpong_ns, stream_bytes_per_s
+from postcopy.destination.client import SyncPageConnection
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
 
 from procs import running  # type: ignore[import-not-found]
@@ -49,6 +51,34 @@ def test_one_page_scans_pool_their_faults_per_vcpu_count() -> None:
         assert 0 < d["p50"] <= d["p99"] <= d["max"] and d["pages_s"] > 0
     assert "no_poll" in single["1"] and "no_poll" not in single["2"]  # only a single vCPU polls
     assert single["1"]["no_poll"]["count"] == data_pages
+
+
+def test_a_source_kept_off_cpus_runs_on_the_others_then_gets_them_back() -> None:
+    allowed = os.sched_getaffinity(0)
+    with source_process(GUEST, 1) as source:
+        def affinities() -> set[frozenset[int]]:
+            return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{source.proc.pid}/task")}
+
+        def threads() -> int:
+            return len(os.listdir(f"/proc/{source.proc.pid}/task"))
+
+        with source.kept_off(set(allowed)):  # no CPU would be left: nothing changes
+            assert affinities() == {frozenset(allowed)}
+        if len(allowed) < 2:
+            pytest.skip("one CPU here: a source cannot be kept off it")
+        cpu = min(allowed)
+        with source.kept_off({cpu}):
+            assert affinities() == {frozenset(allowed - {cpu})}
+            before = threads()
+            conn = SyncPageConnection(source.url, source.token)  # the source starts a socket thread
+            try:
+                deadline = time.monotonic() + 10
+                while threads() == before and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert threads() > before and affinities() == {frozenset(allowed - {cpu})}  # inherited
+            finally:
+                conn.close()
+        assert affinities() == {frozenset(allowed)}
 
 
 def test_the_yardsticks_measure_round_trips_and_a_rate() -> None:
