@@ -30,8 +30,8 @@ from typing import Any
 from postcopy.bench import paired_ratio, stream
 from postcopy.bench.common import BenchOptions, Source, percentiles_us, section_main, source_process
 from postcopy.bench.fault_vm import ScanResult, scan
-from postcopy.destination.classic_mode import vcpu_cpus
 from postcopy.bench.socket_baseline import pingpong_ns
+from postcopy.destination.classic_mode import vcpu_cpus
 from postcopy.destination.exit_mode import fetch_poll_ns
 from postcopy.destination.readahead import DEFAULT_BASE, DEFAULT_MAX
 from proto import MigrationHeader
