@@ -27,7 +27,7 @@ SECTIONS: dict[str, str] = {
     "stream": "postcopy.bench.stream",
     "migrate": "postcopy.bench.migrate",
 }
-FULL_REPEAT, QUICK_REPEAT = 3, 5
+FULL_REPEAT, QUICK_REPEAT = 3, 9
 
 
 def available() -> dict[str, ModuleType]:
