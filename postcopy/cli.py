@@ -157,7 +157,8 @@ def cmd_source(args: argparse.Namespace) -> int:
             if not args.resume:
                 await vmm.create_vm(args.mem, args.vcpus, "memtouch", args.seed, state_dir=args.state_dir)
             url = (await vmm.outgoing(args.listen, token, args.advertise_url, tls_cert=args.tls_cert,
-                                      tls_key=args.tls_key, resume=args.resume))["url"]
+                                      tls_key=args.tls_key, resume=args.resume,
+                                      page_workers=None if args.page_workers else False))["url"]
             if args.ready_json:
                 print(json.dumps({"event": "ready", "url": url, "pid": os.getpid()}), flush=True)
             else:
@@ -326,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--advertise-url", help="the page server's URL as the destination reaches it")
     s.add_argument("--token-file", help=f"the migration token (created if missing); else ${TOKEN_ENV}")
     s.add_argument("--ready-json", action="store_true", help="print one JSON line with the URL when ready")
+    s.add_argument("--no-page-workers", dest="page_workers", action="store_false",
+                   help="serve each plain page socket on a thread, not in a page worker process of its own")
     _state_dir_args(s)
     s.add_argument("--resume", metavar="DIR", help="serve a migration again from its state directory, "
                                                    "after its page server died (no guest runs here)")

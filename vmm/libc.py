@@ -116,6 +116,19 @@ def gettid() -> int:
     return int(syscall(SYS_gettid))
 
 
+def map_fd(fd: int, size: int, offset: int = 0, *, writable: bool) -> memoryview:
+    """``size`` bytes of ``fd`` from ``offset``, mapped shared, as a memoryview (read-only
+    unless ``writable``) for the life of the process. Unlike Python's mmap it keeps no
+    duplicate of ``fd``: a process that must hold no descriptor but its own can map and close."""
+    prot = PROT_READ | (PROT_WRITE if writable else 0)
+    address = mmap(None, size, prot, MAP_SHARED, fd, offset)
+    if address in (None, MAP_FAILED):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {size} bytes of fd {fd} at {offset}: {os.strerror(err)}")
+    view = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+    return view if writable else view.toreadonly()
+
+
 def ends_with_parent() -> Callable[[], None]:
     """A ``preexec_fn`` for a child that must not outlive the thread starting it: the kernel
     sends the child SIGTERM when that thread ends, its process killed even by SIGKILL

@@ -93,6 +93,14 @@ class _Fields:
             raise self._bad(name, "must not contain NUL")
         return value
 
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.take(name, False)
+        if value is None:
+            return default
+        if type(value) is not bool:
+            raise self._bad(name, f"must be true or false, got {value!r}")
+        return value
+
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         value = self.take(name, False)
         if value is None:
@@ -162,7 +170,8 @@ class VmSpec:
 class OutgoingSpec:
     """PUT /v1/migration/outgoing: where the page server listens and the token it wants; TLS
     with a certificate and key; or ``resume``: serve again, from its state directory, a
-    migration whose page server died (on a VMM without a VM; the token comes from there)."""
+    migration whose page server died (on a VMM without a VM; the token comes from there).
+    ``page_workers``: plain TCP page sockets served by a process each (PageServer)."""
 
     host: str
     port: int
@@ -171,6 +180,7 @@ class OutgoingSpec:
     tls_cert: str | None = None
     tls_key: str | None = None
     resume: str | None = None
+    page_workers: bool = True
 
     @classmethod
     def parse(cls, body: Any) -> OutgoingSpec:
@@ -180,6 +190,7 @@ class OutgoingSpec:
         token = f.token("token", required=resume is None)
         advertise_url = f.url("advertise_url", required=False)
         tls_cert, tls_key = f.path("tls_cert"), f.path("tls_key")
+        page_workers = f.flag("page_workers", True)
         f.done()
         if (tls_cert is None) != (tls_key is None):
             raise ApiError(400, "PUT /v1/migration/outgoing: fields 'tls_cert' and 'tls_key' go together")
@@ -194,7 +205,7 @@ class OutgoingSpec:
             host, port = parse_listen(listen)
         except ValueError as e:
             raise ApiError(400, f"PUT /v1/migration/outgoing: field 'listen': {e}") from None
-        return cls(host, port, token, advertise_url, tls_cert, tls_key, resume)
+        return cls(host, port, token, advertise_url, tls_cert, tls_key, resume, page_workers)
 
 
 @dataclass(slots=True, frozen=True)

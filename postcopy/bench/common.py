@@ -49,8 +49,8 @@ class Source:
 
     @contextlib.contextmanager
     def kept_off(self, cpus: set[int]) -> Iterator[None]:
-        """For the block, every thread of the source on this process's CPUs but ``cpus`` (the
-        threads it starts meanwhile inherit it), then back on all of them; nothing changes
+        """For the block, every thread of the source and of its page workers on this process's
+        CPUs but ``cpus`` (the threads and workers it starts meanwhile inherit it), then back on all of them; nothing changes
         where no CPU would be left. On a real pair of hosts the source has CPUs of its own; on
         this one it is kept off the CPUs a measurement gives to the guest."""
         allowed = os.sched_getaffinity(0)
@@ -66,19 +66,42 @@ class Source:
 
 
 def _set_affinity(pid: int, cpus: set[int]) -> None:
-    """Every thread of process ``pid`` on ``cpus`` (a thread that ends meanwhile is skipped)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    """Every thread of process ``pid`` and of its descendants (its page workers) on ``cpus``;
+    one that ends meanwhile is skipped."""
+    for tid in tasks(pid):
         try:
-            os.sched_setaffinity(int(tid), cpus)
+            os.sched_setaffinity(tid, cpus)
         except (ProcessLookupError, FileNotFoundError):
             pass
 
 
+def tasks(pid: int) -> list[int]:
+    """The threads of process ``pid`` and of its descendants, as /proc lists them now."""
+    found: list[int] = []
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except FileNotFoundError:
+            continue
+        found += tids
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+            except FileNotFoundError:
+                pass
+    return found
+
+
 @contextlib.contextmanager
-def source_process(mem_bytes: int, vcpus: int, seed: int = 7, prefill: float = 0.0) -> Iterator[Source]:
+def source_process(mem_bytes: int, vcpus: int, seed: int = 7, prefill: float = 0.0, *,
+                   page_workers: bool = True) -> Iterator[Source]:
     """A source VMM in its own process (its own GIL and event loop, as on a real source host),
     set up through its control API: PUT /v1/vm (``prefill``: the fraction of its RAM written
-    before its guest starts), then PUT /v1/migration/outgoing on a free loopback port."""
+    before its guest starts), then PUT /v1/migration/outgoing on a free loopback port (with
+    ``page_workers`` as given: its plain page sockets served by processes or threads)."""
     token = secrets.token_urlsafe(32)
     with tempfile.TemporaryDirectory(prefix="postcopy-bench-") as tmp:
         api = f"unix:{tmp}/source.sock"
@@ -93,7 +116,8 @@ def source_process(mem_bytes: int, vcpus: int, seed: int = 7, prefill: float = 0
             async def setup() -> str:
                 async with ApiClient(api) as client:
                     await client.create_vm(mem_bytes, vcpus, "memtouch", seed, prefill=prefill or None)
-                    return str((await client.outgoing("127.0.0.1:0", token))["url"])
+                    return str((await client.outgoing("127.0.0.1:0", token,
+                                                      page_workers=None if page_workers else False))["url"])
             try:
                 url = asyncio.run(setup())
             except ApiClientError as e:

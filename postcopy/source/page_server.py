@@ -13,39 +13,22 @@ import hmac
 import logging
 import ssl
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Self
 
-import msgpack
 from aiohttp import WSCloseCode, web
 
 from postcopy.observe.collect import register_source
 from postcopy.observe.prometheus import Registry, metrics_handler
 from postcopy.observe.series import Sampler, Series
+from postcopy.source.answers import Board, Counts, PageAnswerer, error_body
 from postcopy.source.export import ExportError, export, zero_map
-from postcopy.source.page_socket import PageSocket, ServedSocket, ThreadedPageSocket
-from proto import (
-    MAX_BATCH_PAGES,
-    PAGE_SIZE,
-    REQUEST_KINDS,
-    Complete,
-    ErrorReply,
-    MigrationHeader,
-    PageRequest,
-    ProtoError,
-    page_batch_parts,
-)
-from proto.checksum import Buffer
-from proto.fastpath import ONE_PAGE_ANSWER_BYTES, one_page_head, parse_request
-from proto.version import (
-    MAX_COMPLETE_MESSAGE_BYTES,
-    MAX_ERROR_MESSAGE_LEN,
-    MAX_GPA,
-    MAX_REQUEST_MESSAGE_BYTES,
-)
+from postcopy.source.page_socket import PageSocket, ServedSocket, ThreadedPageSocket, WorkerPageSocket
+from postcopy.source.page_workers import PageWorkers
+from proto import REQUEST_KINDS, Complete, MigrationHeader, ProtoError
+from proto.version import MAX_COMPLETE_MESSAGE_BYTES
 from vmm.machine import Machine
 from vmm.memory import GuestMemory, GuestMemoryError
 
@@ -67,8 +50,6 @@ PROGRESS_INTERVAL_S: Final = 0.02
 # the zero map is built on an executor thread while the loop answers the resumed guest's faults.
 SERVING_SWITCH_INTERVAL_S: Final = 0.0002
 
-_ZERO_PAGE: Final = bytes(PAGE_SIZE)
-PAGE_OFFSET_MASK: Final = PAGE_SIZE - 1
 _AUTH: Final = web.AppKey("auth", bytes)
 _SERVER: Final = web.AppKey("server", "PageServer")
 
@@ -82,8 +63,8 @@ class MigrationState(enum.Enum):
 
 @dataclass(slots=True)
 class ServerStats:
-    """Counters for the report; updated under PageServer's stats lock (page sockets answer
-    on threads of their own)."""
+    """Counters for the report, kept on the event loop; the page sockets count their own
+    answers on the board (answers.Counts), which stats() adds in."""
 
     pages_data: int = 0  # pages sent with their contents
     pages_zero: int = 0  # pages flagged zero, not sent
@@ -95,10 +76,6 @@ class ServerStats:
     errors: dict[int, int] = field(default_factory=dict)  # by status code, HTTP and WebSocket
     started_ns: int = 0  # CLOCK_MONOTONIC: the pause (the header's paused_at_ns)
     completed_ns: int = 0
-
-
-def _error_body(code: int, message: str) -> bytes:
-    return ErrorReply(code, message[:MAX_ERROR_MESSAGE_LEN]).encode()
 
 
 class PageServer:
@@ -113,7 +90,7 @@ class PageServer:
                  workload: dict[str, int | str], sweep_timeout_s: float = SWEEP_TIMEOUT_S,
                  memory: GuestMemory | None = None,
                  on_export: Callable[[MigrationHeader, bytes], None] | None = None,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, page_workers: bool = True) -> None:
         self.machine = machine
         memory = memory if memory is not None else machine.memory if machine is not None else None
         if memory is None:
@@ -124,6 +101,9 @@ class PageServer:
         self.workload = workload
         self.sweep_timeout_s = sweep_timeout_s
         self.state = MigrationState.RUNNING
+        # The state as page sockets read it, wherever they run (a worker process, answers.py).
+        self._board = Board.create()
+        self._board.set_state(self.state.value)
         self.completed = asyncio.Event()
         self._ended = asyncio.Event()  # COMPLETED or FAILED
         self.header: MigrationHeader | None = None
@@ -135,12 +115,15 @@ class PageServer:
         self._failure = ""
         self._transition = asyncio.Lock()  # start and sweep: one at a time
         self._stats = ServerStats()
-        self._stats_lock = threading.Lock()
-        self._sockets: set[ServedSocket] = set()
-        self._pages_answered_closed = 0  # answer_page's answers on sockets already closed
-        # One view of each region of guest RAM, sliced per request (no copy): set at the
-        # switchover, valid until the machine closes, which its owner does after close().
-        self._spans: list[tuple[int, int, memoryview]] = []
+        self._sockets: dict[ServedSocket, int] = {}  # each with its slot on the board
+        self._closed_counts = [0] * len(Counts.FIELDS)  # sockets already closed, added up
+        # One view of each region of guest RAM, sliced per request (no copy), valid until the
+        # machine closes, which its owner does after close().
+        self._spans = [(r.gpa, r.end, memory.view(r.gpa, r.size)) for r in memory.regions]
+        # Plain TCP page sockets served by page workers, a process each (page_workers.py): only
+        # where guest RAM is a memfd or a file, which the workers map themselves.
+        self.page_workers = page_workers and memory.backing in ("memfd", "file")
+        self._workers: PageWorkers | None = None
         self._runner: web.AppRunner | None = None
         self.progress = Series(["verified"])
         self._sampler = Sampler(PROGRESS_INTERVAL_S, self._sample_progress)
@@ -149,18 +132,16 @@ class PageServer:
 
     @classmethod
     def resumed(cls, memory: GuestMemory, header: MigrationHeader, header_bytes: bytes, *, token: str,
-                registry: Registry | None = None) -> PageServer:
+                registry: Registry | None = None, page_workers: bool = True) -> PageServer:
         """A server for a migration already past its switchover: SERVING at once, no machine."""
         server = cls(None, token=token, migration_id=header.migration_id, workload=dict(header.workload),
-                     memory=memory, registry=registry)
+                     memory=memory, registry=registry, page_workers=page_workers)
         server._serving(header, header_bytes)
         server._to(MigrationState.SERVING, "resumed from its state directory: serving from the RAM file")
         return server
 
     def _serving(self, header: MigrationHeader, header_bytes: bytes) -> None:
         self.header, self._header_bytes = header, header_bytes
-        memory = self.memory
-        self._spans = [(r.gpa, r.end, memory.view(r.gpa, r.size)) for r in memory.regions]
         self._stats.started_ns = header.paused_at_ns
         self._stats.header_bytes = len(header_bytes)
 
@@ -168,6 +149,8 @@ class PageServer:
     async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> str:
         """Listen on host:port only (0 picks a free port), with TLS if ``ssl_context`` is
         given; returns the base URL."""
+        if self.page_workers and self._workers is None:
+            self._workers = await PageWorkers.start(self._board, self.memory)
         self._runner = web.AppRunner(make_app(self), handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
@@ -197,6 +180,10 @@ class PageServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()  # runs on_shutdown: closes the sockets
+        if self._workers is not None:  # no page socket is left for a worker to serve
+            workers, self._workers = self._workers, None
+            await workers.close()
+        self._board.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -219,13 +206,17 @@ class PageServer:
         return self._failure
 
     def stats(self) -> dict[str, Any]:
-        with self._stats_lock:
-            stats = asdict(self._stats)
-            # answer_page's answers, which the sockets count: all data pages, one-page batches
-            fast = self._pages_answered_closed + sum(s.pages_answered for s in list(self._sockets))
-        stats["pages_data"] += fast
-        stats["batch_bytes"] += fast * ONE_PAGE_ANSWER_BYTES
-        stats["requests"]["demand"] += fast
+        stats = asdict(self._stats)
+        counts = list(self._closed_counts)
+        for slot in self._sockets.values():
+            Counts.add(counts, self._board.counts(slot).tolist())
+        answered = Counts.as_stats(counts)
+        for key in ("pages_data", "pages_zero", "batch_bytes"):
+            stats[key] += answered[key]
+        for kind, n in answered["requests"].items():  # type: ignore[attr-defined]
+            stats["requests"][kind] += n
+        for code, n in answered["errors"].items():  # type: ignore[attr-defined]
+            stats["errors"][code] = stats["errors"].get(code, 0) + n
         stats["state"] = self.state.value
         stats["errors"] = {str(code): n for code, n in stats["errors"].items()}
         if self._stats.completed_ns:
@@ -238,6 +229,7 @@ class PageServer:
                 extra={"event": "state", "side": "source", "migration_id": self.migration_id,
                        "from": self.state.value, "to": new.value, **fields})
         self.state = new
+        self._board.set_state(new.value)
 
     def _sample_progress(self, now_ns: int) -> None:
         if self.state is MigrationState.RUNNING:
@@ -245,8 +237,8 @@ class PageServer:
 
     # -- replies --------------------------------------------------------------------------------
     def error(self, code: int, message: str) -> web.Response:
-        self._count_error(code)
-        return web.Response(status=code, body=_error_body(code, message), content_type=MSGPACK)
+        self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
+        return web.Response(status=code, body=error_body(code, message), content_type=MSGPACK)
 
     def _no_guest(self) -> web.Response:
         return self.error(409, "no guest here: this page server resumed a migration from its state directory")
@@ -378,118 +370,56 @@ class PageServer:
         # not downtime); pages are served only once the guest is paused here.
         if self.state not in (MigrationState.RUNNING, MigrationState.SERVING):
             return self._wrong_state("serve pages")
-        ws = web.WebSocketResponse(heartbeat=None, compress=False, max_msg_size=WS_MAX_FRAME_BYTES)
-        await ws.prepare(request)
-        # From here on the frames are answered by the fast path (page_socket.py), not by ws:
-        # a thread of its own per socket, or the event loop's callback for TLS.
-        transport = request.transport
-        assert transport is not None
-        # A thread may write to the connection only once the loop has nothing of its own left
-        # to write there (the 101 has gone out: it has, unless the socket is already stuck).
-        plain = (transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
-                 and not transport.get_write_buffer_size())
-        kind = ThreadedPageSocket if plain else PageSocket
-        socket: ServedSocket = kind.take_over(transport, self.answer, self._answer_text, max_frame=WS_MAX_FRAME_BYTES,
-                                              answer_page=self.answer_page)
-        self._sockets.add(socket)
+        slot = self._board.take_slot()
+        if slot is None:
+            return self.error(503, f"too many page sockets at once (at most {Board.MAX_SLOTS})")
+        try:
+            socket, ws = await self._take_over(request, slot)
+        except BaseException:
+            self._board.give_back(slot)
+            raise
+        self._sockets[socket] = slot
         self._stats.ws_connections += 1
         try:
             await socket.closed
         finally:
             if not socket.closed.done():  # this handler was cancelled: its socket goes with it
                 socket.abort()
-            self._sockets.discard(socket)
-            with self._stats_lock:
-                self._pages_answered_closed += socket.pages_answered
+            del self._sockets[socket]
+            Counts.add(self._closed_counts, self._board.counts(slot).tolist())
+            if socket.closed.done():  # else its server may still count there: the slot stays taken
+                self._board.give_back(slot)
         return ws
 
-    def answer_page(self, gpa: int) -> tuple[bytes, memoryview] | None:
-        """The fault path's answer: for a one-page demand request at ``gpa`` (the socket took
-        it from the fixed layout) of a data page while serving, the fixed-layout batch head and
-        the page, a view of guest RAM. None for anything else (not serving, a gpa misaligned or
-        outside guest RAM, a zero page): answer() then answers it, with its errors and stats."""
-        if self.state is not MigrationState.SERVING or gpa & PAGE_OFFSET_MASK:
-            return None
-        for first, end, region_view in self._spans:
-            if first <= gpa and gpa + PAGE_SIZE <= end:
-                page = region_view[gpa - first:gpa - first + PAGE_SIZE]
-                return None if page == _ZERO_PAGE else (one_page_head(gpa, page), page)
-        return None
-
-    def answer(self, frame: bytes) -> tuple[list[Buffer], bool]:
-        """The hot path: the answer to one binary frame (one decode, one build; the pages as a
-        view of guest RAM), and whether to close the socket after it."""
-        if self.state is not MigrationState.SERVING:
-            if self.state is MigrationState.RUNNING:
-                return self._error_parts(409, "the guest still runs here: start the migration first"), False
-            return self._error_parts(409, f"the migration is {self.state.value}: no more pages"), True
-        fast = parse_request(frame)
-        if fast is not None:
-            gpa, count, kind = fast
-        else:
-            try:
-                page_request = PageRequest.decode(frame)
-            except ProtoError as error:
-                return self._error_parts(_decode_error_code(frame), str(error)), False
-            gpa, count, kind = page_request.gpa, page_request.count, page_request.kind
-        for first, end, region_view in self._spans:
-            if first <= gpa < end and gpa + count * PAGE_SIZE <= end:
-                break
-        else:
-            try:
-                PageRequest(gpa, count, kind).validate_range(self.header.regions)  # type: ignore[arg-type, union-attr]
-            except ProtoError as error:
-                return self._error_parts(416, str(error)), False
-            raise AssertionError(f"no memory view for a valid request at gpa {gpa:#x}")
-        offset = gpa - first
-        pages = region_view[offset : offset + count * PAGE_SIZE]
-        if count == 1 and pages != _ZERO_PAGE:  # a fault's page: the fixed layout, no copy
-            parts: list[Buffer] = [one_page_head(gpa, pages), pages]
-            data_pages = 1
-        else:
-            parts = page_batch_parts(gpa, count, pages)
-            data_pages = len(parts[-1]) // PAGE_SIZE
-        stats = self._stats
-        with self._stats_lock:
-            stats.pages_data += data_pages
-            stats.pages_zero += count - data_pages
-            stats.batch_bytes += len(parts[0]) + len(parts[-1])
-            stats.requests[kind] += 1
-        return parts, False
-
-    def _answer_text(self, frame: bytes) -> tuple[list[Buffer], bool]:
-        return self._error_parts(400, "page requests are binary msgpack frames, not text"), False
-
-    def _error_parts(self, code: int, message: str) -> list[Buffer]:
-        self._count_error(code)
-        return [_error_body(code, message)]
-
-    def _count_error(self, code: int) -> None:
-        with self._stats_lock:
-            self._stats.errors[code] = self._stats.errors.get(code, 0) + 1
-
-
-def _decode_error_code(data: bytes) -> int:
-    """The status for a frame that is no valid PageRequest: 413 too big (the frame, or count
-    over MAX_BATCH_PAGES), 416 a gpa misaligned or past MAX_GPA, 400 anything else.
-    Only this error path looks at the frame a second time."""
-    if len(data) > MAX_REQUEST_MESSAGE_BYTES:
-        return 413
-    try:
-        obj = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0,
-                              max_str_len=MAX_REQUEST_MESSAGE_BYTES)
-    except Exception:  # noqa: BLE001 - whatever msgpack raises, the frame is malformed
-        return 400
-    if type(obj) is not dict or obj.get("t") != PageRequest.TYPE:
-        return 400
-    gpa, count = obj.get("gpa"), obj.get("count")
-    if type(count) is int and count > MAX_BATCH_PAGES:
-        return 413
-    if type(gpa) is not int or type(count) is not int or count < 1:
-        return 400
-    if gpa % PAGE_SIZE or not 0 <= gpa <= MAX_GPA - count * PAGE_SIZE:
-        return 416
-    return 400
+    async def _take_over(self, request: web.Request, slot: int) -> tuple[ServedSocket, web.WebSocketResponse]:
+        """Answer the upgrade and hand the connection to what serves it from then on (the fast
+        paths of page_socket.py, not aiohttp's reader): a page worker where there are workers,
+        a thread of this process where not, the event loop's callback for TLS."""
+        ws = web.WebSocketResponse(heartbeat=None, compress=False, max_msg_size=WS_MAX_FRAME_BYTES)
+        transport = request.transport
+        assert transport is not None
+        plain = transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
+        answerer = PageAnswerer(self._board, slot, self._spans)
+        if plain and self._workers is not None and self._workers.alive and ws.can_prepare(request).ok:
+            # The worker runs before the 101 goes out: a destination that has its socket is
+            # served, and no worker starts while the source pauses (it is forked on this
+            # host's CPUs). It reads nothing until a request comes, which follows the 101.
+            worker = WorkerPageSocket(transport, self._board, slot)
+            if await self._workers.serve(worker, slot, WS_MAX_FRAME_BYTES):
+                try:
+                    await ws.prepare(request)
+                except BaseException:
+                    worker.abort()  # and wait until it no longer counts in its slot
+                    await asyncio.wait([worker.closed], timeout=SOCKET_CLOSE_TIMEOUT_S)
+                    raise
+                return worker, ws
+            worker.release()
+        await ws.prepare(request)
+        # A thread may write to the connection only once the loop has nothing of its own left
+        # to write there (the 101 has gone out: it has, unless the socket is already stuck).
+        if plain and not transport.get_write_buffer_size():
+            return ThreadedPageSocket.take_over(transport, answerer, max_frame=WS_MAX_FRAME_BYTES), ws
+        return PageSocket.take_over(transport, answerer, max_frame=WS_MAX_FRAME_BYTES), ws
 
 
 # -- the application: middlewares and routes ----------------------------------------------------

@@ -7,36 +7,44 @@ answered here, the guest's pages going out as views of its RAM (no copy).
   request and no event loop between them, as lean as a raw-socket peer. On this host the event
   loop's callback (epoll wake-up, read, writev, the loop's own work) roughly doubled a one-page
   fetch's round trip against a raw-socket ping-pong (docs/performance.md).
+- ``WorkerPageSocket`` (plain TCP, where the page server has page workers): the same loop
+  (``WorkerLoop``) in a page worker, a process of its own per socket (page_workers.py), so
+  that each socket has a GIL of its own. With a thread each, the sockets of a destination's
+  vCPUs took turns on one GIL, and a thread that found it held slept until it was woken across
+  CPUs: a fifth of the 2-vCPU fault's p99 (docs/performance.md).
 - ``PageSocket`` (TLS, whose bytes only the event loop's SSL transport can read): the same
   answers from inside ``data_received``, one ``writelines`` each.
 
-What a socket answers is decided by PageServer.answer(); this module only frames it (RFC 6455,
-via postcopy.wsframe). The fault path's request, a one-page demand request in the fixed layout
-(proto/fastpath.py), is recognised in its masked frame by fastframes.demand_gpa and answered by
-PageServer.answer_page: no frame parser, no general decode, no stats lock (the socket counts
-those answers itself, ``pages_answered``). Both sockets offer the PageServer the same things:
-``closed`` (a future of its loop, done when the connection is gone and nothing of guest RAM is
-referenced any more), ``pages_answered``, ``close(code, reason)`` and ``abort()``.
+What a socket answers and counts is decided by its answers.PageAnswerer; this module only frames
+it (RFC 6455, via postcopy.wsframe). The fault path's request, a one-page demand request in the
+fixed layout (proto/fastpath.py), is recognised in its masked frame by fastframes.demand_gpa and
+answered by the answerer's answer_page: no frame parser, no general decode. Every socket offers
+the PageServer the same things: ``closed`` (a future of its loop, done when the connection is
+gone and nothing of guest RAM is referenced any more), ``close(code, reason)`` and ``abort()``.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from postcopy import wsframe
 from postcopy.fastframes import DEMAND_FRAME_BYTES, ONE_PAGE_FRAME_BYTES, ONE_PAGE_FRAME_HEAD, demand_gpa
+
+if TYPE_CHECKING:
+    from postcopy.source.answers import Board, PageAnswerer
 
 log = logging.getLogger("postcopy.source.page_socket")
 
 # (payload) -> (answer parts, close the socket after them)
 Answerer = Callable[[bytes], tuple[Sequence[bytes | memoryview], bool]]
 # (gpa of a one-page demand request) -> (batch head, page), or None: answer it as any frame
-PageAnswerer = Callable[[int], tuple[bytes, memoryview] | None]
+OnePage = Callable[[int], tuple[bytes, memoryview] | None]
 # The longest client frame head: 2 bytes, a 64-bit length, the 4-byte mask key.
 MAX_CLIENT_HEAD: Final = 14
 # A small client frame: 2 bytes (FIN + binary opcode; mask bit + a length under 126), the key.
@@ -50,7 +58,6 @@ class ServedSocket(Protocol):
     """What the page server keeps of each page socket, whichever kind."""
 
     closed: asyncio.Future[None]
-    pages_answered: int  # one-page demand answers its fast path gave (not in the server's stats)
 
     def close(self, code: int, reason: str = "") -> None: ...
 
@@ -58,36 +65,30 @@ class ServedSocket(Protocol):
 
 
 class _Frames:
-    """Parsing client frames out of a buffer and answering each: shared by both sockets.
+    """Parsing client frames out of a buffer and answering each: shared by every socket.
     ``_send(parts, close_after)`` and ``close(code, reason)`` are the socket's own."""
 
-    transport: asyncio.Transport
     _answer: Answerer
     _on_text: Answerer
-    _answer_page: PageAnswerer | None
+    _answer_page: OnePage
     _max_frame: int
     _closing: bool
-    pages_answered: int  # by _answer_page: counted by the socket, not under the server's stats lock
 
-    def _set_up(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, max_frame: int,
-                answer_page: PageAnswerer | None) -> None:
-        """What both sockets keep of their connection and of the server."""
-        self.transport = transport
-        self._answer = answer
-        self._on_text = on_text
+    def _set_up(self, answerer: PageAnswerer, max_frame: int) -> None:
+        """What every socket keeps of what it answers."""
+        self._answer = answerer.answer
+        self._on_text = answerer.answer_text
+        self._answer_page = answerer.answer_page
         self._max_frame = max_frame
-        self._answer_page = answer_page
-        self.pages_answered = 0
         self._closing = False
 
     def _demand_answer(self, frame: bytes | bytearray) -> list[bytes | memoryview] | None:
         """The whole answer (frame head included) to frame[:DEMAND_FRAME_BYTES] if it is a
         one-page demand request that ``_answer_page`` answers; else None (the general path)."""
         gpa = demand_gpa(frame)
-        parts = self._answer_page(gpa) if gpa >= 0 and self._answer_page is not None else None
+        parts = self._answer_page(gpa) if gpa >= 0 else None
         if parts is None:
             return None
-        self.pages_answered += 1
         return [ONE_PAGE_FRAME_HEAD, *parts]
 
     def _frames(self, buf: bytes | bytearray, start: int, end: int) -> int:
@@ -134,38 +135,24 @@ class _Frames:
         raise NotImplementedError
 
 
-class ThreadedPageSocket(_Frames):
-    """One destination's page socket (plain TCP), served by a thread of its own.
+class _BlockingLoop(_Frames):
+    """The serving loop of a plain TCP page socket over a blocking socket of its own
+    (``_sock``): where it runs (a thread, a page worker) is the subclass's."""
 
-    The thread owns a duplicate of the connection's descriptor, made blocking; the event loop's
-    transport stays open (reading paused) until the thread ends, then is aborted on the loop.
-    ``close`` asks the thread to send a close frame and stop (shutdown(SHUT_RD) wakes its recv);
-    ``abort`` shuts the connection down both ways, which also ends a ``sendmsg`` blocked on a
-    peer that reads nothing (whose buffered answers are views of guest RAM)."""
+    _sock: socket.socket
+    _buf: bytearray
+    _fd_lock: threading.RLock
 
-    def __init__(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
-                 max_frame: int, answer_page: PageAnswerer | None = None) -> None:
-        raw = transport.get_extra_info("socket")
-        self._set_up(transport, answer, on_text, max_frame, answer_page)
-        self._close_request: tuple[int, str] | None = None
-        self._loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future[None] = self._loop.create_future()
-        transport.pause_reading()  # from here on only the thread reads this connection
-        self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+    def _set_up_loop(self, sock: socket.socket, answerer: PageAnswerer, max_frame: int) -> None:
+        self._set_up(answerer, max_frame)
+        self._sock = sock
         self._sock.setblocking(True)
         self._fd_lock = threading.RLock()
         self._buf = bytearray(max_frame + MAX_CLIENT_HEAD)
-        self._thread = threading.Thread(target=self._run, name=f"page-socket-{self._sock.fileno()}", daemon=True)
+        self._serving: threading.Thread | None = None  # the thread running _run, once it runs
 
-    @classmethod
-    def take_over(cls, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
-                  max_frame: int, answer_page: PageAnswerer | None = None) -> ThreadedPageSocket:
-        socket_ = cls(transport, answer, on_text, max_frame=max_frame, answer_page=answer_page)
-        socket_._thread.start()
-        return socket_
-
-    # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        self._serving = threading.current_thread()
         sock, buf = self._sock, self._buf
         view = memoryview(buf)
         sendmsg = sock.sendmsg
@@ -176,7 +163,7 @@ class ThreadedPageSocket(_Frames):
                 if not n:
                     break
                 # The fault path: one whole demand request and nothing else, answered with no
-                # parser and no stats lock. Anything else (or None from answer_page) goes below.
+                # parser. Anything else (or None from answer_page) goes below.
                 if n == DEMAND_FRAME_BYTES and not end:
                     message = self._demand_answer(buf)
                     if message is not None:
@@ -191,23 +178,26 @@ class ThreadedPageSocket(_Frames):
                 elif start:  # a partial frame: move it to the front (it fits: max_frame + head)
                     view[:end - start] = view[start:end]
                     start, end = 0, end - start
-            request = self._close_request
+            request = self._close_requested()
             if request is not None and not self._closing:
                 self._closing = True
                 self._send_close(*request)
         except OSError as error:  # the peer went, or abort() shut the connection down
             log.debug("page socket ended: %s", error)
         except Exception:
-            log.exception("page socket thread failed")
+            log.exception("page socket loop failed")
         finally:
             self._closing = True
             with self._fd_lock:
                 self._shutdown(socket.SHUT_RDWR)
                 sock.close()
-            try:
-                self._loop.call_soon_threadsafe(self._ended)
-            except RuntimeError:  # the loop is closed already: nobody waits for this socket
-                pass
+            self._finished()
+
+    def _close_requested(self) -> tuple[int, str] | None:
+        raise NotImplementedError
+
+    def _finished(self) -> None:
+        """The loop is done with the connection and guest RAM."""
 
     def _send(self, parts: Sequence[bytes | memoryview], close_after: bool,
               opcode: int = wsframe.OP_BINARY) -> None:
@@ -238,52 +228,186 @@ class ThreadedPageSocket(_Frames):
         except OSError:
             pass
 
+    def close(self, code: int, reason: str = "") -> None:
+        """Inside the loop (a frame it answered asks for it): send a close frame, then stop."""
+        if not self._closing:
+            self._closing = True
+            self._send_close(code, reason)
+
+    def _shutdown(self, how: int) -> None:
+        with self._fd_lock:  # never a shutdown of a descriptor number the loop just closed
+            try:
+                self._sock.shutdown(how)
+            except OSError:  # closed by its loop already
+                pass
+
+
+class ThreadedPageSocket(_BlockingLoop):
+    """One destination's page socket (plain TCP), served by a thread of the page server.
+
+    The thread owns a duplicate of the connection's descriptor, made blocking; the event loop's
+    transport stays open (reading paused) until the thread ends, then is aborted on the loop.
+    ``close`` asks the thread to send a close frame and stop (shutdown(SHUT_RD) wakes its recv);
+    ``abort`` shuts the connection down both ways, which also ends a ``sendmsg`` blocked on a
+    peer that reads nothing (whose buffered answers are views of guest RAM)."""
+
+    def __init__(self, transport: asyncio.Transport, answerer: PageAnswerer, *, max_frame: int) -> None:
+        raw = transport.get_extra_info("socket")
+        self.transport = transport
+        self._close_request: tuple[int, str] | None = None
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        transport.pause_reading()  # from here on only the thread reads this connection
+        self._set_up_loop(socket.socket(fileno=os.dup(raw.fileno())), answerer, max_frame)
+        self._thread = threading.Thread(target=self._run, name=f"page-socket-{self._sock.fileno()}", daemon=True)
+
+    @classmethod
+    def take_over(cls, transport: asyncio.Transport, answerer: PageAnswerer, *, max_frame: int) -> ThreadedPageSocket:
+        socket_ = cls(transport, answerer, max_frame=max_frame)
+        socket_._thread.start()
+        return socket_
+
+    def _finished(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._ended)
+        except RuntimeError:  # the loop is closed already: nobody waits for this socket
+            pass
+
     def _ended(self) -> None:
         """On the loop, once the thread is done with the connection (and guest RAM)."""
         self.transport.abort()
         if not self.closed.done():
             self.closed.set_result(None)
 
-    # -- closing (the thread itself, or the loop) ----------------------------------------------
     def close(self, code: int, reason: str = "") -> None:
         """Send a close frame and close the connection (the client need not answer)."""
-        if threading.current_thread() is self._thread:
-            if not self._closing:
-                self._closing = True
-                self._send_close(code, reason)
-            return
-        if self._close_request is None and not self._closing:
+        if threading.current_thread() is self._serving:
+            super().close(code, reason)
+        elif self._close_request is None and not self._closing:
             self._close_request = (code, reason)
             self._shutdown(socket.SHUT_RD)  # the thread's recv returns 0: it sends the frame
+
+    def _close_requested(self) -> tuple[int, str] | None:
+        return self._close_request
 
     def abort(self) -> None:
         """Drop the connection at once, whatever the thread was doing with it."""
         self._shutdown(socket.SHUT_RDWR)
 
-    def _shutdown(self, how: int) -> None:
-        with self._fd_lock:  # never a shutdown of a descriptor number the thread just closed
+
+class WorkerLoop(_BlockingLoop):
+    """The serving loop in a page worker (page_workers.py): the connection's descriptor
+    passed to it, its close requests left on the board by the page server."""
+
+    def __init__(self, fd: int, answerer: PageAnswerer, board: Board, slot: int, *, max_frame: int) -> None:
+        self._set_up_loop(socket.socket(fileno=fd), answerer, max_frame)
+        self._board, self._slot = board, slot
+
+    def _close_requested(self) -> tuple[int, str] | None:
+        return self._board.close_requested(self._slot)
+
+    def run(self) -> None:
+        self._run()
+
+
+class WorkerPageSocket:
+    """One destination's page socket (plain TCP) as the page server sees it while a page worker
+    serves it (page_workers.py): the event loop's transport (reading paused, kept until the
+    worker has ended, then aborted), a duplicate of the descriptor to shut the connection down
+    with, and the worker's pidfd, readable once it has exited. ``close`` leaves the request on
+    the board and wakes the worker's recv (shutdown(SHUT_RD)), as a thread's; ``abort`` shuts the
+    connection down both ways and kills the worker."""
+
+    def __init__(self, transport: asyncio.Transport, board: Board, slot: int) -> None:
+        raw = transport.get_extra_info("socket")
+        self.transport = transport
+        self._board, self._slot = board, slot
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.started: asyncio.Future[bool] = self._loop.create_future()  # True: a worker serves it
+        transport.pause_reading()  # from here on only the worker reads this connection
+        self.sock = socket.socket(fileno=os.dup(raw.fileno()))
+        self.pidfd = -1
+        self._close_asked = False
+
+    def served_by(self, pidfd: int) -> None:
+        """The worker is running (its pidfd is ours): its exit ends the socket."""
+        self.pidfd = pidfd
+        self._loop.add_reader(pidfd, self._ended)
+        if not self.started.done():
+            self.started.set_result(True)
+
+    def _ended(self) -> None:
+        """On the loop, once the worker has exited (it let go of the connection and guest RAM)."""
+        if self.pidfd >= 0:
+            self._loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self._drop()
+
+    def release(self) -> None:
+        """No worker serves it: give the connection back, untouched (reading resumed)."""
+        self.sock.close()
+        self.transport.resume_reading()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def not_served(self) -> None:
+        """No worker took the connection (the fork server failed): the caller serves it."""
+        if not self.started.done():
+            self.started.set_result(False)
+
+    def _drop(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.transport.abort()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame and close the connection (the client need not answer)."""
+        if self._close_asked or self.closed.done():
+            return
+        self._close_asked = True
+        self._board.request_close(self._slot, code, reason)
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # the worker's recv returns 0: it sends the frame
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        """Drop the connection at once and end the worker, whatever it was doing."""
+        if self.closed.done():
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self.pidfd >= 0:
             try:
-                self._sock.shutdown(how)
-            except OSError:  # closed by its thread already
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:  # exited already; _ended follows
                 pass
 
 
 class PageSocket(asyncio.Protocol, _Frames):
     """One destination's page socket, served from the event loop's read callback (TLS)."""
 
-    def __init__(self, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
-                 max_frame: int, answer_page: PageAnswerer | None = None,
+    def __init__(self, transport: asyncio.Transport, answerer: PageAnswerer, *, max_frame: int,
                  previous: asyncio.BaseProtocol | None = None) -> None:
-        self._set_up(transport, answer, on_text, max_frame, answer_page)
+        self.transport = transport
+        self._set_up(answerer, max_frame)
         self._previous = previous  # aiohttp's protocol: told when the connection is lost
         self._buf = bytearray()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
-    def take_over(cls, transport: asyncio.Transport, answer: Answerer, on_text: Answerer, *,
-                  max_frame: int, answer_page: PageAnswerer | None = None) -> PageSocket:
+    def take_over(cls, transport: asyncio.Transport, answerer: PageAnswerer, *, max_frame: int) -> PageSocket:
         previous = transport.get_protocol()
-        socket_ = cls(transport, answer, on_text, max_frame=max_frame, answer_page=answer_page, previous=previous)
+        socket_ = cls(transport, answerer, max_frame=max_frame, previous=previous)
         transport.set_protocol(socket_)
         return socket_
 

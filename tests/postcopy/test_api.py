@@ -36,6 +36,10 @@ async def _raw(client: ApiClient, method: str, path: str, body: Any = None, data
         return resp.status, (await resp.json(content_type=None) if resp.status != 204 else {})
 
 
+def _children(pid: int) -> list[str]:
+    return [c for t in os.listdir(f"/proc/{pid}/task") for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+
+
 # -- a whole migration, through the API alone -----------------------------------------------------
 
 @pytest.mark.integration
@@ -51,7 +55,9 @@ def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tm
                 await asyncio.sleep(0.3)
                 status, before = await _raw(src, "POST", "/v1/vm/sweep")
                 assert status == 200 and before["ok"] is True and before["pages"] > 0
-                status, out = await _raw(src, "PUT", "/v1/migration/outgoing", {"listen": "127.0.0.1:0", "token": TOKEN})
+                # There by threads of the page server, back (the default) by page worker processes.
+                status, out = await _raw(src, "PUT", "/v1/migration/outgoing",
+                                         {"listen": "127.0.0.1:0", "token": TOKEN, "page_workers": False})
                 assert status == 201 and out["role"] == "source" and out["state"] == "listen"
                 assert out["url"].startswith("http://127.0.0.1:")
                 status, inc = await _raw(dst, "PUT", "/v1/migration/incoming", {
@@ -90,6 +96,11 @@ def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tm
                 assert back["verified"] is True and back["guest"]["before"]["swept_pages"] == before["pages"]
                 assert (await src.vm())["origin"] == "migrated" and (await src.vm())["seed"] == 3
                 assert (await dst.migration())["role"] == "source"
+                for _ in range(300):  # the VMM closes its page server once the destination has every page
+                    if not _children(dst_proc.pid):
+                        break
+                    await asyncio.sleep(0.01)
+                assert not _children(dst_proc.pid), "a page worker outlived its migration"
             finally:
                 await asyncio.gather(stop_vmm(src_proc, src), stop_vmm(dst_proc, dst))
         assert src_proc.returncode == 0 and dst_proc.returncode == 0
@@ -142,6 +153,8 @@ def test_bad_requests_get_a_clear_400_or_409_and_change_nothing() -> None:
                  "field 'token' must hold only the characters"),
                 ("PUT", "/v1/migration/outgoing", {"listen": "127.0.0.1:0", "token": "t", "resume": "/tmp/x"}, 400,
                  "give no 'token'"),
+                ("PUT", "/v1/migration/outgoing", {"listen": "127.0.0.1:0", "token": "t", "page_workers": 1}, 400,
+                 "field 'page_workers' must be true or false"),
                 ("PUT", "/v1/migration/incoming", {"source_url": "https://127.0.0.1:9", "token": "t"}, 400,
                  "'source_url' must be https:// exactly when 'tls_ca' is given"),
                 ("PUT", "/v1/migration/incoming", {"source_url": "http://127.0.0.1:9", "token": "t",

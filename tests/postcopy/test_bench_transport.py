@@ -13,7 +13,7 @@ import time
 import pytest
 
 from postcopy.bench import fetch, migrate, stream
-from postcopy.bench.common import percentiles_us, source_process
+from postcopy.bench.common import percentiles_us, source_process, tasks
 from postcopy.bench.fault_vm import scan
 from postcopy.bench.socket_baseline import pingpong_ns, stream_bytes_per_s
 from postcopy.destination.client import SyncPageConnection
@@ -57,20 +57,21 @@ def test_a_source_kept_off_cpus_runs_on_the_others_then_gets_them_back() -> None
     allowed = os.sched_getaffinity(0)
     with source_process(GUEST, 1) as source:
         def affinities() -> set[frozenset[int]]:
-            return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{source.proc.pid}/task")}
+            return {frozenset(os.sched_getaffinity(t)) for t in tasks(source.proc.pid)}
 
         def threads() -> int:
-            return len(os.listdir(f"/proc/{source.proc.pid}/task"))
+            return len(tasks(source.proc.pid))
 
         with source.kept_off(set(allowed)):  # no CPU would be left: nothing changes
             assert affinities() == {frozenset(allowed)}
         if len(allowed) < 2:
             pytest.skip("one CPU here: a source cannot be kept off it")
         cpu = min(allowed)
+        earlier = SyncPageConnection(source.url, source.token)  # a page worker before the block
         with source.kept_off({cpu}):
             assert affinities() == {frozenset(allowed - {cpu})}
             before = threads()
-            conn = SyncPageConnection(source.url, source.token)  # the source starts a socket thread
+            conn = SyncPageConnection(source.url, source.token)  # the source starts a page worker
             try:
                 deadline = time.monotonic() + 10
                 while threads() == before and time.monotonic() < deadline:
@@ -79,6 +80,7 @@ def test_a_source_kept_off_cpus_runs_on_the_others_then_gets_them_back() -> None
             finally:
                 conn.close()
         assert affinities() == {frozenset(allowed)}
+        earlier.close()
 
 
 def test_the_yardsticks_measure_round_trips_and_a_rate() -> None:

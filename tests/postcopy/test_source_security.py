@@ -18,6 +18,7 @@ import pytest
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.retry import FatalFetchError
 from postcopy.destination.run import source_json
+from postcopy.source.answers import Counts
 from postcopy.source.page_server import PageServer
 from postcopy.tls import TlsError, client_context, server_context
 from proto import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION, Complete, ErrorReply, PageBatch, PageRequest, decode_any
@@ -78,7 +79,7 @@ def test_the_fault_paths_one_page_fetch_over_tls(served: Served, tls_files: TlsF
             assert isinstance(address, int)
             assert ctypes.string_at(address, PAGE_SIZE) == served.memory.read(9 * PAGE_SIZE, PAGE_SIZE)
             assert isinstance(zero, PageBatch) and zero.zero == b"\x01"
-            assert [s.pages_answered for s in server._sockets] == [1]
+            assert [server._board.counts(slot)[Counts.FAST_PAGES] for slot in server._sockets.values()] == [1]
         finally:
             await asyncio.to_thread(conn.close)
 

@@ -7,7 +7,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from postcopy.source.page_server import _decode_error_code
+from postcopy.source.answers import decode_error_code as _decode_error_code
 from proto import MAX_BATCH_PAGES, PAGE_SIZE, PROTOCOL_VERSION, REQUEST_KINDS, MemoryRegion, PageRequest, ProtoError
 from proto.version import MAX_GPA, MAX_REQUEST_MESSAGE_BYTES
 

@@ -25,14 +25,16 @@ GUEST_BYTES = 16 << 20
 GPA = 0x200000
 
 
-def serve(body: Callable[[PageServer, Machine, str], Awaitable[None]], *, start: bool = True) -> None:
+def serve(body: Callable[[PageServer, Machine, str], Awaitable[None]], *, start: bool = True,
+          page_workers: bool = True) -> None:
     """A page server over a booted (then paused) memtouch guest; ``body`` runs on its loop and
     calls the blocking client through asyncio.to_thread."""
     async def main() -> None:
         machine, workload = boot_memtouch(GUEST_BYTES, 1, seed=5)
         try:
             await asyncio.sleep(0.1)
-            async with PageServer(machine, token=TOKEN, migration_id="transport-test", workload=workload) as server:
+            async with PageServer(machine, token=TOKEN, migration_id="transport-test", workload=workload,
+                                  page_workers=page_workers) as server:
                 url = await server.start("127.0.0.1", 0)
                 if start:
                     async with aiohttp.ClientSession() as http:
@@ -279,10 +281,22 @@ def test_fixed_layout_requests_out_of_range_or_invalid_get_clear_errors_and_the_
     serve(body)
 
 
+def _pid_of(pidfd: int) -> int:
+    for line in open(f"/proc/self/fdinfo/{pidfd}"):
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"fd {pidfd} is no pidfd")
+
+
 @pytest.mark.usefixtures("kvm_available")
-def test_sockets_answering_on_threads_of_their_own_count_every_request_and_end_with_their_client() -> None:
+@pytest.mark.parametrize("workers", [True, False], ids=["page workers", "threads"])
+def test_sockets_answering_on_their_own_count_every_request_and_end_with_their_client(workers: bool) -> None:
+    """Plain TCP page sockets of a shared-RAM guest are each served by a page worker (a
+    process) unless the server is told otherwise; either way the server counts every answer,
+    and each ends, its worker reaped, when its client closes."""
     async def body(server: PageServer, machine: Machine, url: str) -> None:
         sockets, fetches = 4, 200
+        assert server.page_workers == workers  # memfd RAM: workers unless told
 
         def client(index: int) -> None:
             conn = SyncPageConnection(url, TOKEN)
@@ -295,19 +309,36 @@ def test_sockets_answering_on_threads_of_their_own_count_every_request_and_end_w
                 conn.close()
 
         probe = await asyncio.to_thread(SyncPageConnection, url, TOKEN)
-        assert [type(s).__name__ for s in server._sockets] == ["ThreadedPageSocket"]  # plain TCP
+        (served,) = server._sockets
+        assert type(served).__name__ == ("WorkerPageSocket" if workers else "ThreadedPageSocket")
+        await asyncio.to_thread(probe.fetch, GPA, 1, "demand")  # answered: a worker is set up by now
+        if workers:
+            pid = _pid_of(served.pidfd)  # type: ignore[attr-defined]
+            assert pid != os.getpid() and open(f"/proc/{pid}/comm").read().strip() == "page-worker"
+            # it kept no descriptor but its connection's (no socket, pipe, eventfd or epoll of the
+            # page server's), and it maps guest RAM read-only
+            kept = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) > 2]
+            assert len(kept) == 1 and kept[0].startswith("socket:"), kept
+            ram = [line.split()[1] for line in open(f"/proc/{pid}/maps") if "memfd:" in line and "board" not in line]
+            assert ram and set(ram) == {"r--s"}, ram
         await asyncio.to_thread(probe.close)
+        if workers:
+            for _ in range(300):  # exits, and its fork server collects it
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                await asyncio.sleep(0.01)
+            assert not os.path.exists(f"/proc/{pid}")
         await asyncio.gather(*(asyncio.to_thread(client, i) for i in range(sockets)))
         stats = server.stats()
-        assert stats["requests"]["demand"] == sockets * fetches
-        assert stats["pages_data"] + stats["pages_zero"] == sockets * fetches
-        for _ in range(100):  # each socket's thread ends when its client closes
+        assert stats["requests"]["demand"] == sockets * fetches + 1
+        assert stats["pages_data"] + stats["pages_zero"] == sockets * fetches + 1
+        for _ in range(100):  # each socket's thread or worker ends when its client closes
             if not server._sockets:
                 break
             await asyncio.sleep(0.01)
         assert not server._sockets
 
-    serve(body)
+    serve(body, page_workers=workers)
 
 
 @pytest.mark.parametrize("sent", [0, 1, 3, 4, 5, 9, 10])
