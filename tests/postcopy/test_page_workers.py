@@ -1,0 +1,223 @@
+"""Page workers (source/page_workers.py): a process per plain page socket, forked by the page
+server's fork server; their board (source/answers.py); and what happens when any of them dies."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from postcopy.destination.client import FetchError, SyncPageConnection
+from postcopy.source.answers import Board, Counts
+from postcopy.source.page_server import PageServer
+from postcopy.source.page_socket import ThreadedPageSocket, WorkerPageSocket
+from proto import PAGE_SIZE
+from tests.postcopy.test_transport import GPA, TOKEN, serve
+from vmm.machine import Machine
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in os.listdir(f"/proc/{pid}/task") for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _gone(pids: list[int], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+# -- the board -------------------------------------------------------------------------------------
+
+def test_a_board_gives_zeroed_slots_carries_close_requests_and_runs_out_with_a_clear_none() -> None:
+    board = Board.create()
+    try:
+        slot = board.take_slot()
+        assert slot is not None
+        board.counts(slot)[Counts.FAST_PAGES] = 7
+        assert board.close_requested(slot) is None
+        board.request_close(slot, 1001, "server shutdown " + "x" * 500)  # a reason longer than a slot holds
+        code, reason = board.close_requested(slot)  # type: ignore[misc]
+        assert code == 1001 and reason.startswith("server shutdown") and len(reason) == Board.CLOSE_REASON_MAX
+        board.give_back(slot)
+        again = [board.take_slot() for _ in range(Board.MAX_SLOTS)]
+        assert slot in again and None not in again and board.take_slot() is None
+        assert board.counts(slot).tolist() == [0] * len(Counts.FIELDS) and board.close_requested(slot) is None
+        with pytest.raises(ValueError, match="no slot"):
+            board.counts(Board.MAX_SLOTS)
+        # a worker's view of the same memfd sees the same bytes, and keeps no descriptor
+        fd = os.dup(board.fd)
+        theirs = Board.attach(fd)
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        board.set_state("serving")
+        theirs.counts(3)[Counts.PAGES_DATA] = 5
+        assert theirs.state[0] == 1 and board.counts(3)[Counts.PAGES_DATA] == 5
+    finally:
+        board.close()
+
+
+def test_counts_read_as_the_server_stats_fields() -> None:
+    counts = [0] * len(Counts.FIELDS)
+    counts[Counts.FAST_PAGES], counts[Counts.PAGES_DATA], counts[Counts.REQUESTS["demand"]] = 3, 2, 1
+    counts[Counts.ERRORS[416]] = 4
+    stats = Counts.as_stats(counts)
+    assert stats["pages_data"] == 5 and stats["requests"]["demand"] == 4  # type: ignore[index]
+    assert stats["errors"] == {416: 4}
+
+
+# -- workers through a real page server -----------------------------------------------------------
+
+def _fetch(url: str, gpa: int = GPA) -> SyncPageConnection:
+    conn = SyncPageConnection(url, TOKEN)
+    conn.fetch(gpa, 1, "demand")
+    return conn
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_a_killed_worker_ends_its_socket_and_the_rest_go_on() -> None:
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        first, second = await asyncio.gather(asyncio.to_thread(_fetch, url), asyncio.to_thread(_fetch, url))
+        try:
+            sockets = list(server._sockets)
+            assert all(isinstance(s, WorkerPageSocket) for s in sockets)
+            victim = sockets[0]
+            signal.pidfd_send_signal(victim.pidfd, signal.SIGKILL)  # type: ignore[attr-defined]
+            await asyncio.wait_for(victim.closed, 5)
+            assert victim not in server._sockets
+            answered = 0
+            for conn in (first, second):  # one of them lost its socket; the other still answers
+                try:
+                    batch = await asyncio.to_thread(conn.fetch, GPA + PAGE_SIZE, 1, "demand")
+                except FetchError:  # the killed worker's client: its connection is gone
+                    continue
+                assert batch.data == machine.memory.read(GPA + PAGE_SIZE, PAGE_SIZE)
+                answered += 1
+            assert answered == 1
+            assert server.stats()["requests"]["demand"] >= 3  # the dead worker's counts stay
+        finally:
+            await asyncio.gather(asyncio.to_thread(first.close), asyncio.to_thread(second.close))
+
+    serve(body)
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_without_its_fork_server_a_page_server_serves_by_threads_and_a_dead_one_leaves_no_worker() -> None:
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        conn = await asyncio.to_thread(_fetch, url)
+        try:
+            (worker,) = server._sockets
+            assert isinstance(worker, WorkerPageSocket)
+            workers = server._workers
+            assert workers is not None
+            fork_server = workers._proc.pid
+            pids = _descendants(os.getpid())
+            assert fork_server in pids
+            os.kill(fork_server, signal.SIGKILL)  # its workers die with it (PR_SET_PDEATHSIG)
+            await asyncio.wait_for(worker.closed, 5)
+            later = await asyncio.to_thread(SyncPageConnection, url, TOKEN)
+            try:
+                batch = await asyncio.to_thread(later.fetch, GPA, 1, "demand")
+                assert batch.data == machine.memory.read(GPA, PAGE_SIZE)
+                assert [type(s) for s in server._sockets] == [ThreadedPageSocket]
+                assert not workers.alive
+            finally:
+                await asyncio.to_thread(later.close)
+        finally:
+            await asyncio.to_thread(conn.close)
+
+    serve(body)
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_closing_the_page_server_ends_its_workers_and_its_fork_server() -> None:
+    before = set(_descendants(os.getpid()))
+    left: list[int] = []
+
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        conns = await asyncio.gather(*(asyncio.to_thread(_fetch, url) for _ in range(3)))
+        left.extend(set(_descendants(os.getpid())) - before)
+        assert len(left) == 4  # the fork server and a worker per socket
+        # the clients keep their sockets open: close() must end them, not wait for them
+        for conn in conns:
+            conn.ws.sock.settimeout(5)
+
+    serve(body)  # leaves the PageServer's context: close()
+    assert left and _gone(left, 1.0), [(p, _state(p)) for p in left]
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_a_killed_source_vmm_leaves_no_page_worker() -> None:
+    from postcopy.bench.common import source_process, tasks  # a VMM in a process of its own
+    with source_process(16 << 20, 1) as source:
+        conn = SyncPageConnection(source.url, source.token)
+        try:
+            deadline = time.monotonic() + 10
+            while len(_descendants(source.proc.pid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            family = _descendants(source.proc.pid)
+            assert len(family) == 2, family  # the fork server, one worker
+            assert len(tasks(source.proc.pid)) > len(family)
+            source.proc.kill()
+            source.proc.wait()
+            assert _gone(family), [(p, _state(p)) for p in family]
+        finally:
+            conn.close()
+
+
+def test_the_fork_server_refuses_to_start_without_its_page_server() -> None:
+    """Started with a parent that is not its own (its page server gone already), it exits at
+    once, before it maps or forks anything."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    board = Board.create()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "postcopy.source.page_workers", "--parent", "1",
+                                 "--board", str(board.fd), "--control", str(theirs.fileno())],
+                                pass_fds=(board.fd, theirs.fileno()))
+        theirs.close()
+        assert proc.wait(30) == 0
+        ours.settimeout(5)
+        assert ours.recv(16) == b""  # no READY: the socket just closed
+    finally:
+        ours.close()
+        board.close()
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_a_page_socket_past_the_boards_slots_is_refused_with_503_before_the_upgrade() -> None:
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        taken = []
+        while (slot := server._board.take_slot()) is not None:
+            taken.append(slot)
+        with pytest.raises(Exception, match="503") as refused:
+            await asyncio.to_thread(SyncPageConnection, url, TOKEN)
+        assert "too many page sockets" in str(refused.value)
+        server._board.give_back(taken.pop())
+        conn = await asyncio.to_thread(_fetch, url)  # a slot again: served
+        await asyncio.to_thread(conn.close)
+        assert server.stats()["errors"] == {"503": 1}
+
+    serve(body)
