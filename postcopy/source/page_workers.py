@@ -4,13 +4,13 @@ Why: a thread per socket put the sockets of a destination's vCPUs under one GIL,
 that found it held slept until it was woken across CPUs (tens of us on this host): a fifth of
 the 2-vCPU fault's p99, and it grows with vCPUs (docs/performance.md, fetch).
 
-How: the page server spawns one fork server (``PageWorkers.spawn``): a fresh interpreter, not
-a fork of the VMM. A fork of the VMM would share its memory copy-on-write, and the VMM would
+How: the page server spawns one fork server (``PageWorkers.start``, fork_server.py): a fresh
+interpreter, not a fork of the VMM. A fork of the VMM would share its memory copy-on-write, and the VMM would
 then copy each page it writes first: measured, the source's pause grew by ~3 ms. The fork
 server maps guest RAM read-only from its memfds (or RAM file) and the page server's board
 (answers.Board) from its memfd, then waits on a SOCK_SEQPACKET socket for work: a slot and a
 connection's descriptor (SCM_RIGHTS). For each it forks a worker, which closes everything but
-that connection and serves it (page_socket.WorkerLoop) until the connection ends, and answers
+that connection and serves it (page_loop.WorkerLoop) until the connection ends, and answers
 with the worker's pidfd, through which the page server learns of its end
 (page_socket.WorkerPageSocket). Guest RAM is never written here.
 
@@ -20,50 +20,27 @@ dies with the fork server. So a killed VMM leaves no process serving its guest's
 """
 from __future__ import annotations
 
-import argparse
-import array
 import asyncio
-import gc
 import logging
 import os
-import signal
 import socket
-import struct
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Final
 
-from postcopy.source.answers import Board, PageAnswerer, Span
-from postcopy.source.page_socket import WorkerLoop
-from vmm.libc import PR_SET_PDEATHSIG, map_fd, prctl
+from postcopy.source.fork_server import FD_SPACE, READY, REPLY, REQUEST, received_fds, send_fd
 
 if TYPE_CHECKING:
+    from postcopy.source.answers import Board
     from postcopy.source.page_socket import WorkerPageSocket
     from vmm.memory import GuestMemory
 
-__all__ = ["PageWorkers", "main"]
+__all__ = ["PageWorkers"]
 
 log = logging.getLogger("postcopy.source.page_workers")
 
-REQUEST: Final = struct.Struct("<II")  # slot, max frame; the connection as SCM_RIGHTS
-REPLY: Final = struct.Struct("<Ii")  # slot, 0 or -errno; the worker's pidfd as SCM_RIGHTS
-FD_SPACE: Final = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
-READY: Final = REPLY.pack(0xFFFFFFFF, 0)  # the fork server's first message: it maps what it serves
-REAP_INTERVAL_S: Final = 0.5  # how often an idle fork server collects its workers' exits
 START_TIMEOUT_S: Final = 10.0
 STOP_TIMEOUT_S: Final = 2.0
-
-
-def _send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
-    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-
-
-def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    return list(fds)
 
 
 class PageWorkers:
@@ -107,7 +84,7 @@ class PageWorkers:
         regions = [f"{r.gpa}:{r.size}:{r.fd}:{r.offset}" for r in memory.regions]
         if any(r.fd < 0 for r in memory.regions):
             raise ValueError("page workers need guest RAM with a file descriptor (memfd or file backing)")
-        args = [sys.executable, "-m", "postcopy.source.page_workers", "--parent", str(os.getpid()),
+        args = [sys.executable, "-m", "postcopy.source.fork_server", "--parent", str(os.getpid()),
                 "--board", str(board.fd), "--control", str(theirs.fileno()), *(a for r in regions for a in ("--region", r))]
         try:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
@@ -126,7 +103,7 @@ class PageWorkers:
         if not self.alive:
             return False
         try:
-            _send_fd(self._control, REQUEST.pack(slot, max_frame), socket_.sock.fileno())
+            send_fd(self._control, REQUEST.pack(slot, max_frame), socket_.sock.fileno())
         except OSError as error:  # gone, or (never here) its queue full
             self._failed(f"cannot reach the fork server: {error}")
             return False
@@ -149,7 +126,7 @@ class PageWorkers:
             if not data:
                 self._failed(f"the fork server exited (status {self._proc.poll()})")
                 return
-            fds = _received_fds(ancdata)
+            fds = received_fds(ancdata)
             slot, status = REPLY.unpack(data)
             socket_ = self._waiting.pop(slot, None)
             if status or len(fds) != 1 or socket_ is None:
@@ -187,107 +164,3 @@ class PageWorkers:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             await asyncio.to_thread(self._proc.wait)
-
-
-# -- the fork server ---------------------------------------------------------------------------
-
-def _die_with(parent: int) -> None:
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # gone before the prctl
-        os._exit(0)
-
-
-def _map_regions(regions: list[str]) -> list[Span]:
-    """Guest RAM, read-only: gpa:size:fd:offset per region; the descriptors are closed."""
-    spans: list[Span] = []
-    for text in regions:
-        gpa, size, fd, offset = (int(x) for x in text.split(":"))
-        try:
-            spans.append((gpa, gpa + size, map_fd(fd, size, offset, writable=False)))
-        finally:
-            os.close(fd)
-    return spans
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if not pid:
-            return
-
-
-def _worker(conn_fd: int, control: socket.socket, board: Board, slot: int, spans: list[Span], max_frame: int) -> None:
-    """In the forked worker: serve the connection, then exit."""
-    control.close()  # the page server's requests are the fork server's alone
-    _die_with(os.getppid())
-    with open("/proc/self/comm", "w") as comm:  # what ps and top show
-        comm.write("page-worker")
-    gc.disable()  # the loop makes no cycles; a collection would only pause an answer
-    WorkerLoop(conn_fd, PageAnswerer(board, slot, spans), board, slot, max_frame=max_frame).run()
-
-
-def serve_forever(control: socket.socket, board: Board, spans: list[Span]) -> None:
-    """Fork a worker per request until the page server closes its end."""
-    control.settimeout(REAP_INTERVAL_S)
-    gc.freeze()  # what the workers inherit stays shared: no collection writes to it
-    while True:
-        try:
-            data, ancdata, _, _ = control.recvmsg(REQUEST.size, FD_SPACE)
-        except TimeoutError:
-            _reap()
-            continue
-        if not data:
-            return
-        fds = _received_fds(ancdata)
-        if len(data) != REQUEST.size or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            log.error("a malformed request from the page server: %d bytes, %d descriptors", len(data), len(fds))
-            continue
-        slot, max_frame = REQUEST.unpack(data)
-        try:
-            pid = os.fork()
-        except OSError as error:
-            os.close(fds[0])
-            control.sendall(REPLY.pack(slot, -(error.errno or 1)))
-            continue
-        if pid == 0:
-            status = 1
-            try:
-                _worker(fds[0], control, board, slot, spans, max_frame)
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(fds[0])
-        pidfd = os.pidfd_open(pid)
-        try:
-            _send_fd(control, REPLY.pack(slot, 0), pidfd)
-        finally:
-            os.close(pidfd)
-        _reap()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="postcopy.source.page_workers",
-                                     description="a page server's fork server (started by the page server)")
-    parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--board", type=int, required=True)
-    parser.add_argument("--control", type=int, required=True)
-    parser.add_argument("--region", action="append", default=[], help="gpa:size:fd:offset")
-    args = parser.parse_args(argv)
-    _die_with(args.parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the page server decides
-    logging.basicConfig(level=logging.WARNING, format="page worker %(process)d: %(levelname)s %(message)s")
-    board = Board.attach(args.board)
-    spans = _map_regions(args.region)
-    with socket.socket(fileno=args.control) as control:
-        control.sendall(READY)
-        serve_forever(control, board, spans)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -194,7 +194,7 @@ def test_the_fork_server_refuses_to_start_without_its_page_server() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     board = Board.create()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "postcopy.source.page_workers", "--parent", "1",
+        proc = subprocess.Popen([sys.executable, "-m", "postcopy.source.fork_server", "--parent", "1",
                                  "--board", str(board.fd), "--control", str(theirs.fileno())],
                                 pass_fds=(board.fd, theirs.fileno()))
         theirs.close()
