@@ -18,6 +18,7 @@ import socket
 import struct
 from typing import Final
 
+from postcopy.logs import LOG_FORMAT_ENV, LOG_FORMATS, VERBOSE_ENV, setup_logging
 from postcopy.source.answers import Board, PageAnswerer, Span
 from postcopy.source.page_loop import WorkerLoop
 from vmm.libc import PR_SET_PDEATHSIG, map_fd, prctl
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _die_with(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the page server decides
-    logging.basicConfig(level=logging.WARNING, format="page worker %(process)d: %(levelname)s %(message)s")
+    fmt = os.environ.get(LOG_FORMAT_ENV, "text")  # as its page server logs (logs.child_env)
+    setup_logging(os.environ.get(VERBOSE_ENV) == "1", fmt if fmt in LOG_FORMATS else "text")  # type: ignore[arg-type]
     board = Board.attach(args.board)
     spans = _map_regions(args.region)
     with socket.socket(fileno=args.control) as control:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Final
 
+from postcopy.logs import child_env
 from postcopy.source.fork_server import FD_SPACE, READY, REPLY, REQUEST, received_fds, send_fd
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class PageWorkers:
         args = [sys.executable, "-m", "postcopy.source.fork_server", "--parent", str(os.getpid()),
                 "--board", str(board.fd), "--control", str(theirs.fileno()), *(a for r in regions for a in ("--region", r))]
         try:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=dict(os.environ, **child_env()),
                                     pass_fds=(board.fd, theirs.fileno(), *(r.fd for r in memory.regions)))
         except BaseException:
             ours.close()
