@@ -74,10 +74,11 @@ def _reap() -> None:
             return
 
 
-def _worker(conn_fd: int, control: socket.socket, board: Board, slot: int, spans: list[Span], max_frame: int) -> None:
+def _worker(conn_fd: int, control: socket.socket, board: Board, slot: int, spans: list[Span], max_frame: int,
+            fork_server: int) -> None:
     """In the forked worker: serve the connection, then exit."""
     control.close()  # the page server's requests are the fork server's alone
-    _die_with(os.getppid())
+    _die_with(fork_server)
     with open("/proc/self/comm", "w") as comm:  # what ps and top show
         comm.write("page-worker")
     gc.disable()  # the loop makes no cycles; a collection would only pause an answer
@@ -87,6 +88,7 @@ def _worker(conn_fd: int, control: socket.socket, board: Board, slot: int, spans
 def serve_forever(control: socket.socket, board: Board, spans: list[Span]) -> None:
     """Fork a worker per request until the page server closes its end."""
     control.settimeout(REAP_INTERVAL_S)
+    me = os.getpid()
     gc.freeze()  # what the workers inherit stays shared: no collection writes to it
     while True:
         try:
@@ -112,7 +114,7 @@ def serve_forever(control: socket.socket, board: Board, spans: list[Span]) -> No
         if pid == 0:
             status = 1
             try:
-                _worker(fds[0], control, board, slot, spans, max_frame)
+                _worker(fds[0], control, board, slot, spans, max_frame, me)
                 status = 0
             finally:
                 os._exit(status)
