@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -130,16 +131,19 @@ class PageWorkers:
             fds = received_fds(ancdata)
             slot, status = REPLY.unpack(data)
             socket_ = self._waiting.pop(slot, None)
-            if status or len(fds) != 1 or socket_ is None:
-                for fd in fds:
-                    os.close(fd)
-                if socket_ is not None:
-                    socket_.not_served()
-                self.alive = False  # a fork failed: threads from now on
-                log.error("page worker for slot %d not started: %s", slot,
-                          os.strerror(-status) if status else "no pidfd in the fork server's answer")
+            if not status and len(fds) == 1 and socket_ is not None:
+                socket_.served_by(fds[0])
                 continue
-            socket_.served_by(fds[0])
+            for fd in fds:
+                if socket_ is None:  # a worker for a connection nobody waits for: it must not serve
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+            if socket_ is not None:
+                socket_.not_served()
+            if status:
+                self.alive = False  # a fork failed: threads from now on
+            log.error("page worker for slot %d: %s", slot, os.strerror(-status) if status else
+                      "no pidfd in the fork server's answer" if socket_ is not None else "no socket waits for it")
 
     def _failed(self, why: str) -> None:
         """No workers any more: the fork server is killed, and its workers with it (a late
