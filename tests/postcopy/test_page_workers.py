@@ -221,3 +221,75 @@ def test_a_page_socket_past_the_boards_slots_is_refused_with_503_before_the_upgr
         assert server.stats()["errors"] == {"503": 1}
 
     serve(body)
+
+
+class _Waiting:
+    """A WorkerPageSocket's part that PageWorkers talks to."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.calls: list[object] = []
+
+    def served_by(self, pidfd: int) -> None:
+        self.calls.append(("served", pidfd))
+
+    def not_served(self) -> None:
+        self.calls.append("not served")
+
+
+class _Proc:
+    def __init__(self) -> None:
+        self.killed = False
+
+    def poll(self) -> int | None:
+        return None
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def test_the_page_server_takes_every_answer_of_a_fork_server_as_it_comes() -> None:
+    """A worker started, a fork that failed (threads from then on), a worker for a slot nobody
+    waits for (killed), and a fork server gone (every waiting socket told, the server killed)."""
+    from postcopy.source.fork_server import REPLY, send_fd
+    from postcopy.source.page_workers import PageWorkers
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        proc = _Proc()
+        workers = PageWorkers(proc, ours)  # type: ignore[arg-type]
+        served, failed, left = _Waiting(), _Waiting(), _Waiting()
+        try:
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            pidfd = os.pidfd_open(child.pid)
+            for slot, waiting in ((1, served), (2, failed), (4, left)):
+                workers._waiting[slot] = waiting  # type: ignore[assignment]
+            send_fd(theirs, REPLY.pack(1, 0), pidfd)
+            theirs.send(REPLY.pack(2, -11))  # EAGAIN: the fork failed
+            send_fd(theirs, REPLY.pack(3, 0), pidfd)  # slot 3: nobody waits
+            for _ in range(100):
+                if served.calls and failed.calls and child.poll() is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert served.calls and served.calls[0][0] == "served"  # type: ignore[index]
+            assert failed.calls == ["not served"] and not workers.alive  # threads from now on
+            assert child.wait(5) == -signal.SIGKILL  # the orphan worker was killed
+            theirs.close()  # the fork server goes
+            for _ in range(100):
+                if left.calls:
+                    break
+                await asyncio.sleep(0.01)
+            assert left.calls == ["not served"] and proc.killed
+        finally:
+            os.close(pidfd)
+            for call in served.calls:
+                os.close(call[1])  # type: ignore[index]
+            for w in (served, failed, left):
+                w.sock.close()
+            await workers.close()
+
+    asyncio.run(scenario())
