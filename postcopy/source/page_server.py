@@ -149,7 +149,7 @@ class PageServer:
     async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> str:
         """Listen on host:port only (0 picks a free port), with TLS if ``ssl_context`` is
         given; returns the base URL."""
-        if self.page_workers and self._workers is None:
+        if self.page_workers and ssl_context is None and self._workers is None:  # TLS: the loop answers
             self._workers = await PageWorkers.start(self._board, self.memory)
         self._runner = web.AppRunner(make_app(self), handle_signals=False, access_log=None)
         await self._runner.setup()

@@ -80,6 +80,7 @@ def test_the_fault_paths_one_page_fetch_over_tls(served: Served, tls_files: TlsF
             assert ctypes.string_at(address, PAGE_SIZE) == served.memory.read(9 * PAGE_SIZE, PAGE_SIZE)
             assert isinstance(zero, PageBatch) and zero.zero == b"\x01"
             assert [server._board.counts(slot)[Counts.FAST_PAGES] for slot in server._sockets.values()] == [1]
+            assert server._workers is None  # no fork server where every socket is TLS
         finally:
             await asyncio.to_thread(conn.close)
 
