@@ -98,6 +98,7 @@ def register_source(registry: Registry, server: PageServer) -> None:
     requests = registry.counter("postcopy_source_requests_total", "page requests answered, by kind", ("kind",))
     errors = registry.counter("postcopy_source_errors_total", "error replies sent, by status code", ("code",))
     header = registry.gauge("postcopy_source_header_bytes", "size of the migration header sent at switchover")
+    sockets = registry.gauge("postcopy_source_page_sockets", "page sockets open, by what serves them", ("served_by",))
     verified = registry.gauge("postcopy_guest_pages_verified", "pages the guest has verified (its own count)")
 
     def collect() -> None:
@@ -111,6 +112,8 @@ def register_source(registry: Registry, server: PageServer) -> None:
         for code, n in stats["errors"].items():
             errors.set(n, code=code)
         header.set(stats["header_bytes"])
+        for served_by, n in stats["page_sockets"].items():
+            sockets.set(n, served_by=served_by)
         if server.machine is not None:  # a page server resumed from its state directory has no guest
             verified.set(server.machine.services.verified)
     registry.set_collector("source", collect)

@@ -50,6 +50,7 @@ PROGRESS_INTERVAL_S: Final = 0.02
 # the zero map is built on an executor thread while the loop answers the resumed guest's faults.
 SERVING_SWITCH_INTERVAL_S: Final = 0.0002
 
+SERVED_BY: Final = {WorkerPageSocket: "worker", ThreadedPageSocket: "thread", PageSocket: "loop"}
 _AUTH: Final = web.AppKey("auth", bytes)
 _SERVER: Final = web.AppKey("server", "PageServer")
 
@@ -219,9 +220,18 @@ class PageServer:
             stats["errors"][code] = stats["errors"].get(code, 0) + n
         stats["state"] = self.state.value
         stats["errors"] = {str(code): n for code, n in stats["errors"].items()}
+        stats["page_sockets"] = self.page_sockets()
         if self._stats.completed_ns:
             stats["pause_to_complete_s"] = (self._stats.completed_ns - self._stats.started_ns) / 1e9
         return stats
+
+    def page_sockets(self) -> dict[str, int]:
+        """The page sockets open now, by what serves them: a page worker, a thread of this
+        process, or the event loop (TLS)."""
+        by = dict.fromkeys(SERVED_BY.values(), 0)
+        for socket in self._sockets:
+            by[SERVED_BY[type(socket)]] += 1
+        return by
 
     def _to(self, new: MigrationState, why: str, *args: object, level: int = logging.INFO, **fields: object) -> None:
         """The one place the state changes: one structured log event per transition."""

@@ -143,6 +143,9 @@ def test_timeline_and_metrics_agree_with_the_report() -> None:
     assert served == sorted(served)
     paused = [x for x in scraped if value(x, "postcopy_migration_state", side="source", state="running") == 0]
     assert paused, "no scrape while the source served its pages"
+    # the destination's sockets, open while it pulls pages: page workers (memfd RAM), no threads
+    assert max(value(x, "postcopy_source_page_sockets", served_by="worker") for x in paused) >= 1
+    assert {value(x, "postcopy_source_page_sockets", served_by="thread") for x in paused} == {0}
     for x in paused:
         assert value(x, "postcopy_source_header_bytes") == report["header_bytes"]
         assert value(x, "postcopy_guest_pages_verified") == src["verified"][-1]  # frozen at the pause

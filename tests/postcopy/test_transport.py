@@ -311,6 +311,7 @@ def test_sockets_answering_on_their_own_count_every_request_and_end_with_their_c
         probe = await asyncio.to_thread(SyncPageConnection, url, TOKEN)
         (served,) = server._sockets
         assert type(served).__name__ == ("WorkerPageSocket" if workers else "ThreadedPageSocket")
+        assert server.stats()["page_sockets"] == {"worker": int(workers), "thread": int(not workers), "loop": 0}
         await asyncio.to_thread(probe.fetch, GPA, 1, "demand")  # answered: a worker is set up by now
         if workers:
             pid = _pid_of(served.pidfd)  # type: ignore[attr-defined]
