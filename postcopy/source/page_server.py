@@ -8,7 +8,6 @@ Every error is an ErrorReply (msgpack), as an HTTP body or as a WebSocket frame.
 from __future__ import annotations
 
 import asyncio
-import enum
 import hmac
 import logging
 import ssl
@@ -23,7 +22,7 @@ from aiohttp import WSCloseCode, web
 from postcopy.observe.collect import register_source
 from postcopy.observe.prometheus import Registry, metrics_handler
 from postcopy.observe.series import Sampler, Series
-from postcopy.source.answers import Board, Counts, PageAnswerer, error_body
+from postcopy.source.answers import Board, Counts, MigrationState, PageAnswerer, error_body
 from postcopy.source.export import ExportError, export, zero_map
 from postcopy.source.page_socket import PageSocket, ServedSocket, ThreadedPageSocket, WorkerPageSocket
 from postcopy.source.page_workers import PageWorkers
@@ -53,13 +52,6 @@ SERVING_SWITCH_INTERVAL_S: Final = 0.0002
 SERVED_BY: Final = {WorkerPageSocket: "worker", ThreadedPageSocket: "thread", PageSocket: "loop"}
 _AUTH: Final = web.AppKey("auth", bytes)
 _SERVER: Final = web.AppKey("server", "PageServer")
-
-
-class MigrationState(enum.Enum):
-    RUNNING = "running"
-    SERVING = "serving"
-    COMPLETED = "completed"
-    FAILED = "failed"
 
 
 @dataclass(slots=True)

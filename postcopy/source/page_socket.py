@@ -137,7 +137,11 @@ class WorkerPageSocket:
             self._loop.remove_reader(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
-        self._drop()
+        self._shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.transport.abort()
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def release(self) -> None:
         """No worker serves it: give the connection back, untouched (reading resumed)."""
@@ -151,15 +155,11 @@ class WorkerPageSocket:
         if not self.started.done():
             self.started.set_result(False)
 
-    def _drop(self) -> None:
+    def _shutdown(self, how: int) -> None:
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+            self.sock.shutdown(how)
+        except OSError:  # gone already
             pass
-        self.sock.close()
-        self.transport.abort()
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def close(self, code: int, reason: str = "") -> None:
         """Send a close frame and close the connection (the client need not answer)."""
@@ -167,19 +167,13 @@ class WorkerPageSocket:
             return
         self._close_asked = True
         self._board.request_close(self._slot, code, reason)
-        try:
-            self.sock.shutdown(socket.SHUT_RD)  # the worker's recv returns 0: it sends the frame
-        except OSError:
-            pass
+        self._shutdown(socket.SHUT_RD)  # the worker's recv returns 0: it sends the frame
 
     def abort(self) -> None:
         """Drop the connection at once and end the worker, whatever it was doing."""
         if self.closed.done():
             return
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._shutdown(socket.SHUT_RDWR)
         if self.pidfd >= 0:
             try:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
