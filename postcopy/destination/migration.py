@@ -140,7 +140,6 @@ class Destination:
         self._vcpu_connections: list[RetryingSyncConnection] = []
         self._prefetch_connections: list[RetryingSyncConnection] = []  # a scanning vCPU's prefetcher each
         self._background_connections: list[RetryingSyncConnection] = []  # pipelined, a thread each
-        self._classic_cpus: list[int | None] = []  # classic mode: where prepare() pinned the vCPUs
         self._started_ns = 0
         self._done_ns = 0
         self.error: str | None = None
@@ -210,11 +209,11 @@ class Destination:
         self._to(DestinationState.LISTEN)
 
     def _park_vcpus(self) -> None:
-        """Start the vCPU threads now, parked before their first KVM_RUN: starting a thread
-        waits until it runs, one wake-up per vCPU that a busy host delays, and the switchover
-        then only releases them (their state is restored while they wait). What a vCPU thread
-        reads as it starts is set first: the exit-mode fault handler (it blocks SIGBUS there),
-        its CPU (both modes pin the vCPUs)."""
+        """Start the vCPU threads now, parked before their first KVM_RUN, and in classic mode
+        the fault handler's threads: starting a thread waits until it runs, one wake-up per
+        thread that a busy host delays, and the switchover then only releases the vCPUs (their
+        state is restored while they wait). What a vCPU thread reads as it starts is set first:
+        the exit-mode fault handler (it blocks SIGBUS there), its CPU (both modes pin the vCPUs)."""
         assert self.machine and self.installer
         # vCPUs pinned round robin in both modes: the classic handler is placed beside them (one
         # per CPU they use), and in exit mode a vCPU thread's fetch pairs with the source's
@@ -227,11 +226,14 @@ class Destination:
             prefetch = self._prefetch_connections or [None] * len(self.machine.vcpus)
             for thread, conn, ahead in zip(self.machine.vcpus, self._vcpu_connections, prefetch):
                 self.resolver.prepare(thread, conn, ahead)
-        else:
-            self._classic_cpus = list(cpus)  # the best classic handler: one pinned handler per CPU
         for thread in self.machine.vcpus:
             thread.pause()  # not started yet: it parks as soon as it starts
         self.machine.start()
+        if self.fault_mode == "classic":  # one pinned handler per CPU the vCPUs use; it polls until a fault
+            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections),
+                                          cpus=list(cpus), readahead_base=self.readahead_base,
+                                          readahead_max=self.readahead_max, vcpus=self.machine.vcpus)
+            self.classic.start()
 
     def _open_sync(self, max_message: int = MAX_WS_MESSAGE, poll_ns: int = 0) -> SyncPageConnection:
         return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
@@ -269,11 +271,6 @@ class Destination:
         for run in header.eager:
             self.installer.install_run(run.gpa, run.data, Arrival.EAGER)
         vmstate.restore(self.machine, header.vcpus, header.vm_state, header.devices)
-        if self.fault_mode == "classic":
-            self.classic = ClassicHandler(self.uffd, self.installer, list(self._vcpu_connections),
-                                          cpus=self._classic_cpus, readahead_base=self.readahead_base,
-                                          readahead_max=self.readahead_max, vcpus=self.machine.vcpus)
-            self.classic.start()
         self.machine.resume()  # the vCPU threads parked in prepare() enter the guest
         self._started_ns = time.monotonic_ns()
         self._sample(self._started_ns)  # the series start at the resume, whenever the loop gets to sample

@@ -39,3 +39,30 @@ def test_a_single_vcpu_polls_for_its_pages_and_every_vcpu_is_pinned() -> None:
                 assert cpus == vcpu_cpus(vcpus), (mode, vcpus)
     finally:
         machine.close()
+
+
+def test_classic_mode_starts_its_handler_threads_before_the_switchover_and_close_ends_them() -> None:
+    """The classic handler's threads start in prepare(), pinned beside the vCPUs, so that the
+    switchover (the downtime) only releases the vCPUs; a destination closed without a
+    switchover stops them."""
+    machine, workload = boot_memtouch(GUEST, 2, seed=5)
+    try:
+        with SourceThread(machine, workload) as source:
+            async def prepare() -> tuple[list[int | None], list[bool], list[bool]]:
+                dest = Destination(source.url, TOKEN, fault_mode="classic")
+                try:
+                    await dest.prepare(GUEST, 2)
+                    assert dest.classic is not None and dest.state.value == "listen"
+                    threads = [h.thread for h in dest.classic.handlers]
+                    running = [t is not None and t.is_alive() for t in threads]
+                    cpus = [h.cpu for h in dest.classic.handlers]
+                finally:
+                    await dest.close()
+                return cpus, running, [t is not None and t.is_alive() for t in threads]
+
+            cpus, running, after_close = asyncio.run(prepare())
+            assert cpus == sorted(set(vcpu_cpus(2)))
+            assert running == [True] * len(cpus)
+            assert after_close == [False] * len(cpus)
+    finally:
+        machine.close()
