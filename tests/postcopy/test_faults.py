@@ -179,7 +179,6 @@ def test_real_exits_on_missing_data_and_code_pages_are_resolved(write: bool) -> 
             uffd.copy(memory.hva(gpa, PAGE_SIZE), ctypes.cast(image[gpa:gpa + PAGE_SIZE], ctypes.c_void_p).value, PAGE_SIZE)
     m = Machine.create(MachineConfig(MEM, 1), memory=memory)
     try:
-        from postcopy.source.eager import eager_pages  # noqa: F401 - the same boot as the source
         boot = Machine.create(MachineConfig(MEM, 1))
         boot.boot(program, params)
         from vmm import state
