@@ -44,7 +44,7 @@ QUICK_MIB, FULL_MIB = 24, 256
 # (p50 57 against 51; at 1 vCPU 91 against 89). That start is 17% of a 24 MiB scan's faults
 # and 2% of the full run's 256 MiB one, so the quick figure measured the start more than the
 # full run does; at 64 MiB it is 6%. Four scans, not two: the 2-vCPU fetch runs in a fast or a
-# slow mode scan by scan (p50 ~40 or ~60 us; docs/performance.md, fetch), so the pooled p99 of
+# slow mode scan by scan (p50 ~40 or ~60 us; docs/perf/journal.md, fetch), so the pooled p99 of
 # two scans was mostly a draw of the modes (six 2-vCPU scans back to back: p99 94-141 us).
 QUICK_FAULT_MIB, QUICK_SCANS = 64, 4
 SOURCE_VCPUS = 2

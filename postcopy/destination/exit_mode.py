@@ -41,7 +41,7 @@ def fetch_poll_ns(vcpus: int) -> int:
     """The polling a VM's vCPU connections get: only a VM's single vCPU thread polls. With
     several, the polling thread takes back the GIL between its tries before a thread that
     waits for it wakes up (a wake-up across CPUs), and the others' faults wait up to the
-    switch interval: at 2 vCPUs polling made fetch p50 and p99 worse (docs/performance.md)."""
+    switch interval: at 2 vCPUs polling made fetch p50 and p99 worse (docs/perf/journal.md, fetch)."""
     return FETCH_POLL_NS if vcpus == 1 else 0
 
 

@@ -218,7 +218,7 @@ class Destination:
         # vCPUs pinned round robin in both modes: the classic handler is placed beside them (one
         # per CPU they use), and in exit mode a vCPU thread's fetch pairs with the source's
         # thread for its socket on its CPU instead of chasing it across CPUs (2 vCPUs: fetch
-        # p99 ~170 against ~210 us unpinned, docs/performance.md).
+        # p99 ~170 against ~210 us unpinned, docs/perf/journal.md).
         cpus = place_vcpus(self.machine.vcpus)
         if self.fault_mode == "exit":
             self.resolver = ExitModeResolver(self.installer, readahead_base=self.readahead_base,

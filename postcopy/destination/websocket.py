@@ -185,7 +185,7 @@ class BlockingWebSocket:
         """The fault path's round trip: send_frame(frame), then recv_known(head, total), with
         the usual case (nothing buffered, no polling, the answer whole in one recv) taken in
         this frame: at 2 vCPUs each Python call is more time under the GIL that the other vCPU
-        thread waits for (docs/performance.md). Anything else goes on the general way."""
+        thread waits for (docs/perf/journal.md, fetch). Anything else goes on the general way."""
         sock = self.sock
         if sock is None or self._start != self._end or self.poll_ns:
             self.send_frame(frame)

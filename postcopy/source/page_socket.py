@@ -11,7 +11,7 @@ answered here, the guest's pages going out as views of its RAM (no copy).
   (``WorkerLoop``) in a page worker, a process of its own per socket (page_workers.py), so
   that each socket has a GIL of its own. With a thread each, the sockets of a destination's
   vCPUs took turns on one GIL, and a thread that found it held slept until it was woken across
-  CPUs: a fifth of the 2-vCPU fault's p99 (docs/performance.md).
+  CPUs: a fifth of the 2-vCPU fault's p99 (docs/perf/journal.md, fetch).
 - ``PageSocket`` (TLS, whose bytes only the event loop's SSL transport can read): the same
   answers from inside ``data_received``, one ``writelines`` each.
 

@@ -2,7 +2,7 @@
 
 Why: a thread per socket put the sockets of a destination's vCPUs under one GIL, and a thread
 that found it held slept until it was woken across CPUs (tens of us on this host): a fifth of
-the 2-vCPU fault's p99, and it grows with vCPUs (docs/performance.md, fetch).
+the 2-vCPU fault's p99, and it grows with vCPUs (docs/perf/journal.md, fetch).
 
 How: the page server spawns one fork server (``PageWorkers.start``, fork_server.py): a fresh
 interpreter, not a fork of the VMM. A fork of the VMM would share its memory copy-on-write, and the VMM would
