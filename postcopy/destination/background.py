@@ -26,8 +26,9 @@ from proto import PageRequest
 log = logging.getLogger("postcopy.background")
 # 1 MiB a request, two in flight: the source builds the next batch while this one installs, and
 # a batch is received, decoded, verified and installed while it is still in this CPU's cache (the
-# L2 here is 1 MiB a core). Measured side by side (docs/performance.md): 15-18% faster than
-# 512-page batches 4 deep, whose 8 MiB in flight went through memory four times.
+# L2 here is 1 MiB a core). Measured side by side (2026-11-25): 15-18% faster than 512-page
+# batches 4 deep, whose 8 MiB in flight went through memory four times; larger batches or more
+# in flight alone gained nothing since (docs/performance.md, stream).
 DEFAULT_BATCH_PAGES = 256
 DEFAULT_DEPTH = 2
 # Two streams, a thread each: one's recv overlaps the other's UFFDIO_COPY (both release the GIL).

@@ -3,7 +3,7 @@
 Every page still missing is a fault to come, and the source must stay up until the last one, so
 a destination that shares its CPUs with a busy guest runs the guest's vCPU threads at
 POSTCOPY_VCPU_NICE until every page is present, then sets them back. Measured side by side on
-this 2-core host (docs/performance.md), a busy 2-vCPU guest with 768 MiB of 1 GiB written:
+this 2-core host (docs/performance.md), a busy 2-vCPU guest with 767 MiB of 1 GiB written:
 0.80-1.08 s to completion at nice 0, 0.53-0.56 s at 10, the guest's CPU time meanwhile 0.7-1.0
 -> ~0.2 s. A vCPU that exits on a missing page fetches it at its own priority, since that
 fetch is the transfer's most urgent work (exit mode, GuestNice.urgent): in a 256 MiB demo-like
