@@ -128,14 +128,14 @@ def _readahead_result(opts: BenchOptions, source: Source, header: MigrationHeade
     return {
         "guest_mib": source.mem_bytes // MiB,
         "p50_us": p50, "p99_us": p99,
-        "ratio_p50_to_socket": round(p50 / sock["p50"], 3),
+        "ratio_p50_to_socket": p50 / sock["p50"],
         "vcpus": single,
         "socket": sock,
         "readahead_pages_s": scan_rate,
         "readahead": readahead,
         "stream_pages_s": streamed["pages_s"],
         "stream_runs_pages_s": [t["pages_s"] for t in streams],
-        "readahead_ratio_to_stream": round(scan_ratio, 3),
+        "readahead_ratio_to_stream": scan_ratio,
     }
 
 

@@ -115,7 +115,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         return {"skipped": m["limit_skipped"]}
     runs = m["rates"]["limit"]
     out: dict[str, Any] = pagein.medians(runs)
-    out["ratio_exit_classic"] = {v: round(paired_ratio(runs["exit"][v], runs["classic"][v]), 3) for v in runs["exit"]}
+    out["ratio_exit_classic"] = {v: paired_ratio(runs["exit"][v], runs["classic"][v]) for v in runs["exit"]}
     out["mem_mib"], out["pages"], out["repeat"] = m["mem_mib"], m["pages"], m["repeat"]
     out["naive_repeat"] = m["naive_repeat"]
     out["runs"] = m["rates"]["limit"]

@@ -75,7 +75,7 @@ def run(opts: BenchOptions) -> list[dict[str, Any]]:
                                capture_output=True, timeout=CHILD_TIMEOUT_S, check=False,
                                preexec_fn=ends_with_parent())
         if child.returncode:
-            raise RuntimeError(f"migration of {guest_mib} MiB failed: {child.stderr.decode()[-2000:]}")
+            raise BenchError(f"migration of {guest_mib} MiB failed: {child.stderr.decode()[-2000:]}")
         rows.append(json.loads(child.stdout))
     return rows
 
@@ -85,7 +85,7 @@ def add_stream_bound(rows: list[dict[str, Any]], stream_mib_s: float) -> None:
     for a mostly written guest is 1.3 x guest size / stream rate (``ratio_to_stream``)."""
     for r in rows:
         r["stream_bound_ms"] = round(r["guest_mib"] / stream_mib_s * 1000, 1)
-        r["ratio_to_stream"] = round(r["total_ms"] / r["stream_bound_ms"], 2)
+        r["ratio_to_stream"] = r["total_ms"] / r["stream_bound_ms"]
 
 
 def table(result: list[dict[str, Any]]) -> list[str]:

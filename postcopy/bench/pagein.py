@@ -36,7 +36,7 @@ from postcopy.destination.install import Installer
 from postcopy.destination.migration import SWITCH_INTERVAL_S
 from postcopy.destination.pages import Arrival, PageTracker
 from postcopy.observe.faultlog import latencies_ns
-from vmm.abi.userfaultfd import UFFD_FEATURE_SIGBUS
+from vmm.abi.userfaultfd import UFFD_FEATURE_SIGBUS, UFFD_FEATURE_THREAD_ID
 from vmm.guest import touch
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
 from vmm.guest.workloads import plan
@@ -91,7 +91,9 @@ def run_python(image: SourceImage, mode: str, vcpus: int, handler_ns: array | No
     classic: ClassicHandler | None = None
     resolver: ExitModeResolver | None = None
     try:
-        uffd = Uffd(UFFD_FEATURE_SIGBUS if mode == "exit" else 0)
+        # As the destination opens it (Destination.prepare): classic's messages name their
+        # thread, and its handler records each fault against that vCPU.
+        uffd = Uffd(UFFD_FEATURE_SIGBUS if mode == "exit" else UFFD_FEATURE_THREAD_ID)
         for region in memory.regions:
             uffd.register(region.hva, region.size)
         tracker = PageTracker(memory)
@@ -105,10 +107,12 @@ def run_python(image: SourceImage, mode: str, vcpus: int, handler_ns: array | No
         elif mode == "classic":
             cpus: list[int | None] = list(place_vcpus(machine.vcpus))
             classic = ClassicHandler(uffd, installer, [LocalPageConnection(image) for _ in cpus],  # type: ignore[misc]
-                                     cpus=cpus, readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
+                                     cpus=cpus, readahead_base=ONE_PAGE, readahead_max=ONE_PAGE,
+                                     vcpus=machine.vcpus)
         elif mode == "classic-naive":
             classic = ClassicHandler.naive(uffd, installer, LocalPageConnection(image),  # type: ignore[arg-type]
-                                           readahead_base=ONE_PAGE, readahead_max=ONE_PAGE)
+                                           readahead_base=ONE_PAGE, readahead_max=ONE_PAGE,
+                                           vcpus=machine.vcpus)
         else:
             raise BenchError(f"unknown page-in mode {mode!r}; known: {', '.join(MODES)}")
         if classic is not None:
@@ -177,6 +181,7 @@ def measure(opts: BenchOptions) -> dict[str, Any]:
             c_limit = limit.Limit.build()
         except limit.LimitUnavailable as e:
             skipped = str(e)
+    switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the destination runs
     image = SourceImage(size) if python else None
     dumps = {v: limit.dump_guest(size, v) for v in opts.vcpus} if c_limit is not None else {}
@@ -197,11 +202,14 @@ def measure(opts: BenchOptions) -> dict[str, Any]:
         for samples in handler_ns.values():
             del samples[:]
         for round_ in range(opts.repeat):
-            for who, mode, v, once in runs:
+            # Every other round in the opposite order (C before Python, classic before exit):
+            # what a run leaves behind (freed memory, caches) meets each side alike.
+            for who, mode, v, once in runs if round_ % 2 == 0 else reversed(runs):
                 if mode == "classic-naive" and round_ >= naive_repeat:
                     continue
                 rates[who].setdefault(mode, {}).setdefault(str(v), []).append(once())
     finally:
+        sys.setswitchinterval(switch_interval)
         for path in dumps.values():
             limit.remove_dump(path)
     result = {"mem_mib": size >> 20, "pages": data_pages(size), "repeat": opts.repeat,
@@ -219,7 +227,7 @@ def medians(rates: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, flo
 
 
 def _ratio(a: list[float], b: list[float]) -> float:
-    return round(paired_ratio(a, b), 3)
+    return paired_ratio(a, b)  # not rounded: targets compare the figure itself
 
 
 def run(opts: BenchOptions) -> dict[str, Any]:

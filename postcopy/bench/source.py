@@ -26,7 +26,8 @@ class SourceImage:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.buffer = mmap.mmap(-1, size)
+        # Private anonymous memory, as the C limit's source (a shared one would be shmem).
+        self.buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(self.buffer)), FILL, size)
         first = DATA_GPA // PAGE_SIZE
         qwords = memoryview(self.buffer).cast("Q")

@@ -9,13 +9,14 @@ import io
 import json
 import os
 import signal
+import sys
 import threading
 from array import array
 
 import pytest
 
 from postcopy import cli
-from postcopy.bench import BenchError, limit, pagein, paired_ratio, runner
+from postcopy.bench import BenchError, BenchOptions, limit, pagein, paired_ratio, runner
 from postcopy.bench.source import SourceImage
 from postcopy.destination import classic_mode, exit_mode
 from postcopy.destination.pages import PRESENT, Arrival, PageTracker
@@ -78,6 +79,48 @@ def test_the_classic_handler_loop_serves_a_read_of_one_fault_itself(image: Sourc
     tracker, = trackers
     assert tracker.all_present.is_set() and tracker.counts[Arrival.DEMAND] == pages == len(tracker.created)
     assert tracker.state.count(PRESENT) == tracker.npages and tracker.arrival.count(Arrival.DEMAND) == pages
+
+
+@pytest.mark.parametrize("mode", ["classic", "classic-naive"])
+def test_the_bench_sets_up_classic_as_the_destination_does(image: SourceImage, mode: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each fault message names its thread (UFFD_FEATURE_THREAD_ID) and the handler knows the
+    # vCPU threads, as in Destination.prepare: every fault is logged against its vCPU through
+    # the handler's one-entry cache. A handler set up without them would log each fault
+    # against no vCPU, through a slower path, and understate classic against exit.
+    logs: list[dict[int, int]] = []
+    close = classic_mode.ClassicHandler.close
+    monkeypatch.setattr(classic_mode.ClassicHandler, "close", lambda self: logs.append(
+        {vcpu: len(fl) for vcpu, fl in self.fault_logs().items()}) or close(self))
+    pagein.run_python(image, mode, 2)
+    by_vcpu, = logs
+    assert classic_mode.UNKNOWN_VCPU not in by_vcpu
+    assert set(by_vcpu) == {0, 1} and sum(by_vcpu.values()) == pagein.data_pages(MEM)
+
+
+def test_rounds_alternate_their_order_and_the_switch_interval_is_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every other round runs its configurations in the opposite order (C before Python,
+    # classic before exit), so what one run leaves behind meets both sides alike.
+    order: list[tuple[str, str]] = []
+
+    class FakeLimit:
+        def run(self, dump: str, mode: str) -> float:
+            order.append(("C", mode))
+            return 1.0
+
+    monkeypatch.setattr(pagein, "run_python", lambda image, mode, v, ns=None: order.append(("python", mode)) or 1.0)
+    monkeypatch.setattr(pagein, "SourceImage", lambda size: object())
+    monkeypatch.setattr(pagein.costs, "measure", lambda image: {})
+    monkeypatch.setattr(limit.Limit, "build", classmethod(lambda cls: FakeLimit()))
+    monkeypatch.setattr(limit, "dump_guest", lambda size, v: "dump")
+    monkeypatch.setattr(limit, "remove_dump", lambda path: None)
+    before = sys.getswitchinterval()
+    pagein.measure(BenchOptions(sections=("pagein", "limit"), vcpus=(1,), repeat=3))
+    assert sys.getswitchinterval() == before
+    n = 2 * len(pagein.MODES)
+    warmup, first, second, third = (order[i * n:(i + 1) * n] for i in range(4))
+    assert len(order) == 4 * n and first == warmup == third and second == first[::-1]
+    assert first[:2] == [("python", "exit"), ("C", "exit")]
 
 
 def test_a_wrong_page_from_the_source_fails_the_guest_check() -> None:
