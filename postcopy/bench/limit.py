@@ -45,12 +45,16 @@ class Limit:
 
     @classmethod
     def build(cls) -> Limit:
-        """The compiled program, from the cache (keyed by the source's hash) or built now."""
+        """The compiled program, from the cache or built now."""
         source = resources.files("postcopy.bench").joinpath(SOURCE).read_bytes()
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if cc is None or shutil.which(cc) is None:
             raise LimitUnavailable("no C compiler (cc) on PATH: the C limit figures are left out")
-        digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+        # Keyed by what makes the binary: the source, the flags and the compiler (its path and
+        # version), so another compiler or an upgraded one builds afresh.
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+        digest = hashlib.sha256(b"\0".join(
+            [source, " ".join(CFLAGS).encode(), cc.encode(), version.encode()])).hexdigest()[:16]
         binary = cache_dir() / f"limit-{digest}"
         if binary.exists():
             return cls(binary)

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -164,6 +165,23 @@ def test_the_c_limit_runs_the_same_guest_in_every_mode(c_limit: limit.Limit, vcp
             assert report["mismatches"] == report["wrong_after"] == 0 and report["pages_per_s"] > 0
     finally:
         limit.remove_dump(dump)
+
+
+def test_another_compiler_builds_its_own_limit(c_limit: limit.Limit, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # The cache is keyed by the compiler too: a binary built by one is not reused for another.
+    cc = tmp_path / "other-cc"
+    cc.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && {{ echo other-cc 1.0; exit 0; }}\nexec {c_limit_cc()} \"$@\"\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = limit.Limit.build().binary
+    monkeypatch.setenv("CC", str(cc))
+    other = limit.Limit.build().binary
+    assert first != other and first.exists() and other.exists()
+    assert limit.Limit.build().binary == other  # and reused for the same one
+
+
+def c_limit_cc() -> str:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
 
 
 def test_without_a_compiler_the_limit_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
