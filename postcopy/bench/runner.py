@@ -89,6 +89,7 @@ def run(opts: BenchOptions, progress=None) -> dict[str, Any]:
     if isinstance(out.get("migrate"), list) and "mib_s" in out.get("stream", {}):  # both ran
         present["migrate"].add_stream_bound(out["migrate"], out["stream"]["mib_s"])
     out["targets"] = targets.check(out)
+    out["targets_not_run"] = targets.not_run(out)
     return out
 
 
@@ -103,7 +104,17 @@ def table(result: dict[str, Any]) -> list[str]:
         elif name in present:
             lines += present[name].table(part)
         lines.append("")
-    return lines + targets.table(result.get("targets", []))
+    return lines + targets.table(result.get("targets", []), result.get("targets_not_run"))
+
+
+def _no_nan(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -122,5 +133,6 @@ def main(args: argparse.Namespace) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (tests)
-    print(json.dumps(result) if args.json else "\n".join(table(result)).rstrip())
+    # allow_nan=False: a figure that came out NaN (a zero divisor) is null, and the JSON valid
+    print(json.dumps(_no_nan(result), allow_nan=False) if args.json else "\n".join(table(result)).rstrip())
     return 0

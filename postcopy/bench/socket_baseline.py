@@ -1,7 +1,9 @@
 """The yardsticks: what two Python processes reach over a raw loopback TCP socket, measured in
 the same run as the page transport so the ratios are honest.
 
-- ping-pong: a ~24-byte request, a 4 KiB answer, one at a time (a demand fetch's shape);
+- ping-pong: a ~24-byte request, a 4 KiB answer, one at a time (a demand fetch's shape),
+  blocking in ``recv`` (issue 10's yardstick) or, as the like-for-like yardstick of a VM's
+  single vCPU, which polls for its answer, polling the same way;
 - stream: N bytes pushed in 1 MiB sends into a reused 1 MiB receive buffer (the background
   transfer's shape, with no framing, checksums or installs), each end on a CPU of its own
   where there are two: left to the scheduler, the two ends sometimes shared a CPU and the
@@ -81,10 +83,16 @@ class Peer:
             self.proc.wait()
 
 
-def pingpong_ns(rounds: int) -> list[int]:
-    """Round-trip times of ``rounds`` request/4 KiB-answer exchanges, in ns."""
+def pingpong_ns(rounds: int, *, poll_ns: int = 0, cpu: int | None = None) -> list[int]:
+    """Round-trip times of ``rounds`` request/4 KiB-answer exchanges, in ns. With ``poll_ns``
+    the client waits for each answer as a polling vCPU's fetch does (``recv`` with
+    MSG_DONTWAIT, ``sched_yield`` between tries, blocking after ``poll_ns``), on ``cpu`` if
+    given, as that vCPU is pinned: the like-for-like yardstick of a polling fetch."""
     peer = Peer()
+    cpus = os.sched_getaffinity(0)
     try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})  # 0: this thread
         sock = peer.sock
         sock.sendall(_HELLO.pack(MODE_PINGPONG, rounds))
         request = bytes(REQUEST_BYTES)
@@ -94,11 +102,32 @@ def pingpong_ns(rounds: int) -> list[int]:
         for i in range(rounds):
             t0 = clock()
             sock.sendall(request)
-            _recv_exact(sock, answer)
+            if poll_ns:
+                _recv_polling(sock, answer, t0 + poll_ns)
+            else:
+                _recv_exact(sock, answer)
             samples[i] = clock() - t0
         return samples
     finally:
+        os.sched_setaffinity(0, cpus)
         peer.close()
+
+
+def _recv_polling(sock: socket.socket, view: memoryview, deadline_ns: int) -> None:
+    """BlockingWebSocket._poll_into's wait (perf_counter_ns and monotonic_ns are one clock
+    here), then the rest of the answer."""
+    while True:
+        try:
+            got = sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+            break
+        except BlockingIOError:
+            if time.perf_counter_ns() >= deadline_ns:
+                got = sock.recv_into(view)
+                break
+            os.sched_yield()
+    if not got:
+        raise ConnectionError("peer closed the socket")
+    _recv_exact(sock, view[got:])
 
 
 def stream_bytes_per_s(total: int) -> float:

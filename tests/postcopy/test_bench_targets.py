@@ -3,7 +3,11 @@ bound's direction, the migrate rows' worst case, and targets whose section did n
 out. No VM: results are built here."""
 from __future__ import annotations
 
+import argparse
+import json
 from typing import Any
+
+import pytest
 
 from postcopy.bench import runner, targets
 
@@ -53,10 +57,28 @@ def test_targets_whose_figures_did_not_run_are_left_out_and_the_table_counts_the
     assert [c["target"] for c in checks] == ["pagein exit / best classic, 1 vCPU", "fetch p50 / raw-socket p50",
                                              "fetch p99 (us), 1 and 2 vCPUs", "readahead scan / stream",
                                              "stream / raw socket"]
-    lines = targets.table(checks)
+    missing = targets.not_run(result)
+    assert "pagein exit / best classic, 2 vCPUs" in missing and "pagein exit, Python / C, 1 vCPU" in missing
+    assert len(missing) + len(checks) == len(targets.TARGETS)
+    lines = targets.table(checks, missing)
     assert lines[0].endswith("4 of 5 met")
-    assert [line.split()[0] for line in lines[1:]] == ["ok", "ok", "MISS", "ok", "ok"]
+    assert [line.split()[0] for line in lines[1:6]] == ["ok", "ok", "MISS", "ok", "ok"]
+    assert [line.split()[0] for line in lines[6:]] == ["-"] * len(missing)
+    assert all(line.endswith("not run") for line in lines[6:])
     assert targets.table([]) == []
+
+
+def test_a_nan_figure_is_null_in_the_json_and_its_target_missed(capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    nan = float("nan")
+    monkeypatch.setattr(runner, "run", lambda opts, progress=None: {
+        "stream": {"ratio_to_socket": nan}, "targets": targets.check({"stream": {"ratio_to_socket": nan}})})
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    assert runner.main(parser.parse_args(["--json", "--sections", "stream"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stream"]["ratio_to_socket"] is None
+    assert out["targets"] == [{"target": "stream / raw socket", "value": None, "bound": ">= 0.5", "met": False}]
 
 
 def test_the_bench_table_ends_with_the_targets_and_skips_no_section() -> None:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from postcopy.bench import fetch, migrate, stream
+from postcopy.bench import fetch, migrate, socket_baseline, stream
 from postcopy.bench.common import percentiles_us, source_process, tasks
 from postcopy.bench.fault_vm import scan
 from postcopy.bench.socket_baseline import pingpong_ns, stream_bytes_per_s
@@ -89,6 +89,22 @@ def test_the_yardsticks_measure_round_trips_and_a_rate() -> None:
     assert stream_bytes_per_s(8 * MiB) > 0
 
 
+def test_the_polling_ping_pong_waits_as_a_polling_vcpu_and_gives_its_cpus_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpus = os.sched_getaffinity(0)
+    tries: list[int] = []
+    yield_ = os.sched_yield
+    monkeypatch.setattr(os, "sched_yield", lambda: tries.append(1) or yield_())
+    seen: list[set[int]] = []
+    recv = socket_baseline._recv_exact
+    monkeypatch.setattr(socket_baseline, "_recv_exact",
+                        lambda sock, view: seen.append(os.sched_getaffinity(0)) or recv(sock, view))
+    p = percentiles_us(pingpong_ns(200, poll_ns=200_000, cpu=min(cpus)))
+    assert p["count"] == 200 and 0 < p["p50"] <= p["p99"]
+    assert tries  # it polled (an answer is never there at once)
+    assert seen and all(s == {min(cpus)} for s in seen)  # the rounds ran on that CPU
+    assert os.sched_getaffinity(0) == cpus
+
+
 def test_one_migration_row_and_the_tables_render() -> None:
     row = migrate.migrate_once(64, 0.0)
     assert row["guest_mib"] == 64 and 0 <= row["written_mib"] <= 64
@@ -97,14 +113,21 @@ def test_one_migration_row_and_the_tables_render() -> None:
     assert migrate.table([row])[2].split()[0] == "64"
     assert migrate.table([row])[2].split()[4] == "-"  # no stream section in this run
     migrate.add_stream_bound([row], 1024.0)  # 64 MiB at 1 GiB/s: 62.5 ms
-    assert row["stream_bound_ms"] == 62.5 and row["ratio_to_stream"] == round(row["total_ms"] / 62.5, 2)
-    assert float(migrate.table([row])[2].split()[4]) == row["ratio_to_stream"]
+    assert row["stream_bound_ms"] == 62.5 and row["ratio_to_stream"] == pytest.approx(row["total_ms"] / 62.5)
+    assert migrate.table([row])[2].split()[4] == f"{row['ratio_to_stream']:.2f}"
     fake = {"guest_mib": 16, "p50_us": 50.0, "p99_us": 90.0, "ratio_p50_to_socket": 1.2,
             "vcpus": {"1": {"p50": 50.0, "p99": 90.0, "pages_s": 10}},
             "socket": {"p50": 40.0, "p99": 60.0}, "readahead_pages_s": 5,
             "readahead": {"1": {"pages_s": 5, "fetches": 3}}, "stream_pages_s": 10,
             "readahead_ratio_to_stream": 0.5}
     assert any("ping-pong" in line for line in fetch.table(fake))
+    assert not any("like for like" in line for line in fetch.table(fake))
+    polled = {**fake, "socket_polled": {"p50": 20.0, "p99": 30.0},
+              "vcpus": {"1": {**fake["vcpus"]["1"], "ratio_p50_to_polled_socket": 2.5,
+                              "no_poll": {"p50": 60.0, "p99": 99.0, "pages_s": 8, "ratio_p50_to_socket": 1.5}}}}
+    lines = fetch.table(polled)
+    assert any("the same, polling" in line and "20.0" in line for line in lines)
+    assert any("like for like, 1 vCPU" in line and "2.50" in line and "1.50" in line for line in lines)
     assert "16 MiB, page server" in fetch.table(fake)[0]
     assert "64 MiB (one page a fault), 16 MiB (readahead)" in fetch.table({**fake, "fault_guest_mib": 64})[0]
     assert stream.table({"guest_mib": 16, "data_pages": 1, "zero_pages": 0, "mib_s": 1.0, "pages_s": 1,
@@ -146,3 +169,13 @@ def test_a_terminated_bench_stops_its_source_vmm() -> None:
         if bench.poll() is None:
             bench.kill()
             bench.wait()
+
+
+def test_a_polling_fetch_is_also_set_against_a_polling_ping_pong() -> None:
+    result = {"socket": {"p50": 60.0}, "vcpus": {"1": {"p50": 50.0, "no_poll": {"p50": 90.0}}, "2": {"p50": 40.0}}}
+    out = fetch._like_for_like(result, [20_000] * 10)
+    assert out["socket_polled"]["p50"] == 20.0
+    assert out["vcpus"]["1"]["ratio_p50_to_polled_socket"] == 2.5
+    assert out["vcpus"]["1"]["no_poll"]["ratio_p50_to_socket"] == 1.5
+    assert "ratio_p50_to_polled_socket" not in out["vcpus"]["2"]  # two vCPUs do not poll
+    assert fetch._like_for_like({"vcpus": {}}, []) == {"vcpus": {}}  # nothing polled: nothing added
