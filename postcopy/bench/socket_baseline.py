@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Final
 
+from postcopy.busypoll import recv_into_polling
 from proto.version import PAGE_SIZE
 from vmm.libc import ends_with_parent
 
@@ -103,7 +104,10 @@ def pingpong_ns(rounds: int, *, poll_ns: int = 0, cpu: int | None = None) -> lis
             t0 = clock()
             sock.sendall(request)
             if poll_ns:
-                _recv_polling(sock, answer, t0 + poll_ns)
+                got = recv_into_polling(sock, answer, poll_ns)
+                if not got:
+                    raise ConnectionError("peer closed the socket")
+                _recv_exact(sock, answer[got:])
             else:
                 _recv_exact(sock, answer)
             samples[i] = clock() - t0
@@ -112,22 +116,6 @@ def pingpong_ns(rounds: int, *, poll_ns: int = 0, cpu: int | None = None) -> lis
         os.sched_setaffinity(0, cpus)
         peer.close()
 
-
-def _recv_polling(sock: socket.socket, view: memoryview, deadline_ns: int) -> None:
-    """BlockingWebSocket._poll_into's wait (perf_counter_ns and monotonic_ns are one clock
-    here), then the rest of the answer."""
-    while True:
-        try:
-            got = sock.recv_into(view, 0, socket.MSG_DONTWAIT)
-            break
-        except BlockingIOError:
-            if time.perf_counter_ns() >= deadline_ns:
-                got = sock.recv_into(view)
-                break
-            os.sched_yield()
-    if not got:
-        raise ConnectionError("peer closed the socket")
-    _recv_exact(sock, view[got:])
 
 
 def stream_bytes_per_s(total: int) -> float:

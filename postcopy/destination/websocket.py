@@ -15,11 +15,11 @@ import os
 import socket
 import ssl
 import struct
-from time import monotonic_ns
 from typing import Final
 from urllib.parse import urlsplit
 
 from postcopy import wsframe
+from postcopy.busypoll import recv_into_polling
 
 __all__ = ["WebSocketError", "HandshakeError", "BlockingWebSocket"]
 
@@ -298,19 +298,9 @@ class BlockingWebSocket:
         return WebSocketError(f"the socket broke: {error}")
 
     def _poll_into(self, sock: socket.socket, target: memoryview) -> int:
-        """recv_into, trying without blocking for up to ``poll_ns`` first and yielding the CPU
-        between tries (KVM's halt polling, for a vCPU thread's fetch): an answer that comes
-        within it finds this thread running on a CPU that never halted, where a blocking recv
-        sleeps and is woken across CPUs (tens of us in a nested guest) with cold caches."""
-        deadline = monotonic_ns() + self.poll_ns
-        recv_into = sock.recv_into
-        while True:
-            try:
-                return recv_into(target, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if monotonic_ns() >= deadline:
-                    return recv_into(target)  # blocking, within SO_RCVTIMEO
-                os.sched_yield()  # whatever else is runnable on this CPU goes first
+        """recv_into, polling for up to ``poll_ns`` first (busypoll.py: a vCPU thread's fetch
+        then finds its answer on a CPU that never halted), then blocking within SO_RCVTIMEO."""
+        return recv_into_polling(sock, target, self.poll_ns)
 
     def _sendall(self, data: bytes) -> None:
         if self.sock is None:
