@@ -158,7 +158,8 @@ def cmd_source(args: argparse.Namespace) -> int:
                 await vmm.create_vm(args.mem, args.vcpus, "memtouch", args.seed, state_dir=args.state_dir)
             url = (await vmm.outgoing(args.listen, token, args.advertise_url, tls_cert=args.tls_cert,
                                       tls_key=args.tls_key, resume=args.resume,
-                                      page_workers=None if args.page_workers else False))["url"]
+                                      page_workers=None if args.page_workers else False,
+                                      page_poll_us=args.page_poll_us))["url"]
             if args.ready_json:
                 print(json.dumps({"event": "ready", "url": url, "pid": os.getpid()}), flush=True)
             else:
@@ -203,6 +204,13 @@ def _tls_client_args(parser: argparse.ArgumentParser) -> None:
 def _nice(value: str) -> int:
     if not value.isdigit() or not 0 <= int(value) <= MAX_NICE:
         raise argparse.ArgumentTypeError(f"a nice value from 0 to {MAX_NICE}, not {value!r}")
+    return int(value)
+
+
+def _poll_us(value: str) -> int:
+    from postcopy.source.page_workers import MAX_POLL_US
+    if not value.isdigit() or not 0 <= int(value) <= MAX_POLL_US:
+        raise argparse.ArgumentTypeError(f"microseconds from 0 to {MAX_POLL_US}, not {value!r}")
     return int(value)
 
 
@@ -278,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
     modes = ("exit", "classic", "auto")
     from postcopy.chaos import schedule_args
+    from postcopy.source.page_workers import DEFAULT_POLL_US, MAX_POLL_US
     d = sub.add_parser("demo", help="migrate a running guest over loopback and report")
     d.add_argument("--mem", default="256M")
     d.add_argument("--vcpus", type=int, default=2)
@@ -329,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ready-json", action="store_true", help="print one JSON line with the URL when ready")
     s.add_argument("--no-page-workers", dest="page_workers", action="store_false",
                    help="serve each plain page socket on a thread, not in a page worker process of its own")
+    s.add_argument("--page-poll-us", type=_poll_us, metavar="US",
+                   help=f"how long a page worker polls for the next request before it sleeps "
+                        f"(default {DEFAULT_POLL_US}; 0: never; at most {MAX_POLL_US})")
     _state_dir_args(s)
     s.add_argument("--resume", metavar="DIR", help="serve a migration again from its state directory, "
                                                    "after its page server died (no guest runs here)")

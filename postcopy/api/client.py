@@ -101,9 +101,10 @@ class ApiClient:
 
     async def outgoing(self, listen: str, token: str | None, advertise_url: str | None = None, *,
                        tls_cert: str | None = None, tls_key: str | None = None,
-                       resume: str | None = None, page_workers: bool | None = None) -> dict[str, Any]:
+                       resume: str | None = None, page_workers: bool | None = None,
+                       page_poll_us: int | None = None) -> dict[str, Any]:
         body = _with({"listen": listen}, token=token, advertise_url=advertise_url, tls_cert=tls_cert,
-                     tls_key=tls_key, resume=resume, page_workers=page_workers)
+                     tls_key=tls_key, resume=resume, page_workers=page_workers, page_poll_us=page_poll_us)
         return await self.request("PUT", "/v1/migration/outgoing", body)
 
     async def incoming(self, source_url: str, token: str, *, fault_mode: str = "exit", after_s: float = 1.0,

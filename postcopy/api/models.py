@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE
+from postcopy.source.page_workers import DEFAULT_POLL_US, MAX_POLL_US
 from vmm.guest.workloads import WORKLOADS
 from vmm.machine import MachineConfig, MachineError
 from vmm.memory import GuestMemoryError, parse_size
@@ -171,7 +172,8 @@ class OutgoingSpec:
     """PUT /v1/migration/outgoing: where the page server listens and the token it wants; TLS
     with a certificate and key; or ``resume``: serve again, from its state directory, a
     migration whose page server died (on a VMM without a VM; the token comes from there).
-    ``page_workers``: plain TCP page sockets served by a process each (PageServer)."""
+    ``page_workers``: plain TCP page sockets served by a process each (PageServer);
+    ``page_poll_us``: how long such a process polls for the next request before it sleeps."""
 
     host: str
     port: int
@@ -181,6 +183,7 @@ class OutgoingSpec:
     tls_key: str | None = None
     resume: str | None = None
     page_workers: bool = True
+    page_poll_us: int = DEFAULT_POLL_US
 
     @classmethod
     def parse(cls, body: Any) -> OutgoingSpec:
@@ -191,6 +194,7 @@ class OutgoingSpec:
         advertise_url = f.url("advertise_url", required=False)
         tls_cert, tls_key = f.path("tls_cert"), f.path("tls_key")
         page_workers = f.flag("page_workers", True)
+        page_poll_us = f.integer("page_poll_us", DEFAULT_POLL_US, 0, MAX_POLL_US)
         f.done()
         if (tls_cert is None) != (tls_key is None):
             raise ApiError(400, "PUT /v1/migration/outgoing: fields 'tls_cert' and 'tls_key' go together")
@@ -205,7 +209,7 @@ class OutgoingSpec:
             host, port = parse_listen(listen)
         except ValueError as e:
             raise ApiError(400, f"PUT /v1/migration/outgoing: field 'listen': {e}") from None
-        return cls(host, port, token, advertise_url, tls_cert, tls_key, resume, page_workers)
+        return cls(host, port, token, advertise_url, tls_cert, tls_key, resume, page_workers, page_poll_us)
 
 
 @dataclass(slots=True, frozen=True)

@@ -219,7 +219,7 @@ class VmmService:
             except TlsError as e:
                 raise ApiError(400, f"PUT /v1/migration/outgoing: {e}") from None
             if spec.resume is not None:
-                server, memory, state_dir = await self._resumed_server(spec.resume, spec.page_workers)
+                server, memory, state_dir = await self._resumed_server(spec)
             else:
                 server, memory, state_dir = self._new_server(spec), None, self._need_vm().spec.state_dir
             try:
@@ -246,18 +246,20 @@ class VmmService:
             states.save(state_dir, header_bytes, states.ResumeRecord(migration_id, token))
         return PageServer(vm.machine, token=token, migration_id=migration_id, workload=vm.workload,
                           registry=self.registry, on_export=save if state_dir else None,
-                          page_workers=spec.page_workers)
+                          page_workers=spec.page_workers, page_poll_us=spec.page_poll_us)
 
-    async def _resumed_server(self, state_dir: str, page_workers: bool) -> tuple[PageServer, GuestMemory, str]:
+    async def _resumed_server(self, spec: OutgoingSpec) -> tuple[PageServer, GuestMemory, str]:
         """A page server for a migration past its switchover whose server died: pages come
         straight from the state directory's RAM file; no VM runs here."""
         self._need_empty("resume a migration", "resuming a migration needs a VMM without a VM")
+        state_dir = spec.resume
+        assert state_dir is not None
         try:
             header, header_bytes, record, memory = await asyncio.to_thread(states.load, state_dir)
         except states.StateDirError as e:
             raise ApiError(400, f"PUT /v1/migration/outgoing: {e}") from None
         server = PageServer.resumed(memory, header, header_bytes, token=record.token, registry=self.registry,
-                                    page_workers=page_workers)
+                                    page_workers=spec.page_workers, page_poll_us=spec.page_poll_us)
         return server, memory, state_dir
 
     async def _watch_outgoing(self, out: Outgoing) -> None:

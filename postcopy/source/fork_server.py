@@ -3,8 +3,8 @@
 Started by PageWorkers.start as ``python -m postcopy.source.fork_server``; it imports only what
 serving needs (no asyncio, no aiohttp), so that it is ready soon on a busy source. Its protocol
 with the page server, on a SOCK_SEQPACKET socket: READY once it has mapped guest RAM and the
-board; then per page socket a REQUEST (slot, max frame; the connection by SCM_RIGHTS) answered
-by a REPLY (slot, 0 or -errno; the worker's pidfd by SCM_RIGHTS).
+board; then per page socket a REQUEST (slot, max frame, poll window; the connection by
+SCM_RIGHTS) answered by a REPLY (slot, 0 or -errno; the worker's pidfd by SCM_RIGHTS).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ __all__ = ["FD_SPACE", "READY", "REPLY", "REQUEST", "main", "received_fds", "sen
 
 log = logging.getLogger("postcopy.source.fork_server")
 
-REQUEST: Final = struct.Struct("<II")  # slot, max frame; the connection as SCM_RIGHTS
+REQUEST: Final = struct.Struct("<III")  # slot, max frame, poll us; the connection as SCM_RIGHTS
 REPLY: Final = struct.Struct("<Ii")  # slot, 0 or -errno; the worker's pidfd as SCM_RIGHTS
 READY: Final = REPLY.pack(0xFFFFFFFF, 0)  # the first message: it maps what it serves
 FD_SPACE: Final = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
@@ -75,14 +75,15 @@ def _reap() -> None:
 
 
 def _worker(conn_fd: int, control: socket.socket, board: Board, slot: int, spans: list[Span], max_frame: int,
-            fork_server: int) -> None:
+            poll_us: int, fork_server: int) -> None:
     """In the forked worker: serve the connection, then exit."""
     control.close()  # the page server's requests are the fork server's alone
     _die_with(fork_server)
     with open("/proc/self/comm", "w") as comm:  # what ps and top show
         comm.write("page-worker")
     gc.disable()  # the loop makes no cycles; a collection would only pause an answer
-    WorkerLoop(conn_fd, PageAnswerer(board, slot, spans), board, slot, max_frame=max_frame).run()
+    WorkerLoop(conn_fd, PageAnswerer(board, slot, spans), board, slot, max_frame=max_frame,
+               poll_ns=poll_us * 1000).run()
 
 
 def serve_forever(control: socket.socket, board: Board, spans: list[Span]) -> None:
@@ -104,7 +105,7 @@ def serve_forever(control: socket.socket, board: Board, spans: list[Span]) -> No
                 os.close(fd)
             log.error("a malformed request from the page server: %d bytes, %d descriptors", len(data), len(fds))
             continue
-        slot, max_frame = REQUEST.unpack(data)
+        slot, max_frame, poll_us = REQUEST.unpack(data)
         try:
             pid = os.fork()
         except OSError as error:
@@ -114,7 +115,7 @@ def serve_forever(control: socket.socket, board: Board, spans: list[Span]) -> No
         if pid == 0:
             status = 1
             try:
-                _worker(fds[0], control, board, slot, spans, max_frame, me)
+                _worker(fds[0], control, board, slot, spans, max_frame, poll_us, me)
                 status = 0
             finally:
                 os._exit(status)

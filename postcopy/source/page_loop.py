@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from postcopy import wsframe
+from postcopy.busypoll import recv_into_polling
 from postcopy.fastframes import DEMAND_FRAME_BYTES, ONE_PAGE_FRAME_BYTES, ONE_PAGE_FRAME_HEAD, demand_gpa
 
 if TYPE_CHECKING:
@@ -115,8 +116,9 @@ class _BlockingLoop(_Frames):
     _buf: bytearray
     _fd_lock: threading.RLock
 
-    def _set_up_loop(self, sock: socket.socket, answerer: PageAnswerer, max_frame: int) -> None:
+    def _set_up_loop(self, sock: socket.socket, answerer: PageAnswerer, max_frame: int, poll_ns: int = 0) -> None:
         self._set_up(answerer, max_frame)
+        self._poll_ns = poll_ns  # how long to poll for the next request before blocking (busypoll.py)
         self._sock = sock
         self._sock.setblocking(True)
         self._fd_lock = threading.RLock()
@@ -128,10 +130,11 @@ class _BlockingLoop(_Frames):
         sock, buf = self._sock, self._buf
         view = memoryview(buf)
         sendmsg = sock.sendmsg
+        poll_ns = self._poll_ns
         start = end = 0
         try:
             while not self._closing:
-                n = sock.recv_into(view[end:])
+                n = recv_into_polling(sock, view[end:], poll_ns) if poll_ns else sock.recv_into(view[end:])
                 if not n:
                     break
                 # The fault path: one whole demand request and nothing else, answered with no
@@ -216,10 +219,13 @@ class _BlockingLoop(_Frames):
 
 class WorkerLoop(_BlockingLoop):
     """The serving loop in a page worker (page_workers.py): the connection's descriptor
-    passed to it, its close requests left on the board by the page server."""
+    passed to it, its close requests left on the board by the page server. It polls for the
+    next request for ``poll_ns`` after each answer (a worker has a GIL and, on a source whose
+    guest is paused, a CPU to itself; a page server's threads poll not: they share its GIL)."""
 
-    def __init__(self, fd: int, answerer: PageAnswerer, board: Board, slot: int, *, max_frame: int) -> None:
-        self._set_up_loop(socket.socket(fileno=fd), answerer, max_frame)
+    def __init__(self, fd: int, answerer: PageAnswerer, board: Board, slot: int, *, max_frame: int,
+                 poll_ns: int = 0) -> None:
+        self._set_up_loop(socket.socket(fileno=fd), answerer, max_frame, poll_ns)
         self._board, self._slot = board, slot
 
     def _close_requested(self) -> tuple[int, str] | None:

@@ -25,7 +25,7 @@ from postcopy.observe.series import Sampler, Series
 from postcopy.source.answers import Board, Counts, MigrationState, PageAnswerer, error_body
 from postcopy.source.export import ExportError, export, zero_map
 from postcopy.source.page_socket import PageSocket, ServedSocket, ThreadedPageSocket, WorkerPageSocket
-from postcopy.source.page_workers import PageWorkers
+from postcopy.source.page_workers import DEFAULT_POLL_US, MAX_POLL_US, PageWorkers
 from proto import REQUEST_KINDS, Complete, MigrationHeader, ProtoError
 from proto.version import MAX_COMPLETE_MESSAGE_BYTES
 from vmm.machine import Machine
@@ -83,7 +83,10 @@ class PageServer:
                  workload: dict[str, int | str], sweep_timeout_s: float = SWEEP_TIMEOUT_S,
                  memory: GuestMemory | None = None,
                  on_export: Callable[[MigrationHeader, bytes], None] | None = None,
-                 registry: Registry | None = None, page_workers: bool = True) -> None:
+                 registry: Registry | None = None, page_workers: bool = True,
+                 page_poll_us: int = DEFAULT_POLL_US) -> None:
+        if not 0 <= page_poll_us <= MAX_POLL_US:
+            raise ValueError(f"page_poll_us must be 0 to {MAX_POLL_US}, not {page_poll_us}")
         self.machine = machine
         memory = memory if memory is not None else machine.memory if machine is not None else None
         if memory is None:
@@ -116,6 +119,7 @@ class PageServer:
         # Plain TCP page sockets served by page workers, a process each (page_workers.py): only
         # where guest RAM is a memfd or a file, which the workers map themselves.
         self.page_workers = page_workers and memory.backing in ("memfd", "file")
+        self.page_poll_us = page_poll_us  # a page worker's poll for the next request (page_workers.py)
         self._workers: PageWorkers | None = None
         self._runner: web.AppRunner | None = None
         self.progress = Series(["verified"])
@@ -125,10 +129,11 @@ class PageServer:
 
     @classmethod
     def resumed(cls, memory: GuestMemory, header: MigrationHeader, header_bytes: bytes, *, token: str,
-                registry: Registry | None = None, page_workers: bool = True) -> PageServer:
+                registry: Registry | None = None, page_workers: bool = True,
+                page_poll_us: int = DEFAULT_POLL_US) -> PageServer:
         """A server for a migration already past its switchover: SERVING at once, no machine."""
         server = cls(None, token=token, migration_id=header.migration_id, workload=dict(header.workload),
-                     memory=memory, registry=registry, page_workers=page_workers)
+                     memory=memory, registry=registry, page_workers=page_workers, page_poll_us=page_poll_us)
         server._serving(header, header_bytes)
         server._to(MigrationState.SERVING, "resumed from its state directory: serving from the RAM file")
         return server
@@ -407,7 +412,7 @@ class PageServer:
             # served, and no worker starts while the source pauses (it is forked on this
             # host's CPUs). It reads nothing until a request comes, which follows the 101.
             worker = WorkerPageSocket(transport, self._board, slot)
-            if await self._workers.serve(worker, slot, WS_MAX_FRAME_BYTES):
+            if await self._workers.serve(worker, slot, WS_MAX_FRAME_BYTES, self.page_poll_us):
                 try:
                     await ws.prepare(request)
                 except BaseException:

@@ -16,11 +16,14 @@ import aiohttp
 import pytest
 
 from postcopy.api.client import ApiClient, ApiClientError
+from postcopy.api.models import OutgoingSpec
 from postcopy.api.server import ApiAddress, ApiServer, ApiStartError, local_vmm, make_app
 from postcopy.api.service import VmmService
 from postcopy.demo import start_vmm, stop_vmm
 from postcopy.orchestrate import MigrateOptions, run_migration
 from postcopy.progress import ProgressLine, render_line
+from postcopy.source.page_server import PageServer
+from postcopy.source.page_workers import DEFAULT_POLL_US
 from vmm import cli as vmm_cli
 
 needs_kvm = pytest.mark.usefixtures("kvm_available")
@@ -155,6 +158,10 @@ def test_bad_requests_get_a_clear_400_or_409_and_change_nothing() -> None:
                  "give no 'token'"),
                 ("PUT", "/v1/migration/outgoing", {"listen": "127.0.0.1:0", "token": "t", "page_workers": 1}, 400,
                  "field 'page_workers' must be true or false"),
+                ("PUT", "/v1/migration/outgoing", {"listen": "127.0.0.1:0", "token": "t", "page_poll_us": 10_001}, 400,
+                 "field 'page_poll_us' must be an integer from 0 to 10000"),
+                ("PUT", "/v1/migration/outgoing", {"listen": "127.0.0.1:0", "token": "t", "page_poll_us": "100"}, 400,
+                 "field 'page_poll_us' must be an integer from 0 to 10000"),
                 ("PUT", "/v1/migration/incoming", {"source_url": "https://127.0.0.1:9", "token": "t"}, 400,
                  "'source_url' must be https:// exactly when 'tls_ca' is given"),
                 ("PUT", "/v1/migration/incoming", {"source_url": "http://127.0.0.1:9", "token": "t",
@@ -370,3 +377,30 @@ def test_every_route_is_documented_in_api_md_and_openapi_yaml() -> None:
         assert f"`{method} {path}`" in api_md, (method, path)
         section = "\n" + openapi.split(f"\n  {path}:\n", 1)[1].split("\n  /", 1)[0]
         assert f"\n    {method.lower()}:\n" in section, (method, path)
+
+
+def test_the_outgoing_spec_takes_a_page_poll_window() -> None:
+    spec = OutgoingSpec.parse({"listen": "127.0.0.1:0", "token": "t"})
+    assert spec.page_poll_us == DEFAULT_POLL_US
+    assert OutgoingSpec.parse({"listen": "127.0.0.1:0", "token": "t", "page_poll_us": 0}).page_poll_us == 0
+
+
+@needs_kvm
+def test_the_page_poll_window_given_to_the_api_reaches_the_page_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int | None] = []
+    init = PageServer.__init__
+
+    def spy(self: PageServer, *args: Any, **kwargs: Any) -> None:
+        seen.append(kwargs.get("page_poll_us"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PageServer, "__init__", spy)
+
+    async def scenario() -> None:
+        async with local_vmm() as vmm:
+            await vmm.create_vm("16M", 1, "memtouch", 9)
+            for poll_us in (0, None):
+                await vmm.outgoing("127.0.0.1:0", TOKEN, page_poll_us=poll_us)
+                await vmm.cancel_migration()
+    asyncio.run(scenario())
+    assert seen == [0, DEFAULT_POLL_US]

@@ -115,9 +115,13 @@ def test_rounds_alternate_their_order_and_the_switch_interval_is_put_back(monkey
     monkeypatch.setattr(limit.Limit, "build", classmethod(lambda cls: FakeLimit()))
     monkeypatch.setattr(limit, "dump_guest", lambda size, v: "dump")
     monkeypatch.setattr(limit, "remove_dump", lambda path: None)
-    before = sys.getswitchinterval()
-    pagein.measure(BenchOptions(sections=("pagein", "limit"), vcpus=(1,), repeat=3))
-    assert sys.getswitchinterval() == before
+    original = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        pagein.measure(BenchOptions(sections=("pagein", "limit"), vcpus=(1,), repeat=3))
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(original)
     n = 2 * len(pagein.MODES)
     warmup, first, second, third = (order[i * n:(i + 1) * n] for i in range(4))
     assert len(order) == 4 * n and first == warmup == third and second == first[::-1]

@@ -19,6 +19,7 @@ from postcopy.source.page_socket import ThreadedPageSocket, WorkerPageSocket
 from proto import PAGE_SIZE
 from tests.postcopy.test_transport import GPA, TOKEN, serve
 from vmm.machine import Machine
+from vmm.memory import GuestMemory
 
 
 def _children(pid: int) -> list[int]:
@@ -293,3 +294,55 @@ def test_the_page_server_takes_every_answer_of_a_fork_server_as_it_comes() -> No
             await workers.close()
 
     asyncio.run(scenario())
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, clock ticks
+
+
+def _worker_pid(socket_: WorkerPageSocket) -> int:
+    for line in open(f"/proc/self/fdinfo/{socket_.pidfd}"):
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Pid in the pidfd's fdinfo")
+
+
+@pytest.mark.usefixtures("kvm_available")
+@pytest.mark.parametrize("poll_us", [0, 10_000])
+def test_a_page_worker_polls_for_the_next_request_as_long_as_it_is_told(poll_us: int) -> None:
+    # Twenty requests 30 ms apart: a worker told to poll 10 ms spends ~10 ms of CPU after each
+    # (200 ms in all); one told not to sleeps in recv at once and spends next to none.
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        conn = await asyncio.to_thread(_fetch, url)
+        try:
+            worker, = server._sockets
+            assert isinstance(worker, WorkerPageSocket) and server.page_poll_us == poll_us
+            pid = _worker_pid(worker)
+            before = _cpu_ticks(pid)
+            for i in range(20):
+                batch = await asyncio.to_thread(conn.fetch, GPA + i * PAGE_SIZE, 1, "demand")
+                assert batch.data == machine.memory.read(GPA + i * PAGE_SIZE, PAGE_SIZE)
+                await asyncio.sleep(0.03)
+            cpu_ms = (_cpu_ticks(pid) - before) * 1000 / ticks
+            if poll_us:
+                assert cpu_ms >= 100  # 20 x 10 ms, less what the clock-tick accounting misses
+            else:
+                assert cpu_ms <= 50
+        finally:
+            await asyncio.to_thread(conn.close)
+
+    serve(body, page_poll_us=poll_us)
+
+
+def test_a_page_server_refuses_a_poll_window_out_of_range() -> None:
+    from postcopy.source.page_workers import MAX_POLL_US
+    memory = GuestMemory.create(1 << 20, "memfd", "poll-range")
+    try:
+        for bad in (-1, MAX_POLL_US + 1):
+            with pytest.raises(ValueError, match="page_poll_us must be 0 to"):
+                PageServer(None, token="t", migration_id="m", workload={}, memory=memory, page_poll_us=bad)
+    finally:
+        memory.close()

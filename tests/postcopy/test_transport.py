@@ -15,6 +15,7 @@ from postcopy import wsframe
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.websocket import BlockingWebSocket
 from postcopy.source.page_server import PageServer
+from postcopy.source.page_workers import DEFAULT_POLL_US
 from postcopy.source.run import boot_memtouch
 from fake_pages import serve_answers  # type: ignore[import-not-found]
 from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, build_page_batch, decode_any
@@ -26,7 +27,7 @@ GPA = 0x200000
 
 
 def serve(body: Callable[[PageServer, Machine, str], Awaitable[None]], *, start: bool = True,
-          page_workers: bool = True) -> None:
+          page_workers: bool = True, page_poll_us: int = DEFAULT_POLL_US) -> None:
     """A page server over a booted (then paused) memtouch guest; ``body`` runs on its loop and
     calls the blocking client through asyncio.to_thread."""
     async def main() -> None:
@@ -34,7 +35,7 @@ def serve(body: Callable[[PageServer, Machine, str], Awaitable[None]], *, start:
         try:
             await asyncio.sleep(0.1)
             async with PageServer(machine, token=TOKEN, migration_id="transport-test", workload=workload,
-                                  page_workers=page_workers) as server:
+                                  page_workers=page_workers, page_poll_us=page_poll_us) as server:
                 url = await server.start("127.0.0.1", 0)
                 if start:
                     async with aiohttp.ClientSession() as http:
