@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import aiohttp
 import pytest
 
 from postcopy.api.client import ApiClient, ApiClientError
-from postcopy.api.models import OutgoingSpec
+from postcopy.api.models import IncomingSpec, OutgoingSpec
 from postcopy.api.server import ApiAddress, ApiServer, ApiStartError, local_vmm, make_app
 from postcopy.api.service import VmmService
 from postcopy.demo import start_vmm, stop_vmm
@@ -377,6 +379,20 @@ def test_every_route_is_documented_in_api_md_and_openapi_yaml() -> None:
         assert f"`{method} {path}`" in api_md, (method, path)
         section = "\n" + openapi.split(f"\n  {path}:\n", 1)[1].split("\n  /", 1)[0]
         assert f"\n    {method.lower()}:\n" in section, (method, path)
+
+
+@pytest.mark.parametrize(("schema", "fields"), [
+    ("Outgoing", ("listen", "token", "advertise_url", "tls_cert", "tls_key", "resume", "page_workers", "page_poll_us")),
+    ("Incoming", tuple(f.name for f in dataclasses.fields(IncomingSpec))),
+])
+def test_every_field_a_migration_request_takes_is_documented(schema: str, fields: tuple[str, ...]) -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    api_md = (docs / "api.md").read_text()
+    after = (docs / "openapi.yaml").read_text().split(f"\n    {schema}:\n", 1)[1]
+    section = re.split(r"\n    (?=\S)", after, maxsplit=1)[0]  # up to the next schema
+    for name in fields:
+        assert f"\n        {name}:" in "\n" + section, (schema, name)
+        assert f"`{name}`" in api_md, (schema, name)
 
 
 def test_the_outgoing_spec_takes_a_page_poll_window() -> None:
