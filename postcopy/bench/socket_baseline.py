@@ -2,8 +2,9 @@
 the same run as the page transport so the ratios are honest.
 
 - ping-pong: a ~24-byte request, a 4 KiB answer, one at a time (a demand fetch's shape),
-  blocking in ``recv`` (issue 10's yardstick) or, as the like-for-like yardstick of a VM's
-  single vCPU, which polls for its answer, polling the same way;
+  blocking in ``recv`` on both ends (issue 10's yardstick) or, as the like-for-like yardstick
+  of a VM's single vCPU's fetch, polling as it does for the answer and as a page worker does
+  for the request;
 - stream: N bytes pushed in 1 MiB sends into a reused 1 MiB receive buffer (the background
   transfer's shape, with no framing, checksums or installs), each end on a CPU of its own
   where there are two: left to the scheduler, the two ends sometimes shared a CPU and the
@@ -30,7 +31,7 @@ from vmm.libc import ends_with_parent
 REQUEST_BYTES: Final = 24  # about a msgpack PageRequest
 CHUNK_BYTES: Final = 1 << 20
 MODE_PINGPONG, MODE_STREAM = b"P", b"S"
-_HELLO = struct.Struct("<cQ")  # mode, rounds or total bytes
+_HELLO = struct.Struct("<cQQ")  # mode, rounds or total bytes, the peer's poll window (ns)
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -47,12 +48,18 @@ def serve(listener: socket.socket) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     hello = bytearray(_HELLO.size)
     _recv_exact(conn, memoryview(hello))
-    mode, amount = _HELLO.unpack(hello)
+    mode, amount, poll_ns = _HELLO.unpack(hello)
     if mode == MODE_PINGPONG:
         request = memoryview(bytearray(REQUEST_BYTES))
         page = bytes(range(256)) * (PAGE_SIZE // 256)
         for _ in range(amount):
-            _recv_exact(conn, request)
+            if poll_ns:  # as a page worker waits for its next request
+                got = recv_into_polling(conn, request, poll_ns)
+                if not got:
+                    raise ConnectionError("peer closed the socket")
+                _recv_exact(conn, request[got:])
+            else:
+                _recv_exact(conn, request)
             conn.sendall(page)
     else:
         chunk = memoryview(bytes(CHUNK_BYTES))
@@ -84,18 +91,21 @@ class Peer:
             self.proc.wait()
 
 
-def pingpong_ns(rounds: int, *, poll_ns: int = 0, cpu: int | None = None) -> list[int]:
-    """Round-trip times of ``rounds`` request/4 KiB-answer exchanges, in ns. With ``poll_ns``
-    the client waits for each answer as a polling vCPU's fetch does (``recv`` with
-    MSG_DONTWAIT, ``sched_yield`` between tries, blocking after ``poll_ns``), on ``cpu`` if
-    given, as that vCPU is pinned: the like-for-like yardstick of a polling fetch."""
+def pingpong_ns(rounds: int, *, poll_ns: int = 0, peer_poll_ns: int = 0, cpu: int | None = None,
+                peer_cpu: int | None = None) -> list[int]:
+    """Round-trip times of ``rounds`` request/4 KiB-answer exchanges, in ns, this thread on
+    ``cpu`` and the peer on ``peer_cpu`` where given. With ``poll_ns`` the client waits for
+    each answer as a polling vCPU's fetch does, and with ``peer_poll_ns`` the peer for each
+    request as a page worker does (busypoll.py): the like-for-like yardstick of a polling fetch."""
     peer = Peer()
     cpus = os.sched_getaffinity(0)
     try:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})  # 0: this thread
+        if peer_cpu is not None:
+            os.sched_setaffinity(peer.proc.pid, {peer_cpu})
         sock = peer.sock
-        sock.sendall(_HELLO.pack(MODE_PINGPONG, rounds))
+        sock.sendall(_HELLO.pack(MODE_PINGPONG, rounds, peer_poll_ns))
         request = bytes(REQUEST_BYTES)
         answer = memoryview(bytearray(PAGE_SIZE))
         samples = [0] * rounds
@@ -130,7 +140,7 @@ def stream_bytes_per_s(total: int) -> float:
         sock = peer.sock
         buf = memoryview(bytearray(CHUNK_BYTES))
         t0 = time.perf_counter()
-        sock.sendall(_HELLO.pack(MODE_STREAM, total))
+        sock.sendall(_HELLO.pack(MODE_STREAM, total, 0))
         left = total
         while left:
             n = sock.recv_into(buf[:min(left, CHUNK_BYTES)])

@@ -100,6 +100,12 @@ def test_the_polling_ping_pong_waits_as_a_polling_vcpu_and_gives_its_cpus_back(m
                         lambda sock, view: seen.append(os.sched_getaffinity(0)) or recv(sock, view))
     p = percentiles_us(pingpong_ns(200, poll_ns=200_000, cpu=min(cpus)))
     assert p["count"] == 200 and 0 < p["p50"] <= p["p99"]
+    pinned: list[tuple[int, set[int]]] = []
+    setaffinity = os.sched_setaffinity
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, s: pinned.append((pid, set(s))) or setaffinity(pid, s))
+    both = percentiles_us(pingpong_ns(200, poll_ns=200_000, peer_poll_ns=100_000, cpu=min(cpus), peer_cpu=max(cpus)))
+    assert both["count"] == 200 and 0 < both["p50"] <= both["p99"]  # the peer polls too
+    assert [s for pid, s in pinned if pid != 0] == [{max(cpus)}]  # the peer, on its CPU
     assert tries  # it polled (an answer is never there at once)
     assert seen and all(s == {min(cpus)} for s in seen)  # the rounds ran on that CPU
     assert os.sched_getaffinity(0) == cpus
