@@ -339,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-page-workers", dest="page_workers", action="store_false",
                    help="serve each plain page socket on a thread, not in a page worker process of its own")
     s.add_argument("--page-poll-us", type=_poll_us, metavar="US",
-                   help=f"how long a page worker polls for the next request before it sleeps "
-                        f"(default {DEFAULT_POLL_US}; 0: never; at most {MAX_POLL_US})")
+                   help=f"how long a page worker polls for the next request of a destination vCPU that "
+                        f"polls for its answers, before it sleeps (default {DEFAULT_POLL_US}; 0: never; "
+                        f"at most {MAX_POLL_US})")
     _state_dir_args(s)
     s.add_argument("--resume", metavar="DIR", help="serve a migration again from its state directory, "
                                                    "after its page server died (no guest runs here)")

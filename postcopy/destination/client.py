@@ -22,6 +22,7 @@ from proto.version import MAX_GPA
 MSGPACK = "application/x-msgpack"
 MAX_WS_MESSAGE = 8 << 20
 PAGES_PATH = "/v1/pages/ws"
+POLL_QUERY = "?poll=1"  # docs/protocol.md: the page worker polls for this socket's requests
 DEMAND = "demand"
 PAGE_OFFSET_MASK = PAGE_SIZE - 1
 M = TypeVar("M", bound=Message)
@@ -85,8 +86,10 @@ class SyncPageConnection:
         self.requests = 0
         self.bytes_received = 0
         try:
-            # receive_timeout: a stalled answer is a FetchError after this long (a socket timeout)
-            self.ws = BlockingWebSocket(f"{self.base_url}{PAGES_PATH}", auth_headers(token),
+            # receive_timeout: a stalled answer is a FetchError after this long (a socket timeout).
+            # A client that polls for its answers asks the source to poll for its requests.
+            self.ws = BlockingWebSocket(f"{self.base_url}{PAGES_PATH}{POLL_QUERY if poll_ns else ''}",
+                                        auth_headers(token),
                                         max_message=max_message, ssl_context=ssl_context,
                                         receive_timeout=receive_timeout, poll_ns=poll_ns)
         except HandshakeError as e:

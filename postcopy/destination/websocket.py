@@ -82,7 +82,7 @@ class BlockingWebSocket:
             raise WebSocketError(f"cannot connect to {host}:{port}: {e}") from None
         self.sock: socket.socket | None = sock
         try:
-            self._handshake(host, port, parts.path or "/", headers)
+            self._handshake(host, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers)
             # After the handshake an answer may take as long as the source takes (None), or at
             # most receive_timeout: then recv fails, a WebSocketError here.
             self._set_receive_timeout(sock, receive_timeout)

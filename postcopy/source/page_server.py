@@ -119,7 +119,9 @@ class PageServer:
         # Plain TCP page sockets served by page workers, a process each (page_workers.py): only
         # where guest RAM is a memfd or a file, which the workers map themselves.
         self.page_workers = page_workers and memory.backing in ("memfd", "file")
-        self.page_poll_us = page_poll_us  # a page worker's poll for the next request (page_workers.py)
+        # How long a page worker polls for the next request, on a socket whose client asks
+        # (?poll=1: a destination's vCPU that polls for its answers; page_workers.py).
+        self.page_poll_us = page_poll_us
         self._workers: PageWorkers | None = None
         self._runner: web.AppRunner | None = None
         self.progress = Series(["verified"])
@@ -377,11 +379,14 @@ class PageServer:
         # not downtime); pages are served only once the guest is paused here.
         if self.state not in (MigrationState.RUNNING, MigrationState.SERVING):
             return self._wrong_state("serve pages")
+        poll = request.query.get("poll", "0")
+        if poll not in ("0", "1") or len(request.query) > ("poll" in request.query):
+            return self.error(400, "a page socket takes one query parameter, poll=0 or poll=1")
         slot = self._board.take_slot()
         if slot is None:
             return self.error(503, f"too many page sockets at once (at most {Board.MAX_SLOTS})")
         try:
-            socket, ws = await self._take_over(request, slot)
+            socket, ws = await self._take_over(request, slot, self.page_poll_us if poll == "1" else 0)
         except BaseException:
             self._board.give_back(slot)
             raise
@@ -398,10 +403,12 @@ class PageServer:
                 self._board.give_back(slot)
         return ws
 
-    async def _take_over(self, request: web.Request, slot: int) -> tuple[ServedSocket, web.WebSocketResponse]:
+    async def _take_over(self, request: web.Request, slot: int,
+                         poll_us: int) -> tuple[ServedSocket, web.WebSocketResponse]:
         """Answer the upgrade and hand the connection to what serves it from then on (the fast
-        paths of page_socket.py, not aiohttp's reader): a page worker where there are workers,
-        a thread of this process where not, the event loop's callback for TLS."""
+        paths of page_socket.py, not aiohttp's reader): a page worker where there are workers
+        (polling ``poll_us`` for each next request), a thread of this process where not, the
+        event loop's callback for TLS."""
         ws = web.WebSocketResponse(heartbeat=None, compress=False, max_msg_size=WS_MAX_FRAME_BYTES)
         transport = request.transport
         assert transport is not None
@@ -412,7 +419,7 @@ class PageServer:
             # served, and no worker starts while the source pauses (it is forked on this
             # host's CPUs). It reads nothing until a request comes, which follows the 101.
             worker = WorkerPageSocket(transport, self._board, slot)
-            if await self._workers.serve(worker, slot, WS_MAX_FRAME_BYTES, self.page_poll_us):
+            if await self._workers.serve(worker, slot, WS_MAX_FRAME_BYTES, poll_us):
                 try:
                     await ws.prepare(request)
                 except BaseException:

@@ -14,13 +14,16 @@ that connection and serves it (page_loop.WorkerLoop) until the connection ends, 
 with the worker's pidfd, through which the page server learns of its end
 (page_socket.WorkerPageSocket). Guest RAM is never written here.
 
-Polling: after each answer a worker polls for the next request for ``poll_us`` (default
-DEFAULT_POLL_US) before it sleeps in ``recv`` (busypoll.py). A vCPU walking its memory asks
-again within tens of us; a worker that slept would be woken through the host each time. A
-1-vCPU one-page scan of 64 MiB, four rounds alternated: fault p50 52.9 -> 24.3 us, p99 93.8 ->
-56.3, 15.4 -> 26.1 k pages/s; 2 vCPUs about the same either way (docs/performance.md, fetch).
+Polling: a worker whose client polls for its answers (a destination's single vCPU, which asks
+with ``?poll=1``) polls for that client's next request for ``poll_us`` after each answer before
+it sleeps in ``recv`` (busypoll.py). A vCPU walking its memory asks again within tens of us; a
+worker that slept would be woken through the host each time. A 1-vCPU one-page scan of 64 MiB,
+four rounds alternated: fault p50 52.9 -> 24.3 us, p99 93.8 -> 56.3, 15.4 -> 26.1 k pages/s.
 What it costs is CPU on the source, where the guest is paused: at most ``poll_us`` after each
-request, none once requests stop. ``page_poll_us: 0`` (API) or ``--page-poll-us 0`` turns it off.
+request, none once requests stop. Other sockets do not poll: with 2 vCPUs on this 2-core host
+the workers share the vCPUs' CPUs, and polling for them cost the fetch (p50 40.2 -> 56.5 us, p99
+129.7 -> 162.0; docs/performance.md, fetch). ``page_poll_us`` (API) or ``--page-poll-us`` sets
+the window; 0 turns polling off.
 
 Lifetimes: the fork server dies with the page server's process (PR_SET_PDEATHSIG) and exits when
 its socket closes (PageWorkers.close, after the page server has closed its page sockets); a worker

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import pytest
 
 from postcopy.destination.client import FetchError, SyncPageConnection
@@ -309,15 +310,20 @@ def _worker_pid(socket_: WorkerPageSocket) -> int:
 
 
 @pytest.mark.usefixtures("kvm_available")
-@pytest.mark.parametrize("poll_us", [0, 10_000])
-def test_a_page_worker_polls_for_the_next_request_as_long_as_it_is_told(poll_us: int) -> None:
-    # Twenty requests 30 ms apart: a worker told to poll 10 ms spends ~10 ms of CPU after each
-    # (200 ms in all); one told not to sleeps in recv at once and spends next to none.
+@pytest.mark.parametrize(("poll_us", "client_polls", "polls"), [(10_000, True, True), (10_000, False, False),
+                                                                (0, True, False)])
+def test_a_page_worker_polls_for_the_next_request_where_its_client_polls(poll_us: int, client_polls: bool,
+                                                                          polls: bool) -> None:
+    # Twenty requests 30 ms apart: a worker that polls 10 ms spends ~10 ms of CPU after each
+    # (200 ms in all); one that does not sleeps in recv at once and spends next to none. It
+    # polls where its client asked (?poll=1, a client that polls for its answers) and the
+    # page server allows it (page_poll_us).
     ticks = os.sysconf("SC_CLK_TCK")
 
     async def body(server: PageServer, machine: Machine, url: str) -> None:
-        conn = await asyncio.to_thread(_fetch, url)
+        conn = await asyncio.to_thread(SyncPageConnection, url, TOKEN, poll_ns=200_000 if client_polls else 0)
         try:
+            await asyncio.to_thread(conn.fetch, GPA, 1, "demand")
             worker, = server._sockets
             assert isinstance(worker, WorkerPageSocket) and server.page_poll_us == poll_us
             pid = _worker_pid(worker)
@@ -327,7 +333,7 @@ def test_a_page_worker_polls_for_the_next_request_as_long_as_it_is_told(poll_us:
                 assert batch.data == machine.memory.read(GPA + i * PAGE_SIZE, PAGE_SIZE)
                 await asyncio.sleep(0.03)
             cpu_ms = (_cpu_ticks(pid) - before) * 1000 / ticks
-            if poll_us:
+            if polls:
                 assert cpu_ms >= 100  # 20 x 10 ms, less what the clock-tick accounting misses
             else:
                 assert cpu_ms <= 50
@@ -335,6 +341,19 @@ def test_a_page_worker_polls_for_the_next_request_as_long_as_it_is_told(poll_us:
             await asyncio.to_thread(conn.close)
 
     serve(body, page_poll_us=poll_us)
+
+
+@pytest.mark.usefixtures("kvm_available")
+@pytest.mark.parametrize("query", ["?poll=2", "?poll=1&x=1", "?poll=1&poll=1", "?other=1"])
+def test_a_page_socket_with_another_query_is_refused(query: str) -> None:
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{url}/v1/pages/ws{query}", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            assert response.status == 400
+            assert b"poll=0 or poll=1" in await response.read()
+        assert not server._sockets
+
+    serve(body)
 
 
 def test_a_page_server_refuses_a_poll_window_out_of_range() -> None:
