@@ -34,10 +34,11 @@ MODE_PINGPONG, MODE_STREAM = b"P", b"S"
 _HELLO = struct.Struct("<cQQ")  # mode, rounds or total bytes, the peer's poll window (ns)
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+def _recv_exact(sock: socket.socket, view: memoryview, poll_ns: int = 0) -> None:
+    """Fill ``view``, polling for its first bytes for ``poll_ns`` (busypoll.py) if given."""
     got = 0
     while got < len(view):
-        n = sock.recv_into(view[got:])
+        n = recv_into_polling(sock, view[got:], poll_ns) if poll_ns and not got else sock.recv_into(view[got:])
         if not n:
             raise ConnectionError("peer closed the socket")
         got += n
@@ -53,13 +54,7 @@ def serve(listener: socket.socket) -> None:
         request = memoryview(bytearray(REQUEST_BYTES))
         page = bytes(range(256)) * (PAGE_SIZE // 256)
         for _ in range(amount):
-            if poll_ns:  # as a page worker waits for its next request
-                got = recv_into_polling(conn, request, poll_ns)
-                if not got:
-                    raise ConnectionError("peer closed the socket")
-                _recv_exact(conn, request[got:])
-            else:
-                _recv_exact(conn, request)
+            _recv_exact(conn, request, poll_ns)  # with poll_ns, as a page worker waits for its next request
             conn.sendall(page)
     else:
         chunk = memoryview(bytes(CHUNK_BYTES))
@@ -113,13 +108,7 @@ def pingpong_ns(rounds: int, *, poll_ns: int = 0, peer_poll_ns: int = 0, cpu: in
         for i in range(rounds):
             t0 = clock()
             sock.sendall(request)
-            if poll_ns:
-                got = recv_into_polling(sock, answer, poll_ns)
-                if not got:
-                    raise ConnectionError("peer closed the socket")
-                _recv_exact(sock, answer[got:])
-            else:
-                _recv_exact(sock, answer)
+            _recv_exact(sock, answer, poll_ns)
             samples[i] = clock() - t0
         return samples
     finally:

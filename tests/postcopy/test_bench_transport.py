@@ -97,7 +97,7 @@ def test_the_polling_ping_pong_waits_as_a_polling_vcpu_and_gives_its_cpus_back(m
     seen: list[set[int]] = []
     recv = socket_baseline._recv_exact
     monkeypatch.setattr(socket_baseline, "_recv_exact",
-                        lambda sock, view: seen.append(os.sched_getaffinity(0)) or recv(sock, view))
+                        lambda sock, view, poll_ns=0: seen.append(os.sched_getaffinity(0)) or recv(sock, view, poll_ns))
     p = percentiles_us(pingpong_ns(200, poll_ns=200_000, cpu=min(cpus)))
     assert p["count"] == 200 and 0 < p["p50"] <= p["p99"]
     pinned: list[tuple[int, set[int]]] = []
