@@ -25,6 +25,7 @@ from vmm.guest.services import GS_DONE, GS_EXCEPTION, GS_PORT
 
 SOURCE = "limit.c"
 CFLAGS = ("-O2", "-pthread")
+VERSION_TIMEOUT_S = 10.0
 DUMP_MAGIC = b"PCLIMIT1"
 DUMP_HEADER = struct.Struct("<8sIIQQIIIIII")  # limit.c struct dump_header
 RUN_TIMEOUT_S = 120
@@ -52,7 +53,10 @@ class Limit:
             raise LimitUnavailable("no C compiler (cc) on PATH: the C limit figures are left out")
         # Keyed by what makes the binary: the source, the flags and the compiler (its path and
         # version), so another compiler or an upgraded one builds afresh.
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT_S).stdout
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise LimitUnavailable(f"{cc} --version failed ({e}): the C limit figures are left out") from None
         digest = hashlib.sha256(b"\0".join(
             [source, " ".join(CFLAGS).encode(), cc.encode(), version.encode()])).hexdigest()[:16]
         binary = cache_dir() / f"limit-{digest}"

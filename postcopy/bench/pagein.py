@@ -182,14 +182,13 @@ def measure(opts: BenchOptions) -> dict[str, Any]:
         except limit.LimitUnavailable as e:
             skipped = str(e)
     switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the destination runs
-    image = SourceImage(size) if python else None
-    dumps = {v: limit.dump_guest(size, v) for v in opts.vcpus} if c_limit is not None else {}
+    image: SourceImage | None = None  # made in the try below, as the dumps: a failure leaves nothing behind
+    dumps: dict[int, str] = {}
     handler_ns = {(mode, v): array("Q") for mode in MODES for v in opts.vcpus}
     runs: list[tuple[str, str, int, Callable[[], float]]] = []
     for v in opts.vcpus:
         for mode in MODES:
-            if image is not None:
+            if python:
                 runs.append(("python", mode, v,
                              lambda m=mode, v=v: run_python(image, m, v, handler_ns[m, v])))  # type: ignore[misc]
             if c_limit is not None:
@@ -197,6 +196,11 @@ def measure(opts: BenchOptions) -> dict[str, Any]:
     rates: dict[str, dict[str, dict[str, list[float]]]] = {"python": {}, "limit": {}}
     naive_repeat = min(opts.repeat, QUICK_NAIVE_REPEAT) if opts.quick else opts.repeat
     try:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the destination runs
+        if python:
+            image = SourceImage(size)
+        for v in opts.vcpus if c_limit is not None else ():
+            dumps[v] = limit.dump_guest(size, v)
         for _, _, _, once in runs:  # warm-up round, not counted
             once()
         for samples in handler_ns.values():

@@ -87,8 +87,10 @@ class SyncPageConnection:
         self.bytes_received = 0
         try:
             # receive_timeout: a stalled answer is a FetchError after this long (a socket timeout).
-            # A client that polls for its answers asks the source to poll for its requests.
-            self.ws = BlockingWebSocket(f"{self.base_url}{PAGES_PATH}{POLL_QUERY if poll_ns else ''}",
+            # A client that polls for its answers asks the source to poll for its requests
+            # (a TLS socket does not poll: BlockingWebSocket).
+            polls = poll_ns > 0 and ssl_context is None
+            self.ws = BlockingWebSocket(f"{self.base_url}{PAGES_PATH}{POLL_QUERY if polls else ''}",
                                         auth_headers(token),
                                         max_message=max_message, ssl_context=ssl_context,
                                         receive_timeout=receive_timeout, poll_ns=poll_ns)

@@ -379,9 +379,11 @@ class PageServer:
         # not downtime); pages are served only once the guest is paused here.
         if self.state not in (MigrationState.RUNNING, MigrationState.SERVING):
             return self._wrong_state("serve pages")
-        poll = request.query.get("poll", "0")
-        if poll not in ("0", "1") or len(request.query) > ("poll" in request.query):
-            return self.error(400, "a page socket takes one query parameter, poll=0 or poll=1")
+        # Other query parameters are ignored (a later destination may send more); poll is 0 or 1.
+        polls = request.query.getall("poll", ["0"])
+        if polls not in (["0"], ["1"]):
+            return self.error(400, "a page socket's query parameter poll is 0 or 1, once")
+        poll = polls[0]
         slot = self._board.take_slot()
         if slot is None:
             return self.error(503, f"too many page sockets at once (at most {Board.MAX_SLOTS})")

@@ -420,3 +420,16 @@ def test_the_page_poll_window_given_to_the_api_reaches_the_page_server(monkeypat
                 await vmm.cancel_migration()
     asyncio.run(scenario())
     assert seen == [0, DEFAULT_POLL_US]
+
+
+def test_the_source_command_takes_a_page_poll_window(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from postcopy import cli
+    seen: list[int | None] = []
+    monkeypatch.setattr(cli, "cmd_source", lambda args: seen.append(args.page_poll_us) or 0)
+    assert cli.main(["source", "--page-poll-us", "0"]) == 0
+    assert cli.main(["source"]) == 0
+    assert seen == [0, None]  # None: the API's default
+    with pytest.raises(SystemExit) as e:
+        cli.main(["source", "--page-poll-us", "10001"])
+    assert e.value.code == 2 and "microseconds from 0 to 10000" in capsys.readouterr().err

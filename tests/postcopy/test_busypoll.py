@@ -7,15 +7,18 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from postcopy.busypoll import recv_into_polling
 
 
-def _later(sock: socket.socket, data: bytes | None, after_s: float) -> threading.Thread:
+def _later(sock: socket.socket, data: bytes | None, after_s: float,
+           before: Callable[[], None] = lambda: None) -> threading.Thread:
     def send() -> None:
         time.sleep(after_s)
+        before()
         if data is None:
             sock.shutdown(socket.SHUT_WR)
         else:
@@ -36,24 +39,30 @@ def yields(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_bytes_that_come_within_the_window_are_taken_by_polling(yields: list[int]) -> None:
     a, b = socket.socketpair()
     with a, b:
-        sender = _later(b, b"page", 0.005)
+        def polling() -> None:  # the bytes go once the receiver has polled at least once
+            while not yields:
+                time.sleep(0.0005)
+        sender = _later(b, b"page", 0.001, polling)
         buf = bytearray(16)
         n = recv_into_polling(a, memoryview(buf), 2_000_000_000)  # 2 s: never reached
         sender.join()
-        assert buf[:n] == b"page" and yields  # it polled until they came
+        assert buf[:n] == b"page" and yields
 
 
 def test_after_the_window_it_sleeps_in_recv(yields: list[int]) -> None:
     a, b = socket.socketpair()
     with a, b:
-        sender = _later(b, b"late", 0.05)
+        counts: list[int] = []
+        checker = threading.Thread(target=lambda: (time.sleep(0.02), counts.append(len(yields))))
+        checker.start()
+        sender = _later(b, b"late", 0.06, lambda: counts.append(len(yields)))
         buf = bytearray(16)
-        t0 = time.monotonic()
         n = recv_into_polling(a, memoryview(buf), 1_000_000)  # 1 ms of polling, then blocking
         sender.join()
-        assert buf[:n] == b"late" and time.monotonic() - t0 >= 0.04
-        polled = len(yields)
-        assert polled < 100_000  # it stopped polling long before the bytes came (blocked in recv)
+        checker.join()
+        assert buf[:n] == b"late"
+        at_20ms, at_60ms = counts
+        assert at_20ms == at_60ms  # no try between 20 and 60 ms: it slept in recv
 
 
 def test_a_closed_peer_reads_as_zero_and_a_socket_timeout_still_holds(yields: list[int]) -> None:

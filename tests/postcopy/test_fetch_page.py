@@ -302,3 +302,23 @@ def test_another_frame_is_left_whole_for_recv(raw_server: tuple[str, list[bytes]
         assert bytes(ws.recv()) == other
     finally:
         ws.close()
+
+
+@pytest.mark.parametrize(("poll_ns", "tls", "asks"), [(200_000, False, True), (0, False, False), (200_000, True, False)])
+def test_a_connection_asks_its_page_worker_to_poll_only_where_it_polls_itself(monkeypatch: pytest.MonkeyPatch,
+                                                                             poll_ns: int, tls: bool, asks: bool) -> None:
+    # ?poll=1 where this end polls for its answers: over plain TCP with a polling window (a TLS
+    # socket never polls, so it does not ask).
+    import ssl
+
+    from postcopy.destination import client
+    urls: list[str] = []
+
+    class Recorded:
+        def __init__(self, url: str, *args: object, **kwargs: object) -> None:
+            urls.append(url)
+
+    monkeypatch.setattr(client, "BlockingWebSocket", Recorded)
+    client.SyncPageConnection("http://127.0.0.1:9", "t", poll_ns=poll_ns,
+                              ssl_context=ssl.create_default_context() if tls else None)
+    assert urls == ["http://127.0.0.1:9/v1/pages/ws" + ("?poll=1" if asks else "")]
