@@ -383,12 +383,11 @@ class PageServer:
         polls = request.query.getall("poll", ["0"])
         if polls not in (["0"], ["1"]):
             return self.error(400, "a page socket's query parameter poll is 0 or 1, once")
-        poll = polls[0]
         slot = self._board.take_slot()
         if slot is None:
             return self.error(503, f"too many page sockets at once (at most {Board.MAX_SLOTS})")
         try:
-            socket, ws = await self._take_over(request, slot, self.page_poll_us if poll == "1" else 0)
+            socket, ws = await self._take_over(request, slot, self.page_poll_us if polls == ["1"] else 0)
         except BaseException:
             self._board.give_back(slot)
             raise
