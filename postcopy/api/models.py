@@ -173,7 +173,8 @@ class OutgoingSpec:
     with a certificate and key; or ``resume``: serve again, from its state directory, a
     migration whose page server died (on a VMM without a VM; the token comes from there).
     ``page_workers``: plain TCP page sockets served by a process each (PageServer);
-    ``page_poll_us``: how long such a process polls for the next request before it sleeps."""
+    ``page_poll_us``: how long such a process polls for the next request of a client that
+    polls for its answers (?poll=1) before it sleeps."""
 
     host: str
     port: int

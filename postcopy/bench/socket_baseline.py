@@ -116,7 +116,6 @@ def pingpong_ns(rounds: int, *, poll_ns: int = 0, peer_poll_ns: int = 0, cpu: in
         peer.close()
 
 
-
 def stream_bytes_per_s(total: int) -> float:
     """Rate of receiving ``total`` bytes pushed by the peer (this thread and the peer on two
     CPUs, where there are two; this thread's CPUs are given back after)."""

@@ -70,7 +70,7 @@ class BlockingWebSocket:
         self.buffer_address = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
         self._start = self._end = 0
         self._receive_timeout = receive_timeout
-        self.poll_ns = 0  # set after the handshake (a plain socket only): see _poll_into
+        self.poll_ns = 0  # set after the handshake (a plain socket only): busypoll.recv_into_polling
         self._keys, self._key_at = b"", MASK_KEY_POOL
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -278,7 +278,8 @@ class BlockingWebSocket:
         if sock is None:
             raise WebSocketError("the socket is closed")
         try:
-            n = self._poll_into(sock, target) if self.poll_ns else sock.recv_into(target)
+            # polling: the answer finds this thread on a CPU that never halted (busypoll.py)
+            n = recv_into_polling(sock, target, self.poll_ns) if self.poll_ns else sock.recv_into(target)
         except (OSError, ssl.SSLError) as e:
             raise self._broken(e, sending=False) from None
         if not n:
@@ -296,11 +297,6 @@ class BlockingWebSocket:
                 return WebSocketError(f"the socket timed out: the server took no request within {self._receive_timeout} s")
             return WebSocketError(f"the socket timed out: no answer within {self._receive_timeout} s")
         return WebSocketError(f"the socket broke: {error}")
-
-    def _poll_into(self, sock: socket.socket, target: memoryview) -> int:
-        """recv_into, polling for up to ``poll_ns`` first (busypoll.py: a vCPU thread's fetch
-        then finds its answer on a CPU that never halted), then blocking within SO_RCVTIMEO."""
-        return recv_into_polling(sock, target, self.poll_ns)
 
     def _sendall(self, data: bytes) -> None:
         if self.sock is None:
