@@ -1,5 +1,17 @@
-"""Process state from /proc, for tests that check what outlives whom."""
+"""Child processes for tests: their environment, and their state from /proc."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH, keeping what was there (a
+    machine whose packages come from PYTHONPATH must still find them)."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{path}" if path else str(REPO))
 
 
 def running(pid: int) -> bool:

@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from procs import REPO, child_env  # type: ignore[import-not-found]
+
 TIMEOUT_S = 60
 
 
 def _vmm(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "vmm.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vmm.cli", *args], cwd=REPO, env=child_env(), capture_output=True,
                           text=True, timeout=TIMEOUT_S)
 
 

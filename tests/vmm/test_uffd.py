@@ -17,17 +17,16 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from procs import REPO, child_env  # type: ignore[import-not-found]
 from vmm import libc
 from vmm.abi import userfaultfd as abi
 from vmm.uffd import PAGE_SIZE, Uffd, UffdError
 
 pytestmark = pytest.mark.usefixtures("uffd_available")
 
-REPO = Path(__file__).resolve().parents[2]
 NPAGES = 16
 HANDLER_TIMEOUT_S = 5.0
 
@@ -210,8 +209,7 @@ _CHILD = textwrap.dedent("""
 
 
 def _child(mode: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-c", _CHILD, mode], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-c", _CHILD, mode], cwd=REPO, env=child_env(), capture_output=True,
                           text=True, timeout=30)
 
 
