@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from postcopy.bench import BenchError, BenchOptions, paired_ratio
+from postcopy.bench import BenchError, BenchOptions
 from vmm.guest.layout import DATA_GPA
 from vmm.guest.services import GS_DONE, GS_EXCEPTION, GS_PORT
 
@@ -123,7 +123,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         return {"skipped": m["limit_skipped"]}
     runs = m["rates"]["limit"]
     out: dict[str, Any] = pagein.medians(runs)
-    out["ratio_exit_classic"] = {v: paired_ratio(runs["exit"][v], runs["classic"][v]) for v in runs["exit"]}
+    out["ratio_exit_classic"], out["best_classic"] = pagein.exit_against_best_classic(runs)
     out["mem_mib"], out["pages"], out["repeat"] = m["mem_mib"], m["pages"], m["repeat"]
     out["naive_repeat"] = m["naive_repeat"]
     out["runs"] = m["rates"]["limit"]
@@ -131,12 +131,12 @@ def run(opts: BenchOptions) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> list[str]:
-    from postcopy.bench.pagein import MODES
+    from postcopy.bench.pagein import MODES, best_classic_row
     if "skipped" in result:
         return [f"limit: skipped: {result['skipped']}"]
     vs = sorted(result["exit"], key=int)
     lines = [f"limit (C, same guest and modes): {result['mem_mib']} MiB, median of {result['repeat']}",
              "  mode            " + "".join(f"{v + ' vCPU':>14}" for v in vs) + "   (pages/s)"]
     lines += [f"  {mode:<16}" + "".join(f"{result[mode][v]:>14,.0f}" for v in vs) for mode in MODES]
-    lines.append("  exit / classic  " + "".join(f"{result['ratio_exit_classic'][v]:>14.2f}" for v in vs))
+    lines.append(best_classic_row(result))
     return lines

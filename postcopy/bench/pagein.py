@@ -45,6 +45,7 @@ from vmm.memory import GuestMemory
 from vmm.uffd import Uffd
 
 MODES = ("exit", "classic", "classic-naive")
+CLASSIC_MODES = ("classic", "classic-naive")
 FULL_MEM = 256 << 20
 QUICK_MEM = 32 << 20
 ONE_PAGE = 1  # readahead window: one page per fault
@@ -234,15 +235,32 @@ def _ratio(a: list[float], b: list[float]) -> float:
     return paired_ratio(a, b)  # not rounded: targets compare the figure itself
 
 
+def exit_against_best_classic(runs: dict[str, dict[str, list[float]]]) -> tuple[dict[str, float], dict[str, str]]:
+    """Exit mode against the best classic handler measured at each vCPU count: the classic
+    mode with the higher median. Which one wins depends on the host: on this 2-CPU nested host
+    a handler on another CPU waits for a cross-CPU wake-up each fault and the placed one wins;
+    on a 16-CPU host the one unpinned handler, batched on a spare CPU, won from 2 vCPUs
+    (docs/performance.md). Paired by round: classic-naive runs the first rounds only."""
+    ratios, best = {}, {}
+    for v, exit_runs in runs.get("exit", {}).items():
+        modes = [m for m in CLASSIC_MODES if runs.get(m, {}).get(v)]
+        if not modes:
+            continue
+        best[v] = max(modes, key=lambda m: median(runs[m][v]))
+        classic = runs[best[v]][v]
+        ratios[v] = _ratio(exit_runs[:len(classic)], classic)
+    return ratios, best
+
+
 def run(opts: BenchOptions) -> dict[str, Any]:
     m = measure(opts)
     runs, c_runs = m["rates"]["python"], m["rates"]["limit"]
     py = medians(runs)
     out: dict[str, Any] = {mode: py[mode] for mode in MODES if mode in py}
-    # Ratios are of runs made in the same round (paired_ratio): exit against classic two runs
-    # later, each Python mode against the C run of the same mode right after it (classic
-    # against C's best classic).
-    out["ratio_exit_classic"] = {v: _ratio(runs["exit"][v], runs["classic"][v]) for v in runs.get("exit", {})}
+    # Ratios are of runs made in the same round (paired_ratio): exit against the best classic
+    # mode, each Python mode against the C run of the same mode right after it (classic
+    # against C's placed classic).
+    out["ratio_exit_classic"], out["best_classic"] = exit_against_best_classic(runs)
     if c_runs:
         out["ratio_to_limit"] = {mode: {v: _ratio(runs[mode][v], c_runs[mode][v]) for v in runs[mode]} for mode in MODES}
     out["mem_mib"], out["pages"], out["repeat"] = m["mem_mib"], m["pages"], m["repeat"]
@@ -251,6 +269,14 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     out["handler_p50_us"] = m["handler_p50_us"]
     out["fault_costs_us"] = m["fault_costs_us"]
     return out
+
+
+def best_classic_row(result: dict[str, Any]) -> str:
+    """The table's exit / best classic row, naming the counts where classic-naive was the best."""
+    vs = sorted(result["ratio_exit_classic"], key=int)
+    naive = [v for v in vs if result.get("best_classic", {}).get(v) == "classic-naive"]
+    return ("  exit / best cl. " + "".join(f"{result['ratio_exit_classic'][v]:>14.2f}" for v in vs)
+            + (f"   (classic-naive at {', '.join(naive)} vCPU)" if naive else ""))
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -262,7 +288,7 @@ def table(result: dict[str, Any]) -> list[str]:
     for mode in MODES:
         if mode in result:
             lines.append(f"  {mode:<16}" + "".join(f"{result[mode][v]:>14,.0f}" for v in vs))
-    lines.append("  exit / classic  " + "".join(f"{result['ratio_exit_classic'][v]:>14.2f}" for v in vs))
+    lines.append(best_classic_row(result))
     for mode, by_v in result.get("ratio_to_limit", {}).items():
         lines.append(f"  {mode + ' / C':<16}" + "".join(f"{by_v[v]:>14.2f}" for v in vs))
     lines.append("  handler p50 us  " + "  ".join(
