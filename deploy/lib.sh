@@ -20,12 +20,17 @@ project_bin() {
 # project_python BIN: the Python that runs the project's `postcopy` (its script's interpreter).
 project_python() { sed -n '1s/^#! *//p' "$1/postcopy"; }
 
-# check_guest MEM VCPUS FAULT_MODE PYTHON: refuse bad settings before anything is made (the
-# size is read by the project's own parser).
-check_guest() {
-  [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--vcpus wants a positive count, got '$2'"
-  [[ $3 =~ ^(exit|classic|auto)$ ]] || die "--fault-mode wants exit, classic or auto, got '$3'"
-  "$4" -c 'import sys; from vmm.memory import parse_size; parse_size(sys.argv[1])' "$1" 2>/dev/null \
+# check_flags VCPUS FAULT_MODE: refuse bad settings at once, before the host's tools are
+# looked for or anything is made.
+check_flags() {
+  [[ $1 =~ ^[1-9][0-9]*$ ]] || die "--vcpus wants a positive count, got '$1'"
+  [[ $2 =~ ^(exit|classic|auto)$ ]] || die "--fault-mode wants exit, classic or auto, got '$2'"
+}
+
+# check_mem MEM PYTHON: the guest size, read by the project's own parser (so once its Python
+# is known), still before anything is made.
+check_mem() {
+  "$2" -c 'import sys; from vmm.memory import parse_size; parse_size(sys.argv[1])' "$1" 2>/dev/null \
     || die "--mem wants a size such as 256M, got '$1'"
 }
 

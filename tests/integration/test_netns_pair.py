@@ -83,3 +83,17 @@ def test_netns_pair_interrupted_removes_namespaces_and_vmms() -> None:
 def test_netns_pair_refuses_a_bad_flag_before_making_anything() -> None:
     done = subprocess.run([str(RUN_PAIR), "--vcpus", "0"], capture_output=True, text=True, env=_env(), timeout=30)
     assert done.returncode != 0 and "--vcpus" in done.stderr and done.stdout == ""
+
+
+def test_netns_pair_names_a_bad_flag_before_a_missing_tool(tmp_path: Path) -> None:
+    """A machine without iproute2 (seen on a second test host) still hears what is wrong with
+    the command line first. Here every command on PATH is there but ip and tc."""
+    for d in reversed(os.environ["PATH"].split(os.pathsep)):
+        for tool in Path(d).glob("*") if Path(d).is_dir() else ():
+            if tool.name not in ("ip", "tc"):
+                (tmp_path / tool.name).unlink(missing_ok=True)
+                (tmp_path / tool.name).symlink_to(tool)
+    env = dict(_env(), PATH=f"{Path(sys.executable).parent}{os.pathsep}{tmp_path}")
+    assert shutil.which("ip", path=env["PATH"]) is None
+    done = subprocess.run([str(RUN_PAIR), "--fault-mode", "fast"], capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode != 0 and "--fault-mode wants exit, classic or auto" in done.stderr, done.stderr
