@@ -239,8 +239,8 @@ def exit_against_best_classic(runs: dict[str, dict[str, list[float]]]) -> tuple[
     """Exit mode against the best classic handler measured at each vCPU count: the classic
     mode with the higher median. Which one wins depends on the host: on this 2-CPU nested host
     a handler on another CPU waits for a cross-CPU wake-up each fault and the placed one wins;
-    on a 16-CPU host the one unpinned handler, batched on a spare CPU, won from 2 vCPUs
-    (docs/performance.md). Paired by round: classic-naive runs the first rounds only."""
+    on a 16-CPU host classic-naive's one unpinned handler won from 2 vCPUs (docs/performance.md,
+    On a second host). Paired by round: classic-naive runs the first rounds only."""
     ratios, best = {}, {}
     for v, exit_runs in runs.get("exit", {}).items():
         modes = [m for m in CLASSIC_MODES if runs.get(m, {}).get(v)]
