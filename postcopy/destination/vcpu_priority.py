@@ -9,7 +9,9 @@ this 2-core host (docs/performance.md), a busy 2-vCPU guest with 767 MiB of 1 Gi
 fetch is the transfer's most urgent work (exit mode, GuestNice.urgent): in a 256 MiB demo-like
 migration the faults' p99 went from 7.4-10.7 ms back to 2.9-4.8 (3.1-4.2 at nice 0), and the
 vCPUs waited 176-203 ms in all against 240-287 at nice 0. An operator picks another value per
-migration (`vcpu_nice`; 0 leaves them alone).
+migration (`vcpu_nice`; 0 leaves them alone). The threads are lowered just after the resume
+(their first KVM_RUNs are downtime), so a fetch already under way then finishes at the lower
+nice: one per vCPU at most.
 """
 from __future__ import annotations
 

@@ -84,8 +84,10 @@ def test_vcpus_run_reniced_while_memory_is_missing_and_get_their_priority_back(
 @may_renice
 def test_an_exit_mode_vcpu_fetches_its_page_at_its_own_priority() -> None:
     """The guest runs at POSTCOPY_VCPU_NICE, but a fault's fetch is the transfer's most urgent
-    work: the vCPU thread makes it at the nice it had before (GuestNice.urgent)."""
-    seen: list[tuple[int, int]] = []  # (nice while fetching, nice before the migration)
+    work: the vCPU thread makes it at the nice it had before (GuestNice.urgent). The vCPUs are
+    lowered after the resume (the first KVM_RUNs are downtime), so a fetch already under way
+    then finishes at the lower nice: each vCPU's first fetch seen lowered may be that one."""
+    seen: list[tuple[int, int, int]] = []  # (vCPU, nice while fetching, nice before the migration)
 
     async def check(server: PageServer, dest: Destination) -> None:
         assert dest.machine is not None
@@ -96,15 +98,16 @@ def test_an_exit_mode_vcpu_fetches_its_page_at_its_own_priority() -> None:
                 me = threading.get_native_id()
                 thread = next(t for t in dest.machine.vcpus if t.tid == me)  # type: ignore[union-attr]
                 if thread.guest_nice is not None:
-                    seen.append((thread_nice(me), thread.guest_nice.base))
+                    seen.append((thread.id, thread_nice(me), thread.guest_nice.base))
                 return real(gpa, count, kind)
             connection.fetch = fetch  # type: ignore[method-assign]
         await dest.switchover()
         await dest.wait_complete(timeout=60)
 
     migrate_in_process(check, background_batch_pages=4, background_depth=1)  # pages stay missing a while
-    assert seen, "no vCPU fetched a page while its guest was reniced"
-    assert all(nice == base for nice, base in seen), seen
+    assert any(nice == base for _, nice, base in seen), f"no fetch at the vCPU's own nice: {seen}"
+    firsts = {vcpu: i for i, (vcpu, _, _) in reversed(list(enumerate(seen)))}
+    assert all(nice == base for i, (_, nice, base) in enumerate(seen) if i not in firsts.values()), seen
 
 
 @may_renice
