@@ -6,10 +6,9 @@ evidence `--fault-mode auto` decides on.
 """
 from __future__ import annotations
 
-import os
-import platform
 from dataclasses import asdict, dataclass, field
 
+from postcopy import hostinfo
 from postcopy.faults import FAULT_KIND_NAMES, FaultDecoder, FaultError
 from vmm.abi import kvm as kabi
 from vmm.abi.userfaultfd import UFFD_FEATURE_NAMES, UFFD_FEATURE_SIGBUS, UFFDIO_ZEROPAGE_MODE_DONTWAKE
@@ -44,6 +43,7 @@ class DoctorReport:
     exit_mode_works: bool = False
     recommended_fault_mode: str = "classic"
     reason: str = ""
+    host: hostinfo.HostInfo | None = None  # CPUs, how idle CPUs wait: what moves the figures
 
 
 class _ProbeResolver:
@@ -64,29 +64,6 @@ class _ProbeResolver:
         name = FAULT_KIND_NAMES[fault.kind]
         self.kinds[name] = self.kinds.get(name, 0) + 1
         return True
-
-
-def _paging() -> str:
-    try:
-        with open("/sys/module/kvm/parameters/tdp_mmu") as f:
-            tdp_mmu = f.read().strip()
-    except OSError:
-        tdp_mmu = ""
-    for module, param in (("kvm_intel", "ept"), ("kvm_amd", "npt")):
-        try:
-            with open(f"/sys/module/{module}/parameters/{param}") as f:
-                if f.read().strip() in ("Y", "1"):
-                    return "two-dimensional (EPT/NPT)"
-        except OSError:
-            continue
-    return "shadow" if tdp_mmu == "N" else "unknown"
-
-
-def _kvm_module() -> str | None:
-    for module in ("kvm_intel", "kvm_amd", "kvm_pvm"):
-        if os.path.isdir(f"/sys/module/{module}"):
-            return module
-    return None
 
 
 def probe_fault_exits(report: DoctorReport) -> None:
@@ -123,7 +100,8 @@ def probe_fault_exits(report: DoctorReport) -> None:
 
 
 def diagnose(run_probe: bool = True) -> DoctorReport:
-    report = DoctorReport(kernel=platform.release(), kvm=False, paging=_paging(), kvm_module=_kvm_module())
+    host = hostinfo.describe()
+    report = DoctorReport(kernel=host.kernel, kvm=False, paging=host.paging, kvm_module=host.kvm_module, host=host)
     try:
         kvm = Kvm()
         report.kvm = True
@@ -164,6 +142,8 @@ def as_dict(report: DoctorReport) -> dict:
 def render(report: DoctorReport) -> str:
     lines = [
         f"kernel            {report.kernel}",
+        *([f"host              {report.host.machine()}",
+           f"idle CPUs         {report.host.idle()}"] if report.host is not None else []),
         f"KVM               {'API ' + str(report.kvm_api) if report.kvm else 'absent: ' + str(report.kvm_error)}"
         f"{' (' + report.kvm_module + ')' if report.kvm_module else ''}",
         f"paging            {report.paging}",

@@ -12,9 +12,11 @@ import json
 import signal
 import sys
 import time
+from dataclasses import asdict
 from types import ModuleType
 from typing import Any
 
+from postcopy import hostinfo
 from postcopy.bench import BenchError, BenchOptions, targets
 from vmm.memory import parse_size
 
@@ -74,7 +76,8 @@ def options(args: argparse.Namespace) -> BenchOptions:
 def run(opts: BenchOptions, progress=None) -> dict[str, Any]:
     """Run the asked sections that are present; a section that is not installed is reported so."""
     present = available()
-    out: dict[str, Any] = {}
+    # Which host the figures come from: its CPUs, KVM's paging and how its idle CPUs wait move them.
+    out: dict[str, Any] = {"host": asdict(hostinfo.describe())}
     for name in SECTIONS:
         if name not in opts.sections:
             continue
@@ -96,6 +99,8 @@ def run(opts: BenchOptions, progress=None) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> list[str]:
     present = available()
     lines: list[str] = []
+    if "host" in result:
+        lines += [f"host: {hostinfo.HostInfo(**result['host']).summary()}", ""]
     for name, part in result.items():
         if name not in SECTIONS:
             continue
