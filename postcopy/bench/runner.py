@@ -109,7 +109,7 @@ def table(result: dict[str, Any]) -> list[str]:
         elif name in present:
             lines += present[name].table(part)
         lines.append("")
-    return lines + targets.table(result.get("targets", []), result.get("targets_not_run"))
+    return lines + targets.table(result.get("targets", []), result.get("targets_not_run"), result.get("host"))
 
 
 def _no_nan(value: Any) -> Any:

@@ -86,3 +86,16 @@ def test_the_bench_table_ends_with_the_targets_and_skips_no_section() -> None:
     lines = runner.table(result)
     assert lines[0] == "stream: skipped: not installed in this build"
     assert lines[-1].split()[:2] == ["ok", "stream"] and "1 of 1 met" in lines[-2]
+
+
+def test_the_targets_say_when_the_host_is_not_the_kind_they_were_set_for() -> None:
+    checks = targets.check({"stream": {"ratio_to_socket": 0.6}})
+    here = {"cpus": 2, "virtualized": True, "paging": "shadow"}
+    assert targets.unlike_development_host(here) is None and targets.unlike_development_host(None) is None
+    assert len(targets.table(checks, [], here)) == 2
+    other = {"cpus": 16, "virtualized": False, "paging": "two-dimensional (EPT/NPT)"}
+    assert targets.unlike_development_host(other) == "16 CPUs, not in a VM, two-dimensional (EPT/NPT) paging"
+    lines = targets.table(checks, [], other)
+    assert lines[1] == ("  this host differs (16 CPUs, not in a VM, two-dimensional (EPT/NPT) paging): "
+                        "read them as a reference, not a verdict")
+    assert lines[2].split()[:2] == ["ok", "stream"]
