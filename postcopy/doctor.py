@@ -27,6 +27,7 @@ CAP_PREFIX = "KVM_CAP_"
 
 @dataclass(slots=True)
 class DoctorReport:
+    # kernel, paging and kvm_module are also in host; they stay at the top of the JSON for its readers
     kernel: str
     kvm: bool
     kvm_api: int | None = None
