@@ -15,7 +15,7 @@ import pytest
 from postcopy.bench import fetch, migrate, socket_baseline, stream
 from postcopy.bench.common import percentiles_us, source_process, tasks
 from postcopy.bench.fault_vm import scan
-from postcopy.bench.socket_baseline import pingpong_ns, stream_bytes_per_s
+from postcopy.bench.socket_baseline import StreamYardstick, pingpong_ns
 from postcopy.destination.client import SyncPageConnection
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
 
@@ -86,7 +86,19 @@ def test_a_source_kept_off_cpus_runs_on_the_others_then_gets_them_back() -> None
 def test_the_yardsticks_measure_round_trips_and_a_rate() -> None:
     p = percentiles_us(pingpong_ns(200))
     assert p["count"] == 200 and 0 < p["p50"] <= p["p99"]
-    assert stream_bytes_per_s(8 * MiB) > 0
+
+
+def test_the_stream_yardstick_moves_the_peers_memory_into_its_own() -> None:
+    pages = 6 * MiB // PAGE_SIZE
+    with StreamYardstick(8 * MiB) as yardstick:
+        assert yardstick.rate(pages * PAGE_SIZE) > 0
+        marks = memoryview(yardstick.received).cast("Q")[::PAGE_SIZE // 8].tolist()
+        assert marks[:pages] == list(range(1, pages + 1))  # each of the peer's pages, in order, once
+        assert set(marks[pages:]) == {0}  # touched before the clock, not received
+        assert yardstick.rate(3 * MiB, cached=True) > 0  # the reference: one cached MiB again
+        assert yardstick.rate(2 * MiB) > 0  # the same connection serves every round
+        with pytest.raises(ValueError, match="holds"):
+            yardstick.rate(9 * MiB)
 
 
 def test_the_polling_ping_pong_waits_as_a_polling_vcpu_and_gives_its_cpus_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,8 +148,11 @@ def test_one_migration_row_and_the_tables_render() -> None:
     assert any("like for like, 1 vCPU" in line and "2.50" in line and "1.50" in line for line in lines)
     assert "16 MiB, page server" in fetch.table(fake)[0]
     assert "64 MiB (one page a fault), 16 MiB (readahead)" in fetch.table({**fake, "fault_guest_mib": 64})[0]
-    assert stream.table({"guest_mib": 16, "data_pages": 1, "zero_pages": 0, "mib_s": 1.0, "pages_s": 1,
-                         "seconds": 1.0, "socket_mib_s": 2.0, "ratio_to_socket": 0.5, "repeat": 3})[-1].split()[-1] == "0.500"
+    row = {"guest_mib": 16, "data_pages": 1, "zero_pages": 0, "mib_s": 1.0, "pages_s": 1,
+           "seconds": 1.0, "socket_mib_s": 2.0, "ratio_to_socket": 0.5, "repeat": 3}
+    assert stream.table(row)[-1].split()[-1] == "0.500"
+    lines = stream.table({**row, "socket_cached_mib_s": 2.5, "ratio_to_cached_socket": 0.4})
+    assert lines[-1].split()[-1] == "0.500" and "from cache" in lines[-2] and "0.400" in lines[-2]
 
 
 def _children(pid: int) -> list[int]:
