@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from postcopy import hostinfo
-from postcopy.bench import BenchError, BenchOptions, targets
+from postcopy.bench import STREAM_MIN_ROUNDS, BenchError, BenchOptions, targets
 from vmm.memory import parse_size
 
 # Every section, in run order: name -> module (with run(opts) -> dict and table(result) -> list[str]).
@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vcpus", default="1,2", help="vCPU counts to run, comma-separated (default 1,2)")
     parser.add_argument("--mem", help="guest size for the page-in sections (default 256M, 32M with --quick)")
     parser.add_argument("--repeat", type=int, help=f"runs of each configuration; the median is reported (default "
-                        f"{FULL_REPEAT}, {QUICK_REPEAT} with --quick: its runs are short, so one preemption weighs more)")
+                        f"{FULL_REPEAT}, {QUICK_REPEAT} with --quick: its runs are short, so one preemption weighs more; "
+                        f"the stream section, whose rounds are short, runs {STREAM_MIN_ROUNDS} at least)")
 
 
 def options(args: argparse.Namespace) -> BenchOptions:

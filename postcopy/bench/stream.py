@@ -24,7 +24,7 @@ from typing import Any
 
 import uvloop
 
-from postcopy.bench import median, paired_ratio
+from postcopy.bench import STREAM_MIN_ROUNDS, median, paired_ratio
 from postcopy.bench.common import BenchOptions, section_main, source_process
 from postcopy.bench.socket_baseline import StreamYardstick
 from postcopy.destination.background import DEFAULT_STREAMS, run_background
@@ -99,8 +99,11 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     cached_rates: list[float] = []
     with source_process(mem, 2, prefill=1.0) as source, StreamYardstick(mem) as yardstick:  # every page data
         header, zero_bitmap = asyncio.run(source.pause())
-        measure(header, zero_bitmap, source.url, source.token)  # warm-up, not counted
-        for _ in range(opts.repeat):
+        measure(header, zero_bitmap, source.url, source.token)  # warm-up, not counted: each side once
+        yardstick.rate(len(yardstick.received))
+        yardstick.rate(len(yardstick.received), cached=True)
+        rounds = max(opts.repeat, STREAM_MIN_ROUNDS)
+        for _ in range(rounds):
             transfers.append(measure(header, zero_bitmap, source.url, source.token))
             nbytes = transfers[-1]["data_pages"] * PAGE_SIZE
             socket_rates.append(round(yardstick.rate(nbytes) / MiB, 1))
@@ -108,7 +111,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     transfer = sorted(transfers, key=lambda t: t["mib_s"])[len(transfers) // 2]  # the median run
     rates = [t["mib_s"] for t in transfers]
     return {"guest_mib": mem // MiB, **transfer, "socket_mib_s": round(median(socket_rates), 1),
-            "ratio_to_socket": paired_ratio(rates, socket_rates), "repeat": opts.repeat,
+            "ratio_to_socket": paired_ratio(rates, socket_rates), "repeat": rounds,
             "socket_cached_mib_s": round(median(cached_rates), 1),
             "ratio_to_cached_socket": paired_ratio(rates, cached_rates),
             "runs_mib_s": rates, "socket_runs_mib_s": socket_rates, "socket_cached_runs_mib_s": cached_rates}
