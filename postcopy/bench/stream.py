@@ -9,10 +9,11 @@ StreamYardstick); the ratio is the figure. The first yardstick, one cached 1 MiB
 again and again, is measured beside it and reported as a reference.
 
 One transfer is made first and not counted (HOST.md: the first pass over fresh host memory in
-this microVM is slower; pagein warms up the same way), then ``repeat`` transfers alternate with
-``repeat`` raw-socket runs of each yardstick; each transfer is compared with the runs right after it, and
-the figure is the median of those ratios (bench.paired_ratio): a single 96 MiB transfer takes
-~50 ms here, so one preemption by other work on these 2 cores moved a single-run ratio by 2x.
+this microVM is slower; pagein warms up the same way), then at least STREAM_MIN_ROUNDS rounds
+of a transfer and the raw-socket runs right after it (the same-bytes yardstick twice, the
+faster counted, the cached one between); the figure is the median of the rounds' ratios
+(bench.paired_ratio): a single 96 MiB transfer takes ~50 ms here, so one preemption by other
+work on these 2 cores moved a single-run ratio by 2x.
 """
 from __future__ import annotations
 
@@ -106,8 +107,12 @@ def run(opts: BenchOptions) -> dict[str, Any]:
         for _ in range(rounds):
             transfers.append(measure(header, zero_bitmap, source.url, source.token))
             nbytes = transfers[-1]["data_pages"] * PAGE_SIZE
-            socket_rates.append(round(yardstick.rate(nbytes) / MiB, 1))
+            # The faster of two runs around the cached one: a socket run slowed by the host
+            # (at 512 MiB one in three or four read half the others, where the cached one held)
+            # would lift the round's ratio; the better one can only lower it.
+            first = yardstick.rate(nbytes)
             cached_rates.append(round(yardstick.rate(nbytes, cached=True) / MiB, 1))
+            socket_rates.append(round(max(first, yardstick.rate(nbytes)) / MiB, 1))
     transfer = sorted(transfers, key=lambda t: t["mib_s"])[len(transfers) // 2]  # the median run
     rates = [t["mib_s"] for t in transfers]
     return {"guest_mib": mem // MiB, **transfer, "socket_mib_s": round(median(socket_rates), 1),
