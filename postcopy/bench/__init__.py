@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-# The stream section's rounds at least, whatever --repeat says: a round (a transfer and two
-# socket runs) takes ~0.4 s at 512 MiB, and in a full run's three rounds two slow socket runs
+# The stream section's rounds at least, whatever --repeat says: a round (a transfer and three
+# socket runs) takes ~0.5 s at 512 MiB, and in a full run's three rounds two slow socket runs
 # (2,100 against 4,300 MiB/s here, the host's spells) once decided the median ratio.
 STREAM_MIN_ROUNDS = 9
 

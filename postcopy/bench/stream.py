@@ -128,7 +128,8 @@ def table(result: dict[str, Any]) -> list[str]:
         f"({result['data_pages']} data pages, {result['zero_pages']} zero)",
         f"  background      {result['mib_s']:>9.1f} MiB/s  ({result['pages_s']} pages/s, {result['seconds']} s; "
         f"median of {result['repeat']})",
-        f"  raw socket      {result['socket_mib_s']:>9.1f} MiB/s  (the same bytes, memory to memory, two Python processes; median)",
+        f"  raw socket      {result['socket_mib_s']:>9.1f} MiB/s  (the same bytes, memory to memory, two Python processes; "
+        f"the better of two a round; median)",
     ]
     if "socket_cached_mib_s" in result:
         lines.append(f"    from cache    {result['socket_cached_mib_s']:>9.1f} MiB/s  (one 1 MiB buffer sent again: "
