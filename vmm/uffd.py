@@ -22,11 +22,16 @@ SYS_userfaultfd = 323  # x86-64; the fallback where /dev/userfaultfd is missing
 
 
 class UffdError(Exception):
-    """A userfaultfd ioctl failed; ``errno`` is the kernel's error number, if any."""
+    """A userfaultfd ioctl failed; ``errno`` is the kernel's error number, if any. A failed
+    ``Uffd.copy``/``zeropage`` of a run also says how far it got: ``reached`` bytes from the
+    run's start are present (``installed`` of them created by this call, the rest found there),
+    so its caller can count what it created before the error goes on."""
 
     def __init__(self, message: str, err: int | None = None) -> None:
         super().__init__(message)
         self.errno = err
+        self.installed = 0
+        self.reached = 0
 
 
 def _ioctl(fd: int, request: int, arg: object, what: str) -> int:
@@ -151,7 +156,11 @@ class Uffd:
                 ioctl(self.fd, abi.UFFDIO_COPY, buf, True)
                 return installed + length
             except OSError as e:
-                done, advance = self._progress(e.errno, q[COPY_RESULT], "UFFDIO_COPY", dst, length)
+                try:
+                    done, advance = self._progress(e.errno, q[COPY_RESULT], "UFFDIO_COPY", dst, length)
+                except UffdError as error:
+                    error.installed, error.reached = installed, dst - start
+                    raise
             if existed is not None and advance > done:
                 existed.append(dst + done - start)
             installed += done
@@ -172,7 +181,11 @@ class Uffd:
                 ioctl(self.fd, abi.UFFDIO_ZEROPAGE, buf, True)
                 return installed + length
             except OSError as e:
-                done, advance = self._progress(e.errno, q[ZEROPAGE_RESULT], "UFFDIO_ZEROPAGE", start, length)
+                try:
+                    done, advance = self._progress(e.errno, q[ZEROPAGE_RESULT], "UFFDIO_ZEROPAGE", start, length)
+                except UffdError as error:
+                    error.installed, error.reached = installed, start - first
+                    raise
             if existed is not None and advance > done:
                 existed.append(start + done - first)
             installed += done

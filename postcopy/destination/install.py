@@ -81,16 +81,32 @@ class Installer:
         except UffdError as e:
             if self._gone_after_completion(e):
                 return
+            # The pages before the failure are in: counted here, by the install that created
+            # them (pages.py), before the error goes on. A caller that survives it (the
+            # prefetcher) gives its claim back, and a later install finds them existing.
+            if view is not None:
+                self._count_copied(e.installed)
+            existed[before:] = [gpa - batch.gpa + x for x in existed[before:]]
+            self._record(batch, (gpa - batch.gpa + e.reached) // PAGE_SIZE, how, first_how, demanded,
+                         (created + e.installed) // PAGE_SIZE, existed)
             raise
-        page = self.memory.page_index(batch.gpa)
-        created //= PAGE_SIZE
-        if first_how is None:
-            self.tracker.mark_present(page, batch.count, how, created)
+        self._record(batch, batch.count, how, first_how, demanded, created // PAGE_SIZE, existed)
+
+    def _record(self, batch: PageBatch, count: int, how: Arrival, first_how: Arrival | None, demanded: int,
+                created: int, existed: list[int]) -> None:
+        """Mark the batch's first ``count`` pages present; ``created`` of them were created by
+        this install, the others (``existed``: byte offsets in the batch) by another."""
+        if not count:
             return
+        page = self.memory.page_index(batch.gpa)
+        if first_how is None:
+            self.tracker.mark_present(page, count, how, created)
+            return
+        demanded = min(demanded, count)
         ours = demanded - sum(1 for e in existed if e < demanded * PAGE_SIZE)  # of the demanded pages
         self.tracker.mark_present(page, demanded, first_how, ours)
-        if batch.count > demanded:
-            self.tracker.mark_present(page + demanded, batch.count - demanded, how, created - ours)
+        if count > demanded:
+            self.tracker.mark_present(page + demanded, count - demanded, how, created - ours)
 
     def _count_copied(self, nbytes: int) -> None:
         with self._copied_lock:
@@ -127,6 +143,8 @@ class Installer:
         except UffdError as e:
             if self._gone_after_completion(e):
                 return
+            if e.reached:  # as install_batch: what went in is counted before the error goes on
+                self.tracker.mark_present(page, e.reached // PAGE_SIZE, Arrival.ZERO, e.installed // PAGE_SIZE)
             raise
         self.tracker.mark_present(page, npages, Arrival.ZERO, created // PAGE_SIZE)
 

@@ -7,6 +7,7 @@ import pytest
 from postcopy.destination.install import Installer, buffer_address
 from postcopy.destination.pages import Arrival, PageTracker
 from proto import PAGE_SIZE, PageBatch, build_page_batch
+from vmm import libc
 from vmm.memory import GuestMemory
 from vmm.uffd import Uffd, UffdError
 
@@ -72,5 +73,42 @@ def test_a_batch_over_a_page_a_fault_created_counts_only_the_pages_it_created() 
         assert tracker.counts[Arrival.BACKGROUND] == 1 and tracker.all_present.is_set()
         assert sum(tracker.counts.values()) == PAGES and installer.installed_bytes == PAGES * PAGE_SIZE
     finally:
+        memory.close()
+        uffd.close()
+
+
+class _AddressBatch:
+    """A batch of data pages read from an address (as a local page source's), one run."""
+
+    def __init__(self, first_page: int, count: int, address: int) -> None:
+        self.gpa, self.count, self.data = first_page * PAGE_SIZE, count, address
+
+    def runs(self) -> list[tuple[int, int, bytes]]:
+        return [(self.gpa, self.count, b"data")]
+
+
+@pytest.mark.parametrize("first_how", [None, Arrival.DEMAND])
+def test_a_batch_that_fails_partway_counts_the_pages_it_created_before_the_error(first_how: Arrival | None) -> None:
+    """Its last two pages unreadable: the first two go in and are counted before the error goes
+    on, so that once another install brings the rest every page is counted (a prefetcher that
+    survives the error gives its claim back, and the next install of those two finds them)."""
+    uffd, memory, tracker, installer = _setup()
+    src = libc.mmap(None, PAGES * PAGE_SIZE, libc.PROT_READ | libc.PROT_WRITE,
+                    libc.MAP_PRIVATE | libc.MAP_ANONYMOUS, -1, 0)
+    try:
+        libc.munmap(src + 2 * PAGE_SIZE, 2 * PAGE_SIZE)
+        with pytest.raises(UffdError, match="EFAULT"):
+            installer.install_batch(_AddressBatch(0, PAGES, src), Arrival.READAHEAD, first_how=first_how)  # type: ignore[arg-type]
+        assert [tracker.is_present(p) for p in range(PAGES)] == [True, True, False, False]
+        counts = tracker.counts
+        if first_how is None:
+            assert counts[Arrival.READAHEAD] == 2
+        else:
+            assert (counts[Arrival.DEMAND], counts[Arrival.READAHEAD]) == (1, 1)
+        assert installer.installed_bytes == 2 * PAGE_SIZE
+        installer.install_batch(_batch(0, PAGES), Arrival.BACKGROUND)  # the rest, and two found there
+        assert tracker.counts[Arrival.BACKGROUND] == 2 and tracker.all_present.is_set()
+    finally:
+        libc.munmap(src, 2 * PAGE_SIZE)
         memory.close()
         uffd.close()

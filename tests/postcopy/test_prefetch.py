@@ -4,6 +4,7 @@ connection drops, dies for good, or is closed mid-scan."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from postcopy.bench.common import source_process
 from postcopy.bench.fault_vm import scan
 from postcopy.chaos import ChaosProxy, ChaosSchedule
+from postcopy.source.page_server import PageServer
 from postcopy.destination.classic_mode import cpu_beside, vcpu_cpus
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.exit_mode import ExitModeResolver
@@ -24,7 +26,7 @@ from postcopy.destination.retry import RetryContext, RetryingSyncConnection, Ret
 from proto import PAGE_SIZE
 from vmm.guest.layout import DATA_GPA
 from vmm.memory import GuestMemory
-from vmm.uffd import Uffd
+from vmm.uffd import Uffd, UffdError
 
 from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
 from test_retry import FAST, run_behind_proxy  # type: ignore[import-not-found]
@@ -152,6 +154,46 @@ def test_a_prefetcher_whose_source_never_comes_back_gives_its_claims_back(served
         await asyncio.to_thread(run)
 
     run_behind_proxy(served, schedule, body)
+
+
+def test_a_prefetcher_whose_install_fails_partway_leaves_every_page_countable(served: Served) -> None:
+    """The kernel refuses a window's install halfway (ENOMEM, say): the prefetcher stops and
+    gives its claim back, and the pages that went in are counted by that install, so once the
+    rest arrives (as the background brings it) every page is counted and completion is seen."""
+    size = served.memory.size
+
+    def run(url: str) -> None:
+        with prefetching(url, size, RetryContext(RetryPolicy(**FAST)), window_max=64,  # type: ignore[arg-type]
+                         ahead_pages=served.memory.pages) as (installer, prefetcher):
+            uffd, tracker = installer.uffd, installer.tracker
+            copy = uffd.copy
+
+            def copy_half_then_fail(dst: int, src: int, length: int, mode: int = 0, existed: list[int] | None = None) -> int:
+                uffd.copy = copy  # once
+                half = length // 2 // PAGE_SIZE * PAGE_SIZE
+                error = UffdError("UFFDIO_COPY: Cannot allocate memory", errno.ENOMEM)
+                error.installed = error.reached = copy(dst, src, half, mode, existed)
+                raise error
+            uffd.copy = copy_half_then_fail  # type: ignore[method-assign]
+            prefetcher.follow(0)
+            assert wait_until(lambda: prefetcher.failed is not None)
+            assert isinstance(prefetcher.failed, UffdError)
+            assert wait_until(lambda: IN_FLIGHT not in tracker.state)
+            assert tracker.present > 0  # the half that went in
+            check = SyncPageConnection(url, SERVED_TOKEN)
+            try:
+                for gpa in range(0, size, BATCH * PAGE_SIZE):
+                    installer.install_batch(check.fetch(gpa, BATCH, "background"), Arrival.BACKGROUND)
+            finally:
+                check.close()
+            assert tracker.missing() == 0 and tracker.all_present.is_set()
+            assert installer.memory.read(0, size) == served.memory.read(0, size)
+
+    async def main() -> None:
+        header = served.header
+        async with PageServer.resumed(served.memory, header, header.encode(), token=SERVED_TOKEN) as server:
+            await asyncio.to_thread(run, await server.start("127.0.0.1", 0))
+    asyncio.run(main())
 
 
 def test_closing_a_prefetcher_mid_scan_stops_it_at_once_and_leaves_no_claim(served: Served) -> None:

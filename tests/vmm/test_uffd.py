@@ -181,6 +181,38 @@ def test_copy_into_an_unregistered_range_raises_uffd_error_naming_the_ioctl(uffd
         other.close()
 
 
+def test_a_copy_that_fails_partway_says_how_far_it_got(region: Region, uffd: Uffd) -> None:
+    """A source whose last two pages are unmapped: the kernel copies the first two, then the
+    run fails with EFAULT. The error says what is present, so the caller can count it."""
+    src = Region(4)
+    try:
+        for i in range(4):
+            ctypes.memset(src.page(i), i + 1, PAGE_SIZE)
+        libc.munmap(src.page(2), 2 * PAGE_SIZE)
+        with pytest.raises(UffdError, match="UFFDIO_COPY") as info:
+            uffd.copy(region.page(0), src.hva, 4 * PAGE_SIZE)
+        assert info.value.errno == errno.EFAULT
+        assert (info.value.installed, info.value.reached) == (2 * PAGE_SIZE, 2 * PAGE_SIZE)
+        assert region.resident()[:4] == [True, True, False, False]
+        assert region.read(0) == bytes([1]) * PAGE_SIZE and region.read(1) == bytes([2]) * PAGE_SIZE
+    finally:
+        libc.munmap(src.hva, 2 * PAGE_SIZE)
+
+
+def test_a_copy_that_fails_partway_counts_pages_it_skipped_as_reached_not_installed(region: Region, uffd: Uffd) -> None:
+    """Page 0 exists already: the run skips it, copies page 1, then fails at page 2."""
+    uffd.copy(region.page(0), ctypes.addressof(_pages(9)), PAGE_SIZE)
+    src = Region(4)
+    try:
+        libc.munmap(src.page(2), 2 * PAGE_SIZE)
+        existed: list[int] = []
+        with pytest.raises(UffdError) as info:
+            uffd.copy(region.page(0), src.hva, 4 * PAGE_SIZE, existed=existed)
+        assert (info.value.installed, info.value.reached, existed) == (PAGE_SIZE, 2 * PAGE_SIZE, [0])
+    finally:
+        libc.munmap(src.hva, 2 * PAGE_SIZE)
+
+
 # -- faults in SIGBUS mode, in a child process ------------------------------------------------
 
 _CHILD = textwrap.dedent("""
