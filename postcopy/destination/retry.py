@@ -262,6 +262,9 @@ class RetryingSyncConnection:
                 error = e
                 continue
             self._conn = conn
+            if self.ctx.aborted.is_set():  # closed while it was sending: close() may have missed it
+                self._drop()
+                raise RetryExhausted(f"retry aborted: {error}")
             if outage.attempts:
                 self.ctx._reconnected(outage)
             return

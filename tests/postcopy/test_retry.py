@@ -22,7 +22,7 @@ from postcopy.destination.retry import (
     retry_async,
 )
 from postcopy.source.page_server import PageServer
-from proto import PAGE_SIZE, PageBatch
+from proto import PAGE_SIZE, PageBatch, PageRequest
 
 from served_memory import SERVED_TOKEN, Served  # type: ignore[import-not-found]
 
@@ -284,3 +284,30 @@ def test_bytes_flipped_around_the_upgrade_and_the_first_frame_header_never_insta
         assert proxy.stats.injected["corrupt"] >= 59 and ctx.report()["failures"] >= 20, (proxy.report(), ctx.report())
 
     run_behind_proxy(served, schedule, body)
+
+
+def test_a_socket_opened_while_the_destination_closes_is_closed_not_kept() -> None:
+    """The destination aborts and closes the connection while a reconnect sends its requests
+    again (after the reconnect's own abort check): the new socket is dropped, not kept by a
+    closed connection."""
+    ctx = RetryContext(RetryPolicy(deadline_s=5))
+    closed: list[bool] = []
+
+    class Socket:
+        def __init__(self) -> None:
+            self.closed = False
+            closed.append(False)
+
+        def send_request(self, request: PageRequest) -> None:
+            ctx.abort()  # the destination, now: abort, then close every connection
+            wrapper.close()
+
+        def close(self) -> None:
+            self.closed = True
+            closed[-1] = True
+
+    wrapper = RetryingSyncConnection(Socket, ctx)  # type: ignore[arg-type]
+    wrapper._in_flight.append(PageRequest(0, 1, "background"))
+    with pytest.raises(RetryExhausted, match="aborted"):
+        wrapper._reconnect(ctx.outage(), None)
+    assert closed == [True] and wrapper._conn is None
