@@ -681,7 +681,7 @@ class PageRequest(_Message):
     def __post_init__(self) -> None:
         _check_int("count", self.count, 1, MAX_BATCH_PAGES)
         _check_gpa("gpa", self.gpa, self.count)
-        if self.kind not in REQUEST_KINDS:
+        if type(self.kind) is not str or self.kind not in REQUEST_KINDS:  # a map or list is unhashable
             raise ProtoError(f"kind must be one of {sorted(REQUEST_KINDS)}, got {_show(self.kind)}")
 
     def validate_range(self, regions: Iterable[MemoryRegion]) -> None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import msgpack
 import pytest
 
 from postcopy import wsframe
@@ -18,7 +19,7 @@ from postcopy.source.page_server import PageServer
 from postcopy.source.page_workers import DEFAULT_POLL_US
 from postcopy.source.run import boot_memtouch
 from fake_pages import serve_answers  # type: ignore[import-not-found]
-from proto import PAGE_SIZE, ErrorReply, PageBatch, PageRequest, build_page_batch, decode_any
+from proto import PAGE_SIZE, PROTOCOL_VERSION, ErrorReply, PageBatch, PageRequest, build_page_batch, decode_any
 from vmm.machine import Machine
 
 TOKEN = "transport-token"
@@ -270,6 +271,10 @@ def test_fixed_layout_requests_out_of_range_or_invalid_get_clear_errors_and_the_
                 ws.send(bytes(zero_count))
                 refused = decode_any(ws.recv())
                 assert isinstance(refused, ErrorReply) and refused.code == 400 and "count" in refused.message
+                # A kind that is a map (unhashable): refused like any bad field, not a dropped socket.
+                ws.send(msgpack.packb({"v": PROTOCOL_VERSION, "t": "page_request", "gpa": GPA, "count": 1, "kind": {}}))
+                refused = decode_any(ws.recv())
+                assert isinstance(refused, ErrorReply) and refused.code == 400 and "kind" in refused.message
                 ws.send(encode_request(GPA, 1, "demand"))
                 page = decode_any(ws.recv())
                 assert isinstance(page, PageBatch) and page.data == machine.memory.read(GPA, PAGE_SIZE)
@@ -277,7 +282,7 @@ def test_fixed_layout_requests_out_of_range_or_invalid_get_clear_errors_and_the_
                 ws.close()
 
         await asyncio.to_thread(client)
-        assert server.stats()["errors"] == {"416": 1, "400": 1}
+        assert server.stats()["errors"] == {"416": 1, "400": 2}
 
     serve(body)
 

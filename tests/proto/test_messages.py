@@ -267,6 +267,7 @@ def test_page_batch_decode_rejects_data_over_the_batch_limit() -> None:
         ({"count": 1.0}, "count must be an int, got 1.0"),
         ({"kind": "eager"}, "kind must be one of .* got 'eager'"),
         ({"kind": 1}, "kind must be one of"),
+        ({"kind": {}}, "kind must be one of"),  # unhashable: a TypeError, not a ProtoError, before
     ],
 )
 def test_page_request_rejects_bad_fields(fields: dict[str, Any], error: str) -> None:
@@ -275,6 +276,14 @@ def test_page_request_rejects_bad_fields(fields: dict[str, Any], error: str) -> 
         PageRequest.decode(pack(obj))
     with pytest.raises(ProtoError, match=error):
         PageRequest(**{k: v for k, v in obj.items() if k not in ("v", "t")})
+
+
+@pytest.mark.parametrize("kind", [{}, [{}], [1]])
+def test_any_answerable_message_with_an_unhashable_kind_is_a_proto_error(kind: object) -> None:
+    """decode_any, as the page socket reads a request: a kind that is a map, or a list holding
+    one, is refused with a ProtoError (answered with a 400), never another exception."""
+    with pytest.raises(ProtoError, match="kind must be one of"):
+        decode_any(pack(wire(PageRequest(0x1000, 1, "demand")) | {"kind": kind}))
 
 
 def test_validate_range_accepts_a_run_inside_one_region() -> None:
