@@ -46,6 +46,7 @@ class _Frames:
     _answer_page: OnePage
     _max_frame: int
     _closing: bool
+    _write_paused: bool
 
     def _set_up(self, answerer: PageAnswerer, max_frame: int) -> None:
         """What every socket keeps of what it answers."""
@@ -54,6 +55,9 @@ class _Frames:
         self._answer_page = answerer.answer_page
         self._max_frame = max_frame
         self._closing = False
+        # An event-loop socket whose transport buffers more than its high-water mark answers no
+        # more frames until it drains (page_socket.PageSocket); a blocking one never sets it.
+        self._write_paused = False
 
     def _demand_answer(self, frame: bytes | bytearray) -> list[bytes | memoryview] | None:
         """The whole answer (frame head included) to frame[:DEMAND_FRAME_BYTES] if it is a
@@ -65,8 +69,9 @@ class _Frames:
         return [ONE_PAGE_FRAME_HEAD, *parts]
 
     def _frames(self, buf: bytes | bytearray, start: int, end: int) -> int:
-        """Answer every whole frame in buf[start:end]; returns where the unparsed rest begins."""
-        while start < end and not self._closing:
+        """Answer every whole frame in buf[start:end]; returns where the unparsed rest begins
+        (the rest of the frames too, once writing is paused)."""
+        while start < end and not self._closing and not self._write_paused:
             # The usual frame, a request: final, binary, masked, under 126 bytes. Taken here
             # without the general parser; anything else (or a part of this) goes below.
             if end - start > SMALL_HEAD and buf[start] == BINARY_FIN and buf[start + 1] & MASKED_SMALL == MASKED_SMALL:

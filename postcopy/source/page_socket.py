@@ -207,7 +207,7 @@ class PageSocket(asyncio.Protocol, _Frames):
             start = self._frames(buf, 0, len(buf))
             del buf[:start]
         else:  # the usual case: one whole request in one read, no copy
-            if len(data) == DEMAND_FRAME_BYTES:
+            if len(data) == DEMAND_FRAME_BYTES and not self._write_paused:
                 message = self._demand_answer(data)
                 if message is not None:
                     self.transport.writelines(message)
@@ -230,12 +230,20 @@ class PageSocket(asyncio.Protocol, _Frames):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    # Flow control: a client that sends requests without reading the answers stops being read.
+    # Flow control: a client that sends requests without reading the answers stops being
+    # answered, then read. Not reading alone is not enough: one read over TLS can hold thousands
+    # of requests, each answered with up to 4 MiB that the transport would buffer, encrypted.
     def pause_writing(self) -> None:
+        self._write_paused = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self._write_paused = False
+        buf = self._buf
+        if buf:  # the frames held back, answered until the transport is full again
+            del buf[:self._frames(buf, 0, len(buf))]
+        if not self._write_paused and not self._closing:
+            self.transport.resume_reading()
 
     # -- closing -------------------------------------------------------------------------------
     def abort(self) -> None:

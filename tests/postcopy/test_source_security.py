@@ -15,6 +15,7 @@ import aiohttp
 import msgpack
 import pytest
 
+from postcopy import wsframe
 from postcopy.destination.client import FetchError, SyncPageConnection
 from postcopy.destination.retry import FatalFetchError
 from postcopy.destination.run import source_json
@@ -62,6 +63,36 @@ def test_pages_over_tls_verified_by_the_ca_match_memory(served: Served, tls_file
             await asyncio.to_thread(conn.close)
         assert pages_of(batch) == served.memory.read(5 * PAGE_SIZE, 4 * PAGE_SIZE)
         assert pages_of(one) == served.memory.read(9 * PAGE_SIZE, PAGE_SIZE)
+
+    serve(served, body, tls=server_context(str(tls_files.cert), str(tls_files.key)))
+
+
+def test_a_tls_client_that_pipelines_requests_and_reads_nothing_is_answered_only_as_it_reads(
+        served: Served, tls_files: TlsFiles) -> None:
+    """Sixty-four requests of every page in one write, then no reading: the server answers a
+    few, until its transport is full, not all sixty-four (each would sit in its buffer,
+    encrypted: a few hundred bytes of requests pinned a gigabyte). Then the client reads, and
+    every answer comes, in order, right."""
+    requests = 64
+
+    async def body(server: PageServer, url: str) -> None:
+        conn = await asyncio.to_thread(SyncPageConnection, url, SERVED_TOKEN,
+                                       ssl_context=client_context(str(tls_files.ca)))
+        try:
+            request = PageRequest(0, MAX_BATCH_PAGES, "background")
+            payload, key = request.encode(), b"\x01\x02\x03\x04"
+            frame = wsframe.header(wsframe.OP_BINARY, len(payload), masked=True) + key + wsframe.mask(payload, key)
+            await asyncio.to_thread(conn.ws.send_frame, frame * requests)  # one TLS record: one read there
+            sent = [request] * requests
+            await asyncio.sleep(0.5)  # the server's loop runs meanwhile; the client reads nothing
+            answered = server.stats()["requests"]["background"]
+            assert 1 <= answered <= 4, answered
+            want = served.memory.read(0, MAX_BATCH_PAGES * PAGE_SIZE)
+            for request in sent:
+                assert pages_of(await asyncio.to_thread(conn.receive, request)) == want
+            assert server.stats()["requests"]["background"] == requests
+        finally:
+            await asyncio.to_thread(conn.close)
 
     serve(served, body, tls=server_context(str(tls_files.cert), str(tls_files.key)))
 
