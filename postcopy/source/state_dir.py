@@ -56,7 +56,9 @@ def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # a write may take less than asked (a filling disk): the rest, or its error
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -42,6 +42,23 @@ def test_a_saved_migration_loads_back_with_its_header_token_and_ram(tmp_path: Pa
     assert not path.exists()
 
 
+def test_writes_that_take_less_than_asked_still_save_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.write may write less than it was given (a filling disk): the save goes on with the rest."""
+    real_write, calls = os.write, []
+
+    def short_write(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:100]))
+    monkeypatch.setattr(states.os, "write", short_write)
+    path = tmp_path / "state"
+    _new_migration(path).close()
+    monkeypatch.undo()
+    assert len(calls) > 2
+    header, header_bytes, record, memory = states.load(str(path))
+    memory.close()
+    assert record == ResumeRecord("mig-abc", "tok") and header.encode() == header_bytes
+
+
 def test_a_state_directory_in_use_is_not_reused(tmp_path: Path) -> None:
     _new_migration(tmp_path).close()
     with pytest.raises(StateDirError, match="already holds a migration"):
