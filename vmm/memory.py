@@ -58,7 +58,7 @@ def parse_size(text: str) -> int:
         if t and t[-1] in units:
             return int(float(t[:-1]) * units[t[-1]])
         return int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 'infG', '1e400M'
         raise GuestMemoryError(f"cannot read memory size {text!r}: use a number with K, M or G, e.g. 256M") from None
 
 

@@ -90,8 +90,8 @@ async def _body(request: web.Request) -> Any:
         return {}
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"{request.method} {request.path}: the body is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise ApiError(400, f"{request.method} {request.path}: the body is not valid JSON: {e!s:.200}") from None
 
 
 async def health(request: web.Request) -> web.Response:

@@ -224,11 +224,13 @@ class VmmService:
                 server, memory, state_dir = self._new_server(spec), None, self._need_vm().spec.state_dir
             try:
                 url = await server.start(spec.host, spec.port, ssl_context=tls)
-            except OSError as e:
+            except BaseException as e:  # its page workers may be running already: always closed
                 await server.close()
                 if memory is not None:
                     memory.close()
-                raise ApiError(400, f"the page server cannot listen on {spec.host}:{spec.port}: {e}") from None
+                if isinstance(e, (OSError, ValueError)):  # ValueError: a host name IDNA refuses
+                    raise ApiError(400, f"the page server cannot listen on {spec.host}:{spec.port}: {e}") from None
+                raise
             out = Outgoing(server, spec.advertise_url or url, state_dir=state_dir, memory=memory)
             out.watcher = asyncio.create_task(self._watch_outgoing(out))
             self.outgoing, self.incoming = out, None

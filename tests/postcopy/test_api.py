@@ -138,6 +138,8 @@ def test_bad_requests_get_a_clear_400_or_409_and_change_nothing() -> None:
             cases: list[tuple[str, str, Any, int, str]] = [
                 ("PUT", "/v1/vm", {"mem": "32M", "colour": "red"}, 400, "unknown field(s) 'colour'"),
                 ("PUT", "/v1/vm", {"mem": "lots"}, 400, "cannot read memory size 'lots'"),
+                ("PUT", "/v1/vm", {"mem": "infG"}, 400, "cannot read memory size 'infG'"),  # an OverflowError
+                ("PUT", "/v1/vm", {"mem": "1e400M"}, 400, "cannot read memory size '1e400M'"),
                 ("PUT", "/v1/vm", {"mem": "4097"}, 400, "not a positive multiple of 4 KiB"),
                 ("PUT", "/v1/vm", {"vcpus": "2"}, 400, "field 'vcpus' must be an integer"),
                 ("PUT", "/v1/vm", {"workload": "bitcoin"}, 400, "field 'workload' must be one of"),
@@ -180,6 +182,9 @@ def test_bad_requests_get_a_clear_400_or_409_and_change_nothing() -> None:
                 assert words in answer["error"], (method, path, answer)
             status, answer = await _raw(vmm, "PUT", "/v1/vm", data=b"{not json", headers={"Content-Type": "application/json"})
             assert status == 400 and "not valid JSON" in answer["error"]
+            status, answer = await _raw(vmm, "PUT", "/v1/vm", data=b"[" * 50_000,  # a RecursionError in json
+                                        headers={"Content-Type": "application/json"})
+            assert status == 400 and "not valid JSON" in answer["error"]
             assert (await vmm.health())["vm"] == "none"  # nothing was created by any of them
 
             vm = await vmm.create_vm("16M", 1, "memtouch", 5)
@@ -193,6 +198,13 @@ def test_bad_requests_get_a_clear_400_or_409_and_change_nothing() -> None:
             with pytest.raises(ApiClientError) as e:
                 await vmm.outgoing("127.0.0.1:99999", TOKEN)
             assert e.value.code == 400 and "listen" in e.value.message
+            children = _children(os.getpid())
+            for host in ("..", "x" * 64):  # names IDNA refuses (a ValueError), after the page workers started
+                with pytest.raises(ApiClientError) as e:
+                    await vmm.outgoing(f"{host}:0", TOKEN)
+                assert e.value.code == 400 and "cannot listen" in e.value.message
+            assert _children(os.getpid()) == children  # the page server closed, its page workers with it
+            assert (await vmm.migration())["state"] == "none"
             assert (await vmm.vm())["seed"] == 5  # the first VM is untouched
             await vmm.delete_vm()
             assert (await vmm.health())["vm"] == "none"
