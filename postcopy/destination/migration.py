@@ -168,14 +168,28 @@ class Destination:
     # -- LISTEN --------------------------------------------------------------------------------
     async def prepare(self, mem_bytes: int, vcpus: int) -> None:
         """Build the VM with empty, registered RAM and open every connection, before the source
-        pauses: none of this is downtime."""
+        pauses: none of this is downtime. Once only; a failure leaves this destination FAILED,
+        and close() frees what it had built."""
+        if self.state is not DestinationState.NEW:
+            raise MigrationError(f"a destination is prepared once, in state new, not {self.state.value}")
+        try:
+            await self._prepare(mem_bytes, vcpus)
+        except BaseException:
+            if self.state is not DestinationState.FAILED:
+                self._to(DestinationState.FAILED)
+            if self.machine is None and self.memory is not None:  # close() frees RAM through the machine
+                self._unregister_ram()
+                self.memory.close()
+                self.memory = None
+            raise
+
+    async def _prepare(self, mem_bytes: int, vcpus: int) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         # Classic: each fault message names its thread, so blocktime is per vCPU.
         features = UFFD_FEATURE_SIGBUS if self.fault_mode == "exit" else UFFD_FEATURE_THREAD_ID
         try:
             self.uffd = Uffd(features | UFFD_FEATURE_MISSING_SHMEM)
         except UffdError as e:
-            self._to(DestinationState.FAILED)
             raise MigrationError(f"cannot open userfaultfd for fault mode {self.fault_mode}: {e}") from None
         self.memory = GuestMemory.create(mem_bytes, "anon", "postcopy-dest")
         for region in self.memory.regions:
@@ -246,6 +260,8 @@ class Destination:
 
     # -- RUNNING -------------------------------------------------------------------------------
     async def switchover(self) -> None:
+        if self.state is not DestinationState.LISTEN:  # before anything: never restore a running guest
+            raise MigrationError(f"a destination switches over once, from listen, not {self.state.value}")
         try:
             await self._switchover()
         except BaseException:
@@ -302,6 +318,9 @@ class Destination:
                 if deadline is not None and time.monotonic() > deadline:
                     raise MigrationError(f"{self.tracker.missing()} pages still missing after {timeout} s")
                 await asyncio.sleep(0.002)
+            failures = self.machine.failures()  # a vCPU that failed since the last look: no COMPLETE
+            if failures:
+                raise MigrationError("; ".join(failures))
         except (FetchError, MigrationError, UffdError) as e:
             self.error = str(e)
             if isinstance(e, FetchError) or (self.classic is not None and self.classic.error is not None):

@@ -66,3 +66,40 @@ def test_classic_mode_starts_its_handler_threads_before_the_switchover_and_close
             assert after_close == [False] * len(cpus)
     finally:
         machine.close()
+
+
+def test_a_failed_prepare_leaves_the_destination_failed_with_its_ram_freed_and_no_second_try() -> None:
+    """A VM this host cannot build (0 vCPUs, as a bad source status would say) after RAM was
+    made and registered: the destination is FAILED, its RAM unmapped, and it refuses a second
+    prepare() and any switchover."""
+    from postcopy.destination.migration import DestinationState, MigrationError
+    from vmm.memory import GuestMemory
+
+    made: list[GuestMemory] = []
+    create = GuestMemory.create
+
+    def remember(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    async def scenario() -> None:
+        dest = Destination("http://127.0.0.1:9", TOKEN, fault_mode="exit")
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(GuestMemory, "create", staticmethod(remember))
+                with pytest.raises(Exception, match="vCPU"):
+                    await dest.prepare(16 << 20, 0)
+            assert dest.state is DestinationState.FAILED and dest.memory is None
+            hva = made[0].regions[0].hva
+            with open("/proc/self/maps") as maps:
+                assert not any(int(line.split("-")[0], 16) <= hva < int(line.split()[0].split("-")[1], 16)
+                               for line in maps), "guest RAM still mapped"
+            with pytest.raises(MigrationError, match="prepared once"):
+                await dest.prepare(16 << 20, 1)
+            with pytest.raises(MigrationError, match="switches over once, from listen"):
+                await dest.switchover()
+            assert dest.state is DestinationState.FAILED
+        finally:
+            await dest.close()
+
+    asyncio.run(scenario())
