@@ -6,6 +6,7 @@ register RAM with userfaultfd before any page is present.
 """
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from vmm.vcpu import VcpuError, VcpuState, VcpuThread
 
 # Page-table entry and descriptor bits (SDM vol. 3, 4.5 and 3.4.5).
 PTE_PRESENT, PTE_WRITABLE, PTE_PAGE_SIZE = 1 << 0, 1 << 1, 1 << 7
+log = logging.getLogger("vmm.machine")
+# How long close() waits for each vCPU thread to end (a vCPU blocked in a device callback or a
+# page it waits for may take a while); one that has not is left its VM, fds and RAM.
+STOP_TIMEOUT_S = 5.0
 GDT_ENTRIES = (0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)  # null, code64 (L=1), data (D/B=1)
 SEG_TYPE_CODE_XR_ACCESSED, SEG_TYPE_DATA_RW_ACCESSED = 11, 3
 IDT_GATE_INTERRUPT64 = 0x8E  # present, DPL 0, 64-bit interrupt gate
@@ -146,7 +151,7 @@ class Machine:
 
     def stop(self) -> None:
         for t in self.vcpus:
-            t.stop()
+            t.stop(STOP_TIMEOUT_S)
 
     def failures(self) -> list[str]:
         return [t.error or f"vCPU {t.id} failed" for t in self.vcpus if t.state is VcpuState.FAILED]
@@ -174,6 +179,14 @@ class Machine:
             return
         self._closed = True
         self.stop()
+        stuck = [t.id for t in self.vcpus if t.alive]
+        if stuck:
+            # Closing under it would be worse than keeping it: its loop holds its vCPU fd's
+            # number, which the next VM's vCPU may get, and its guest's RAM.
+            log.error("vCPU thread(s) %s did not stop within %s s: their VM, fds and guest RAM are kept "
+                      "(a later close() frees them once they have)", stuck, STOP_TIMEOUT_S)
+            self._closed = False
+            return
         for t in self.vcpus:
             t.vcpu.close()
         self.vm.close()

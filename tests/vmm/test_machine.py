@@ -388,3 +388,42 @@ def test_a_machine_paused_before_it_starts_parks_at_once_and_runs_when_resumed()
         assert [p.done_pages for p in m.services.progress] == [p.npages for p in params]
     finally:
         m.close()
+
+
+@kvm_only
+def test_close_keeps_the_vm_and_ram_of_a_vcpu_thread_that_did_not_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vCPU thread blocked past close()'s wait (here in a device callback): its VM, vCPU fd and
+    RAM stay, so that it never runs KVM_RUN on a number the next VM's vCPU got, nor touches
+    unmapped RAM; once it ends, it ends cleanly."""
+    import threading
+
+    from vmm import machine as machine_module
+    monkeypatch.setattr(machine_module, "STOP_TIMEOUT_S", 0.2)
+    program, params = workloads.plan("memtouch", MEMTOUCH_BYTES, 1, 1, report_every=MEMTOUCH_REPORT_EVERY)
+    m = Machine.create(MachineConfig(MEMTOUCH_BYTES, 1))
+    entered, release = threading.Event(), threading.Event()
+
+    def blocked_report(vcpu_id: int, progress: object) -> None:
+        if not entered.is_set():
+            entered.set()
+            release.wait(10)
+    m.services.on_report = blocked_report  # type: ignore[assignment]
+    m.boot(program, params)
+    m.start()
+    assert entered.wait(WAIT_S)
+    thread, fd = m.vcpus[0], m.vcpus[0].vcpu.fd
+    m.close()
+    assert thread.alive
+    other = Machine.create(MachineConfig(MEMTOUCH_BYTES, 1))
+    try:
+        assert other.vcpus[0].vcpu.fd != fd  # the stuck thread's fd is still its own
+        assert m.memory.read(DATA_GPA, 8) is not None  # and its RAM still mapped
+        release.set()
+        assert thread.wait(WAIT_S) and thread.state is not VcpuState.FAILED, thread.error
+        hva = m.memory.regions[0].hva
+        m.close()  # now it frees them
+        with open("/proc/self/maps") as maps:
+            assert not any(int(line.split("-")[0], 16) <= hva < int(line.split()[0].split("-")[1], 16) for line in maps)
+    finally:
+        release.set()
+        other.close()
