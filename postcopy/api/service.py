@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from postcopy.api.models import ApiError, IncomingSpec, OutgoingSpec, VmSpec
 from postcopy.destination.client import FetchError
-from postcopy.destination.migration import Destination, MigrationError
+from postcopy.destination.migration import Destination, DestinationState, MigrationError
 from postcopy.destination.run import migrate
 from postcopy.observe.prometheus import Registry
 from postcopy.source.page_server import MigrationState, PageServer
@@ -403,6 +403,10 @@ class VmmService:
             inc, out = self.incoming, self.outgoing
             if inc is not None and inc.active:
                 assert inc.task is not None
+                if inc.dest is not None and inc.dest.state is DestinationState.COMPLETE:
+                    # The source has heard Complete and let its copy go: this guest is the only one.
+                    raise ApiError(409, "the migration is complete: the guest runs here now and the source "
+                                        "has released its copy (it is being checked before it is adopted)")
                 inc.task.cancel()
                 await asyncio.gather(inc.task, return_exceptions=True)
                 inc.error = CANCELLED  # the destination's guest is stopped and discarded

@@ -445,3 +445,28 @@ def test_the_source_command_takes_a_page_poll_window(monkeypatch: pytest.MonkeyP
     with pytest.raises(SystemExit) as e:
         cli.main(["source", "--page-poll-us", "10001"])
     assert e.value.code == 2 and "microseconds from 0 to 10000" in capsys.readouterr().err
+
+
+def test_an_incoming_migration_that_completed_is_not_cancelled_while_its_guest_is_checked() -> None:
+    """After COMPLETE the source has let its copy go, and the incoming task goes on a while
+    (the guest watched, swept, then adopted): a cancel then is a 409, and the task goes on."""
+    from postcopy.api.models import IncomingSpec
+    from postcopy.api.models import ApiError
+    from postcopy.api.service import Incoming, VmmService
+    from postcopy.destination.migration import Destination, DestinationState
+
+    async def scenario() -> None:
+        service = VmmService()
+        dest = Destination("http://127.0.0.1:9", TOKEN, fault_mode="exit")
+        dest.state = DestinationState.COMPLETE  # as wait_complete() leaves it
+        checking = asyncio.get_running_loop().create_future()  # the task, still checking the guest
+        spec = IncomingSpec("http://127.0.0.1:9", TOKEN, "exit", 1.0, 256, None, False)  # type: ignore[arg-type]
+        service.incoming = Incoming(spec, task=asyncio.ensure_future(checking), dest=dest)
+        with pytest.raises(ApiError) as e:
+            await service.cancel_migration()
+        assert e.value.code == 409 and "complete" in e.value.message
+        assert not service.incoming.task.done()  # type: ignore[union-attr]
+        checking.set_result(None)
+        await service.incoming.task  # type: ignore[misc]
+
+    asyncio.run(scenario())
