@@ -80,10 +80,13 @@ class Machine:
             kvm = Kvm()
         except KvmError as e:
             raise MachineError(str(e)) from None
+        vm = None
+        made: GuestMemory | None = None  # RAM made here, freed here if the VM cannot be built
+        threads: list[VcpuThread] = []
         try:
             vm = kvm.create_vm()
             if memory is None:
-                memory = GuestMemory.create(config.mem_bytes, config.backing)
+                memory = made = GuestMemory.create(config.mem_bytes, config.backing)
             memory.register(vm)
             vm.create_irqchip()
             vm.create_pit2()
@@ -94,13 +97,18 @@ class Machine:
             services = GuestServices(config.vcpus)
             bus.add(uart)
             bus.add(services)
-            threads = []
             for i in range(config.vcpus):
                 vcpu = vm.create_vcpu(i)
-                vcpu.set_cpuid2(cpuid)  # before SREGS: long mode needs the CPUID bits (HOST.md)
                 threads.append(VcpuThread(vcpu, memory, bus))
+                vcpu.set_cpuid2(cpuid)  # before SREGS: long mode needs the CPUID bits (HOST.md)
         except (KvmError, GuestMemoryError, OSError) as e:
+            for t in threads:  # none started: what they hold is closed at once
+                t.vcpu.close()
+            if vm is not None:
+                vm.close()
             kvm.close()
+            if made is not None:
+                made.close()
             raise MachineError(f"cannot create the VM: {e}") from None
         return cls(config, kvm, vm, memory, bus, uart, services, threads, cpuid, msr_indices)
 

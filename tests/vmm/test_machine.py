@@ -427,3 +427,27 @@ def test_close_keeps_the_vm_and_ram_of_a_vcpu_thread_that_did_not_stop(monkeypat
     finally:
         release.set()
         other.close()
+
+
+@kvm_only
+def test_a_vm_that_cannot_be_built_leaves_no_fd_and_no_ram_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second vCPU refused: the first vCPU's fd, the VM's, /dev/kvm's and the RAM made for it
+    are all closed, and the error names the cause."""
+    import os
+
+    from vmm import kvm as kvm_module
+    create_vcpu = kvm_module.Vm.create_vcpu
+
+    def second_refused(self, index: int):  # type: ignore[no-untyped-def]
+        if index == 1:
+            raise kvm_module.KvmError("KVM_CREATE_VCPU: no (test)")
+        return create_vcpu(self, index)
+    monkeypatch.setattr(kvm_module.Vm, "create_vcpu", second_refused)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with open("/proc/self/maps") as f:
+        maps = len(f.readlines())
+    with pytest.raises(MachineError, match="no \\(test\\)"):
+        Machine.create(MachineConfig(GUEST_BYTES, 2))
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    with open("/proc/self/maps") as f:
+        assert len(f.readlines()) <= maps
