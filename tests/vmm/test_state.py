@@ -150,6 +150,20 @@ def test_restore_rejects_an_xsave_of_the_wrong_size_with_state_error(machines: M
         vmstate.restore(machines.create(1), [bad], vm_state, devices)
 
 
+def test_restore_rejects_guest_services_state_for_another_number_of_vcpus(machines: Machines) -> None:
+    """A device state whose per-vCPU progress does not match this machine's vCPUs is refused at
+    the restore, not found later by a vCPU's report indexing past it."""
+    import msgpack
+
+    src, _ = machines.boot("touch", 1)
+    vcpus, vm_state, devices = vmstate.capture(src)
+    name = next(n for n in devices if msgpack.unpackb(devices[n], raw=False).get("progress") is not None)
+    state = msgpack.unpackb(devices[name], raw=False)
+    state["progress"] = state["progress"] * 2
+    with pytest.raises(StateError, match="progress of 2 vCPUs for a machine of 1"):
+        vmstate.restore(machines.create(1), vcpus, vm_state, {**devices, name: msgpack.packb(state)})
+
+
 def test_restore_rejects_a_torn_msr_blob_and_a_wrong_irqchip(machines: Machines) -> None:
     src, _ = machines.boot("touch", 1)
     vcpus, vm_state, devices = vmstate.capture(src)

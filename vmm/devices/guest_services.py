@@ -116,6 +116,8 @@ class GuestServices:
         return {"progress": [asdict(p) for p in self.progress], "orders": list(self.orders)}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if len(state["progress"]) != len(self.progress):  # one per vCPU: a vCPU's report indexes it
+            raise ValueError(f"progress of {len(state['progress'])} vCPUs for a machine of {len(self.progress)}")
         self.progress = [VcpuProgress(**{k: (list(map(tuple, v)) if isinstance(v, list) else v)
                                          for k, v in p.items()}) for p in state["progress"]]
         self.orders = list(state["orders"])
