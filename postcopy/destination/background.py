@@ -98,11 +98,17 @@ async def run_background(connections: Sequence[SyncPageConnection], installer: I
                          batch_pages: int = DEFAULT_BATCH_PAGES, depth: int = DEFAULT_DEPTH) -> None:
     """``transfer`` on a thread per connection, all pulling from the one tracker (a batch is
     claimed by one of them); cancelling this stops them at their next batch (closing a
-    connection ends one blocked in recv). Two streams overlap one's recv with the other's
+    connection ends one blocked in recv), and it returns only once every thread has. Two streams overlap one's recv with the other's
     UFFDIO_COPY (both release the GIL): the installs no longer wait for the socket."""
     stop = threading.Event()
-    tasks = [asyncio.ensure_future(asyncio.to_thread(transfer, c, installer, stop, batch_pages=batch_pages, depth=depth))
-             for c in connections]
+    ended = [threading.Event() for _ in connections]
+
+    def stream(connection: SyncPageConnection, end: threading.Event) -> None:
+        try:
+            transfer(connection, installer, stop, batch_pages=batch_pages, depth=depth)
+        finally:
+            end.set()
+    tasks = [asyncio.ensure_future(asyncio.to_thread(stream, c, e)) for c, e in zip(connections, ended)]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -114,3 +120,8 @@ async def run_background(connections: Sequence[SyncPageConnection], installer: I
             if not task.done():
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A cancelled task's thread goes on until its transfer returns: at its next batch, or
+        # when its connection is closed under its recv. Until then it may install pages, so the
+        # caller must not unmap RAM or close the uffd before this returns.
+        while not all(e.is_set() for e in ended):
+            await asyncio.sleep(IDLE_WAIT_S * 10)

@@ -136,6 +136,7 @@ class Destination:
         self.classic: ClassicHandler | None = None
         self.header: MigrationHeader | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._background: asyncio.Future[None] | None = None  # the transfer (wait_complete), awaited by close()
         # exit: one per vCPU; classic: one per handler thread
         self._vcpu_connections: list[RetryingSyncConnection] = []
         self._prefetch_connections: list[RetryingSyncConnection] = []  # a scanning vCPU's prefetcher each
@@ -303,7 +304,7 @@ class Destination:
         self.vcpu_priority.lower(self.machine.vcpus, self.migration_id)
         try:
             await self._apply_zero_map()
-            background = asyncio.ensure_future(run_background(
+            background = self._background = asyncio.ensure_future(run_background(
                 self._background_connections, self.installer, batch_pages=self.background_batch_pages,
                 depth=self.background_depth)) if self.background else None
             while not self.tracker.all_present.is_set():
@@ -529,6 +530,8 @@ class Destination:
                 await asyncio.to_thread(sync.close)
         for connection in self._background_connections:
             await asyncio.to_thread(connection.close)
+        if self._background is not None:  # a cancelled transfer's threads may still be installing
+            await asyncio.gather(self._background, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         self._unregister_ram()
