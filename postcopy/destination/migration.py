@@ -19,6 +19,7 @@ import enum
 import logging
 import ssl
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
@@ -137,6 +138,9 @@ class Destination:
         self.header: MigrationHeader | None = None
         self._session: aiohttp.ClientSession | None = None
         self._background: asyncio.Future[None] | None = None  # the transfer (wait_complete), awaited by close()
+        self._opened: list[RetryingSyncConnection] = []  # every connection prepare() opened (_open_kept)
+        self._opened_lock = threading.Lock()
+        self._closed = False
         # exit: one per vCPU; classic: one per handler thread
         self._vcpu_connections: list[RetryingSyncConnection] = []
         self._prefetch_connections: list[RetryingSyncConnection] = []  # a scanning vCPU's prefetcher each
@@ -209,9 +213,8 @@ class Destination:
         def open_vcpu() -> SyncPageConnection:
             return self._open_sync(poll_ns=poll_ns)
         connect = [open_vcpu] * fetchers + [self._open_prefetch] * prefetchers + [self._open_sync] * self.background_streams
-        opened = await asyncio.gather(
-            *(asyncio.to_thread(RetryingSyncConnection.open, c, self.retry) for c in connect),
-            return_exceptions=True)
+        opened = await asyncio.gather(*(asyncio.to_thread(self._open_kept, c) for c in connect),
+                                      return_exceptions=True)
         connections = [c for c in opened if isinstance(c, RetryingSyncConnection)]
         if len(connections) < len(opened):  # close the ones that did open: nobody else will
             for c in connections:
@@ -249,6 +252,17 @@ class Destination:
                                           cpus=list(cpus), readahead_base=self.readahead_base,
                                           readahead_max=self.readahead_max, vcpus=self.machine.vcpus)
             self.classic.start()
+
+    def _open_kept(self, connect: Callable[[], SyncPageConnection]) -> RetryingSyncConnection:
+        """A connection opened on a thread of prepare()'s, kept where close() finds it: a prepare
+        cancelled while connections open loses their threads' results, not their sockets."""
+        conn = RetryingSyncConnection.open(connect, self.retry)
+        with self._opened_lock:
+            if not self._closed:
+                self._opened.append(conn)
+                return conn
+        conn.close()  # close() ran meanwhile: nobody else would
+        raise MigrationError("the destination was closed while it connected")
 
     def _open_sync(self, max_message: int = MAX_WS_MESSAGE, poll_ns: int = 0) -> SyncPageConnection:
         return SyncPageConnection(self.source_url, self.token, ssl_context=self.ssl_context,
@@ -529,6 +543,12 @@ class Destination:
             for sync in self._vcpu_connections + self._prefetch_connections:
                 await asyncio.to_thread(sync.close)
         for connection in self._background_connections:
+            await asyncio.to_thread(connection.close)
+        with self._opened_lock:  # and any a cancelled prepare() opened but never handed out
+            self._closed = True
+            given = {id(c) for c in self._vcpu_connections + self._prefetch_connections + self._background_connections}
+            stray = [c for c in self._opened if id(c) not in given]
+        for connection in stray:
             await asyncio.to_thread(connection.close)
         if self._background is not None:  # a cancelled transfer's threads may still be installing
             await asyncio.gather(self._background, return_exceptions=True)

@@ -103,3 +103,43 @@ def test_a_failed_prepare_leaves_the_destination_failed_with_its_ram_freed_and_n
             await dest.close()
 
     asyncio.run(scenario())
+
+
+def test_connections_a_cancelled_prepare_was_opening_are_closed_by_close() -> None:
+    """prepare() cancelled while its threads open the page connections (a DELETE during setup):
+    the sockets they open after the cancel are closed by close(), not lost with the results."""
+    import time
+
+    from postcopy.destination.migration import DestinationState
+
+    opened: list[object] = []
+
+    class Socket:
+        requests = 0
+
+        def __init__(self) -> None:
+            self.closed = False
+            opened.append(self)
+
+        def close(self) -> None:
+            self.closed = True
+
+    def slow_open(*args: object, **kwargs: object) -> Socket:
+        time.sleep(0.3)
+        return Socket()
+
+    async def scenario() -> None:
+        dest = Destination("http://127.0.0.1:9", TOKEN, fault_mode="exit")
+        dest._open_sync = slow_open  # type: ignore[method-assign,assignment]
+        try:
+            task = asyncio.ensure_future(dest.prepare(16 << 20, 2))
+            await asyncio.sleep(0.1)  # RAM and VM made; the threads are connecting
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert dest.state is DestinationState.FAILED
+            await asyncio.sleep(0.5)  # they have connected by now, for nobody
+        finally:
+            await dest.close()
+        assert opened and all(s.closed for s in opened), [s.closed for s in opened]  # type: ignore[attr-defined]
+
+    asyncio.run(scenario())
