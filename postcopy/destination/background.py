@@ -98,30 +98,20 @@ async def run_background(connections: Sequence[SyncPageConnection], installer: I
                          batch_pages: int = DEFAULT_BATCH_PAGES, depth: int = DEFAULT_DEPTH) -> None:
     """``transfer`` on a thread per connection, all pulling from the one tracker (a batch is
     claimed by one of them); cancelling this stops them at their next batch (closing a
-    connection ends one blocked in recv), and it returns only once every thread has. Two streams overlap one's recv with the other's
-    UFFDIO_COPY (both release the GIL): the installs no longer wait for the socket."""
+    connection ends one blocked in recv), and it returns only once every thread has. Two
+    streams overlap one's recv with the other's UFFDIO_COPY (both release the GIL): the
+    installs no longer wait for the socket."""
     stop = threading.Event()
-    ended = [threading.Event() for _ in connections]
-
-    def stream(connection: SyncPageConnection, end: threading.Event) -> None:
-        try:
-            transfer(connection, installer, stop, batch_pages=batch_pages, depth=depth)
-        finally:
-            end.set()
-    tasks = [asyncio.ensure_future(asyncio.to_thread(stream, c, e)) for c, e in zip(connections, ended)]
+    tasks = [asyncio.ensure_future(asyncio.to_thread(transfer, c, installer, stop, batch_pages=batch_pages, depth=depth))
+             for c in connections]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             task.result()  # the first error, if any, ends them all (finally)
         await asyncio.gather(*tasks)
     finally:
+        # Stopped, not cancelled: a cancelled task's thread would go on installing pages (until
+        # its next batch, or until its connection is closed under its recv) after this returned,
+        # and its owner then unmaps RAM and closes the uffd. Each ends at its next batch.
         stop.set()
-        for task in tasks:
-            if not task.done():
-                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # A cancelled task's thread goes on until its transfer returns: at its next batch, or
-        # when its connection is closed under its recv. Until then it may install pages, so the
-        # caller must not unmap RAM or close the uffd before this returns.
-        while not all(e.is_set() for e in ended):
-            await asyncio.sleep(IDLE_WAIT_S * 10)
