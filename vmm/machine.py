@@ -22,12 +22,13 @@ from vmm.kvm import Kvm, KvmError
 from vmm.memory import Backing, GuestMemory, GuestMemoryError
 from vmm.vcpu import VcpuError, VcpuState, VcpuThread
 
-# Page-table entry and descriptor bits (SDM vol. 3, 4.5 and 3.4.5).
-PTE_PRESENT, PTE_WRITABLE, PTE_PAGE_SIZE = 1 << 0, 1 << 1, 1 << 7
 log = logging.getLogger("vmm.machine")
 # How long close() waits for each vCPU thread to end (a vCPU blocked in a device callback or a
 # page it waits for may take a while); one that has not is left its VM, fds and RAM.
 STOP_TIMEOUT_S = 5.0
+
+# Page-table entry and descriptor bits (SDM vol. 3, 4.5 and 3.4.5).
+PTE_PRESENT, PTE_WRITABLE, PTE_PAGE_SIZE = 1 << 0, 1 << 1, 1 << 7
 GDT_ENTRIES = (0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)  # null, code64 (L=1), data (D/B=1)
 SEG_TYPE_CODE_XR_ACCESSED, SEG_TYPE_DATA_RW_ACCESSED = 11, 3
 IDT_GATE_INTERRUPT64 = 0x8E  # present, DPL 0, 64-bit interrupt gate

@@ -546,9 +546,7 @@ class Destination:
             await asyncio.to_thread(connection.close)
         with self._opened_lock:  # and any a cancelled prepare() opened but never handed out
             self._closed = True
-            given = {id(c) for c in self._vcpu_connections + self._prefetch_connections + self._background_connections}
-            stray = [c for c in self._opened if id(c) not in given]
-        for connection in stray:
+        for connection in self._opened:  # closing one closed above again does nothing
             await asyncio.to_thread(connection.close)
         if self._background is not None:  # a cancelled transfer's threads may still be installing
             await asyncio.gather(self._background, return_exceptions=True)
