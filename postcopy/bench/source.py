@@ -12,6 +12,7 @@ import ctypes
 import mmap
 from array import array
 
+from postcopy.destination.client import FastSource
 from vmm.guest import touch
 from vmm.guest.layout import DATA_GPA, PAGE_SHIFT, PAGE_SIZE
 
@@ -75,9 +76,21 @@ class LocalPageConnection:
     def fetch_page(self, gpa: int) -> int:
         """One page on demand: its address in the image (as SyncPageConnection.fetch_page
         gives the address of a checked page in its receive buffer)."""
+        self.requests += 1
+        return self.finish_page(gpa, 0, 0)
+
+    def fast_source(self) -> FastSource:
+        """For the private fault loop: the image's address (it reads pages from there itself)."""
+        return FastSource(-1, image=self._address)
+
+    def add_fast_requests(self, n: int) -> None:
+        self.requests += n
+
+    def finish_page(self, gpa: int, received: int, error: int) -> int:
+        """fetch_page for a page the private fault loop asked for (the image has no socket to
+        fail: only an install failure brings it here, to be installed again and explained)."""
         if gpa < DATA_GPA or gpa + PAGE_SIZE > self._end:
             raise ValueError(f"local source asked for the page at gpa {gpa:#x}, outside its data pages")
-        self.requests += 1
         return self._address + gpa
 
     def close(self) -> None:

@@ -84,6 +84,7 @@ def transfer(connection: SyncPageConnection, installer: Installer, stop: threadi
                 # The rest is in flight elsewhere: wake when it is in (the transfer ends
                 # then, not up to IDLE_WAIT_S later) or look again after IDLE_WAIT_S.
                 tracker.all_present.wait(IDLE_WAIT_S)
+                tracker.check_complete()  # the private fault loops' pages are counted only here
                 continue
             page, n, request = pending[0]
             batch = connection.receive(request)

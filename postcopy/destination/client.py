@@ -8,7 +8,7 @@ loop. The control requests (start, zero map, status, Complete) go over aiohttp.
 from __future__ import annotations
 
 import ssl
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import aiohttp
 
@@ -33,6 +33,17 @@ ZERO_COPY_MIN_BYTES = 64 << 10
 # The fields before a batch's data fit in this (the largest, a 1024-page zero bitmap, is 130
 # bytes): only this much is handed to the parser, which copies what it is given.
 BATCH_HEAD_BYTES = 1 << 10
+
+
+class FastSource(NamedTuple):
+    """Where the private fault loop (private_fault_loop.py) gets a page by itself: a plain
+    socket's fd and receive buffer, or (``fd`` -1) a local image's address."""
+
+    fd: int
+    buffer: int = 0
+    buffer_len: int = 0
+    poll_ns: int = 0
+    image: int = 0
 
 
 class FetchError(Exception):
@@ -117,6 +128,33 @@ class SyncPageConnection:
             at = ws.exchange_known(demand_frame(gpa, ws.mask_key()), ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES)
         except WebSocketError as e:
             raise FetchError(f"page stream broke during demand fetch of gpa {gpa:#x}: {e}") from None
+        return self._one_page_answer(gpa, at)
+
+    def fast_source(self) -> FastSource | None:
+        """What the private fault loop needs to fetch one page itself (BlockingWebSocket.raw_reader),
+        or None where it cannot now."""
+        raw = self.ws.raw_reader()
+        return FastSource(*raw) if raw is not None else None
+
+    def add_fast_requests(self, n: int) -> None:
+        """Count requests the private fault loop sent (their answers, good ones, with them)."""
+        self.requests += n
+        self.bytes_received += n * ONE_PAGE_ANSWER_BYTES
+
+    def finish_page(self, gpa: int, received: int, error: int) -> int | PageBatch:
+        """fetch_page for a request the private fault loop sent, after it left ``received``
+        bytes of the answer in the buffer (or an ``error``: BlockingWebSocket.raw_read)."""
+        ws = self.ws
+        try:
+            ws.raw_read(received, error)
+            at = ws.recv_known(ONE_PAGE_FRAME_HEAD, ONE_PAGE_FRAME_BYTES)
+        except WebSocketError as e:
+            raise FetchError(f"page stream broke during demand fetch of gpa {gpa:#x}: {e}") from None
+        return self._one_page_answer(gpa, at)
+
+    def _one_page_answer(self, gpa: int, at: int) -> int | PageBatch:
+        """The answer to a one-page demand request, its frame head found at ``at`` (-1: another frame)."""
+        ws = self.ws
         if at < 0:  # another frame: read and decoded as any answer
             return self.receive(PageRequest(gpa, 1, DEMAND))
         self.bytes_received += ONE_PAGE_ANSWER_BYTES

@@ -13,9 +13,11 @@ prefetcher has in flight waits for it instead of fetching it again.
 from __future__ import annotations
 
 import fcntl
+import logging
 import threading
 from time import monotonic_ns
 
+from postcopy.destination import private_loop
 from postcopy.destination.classic_mode import cpu_beside
 from postcopy.destination.client import SyncPageConnection
 from postcopy.destination.install import Installer
@@ -25,6 +27,7 @@ from postcopy.destination.readahead import Readahead
 from postcopy.destination.retry import NoLongerWanted, RetryingSyncConnection
 from postcopy.faults import MMIO, PAGE_MASK, FaultDecoder
 from postcopy.observe.faultlog import FaultLog
+from vmm import interp
 from vmm.abi import kvm as kvm_abi
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.kvm import EXIT_REASON_U32, MMIO_DATA_U64, MMIO_IS_WRITE_U8, MMIO_LEN_U32, MMIO_PHYS_ADDR_U64
@@ -32,6 +35,7 @@ from vmm.priority import GuestNice
 from vmm.uffd import PageCopier, UffdError
 from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, VcpuThread
 
+log = logging.getLogger("postcopy.destination")
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
 # How long a vCPU thread polls for its page before it sleeps in recv (websocket._poll_into).
 FETCH_POLL_NS = 200_000
@@ -56,12 +60,14 @@ class VcpuFaultState:
         self.waiting_page = -1  # the page this vCPU is fetching (its connection's retry asks)
         self.faults = FaultLog()  # fault exit to re-entry, one record per resolved fault
         self.copier: PageCopier | None = None  # this vCPU's one-page UFFDIO_COPY (set by prepare)
+        self.private: private_loop.PrivateLoop | None = None  # its fault loop in a private interpreter, if it has one
 
 
 class ExitModeResolver:
     """The MemoryFaultHandler of every destination vCPU in exit mode."""
 
-    def __init__(self, installer: Installer, *, readahead_base: int, readahead_max: int) -> None:
+    def __init__(self, installer: Installer, *, readahead_base: int, readahead_max: int,
+                 private_loops: bool = True) -> None:
         self.installer = installer
         self.tracker: PageTracker = installer.tracker
         self.memory = installer.memory
@@ -69,6 +75,9 @@ class ExitModeResolver:
         self.readahead_max = readahead_max
         self.states: dict[int, VcpuFaultState] = {}
         self._lock = threading.Lock()
+        # One page a fault is taken in a private interpreter per vCPU where one can be had
+        # (private_loop.py); False keeps every vCPU's loop under this interpreter's GIL.
+        self.private_loops = private_loops and private_loop.unavailable() is None
 
     def prepare(self, thread: VcpuThread, connection: SyncPageConnection,
                 prefetch: RetryingSyncConnection | None = None) -> None:
@@ -90,7 +99,23 @@ class ExitModeResolver:
             connection.still_wanted = lambda: not self.tracker.is_present(state.waiting_page)
         thread.block_sigbus = True  # a patched kernel queues SIGBUS; we read it with sigtimedwait
         thread.fault_handler = self
-        thread.run_loop = lambda: self._run(thread)
+        state.private = self._private_loop(thread, state)
+        thread.run_loop = state.private.run if state.private is not None else lambda: self._run(thread)
+
+    def _private_loop(self, thread: VcpuThread, state: VcpuFaultState) -> private_loop.PrivateLoop | None:
+        """A fault loop in a private interpreter for this vCPU (private_loop.py), where it takes
+        one page a fault from a connection it can read itself, RAM is one region and an
+        interpreter is free (loaded here, before the switchover: ~50 ms the first time); else None."""
+        if not self.private_loops or state.readahead.max != 1 or state.connection is None:
+            return None
+        if state.decoder.qword_span()[1] == 0 or getattr(state.connection, "fast_source", lambda: None)() is None:
+            return None
+        try:
+            return private_loop.PrivateLoop(self, thread, state, interp.acquire())
+        except interp.InterpreterUnavailable as e:
+            log.info("vCPU %d resolves its faults under the process's GIL: %s", thread.id, e,
+                     extra={"event": "private_loop_unavailable"})
+            return None
 
     def _run(self, thread: VcpuThread) -> VcpuState:
         """The vCPU's KVM_RUN loop (VcpuThread.run_loop). This host's usual fault, an MMIO exit
@@ -255,6 +280,8 @@ class ExitModeResolver:
 
     def close(self) -> None:
         for st in self.states.values():
+            if st.private is not None and not st.private.started:
+                st.private.release()  # never entered: its thread will not give it back
             if st.prefetcher is not None:
                 st.prefetcher.close()
             if st.connection is not None:

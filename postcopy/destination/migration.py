@@ -321,7 +321,7 @@ class Destination:
             background = self._background = asyncio.ensure_future(run_background(
                 self._background_connections, self.installer, batch_pages=self.background_batch_pages,
                 depth=self.background_depth)) if self.background else None
-            while not self.tracker.all_present.is_set():
+            while not self.tracker.check_complete():
                 failures = self.machine.failures()
                 if failures:
                     raise MigrationError("; ".join(failures))

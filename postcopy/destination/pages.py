@@ -17,6 +17,7 @@ import enum
 import re
 import threading
 from collections.abc import Iterator
+from typing import Protocol
 
 from vmm.memory import GuestMemory
 
@@ -36,6 +37,10 @@ class Arrival(enum.IntEnum):
 
 
 ARRIVAL_NAMES = {a: a.name.lower() for a in Arrival}
+
+
+class _Maker(Protocol):
+    made: int
 
 
 class PageTracker:
@@ -58,10 +63,24 @@ class PageTracker:
         self._tallied, self._tally = 0, dict.fromkeys(Arrival, 0)  # created[:_tallied], by arrival
         self._lock = threading.Lock()
         self.all_present = threading.Event()
+        # Counters of pages made where this interpreter cannot count them: each vCPU's private
+        # fault loop (private_fault_loop.Shared.made, written there, read here). Its pages are
+        # all demand pages; the last of them is noticed by check_complete.
+        self.makers: list[_Maker] = []
 
     @property
     def present(self) -> int:
-        return self.counted + len(self.created)
+        return self.counted + len(self.created) + self._made_elsewhere()
+
+    def _made_elsewhere(self) -> int:
+        return sum(m.made for m in self.makers) if self.makers else 0
+
+    def check_complete(self) -> bool:
+        """Set all_present if every page is present by now, counting the makers' pages (which
+        nobody here counts as they come): called by those who wait for it, between waits."""
+        if not self.all_present.is_set() and self.makers and self.present == self.npages:
+            self.all_present.set()
+        return self.all_present.is_set()
 
     @property
     def counts(self) -> dict[Arrival, int]:
@@ -73,7 +92,9 @@ class PageTracker:
                 for how in Arrival:
                     self._tally[how] += tail.count(how)
                 self._tallied = n
-            return {how: self._counts[how] + self._tally[how] for how in Arrival}
+            counts = {how: self._counts[how] + self._tally[how] for how in Arrival}
+        counts[Arrival.DEMAND] += self._made_elsewhere()
+        return counts
 
     # -- queries (lock-free: single bytes read under the GIL) ---------------------------------
     def is_present(self, page: int) -> bool:
@@ -199,7 +220,7 @@ class PageTracker:
             if new:
                 self._counts[how] += new
                 self.counted += new
-                if self.counted + len(self.created) == self.npages:
+                if self.present == self.npages:
                     self.all_present.set()
             return new
 
@@ -213,7 +234,9 @@ class PageTracker:
         self.arrival[page] = how
         created = self.created
         created.append(how)
-        if len(created) + self.counted == self.npages:  # the last page, whoever counts it
+        # The last page, whoever counts it (where private fault loops make pages too, the
+        # sum is short of them and check_complete notices the last)
+        if len(created) + self.counted == self.npages:
             self.all_present.set()
 
     def counts_by_name(self) -> dict[str, int]:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from postcopy.destination.client import DEMAND, FetchError, SyncPageConnection
+from postcopy.destination.client import DEMAND, FastSource, FetchError, SyncPageConnection
 from proto import PageBatch, PageRequest
 
 T = TypeVar("T")
@@ -194,10 +194,32 @@ class RetryingSyncConnection:
         try:
             return conn.fetch_page(gpa)
         except FetchError as error:
-            request = PageRequest(gpa, 1, DEMAND)
-            self._in_flight.append(request)
-            self._recover(error)
-            return self.receive(request)
+            return self._page_again(gpa, error)
+
+    def fast_source(self) -> FastSource | None:
+        """SyncPageConnection.fast_source of the socket now, or None while recovering."""
+        conn = self._conn
+        return conn.fast_source() if conn is not None and not self._in_flight else None
+
+    def add_fast_requests(self, n: int) -> None:
+        if self._conn is not None:
+            self._conn.add_fast_requests(n)
+
+    def finish_page(self, gpa: int, received: int, error: int) -> int | PageBatch:
+        """SyncPageConnection.finish_page, surviving the socket as fetch_page does."""
+        try:
+            if self._conn is None:
+                raise FetchError("page stream closed")
+            return self._conn.finish_page(gpa, received, error)
+        except FetchError as error:
+            return self._page_again(gpa, error)
+
+    def _page_again(self, gpa: int, error: FetchError) -> int | PageBatch:
+        """A one-page fetch whose socket failed: asked again on a new one, as fetch would."""
+        request = PageRequest(gpa, 1, DEMAND)
+        self._in_flight.append(request)
+        self._recover(error)
+        return self.receive(request)
 
     def send(self, gpa: int, count: int, kind: str) -> PageRequest:
         request = PageRequest(gpa, count, kind)  # type: ignore[arg-type]

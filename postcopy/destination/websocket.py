@@ -206,6 +206,24 @@ class BlockingWebSocket:
             return len(head)
         return self.recv_known(head, total)  # a part of it, or another frame first
 
+    def raw_reader(self) -> tuple[int, int, int, int] | None:
+        """(fd, receive buffer address, its length, poll_ns) for a reader that takes the answer
+        to its own request straight from the socket into the buffer's front (the private fault
+        loop, which cannot call this object): only where nothing is buffered and the socket is
+        plain (TLS keeps its state in this interpreter). ``raw_read`` then says what it got."""
+        sock = self.sock
+        if sock is None or isinstance(sock, ssl.SSLSocket) or self._start != self._end:
+            return None
+        return sock.fileno(), self.buffer_address, len(self._buf), self.poll_ns
+
+    def raw_read(self, received: int, error: int) -> None:
+        """What such a reader left: ``received`` bytes at the buffer's front, for recv_known or
+        recv to go on from; or ``error``, the errno that broke its send or recv (-1: the server
+        closed the connection), raised as a WebSocketError as this object's own reads do."""
+        if error:
+            raise self._broken(None if error < 0 else OSError(error, os.strerror(error)), sending=False)
+        self._start, self._end = 0, received
+
     def recv_known(self, head: bytes, total: int) -> int:
         """The fault path's receive, for an answer whose frame head is known: when the next
         frame starts with ``head`` (which fixes its length, ``total`` bytes with the head), read

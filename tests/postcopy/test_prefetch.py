@@ -265,7 +265,7 @@ def test_without_readahead_no_prefetcher_starts(served: Served) -> None:
     async def body(url: str, proxy: ChaosProxy) -> None:
         def run() -> None:
             with registered_ram(served.memory.size) as installer:
-                resolver = ExitModeResolver(installer, readahead_base=1, readahead_max=1)
+                resolver = ExitModeResolver(installer, readahead_base=1, readahead_max=1, private_loops=False)
                 conn = RetryingSyncConnection.open(lambda: SyncPageConnection(url, SERVED_TOKEN), RetryContext())
 
                 class Thread:  # what prepare reads and sets on a vCPU thread

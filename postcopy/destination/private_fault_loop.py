@@ -1,0 +1,220 @@
+"""Exit mode's fault loop as a vCPU thread runs it inside its private interpreter (vmm.interp).
+
+This module is imported twice: by the destination, for ``Shared`` (what the two sides of the
+loop exchange, by address), and inside a vCPU thread's private interpreter, where ``setup`` is
+run once and ``loop`` is then entered through the callback ``setup`` exports. The private side
+shares no object with the destination: it reaches kvm_run, guest RAM, the page tracker's state
+and arrival bytes, the zero map, the fault log's buffer and the connection's receive buffer by
+address, and the vCPU, uffd and socket by fd number. So it imports nothing of the destination's
+but the fault path's two fixed-layout messages.
+
+``loop`` takes the usual fault of this host, an MMIO exit for an aligned qword in single-region
+RAM: a present page is completed, a missing data page is fetched (one page: there is no
+readahead here) and installed with UFFDIO_COPY, then the access is completed and the guest
+re-entered. It returns to the vCPU thread's own interpreter for everything else (``status``):
+- EXIT: KVM_RUN returned ``ret`` with an exit it does not take (a port I/O, a kick, a zero-map
+  page, a fault while ``fetch_here`` is off); kvm_run still holds it;
+- FLUSH: its fault log buffer is full (it also counts exits and requests for the other side);
+- FETCH: a fetch did not end in a checked one-page answer: the request for ``page`` was sent,
+  ``received`` bytes of its answer are at the front of the receive buffer, or ``error`` is the
+  errno that broke the socket (-1: the server closed it). The other side finishes the fetch,
+  with its retries and its errors, installs and completes.
+A failure of its own (a bug) returns ERROR with the traceback in the error buffer.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import traceback
+from time import monotonic_ns
+from typing import Any
+
+from postcopy.busypoll import recv_into_polling
+from postcopy.fastframes import ONE_PAGE_FRAME_BYTES as TOTAL
+from postcopy.fastframes import ONE_PAGE_FRAME_HEAD as HEAD
+from postcopy.fastframes import demand_frame
+from proto.fastpath import ONE_PAGE_DATA_AT, one_page_ok
+
+EXIT, FLUSH, FETCH, ERROR = 0, 1, 2, 3
+PRESENT = 1  # postcopy.destination.pages.PRESENT (not imported: this side imports no destination module)
+EOF = -1  # Shared.error when the server closed the connection
+
+
+class Shared(ctypes.Structure):
+    """One vCPU's exchange between its thread's two interpreters."""
+
+    _fields_ = [
+        # Set by the vCPU thread's interpreter before each entry.
+        ("fetch_here", ctypes.c_int64),  # 0: hand every missing page back (EXIT)
+        ("sock_fd", ctypes.c_int64),  # the connection's socket, -1 with a local image
+        ("buffer", ctypes.c_uint64), ("buffer_len", ctypes.c_int64),  # its receive buffer
+        ("poll_ns", ctypes.c_int64),  # busypoll's window before a blocking recv
+        ("image", ctypes.c_uint64),  # a local source: guest RAM's image, read by address
+        ("zero", ctypes.c_uint64), ("zero_len", ctypes.c_int64),  # the tracker's zero map now
+        # Set by the loop before it returns.
+        ("status", ctypes.c_int64), ("ret", ctypes.c_int64),
+        ("page", ctypes.c_int64), ("offset", ctypes.c_int64), ("t0", ctypes.c_uint64),
+        ("received", ctypes.c_int64), ("error", ctypes.c_int64),
+        ("logged", ctypes.c_int64),  # fault records in the log buffer
+        ("taken", ctypes.c_int64),  # MMIO exits taken since the last return
+        ("requests", ctypes.c_int64),  # one-page requests sent since the last return
+        ("made", ctypes.c_int64),  # pages its UFFDIO_COPY created, since setup (the tracker reads it)
+    ]
+
+
+S: dict[str, Any] = {}  # this interpreter's one vCPU: set up once, kept by the loop
+
+
+def view(address: int, nbytes: int, fmt: str = "B") -> memoryview:
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B").cast(fmt)
+
+
+def setup(a: dict[str, Any]) -> None:
+    """Bind the vCPU's memory (``a``: addresses, sizes, fds and constants, all numbers) and
+    export ``loop``: its C address goes to ``a["entry"]``'s slot."""
+    shared = Shared.from_address(a["shared"])
+    S.clear()
+    S.update(a, shared=shared, run=view(a["run"], a["run_size"]), ram=view(a["hva_base"], a["ram_bytes"], "Q"),
+             state=view(a["state"], a["npages"]), arrival=view(a["arrival"], a["npages"]),
+             log_t=view(a["log_t"], 8 * a["log_cap"], "Q"), log_latency=view(a["log_latency"], 8 * a["log_cap"], "Q"),
+             sock=None, error_text=view(a["error_text"], a["error_size"]))
+    entry = ctypes.CFUNCTYPE(ctypes.c_int64)(_entry)
+    S["entry_keep"] = entry  # the callback lives as long as this interpreter's vCPU
+    ctypes.c_uint64.from_address(a["entry"]).value = ctypes.cast(entry, ctypes.c_void_p).value or 0
+
+
+def teardown() -> None:
+    """The vCPU thread is done: let go of the socket's fd without closing it (it is the
+    connection's) and of every view."""
+    sock = S.get("sock")
+    if sock is not None:
+        sock.detach()
+    S.clear()
+
+
+def _socket(fd: int) -> socket.socket:
+    """The connection's socket, wrapped once per fd (a reconnect brings a new one). Never
+    closed here: detached when it changes."""
+    sock = S["sock"]
+    if sock is None or sock.fileno() != fd:
+        if sock is not None:
+            sock.detach()
+        sock = S["sock"] = socket.socket(fileno=fd)
+    return sock
+
+
+def _entry() -> int:
+    try:
+        return loop()
+    except BaseException:  # noqa: BLE001 (the other side raises it as this vCPU's failure)
+        text = traceback.format_exc().encode("utf-8", "replace")
+        out = S["error_text"]
+        n = min(len(text), len(out) - 1)
+        out[:n] = text[:n]
+        out[n] = 0
+        return ERROR
+
+
+def loop() -> int:
+    """KVM_RUN until an exit this side does not take; the status (Shared says what it left)."""
+    s = S
+    sh: Shared = s["shared"]
+    run, ram, state, arrival, log_t, log_latency = (s[k] for k in ("run", "ram", "state", "arrival", "log_t",
+                                                                    "log_latency"))
+    u8, u32, u64 = run, run.cast("I"), run.cast("Q")
+    fd, uffd, lo, qword_end, page_base, hva_base = (s[k] for k in ("vcpu_fd", "uffd", "lo", "qword_end", "page_base",
+                                                                   "hva_base"))
+    ER, ML, MA, MW, MD, MMIO, KVM_RUN, DEMAND = (s[k] for k in ("ER", "ML", "MA", "MW", "MD", "MMIO", "KVM_RUN",
+                                                                "DEMAND"))
+    UFFDIO_COPY, log_cap = s["UFFDIO_COPY"], s["log_cap"]
+    fetch_here, image = sh.fetch_here, sh.image
+    zero = view(sh.zero, sh.zero_len) if sh.zero_len else b""
+    sock = None
+    poll_ns = sh.poll_ns
+    if fetch_here and not image:
+        sock = _socket(sh.sock_fd)
+        recv_into, sendall = sock.recv_into, sock.sendall
+        rbuf = view(sh.buffer, sh.buffer_len)
+        data_at = sh.buffer + len(HEAD) + ONE_PAGE_DATA_AT
+        hl = len(HEAD)
+        keys, ki = s.setdefault("keys", [os.urandom(4096), 0])
+    copy = bytearray(40)  # struct uffdio_copy: dst, src, len, mode, copy
+    cq = memoryview(copy).cast("Q")
+    cq[2], cq[3] = 4096, s["copy_mode"]
+    ioctl = fcntl.ioctl
+    logged = taken = requests = 0
+    try:
+        while True:
+            try:
+                ioctl(fd, KVM_RUN)
+                ret = 0
+            except OSError as e:
+                ret = -e.errno
+            if not ret and u32[ER] == MMIO and u32[ML] == 8:
+                t0 = monotonic_ns()
+                offset = u64[MA] - lo
+                if not offset & 7 and 0 <= offset < qword_end:
+                    page = page_base + (offset >> 12)
+                    if state[page] != PRESENT:
+                        if not fetch_here or (len(zero) > page >> 3 and zero[page >> 3] >> (page & 7) & 1):
+                            sh.status, sh.ret = EXIT, ret
+                            return EXIT  # the thread's own path makes a zero page, or fetches
+                        first = offset & ~4095
+                        received = 0
+                        if sock is None:
+                            src = image + lo + first
+                        else:
+                            requests += 1
+                            try:
+                                sendall(demand_frame(lo + first, keys[ki:ki + 4]))
+                                ki = (ki + 4) & 4095
+                                while True:
+                                    n = (recv_into_polling(sock, rbuf[received:], poll_ns) if poll_ns
+                                         else recv_into(rbuf[received:]))
+                                    if not n:
+                                        return _fetch(sh, page, offset, t0, received, EOF)
+                                    received += n
+                                    if received >= hl and (rbuf[:hl] != HEAD or received >= TOTAL):
+                                        break
+                            except OSError as e:
+                                return _fetch(sh, page, offset, t0, received, e.errno or errno.EIO)
+                            finally:
+                                s["keys"][1] = ki
+                            if received != TOTAL or rbuf[:hl] != HEAD or not one_page_ok(rbuf, hl, lo + first):
+                                return _fetch(sh, page, offset, t0, received, 0)
+                            src = data_at
+                        cq[0], cq[1], cq[4] = hva_base + first, src, 0
+                        try:
+                            ioctl(uffd, UFFDIO_COPY, copy, True)
+                        except OSError as e:
+                            if e.errno != errno.EEXIST:  # the other side installs it again and says why
+                                return _fetch(sh, page, offset, t0, received, 0)
+                        else:  # created here: counted here (pages.PageTracker.mark_created)
+                            state[page] = PRESENT
+                            arrival[page] = DEMAND
+                            sh.made += 1
+                    if u8[MW]:
+                        ram[offset >> 3] = u64[MD]
+                    else:
+                        u64[MD] = ram[offset >> 3]
+                    taken += 1
+                    log_t[logged] = t0
+                    log_latency[logged] = monotonic_ns() - t0
+                    logged += 1
+                    if logged == log_cap:
+                        sh.status = FLUSH
+                        return FLUSH
+                    continue
+            sh.status, sh.ret = EXIT, ret
+            return EXIT
+    finally:
+        sh.logged, sh.taken, sh.requests = logged, taken, requests
+
+
+def _fetch(sh: Shared, page: int, offset: int, t0: int, received: int, error: int) -> int:
+    sh.status, sh.page, sh.offset, sh.t0, sh.received, sh.error = FETCH, page, offset, t0, received, error
+    return FETCH
+
