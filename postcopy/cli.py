@@ -27,6 +27,8 @@ from vmm.memory import GuestMemoryError, parse_size
 from vmm.priority import MAX_NICE
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
+READAHEAD_MAX_HELP = ("the largest readahead window in pages (default 256); 1: one page a fault, and in fault mode exit "
+                      "each vCPU then runs its fault loop under a GIL of its own (postcopy doctor: fault loops)")
 
 
 def _token(args: argparse.Namespace, create: bool, announce: bool = True) -> str:
@@ -112,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                      after_s=args.after, seed=args.seed, readahead_base=args.readahead,
                                      progress=_progress(args), timeline=args.report is not None,
                                      chaos=chaos, retry=RetryPolicy(deadline_s=args.retry_deadline),
-                                     vcpu_nice=args.vcpu_nice))
+                                     vcpu_nice=args.vcpu_nice, readahead_max=args.readahead_max))
     except DemoError as e:
         print(f"postcopy demo: error: {e}", file=sys.stderr)
         return 1
@@ -125,7 +127,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     opts = MigrateOptions(
         token=_token(args, create=True, announce=False), page_listen=args.page_listen, page_url=args.page_url,
         fault_mode=args.fault_mode, create=args.create, mem=args.mem, vcpus=args.vcpus, seed=args.seed,
-        warmup_s=args.warmup, after_s=args.after, readahead=args.readahead, timeout_s=args.timeout,
+        warmup_s=args.warmup, after_s=args.after, readahead=args.readahead, readahead_max=args.readahead_max,
+        timeout_s=args.timeout,
         timeline=args.report is not None, state_dir=args.state_dir, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, retry_deadline_s=args.retry_deadline, vcpu_nice=args.vcpu_nice)
     api_token = _api_token(args)
@@ -237,7 +240,8 @@ def cmd_dest(args: argparse.Namespace) -> int:
         async with local_vmm() as vmm:
             await vmm.incoming(args.source.rstrip("/"), token, fault_mode=args.fault_mode, after_s=args.after,
                                readahead=args.readahead, timeline=args.report is not None, tls_ca=args.tls_ca,
-                               retry_deadline_s=args.retry_deadline, vcpu_nice=args.vcpu_nice)
+                               retry_deadline_s=args.retry_deadline, vcpu_nice=args.vcpu_nice,
+                               readahead_max=args.readahead_max)
             return await follow(vmm, args.timeout, _progress(args))
 
     try:
@@ -294,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--warmup", type=float, default=1.0, help="seconds the guest runs on the source first")
     d.add_argument("--after", type=float, default=1.0, help="seconds it runs on the destination before the check")
     d.add_argument("--readahead", type=int, default=4, help="base readahead window in pages")
+    d.add_argument("--readahead-max", type=int, default=None, help=READAHEAD_MAX_HELP)
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")
     d.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")
@@ -316,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--warmup", type=float, default=1.0, help="seconds a created guest runs before the migration")
     m.add_argument("--after", type=float, default=1.0)
     m.add_argument("--readahead", type=int, default=4)
+    m.add_argument("--readahead-max", type=int, default=None, help=READAHEAD_MAX_HELP)
     m.add_argument("--timeout", type=float, default=600.0, help="seconds the migration may take")
     m.add_argument("--token-file", help=f"the migration token (created if missing); else ${TOKEN_ENV}, else a new one")
     m.add_argument("--api-token-file", help="the bearer token of both VMMs' APIs")
@@ -354,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--fault-mode", choices=modes, default="auto")
     t.add_argument("--after", type=float, default=1.0)
     t.add_argument("--readahead", type=int, default=4)
+    t.add_argument("--readahead-max", type=int, default=None, help=READAHEAD_MAX_HELP)
     t.add_argument("--timeout", type=float, default=600.0)
     t.add_argument("--json", action="store_true")
     t.add_argument("--report", metavar="DIR", help="also write report.html, timeline.png, report.json into DIR")

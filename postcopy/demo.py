@@ -131,10 +131,10 @@ async def run_demo(mem_bytes: int = 256 << 20, vcpus: int = 2, fault_mode: str =
                    warmup_s: float = 1.0, after_s: float = 1.0, seed: int = 7, readahead_base: int = 4,
                    progress: ProgressLine | None = None, timeline: bool = False,
                    chaos: ChaosSchedule | None = None, retry: RetryPolicy | None = None,
-                   vcpu_nice: int | None = None) -> dict[str, Any]:
+                   vcpu_nice: int | None = None, readahead_max: int | None = None) -> dict[str, Any]:
     opts = MigrateOptions(token=secrets.token_urlsafe(32), page_listen="127.0.0.1:0", fault_mode=fault_mode,
                           create=True, mem=mem_bytes, vcpus=vcpus, seed=seed, warmup_s=warmup_s,
-                          after_s=after_s, readahead=readahead_base, timeline=timeline,
+                          after_s=after_s, readahead=readahead_base, readahead_max=readahead_max, timeline=timeline,
                           retry_deadline_s=retry.deadline_s if retry is not None else None, vcpu_nice=vcpu_nice)
     proxy: asyncio.subprocess.Process | None = None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from postcopy import hostinfo
+from postcopy.destination import private_loop
 from postcopy.faults import FAULT_KIND_NAMES, FaultDecoder, FaultError
 from vmm.abi import kvm as kabi
 from vmm.abi.userfaultfd import UFFD_FEATURE_NAMES, UFFD_FEATURE_SIGBUS, UFFDIO_ZEROPAGE_MODE_DONTWAKE
@@ -45,6 +46,9 @@ class DoctorReport:
     recommended_fault_mode: str = "classic"
     reason: str = ""
     host: hostinfo.HostInfo | None = None  # CPUs, how idle CPUs wait: what moves the figures
+    # Why exit mode's vCPUs cannot run their one-page fault loops under a GIL each
+    # (postcopy.destination.private_loop), or None where they can.
+    private_loops_unavailable: str | None = None
 
 
 class _ProbeResolver:
@@ -102,7 +106,8 @@ def probe_fault_exits(report: DoctorReport) -> None:
 
 def diagnose(run_probe: bool = True) -> DoctorReport:
     host = hostinfo.describe()
-    report = DoctorReport(kernel=host.kernel, kvm=False, paging=host.paging, kvm_module=host.kvm_module, host=host)
+    report = DoctorReport(kernel=host.kernel, kvm=False, paging=host.paging, kvm_module=host.kvm_module, host=host,
+                          private_loops_unavailable=private_loop.unavailable())
     try:
         kvm = Kvm()
         report.kvm = True
@@ -153,5 +158,6 @@ def render(report: DoctorReport) -> str:
         f"fault exits       {report.fault_exits or '-'} over {report.probe_pages} missing pages"
         f"{'' if not report.probe_error else ' (' + report.probe_error + ')'}",
         f"fault mode        {report.recommended_fault_mode}: {report.reason}",
+        f"fault loops       {'a private interpreter per vCPU, one page a fault' if report.private_loops_unavailable is None else 'under one GIL: ' + report.private_loops_unavailable}",
     ]
     return "\n".join(lines)

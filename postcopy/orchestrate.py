@@ -40,6 +40,7 @@ class MigrateOptions:
     warmup_s: float = 1.0  # how long a created guest runs on the source before the migration
     after_s: float = 1.0  # how long it runs on the destination before the guest check
     readahead: int = 4
+    readahead_max: int | None = None  # the destination's largest readahead window (None: its default)
     timeout_s: float = 600.0  # from incoming started to completed
     timeline: bool = False  # the report carries the migration's timeline (for --report)
     state_dir: str | None = None  # a created guest's RAM in DIR/ram, restartable page server
@@ -73,7 +74,8 @@ async def run_migration(source: ApiClient, dest: ApiClient, opts: MigrateOptions
     try:
         await dest.incoming(page_url, opts.token, fault_mode=opts.fault_mode, after_s=opts.after_s,
                             readahead=opts.readahead, source_check=before, timeline=opts.timeline,
-                            tls_ca=opts.tls_ca, retry_deadline_s=opts.retry_deadline_s, vcpu_nice=opts.vcpu_nice)
+                            tls_ca=opts.tls_ca, retry_deadline_s=opts.retry_deadline_s, vcpu_nice=opts.vcpu_nice,
+                            readahead_max=opts.readahead_max)
     except ApiClientError as e:
         await _cancel_quietly(source)  # the guest keeps running on the source
         raise OrchestrationError(f"destination: {e}") from None

@@ -7,6 +7,7 @@ while asks ``may_set_nice(previous)`` first, or the thread would stay slow for g
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import resource
@@ -47,13 +48,26 @@ class GuestNice:
     at ``end`` (from any thread). The lock orders an ``end`` against a thread
     between ``urgent`` and ``relax``, which would otherwise leave it at ``low``."""
 
-    __slots__ = ("tid", "base", "low", "_lock", "_on")
+    __slots__ = ("tid", "base", "low", "_lock", "_on", "_block")
 
     def __init__(self, tid: int, base: int, low: int) -> None:
         self.tid, self.base, self.low = tid, base, low
         self._lock = threading.Lock()
         self._on = True
+        self._block: ctypes.Array[ctypes.c_int64] | None = None
         set_thread_nice(tid, low)
+
+    def share(self, block: ctypes.Array[ctypes.c_int64] | None) -> None:
+        """Mirror this into ``block`` (on, base, low: NICE_BLOCK), for code on the thread that
+        cannot take the lock (a private fault loop, postcopy.destination.private_fault_loop).
+        Such code calls urgent and relax as ``nice_urgent`` and ``nice_relax`` do: ``end``
+        clears ``on`` before it sets ``base``, and a relax that finds ``on`` cleared after it
+        set ``low`` sets ``base`` again, so no order of the two leaves the thread at ``low``."""
+        with self._lock:
+            self._block = block
+            if block is not None:
+                block[1], block[2] = self.base, self.low
+                block[0] = 1 if self._on else 0
 
     def urgent(self) -> None:
         with self._lock:
@@ -69,4 +83,25 @@ class GuestNice:
         with self._lock:
             if self._on:
                 self._on = False
+                if self._block is not None:
+                    self._block[0] = 0  # before the nice value is set: see share
                 set_thread_nice(self.tid, self.base)
+
+
+NICE_BLOCK = 3  # int64s of a shared GuestNice: on, base, low
+
+
+def nice_urgent(block: ctypes.Array[ctypes.c_int64] | memoryview, tid: int) -> bool:
+    """GuestNice.urgent from its shared ``block``; True if it was on (then nice_relax after)."""
+    if not block[0]:
+        return False
+    set_thread_nice(tid, block[1])
+    return True
+
+
+def nice_relax(block: ctypes.Array[ctypes.c_int64] | memoryview, tid: int) -> None:
+    """GuestNice.relax from its shared ``block`` (GuestNice.share says why it is safe)."""
+    if block[0]:
+        set_thread_nice(tid, block[2])
+        if not block[0]:  # ended meanwhile: its base may have come before this low
+            set_thread_nice(tid, block[1])

@@ -24,7 +24,7 @@ from vmm.abi import kvm as abi
 from vmm.devices.bus import PioBus
 from vmm.kvm import EXIT_REASON_U32, Vcpu
 from vmm.memory import GuestMemory
-from vmm.priority import MAX_NICE, GuestNice, may_set_nice, thread_nice
+from vmm.priority import MAX_NICE, NICE_BLOCK, GuestNice, may_set_nice, thread_nice
 
 log = logging.getLogger("vmm.vcpu")
 KICK_SIGNAL = signal.SIGUSR1
@@ -90,13 +90,29 @@ class VcpuThread:
         self.block_sigbus = False  # set by fault handlers that read SIGBUS with sigtimedwait
         # While set, the guest runs at its lower priority and the fault handler resolves a fault
         # at the thread's own (vmm.priority; the destination sets it while memory is missing).
-        self.guest_nice: GuestNice | None = None
+        self._guest_nice: GuestNice | None = None
+        # guest_nice as a private fault loop on this thread reads it (GuestNice.share): on, base, low
+        self.nice_block = (ctypes.c_int64 * NICE_BLOCK)()
         self.tid = 0
         self._paused_nice: GuestNice | None = None  # while a pause keeps the thread at MAX_NICE
         self._resumes = 0  # resume() calls: a parked thread waits for the next
         self._request: str | None = None
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.id}", daemon=True)
+
+    @property
+    def guest_nice(self) -> GuestNice | None:
+        return self._guest_nice
+
+    @guest_nice.setter
+    def guest_nice(self, value: GuestNice | None) -> None:
+        if self._guest_nice is not None:
+            self._guest_nice.share(None)
+        self._guest_nice = value
+        if value is not None:
+            value.share(self.nice_block)
+        else:
+            self.nice_block[0] = 0
 
     # -- control (any thread) -----------------------------------------------------------------
     def start(self) -> None:

@@ -110,11 +110,12 @@ class ApiClient:
     async def incoming(self, source_url: str, token: str, *, fault_mode: str = "exit", after_s: float = 1.0,
                        readahead: int = 4, source_check: dict[str, Any] | None = None,
                        timeline: bool = False, tls_ca: str | None = None,
-                       retry_deadline_s: float | None = None, vcpu_nice: int | None = None) -> dict[str, Any]:
+                       retry_deadline_s: float | None = None, vcpu_nice: int | None = None,
+                       readahead_max: int | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"source_url": source_url, "token": token, "fault_mode": fault_mode,
                                 "after_s": after_s, "readahead": readahead, "timeline": timeline}
         body = _with(body, source_check=source_check, tls_ca=tls_ca, retry_deadline_s=retry_deadline_s,
-                     vcpu_nice=vcpu_nice)
+                     vcpu_nice=vcpu_nice, readahead_max=readahead_max)
         return await self.request("PUT", "/v1/migration/incoming", body)
 
     async def migration(self) -> dict[str, Any]:

@@ -239,6 +239,7 @@ class IncomingSpec:
     tls_ca: str | None = None  # reach the page server over TLS, trusting only this CA
     retry_deadline_s: float | None = None  # how long one outage of the page server may last
     vcpu_nice: int = POSTCOPY_VCPU_NICE  # the vCPU threads' nice value while memory is missing
+    readahead_max: int = MAX_READAHEAD  # the largest window a scanning vCPU's readahead grows to
 
     @classmethod
     def parse(cls, body: Any) -> IncomingSpec:
@@ -249,6 +250,7 @@ class IncomingSpec:
         fault_mode = f.choice("fault_mode", FAULT_MODES, "exit")
         after_s = f.number("after_s", 1.0, 0.0, MAX_AFTER_S)
         readahead = f.integer("readahead", 4, 1, MAX_READAHEAD)
+        readahead_max = f.integer("readahead_max", MAX_READAHEAD, 1, MAX_READAHEAD)
         timeline = f.take("timeline", False)
         if timeline is None:
             timeline = False
@@ -260,6 +262,8 @@ class IncomingSpec:
         check = f.nested("source_check")
         f.done()
         assert source_url is not None
+        if readahead_max < readahead:
+            raise ApiError(400, f"{what}: 'readahead_max' ({readahead_max}) is below 'readahead' ({readahead})")
         if source_url.startswith("https://") != (tls_ca is not None):
             raise ApiError(400, f"{what}: 'source_url' must be https:// exactly when 'tls_ca' is given")
         source_check = None
@@ -274,4 +278,4 @@ class IncomingSpec:
             source_check = SourceCheck(ok, pages if pages >= 0 else None, errors if errors >= 0 else None)
         assert source_url is not None and token is not None
         return cls(source_url, token, fault_mode, after_s, readahead, source_check, timeline,  # type: ignore[arg-type]
-                   tls_ca, retry_deadline if retry_deadline >= 0 else None, vcpu_nice)
+                   tls_ca, retry_deadline if retry_deadline >= 0 else None, vcpu_nice, readahead_max)

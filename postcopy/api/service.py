@@ -318,6 +318,7 @@ class VmmService:
 
             inc.report = await migrate(spec.source_url, spec.token, inc.fault_mode,  # type: ignore[arg-type]
                                        after_s=spec.after_s, before=before, readahead_base=spec.readahead,
+                                       readahead_max=spec.readahead_max,
                                        console=self.console, on_destination=watch, adopt=adopt,
                                        timeline=spec.timeline, registry=self.registry, vcpu_nice=spec.vcpu_nice,
                                        ssl_context=client_context(spec.tls_ca) if spec.tls_ca else None,

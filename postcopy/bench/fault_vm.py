@@ -31,6 +31,7 @@ from vmm.memory import GuestMemory
 from vmm.uffd import Uffd
 
 RUN_TIMEOUT_S = 120.0
+POLL_S = 0.05  # how often the wait for the guest looks at the vCPUs
 
 
 class FaultVmError(Exception):
@@ -99,8 +100,11 @@ def scan(header: MigrationHeader, zero_bitmap: bytes, url: str, token: str, vcpu
         services = machine.services
         t0 = time.perf_counter()
         machine.start()
-        finished = services.wait_for(
-            lambda: all(p.done_pages >= 0 for p in services.progress) or bool(machine.failures()), RUN_TIMEOUT_S)
+        # Polled: a vCPU that fails does not wake the guest services' waiters.
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (finished := services.wait_for(lambda: all(p.done_pages >= 0 for p in services.progress), POLL_S)):
+            if machine.failures() or time.monotonic() > deadline:
+                break
         seconds = time.perf_counter() - t0
         machine.check()
         if not finished:

@@ -275,6 +275,10 @@ class ExitModeResolver:
         if prefetcher is not None and st.readahead.scanning:
             prefetcher.follow(page + 1 + extra)
 
+    def private_loop_count(self) -> int:
+        """How many of the vCPUs run their fault loop in a private interpreter."""
+        return sum(st.private is not None for st in self.states.values())
+
     def fault_logs(self) -> dict[int, FaultLog]:
         return {vcpu: st.faults for vcpu, st in self.states.items()}
 

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import socket
+import threading
 import traceback
 from time import monotonic_ns
 from typing import Any
@@ -37,6 +38,7 @@ from postcopy.fastframes import ONE_PAGE_FRAME_BYTES as TOTAL
 from postcopy.fastframes import ONE_PAGE_FRAME_HEAD as HEAD
 from postcopy.fastframes import demand_frame
 from proto.fastpath import ONE_PAGE_DATA_AT, one_page_ok
+from vmm.priority import nice_relax, nice_urgent
 
 EXIT, FLUSH, FETCH, ERROR = 0, 1, 2, 3
 PRESENT = 1  # postcopy.destination.pages.PRESENT (not imported: this side imports no destination module)
@@ -58,6 +60,7 @@ class Shared(ctypes.Structure):
         ("status", ctypes.c_int64), ("ret", ctypes.c_int64),
         ("page", ctypes.c_int64), ("offset", ctypes.c_int64), ("t0", ctypes.c_uint64),
         ("received", ctypes.c_int64), ("error", ctypes.c_int64),
+        ("urgent", ctypes.c_int64),  # FETCH: the thread runs at its own priority until it relaxes
         ("logged", ctypes.c_int64),  # fault records in the log buffer
         ("taken", ctypes.c_int64),  # MMIO exits taken since the last return
         ("requests", ctypes.c_int64),  # one-page requests sent since the last return
@@ -80,6 +83,7 @@ def setup(a: dict[str, Any]) -> None:
     S.update(a, shared=shared, run=view(a["run"], a["run_size"]), ram=view(a["hva_base"], a["ram_bytes"], "Q"),
              state=view(a["state"], a["npages"]), arrival=view(a["arrival"], a["npages"]),
              log_t=view(a["log_t"], 8 * a["log_cap"], "Q"), log_latency=view(a["log_latency"], 8 * a["log_cap"], "Q"),
+             nice=view(a["nice_block"], 8 * a["nice_len"], "q"),
              sock=None, error_text=view(a["error_text"], a["error_size"]))
     entry = ctypes.CFUNCTYPE(ctypes.c_int64)(_entry)
     S["entry_keep"] = entry  # the callback lives as long as this interpreter's vCPU
@@ -129,7 +133,8 @@ def loop() -> int:
                                                                    "hva_base"))
     ER, ML, MA, MW, MD, MMIO, KVM_RUN, DEMAND = (s[k] for k in ("ER", "ML", "MA", "MW", "MD", "MMIO", "KVM_RUN",
                                                                 "DEMAND"))
-    UFFDIO_COPY, log_cap = s["UFFDIO_COPY"], s["log_cap"]
+    UFFDIO_COPY, log_cap, nice = s["UFFDIO_COPY"], s["log_cap"], s["nice"]
+    tid = threading.get_native_id()
     fetch_here, image = sh.fetch_here, sh.image
     zero = view(sh.zero, sh.zero_len) if sh.zero_len else b""
     sock = None
@@ -164,6 +169,9 @@ def loop() -> int:
                             return EXIT  # the thread's own path makes a zero page, or fetches
                         first = offset & ~4095
                         received = 0
+                        # The fetch is the transfer's most urgent work: at the thread's own
+                        # priority where the guest runs niced (VcpuThread.guest_nice).
+                        sh.urgent = urgent = nice_urgent(nice, tid)
                         if sock is None:
                             src = image + lo + first
                         else:
@@ -196,6 +204,8 @@ def loop() -> int:
                             state[page] = PRESENT
                             arrival[page] = DEMAND
                             sh.made += 1
+                        if urgent:
+                            nice_relax(nice, tid)
                     if u8[MW]:
                         ram[offset >> 3] = u64[MD]
                     else:

@@ -74,6 +74,7 @@ class PrivateLoop:
             state=_address(tracker.state), arrival=_address(tracker.arrival), npages=tracker.npages,
             log_t=self._t.buffer_info()[0], log_latency=self._latency.buffer_info()[0], log_cap=LOG_RECORDS,
             error_text=ctypes.addressof(self._error), error_size=ERROR_BYTES,
+            nice_block=ctypes.addressof(thread.nice_block), nice_len=len(thread.nice_block),
             KVM_RUN=kvm_abi.KVM_RUN, MMIO=KVM_EXIT_MMIO, ER=vk.EXIT_REASON_U32, ML=vk.MMIO_LEN_U32,
             MA=vk.MMIO_PHYS_ADDR_U64, MW=vk.MMIO_IS_WRITE_U8, MD=vk.MMIO_DATA_U64,
             UFFDIO_COPY=uffd_abi.UFFDIO_COPY, DEMAND=int(Arrival.DEMAND))
@@ -111,11 +112,11 @@ class PrivateLoop:
                 self.release()
 
     def _arm(self) -> None:
-        """What may change between entries: the socket (a reconnect), whether this vCPU may
-        fetch (not at a lower priority: GuestNice.urgent is this side's), the zero map."""
+        """What may change between entries: the socket (a reconnect), whether the loop may
+        fetch at all, the zero map."""
         sh, st = self.shared, self.st
         source = st.connection.fast_source() if st.connection is not None else None
-        if source is None or self.thread.guest_nice is not None:
+        if source is None:
             sh.fetch_here = 0
         else:
             sh.fetch_here = 1
@@ -163,6 +164,10 @@ class PrivateLoop:
             resolver.installer.install_page(page, decoder.hva_base + first, data, Arrival.DEMAND, st.copier)
         except NoLongerWanted:
             pass  # as ExitModeResolver._resolve: the page came another way
+        finally:
+            guest_nice = self.thread.guest_nice
+            if sh.urgent and guest_nice is not None:  # the loop made it urgent: relaxed as _resolve does
+                guest_nice.relax()
         decoder.complete_qword(self.thread.vcpu, offset)
         st.faults.record(t0, MMIO, monotonic_ns() - t0)
         counts = self.thread.exit_counts

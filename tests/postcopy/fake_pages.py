@@ -11,10 +11,11 @@ from aiohttp import web
 from proto import PageRequest
 
 
-def serve_answers(answer: Callable[[PageRequest], bytes], client: Callable[[str], None], *,
-                  ping: bool = False) -> None:
+def serve_answers(answer: Callable[[PageRequest], bytes | None], client: Callable[[str], None], *,
+                  ping: bool = False, drop_on_none: bool = False) -> None:
     """Serve on loopback while ``client(base_url)`` runs on a thread; a ping goes before every
-    answer if ``ping``."""
+    answer if ``ping``; where ``answer`` gives None (``drop_on_none``), the TCP connection is
+    dropped instead of answering."""
     async def main() -> None:
         async def handler(request: web.Request) -> web.WebSocketResponse:
             ws = web.WebSocketResponse(max_msg_size=0)
@@ -24,7 +25,13 @@ def serve_answers(answer: Callable[[PageRequest], bytes], client: Callable[[str]
                     continue
                 if ping:
                     await ws.ping(b"are you there")
-                await ws.send_bytes(answer(PageRequest.decode(msg.data)))
+                reply = answer(PageRequest.decode(msg.data))
+                if reply is None and drop_on_none:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    break
+                assert reply is not None
+                await ws.send_bytes(reply)
             return ws
 
         app = web.Application()

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from postcopy.api.client import ApiClient, ApiClientError
-from postcopy.api.models import IncomingSpec, OutgoingSpec
+from postcopy.api.models import ApiError, IncomingSpec, OutgoingSpec
 from postcopy.api.server import ApiAddress, ApiServer, ApiStartError, local_vmm, make_app
 from postcopy.api.service import VmmService
 from postcopy.demo import start_vmm, stop_vmm
@@ -470,3 +470,11 @@ def test_an_incoming_migration_that_completed_is_not_cancelled_while_its_guest_i
         await service.incoming.task  # type: ignore[misc]
 
     asyncio.run(scenario())
+
+
+def test_an_incoming_readahead_max_below_readahead_is_refused() -> None:
+    body = {"source_url": "http://127.0.0.1:1", "token": "t" * 32, "readahead": 8, "readahead_max": 4}
+    with pytest.raises(ApiError, match="'readahead_max' \\(4\\) is below 'readahead' \\(8\\)"):
+        IncomingSpec.parse(body)
+    assert IncomingSpec.parse({**body, "readahead": 1, "readahead_max": 1}).readahead_max == 1
+    assert IncomingSpec.parse({k: v for k, v in body.items() if k != "readahead_max"}).readahead_max == 256

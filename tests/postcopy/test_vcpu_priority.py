@@ -3,6 +3,7 @@ reniced after the resume, set back when every page is present or the migration f
 alone where asked (0) or where this process could not set them back."""
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import pytest
@@ -15,7 +16,9 @@ from postcopy.destination.migration import Destination, DestinationState, Migrat
 from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE, VcpuPriority
 from postcopy.source.page_server import PageServer
 from source_thread import migrate_in_process  # type: ignore[import-not-found]
-from vmm.priority import GuestNice, may_set_nice, set_thread_nice, thread_nice
+from postcopy.destination import private_loop
+from vmm import priority
+from vmm.priority import NICE_BLOCK, GuestNice, may_set_nice, nice_relax, nice_urgent, set_thread_nice, thread_nice
 from vmm.vcpu import VcpuThread
 
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
@@ -216,3 +219,69 @@ def test_the_demo_report_says_what_the_vcpus_ran_at(nice: int, line: str) -> Non
               "pages": {"demand": 1}, "exit_kinds": {"mmio": 1}, "pagein_rate": 1.0, "vcpu_nice": nice,
               "guest": {"before": {}, "after": {}}, "verified": True, "guest_errors": 0}
     assert f"  vCPU priority   {line}" in render(report).splitlines()
+
+
+@may_renice
+def test_a_shared_guest_nice_is_urgent_and_relaxed_without_its_lock_and_an_end_always_wins() -> None:
+    """What a private fault loop does on the vCPU thread (vmm.priority.nice_urgent/nice_relax,
+    reading GuestNice.share's block): the same levels as urgent/relax; and an end that comes
+    between its urgent and its relax, in either order with the relax's low, leaves the thread
+    at its base."""
+    tid: list[int] = []
+    go, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), go.set(), done.wait(10)))
+    t.start()
+    try:
+        assert go.wait(10)
+        base = thread_nice(tid[0])
+        block = (ctypes.c_int64 * NICE_BLOCK)()
+        g = GuestNice(tid[0], base, base + 7)
+        g.share(block)
+        assert list(block) == [1, base, base + 7]
+        assert nice_urgent(block, tid[0]) and thread_nice(tid[0]) == base
+        nice_relax(block, tid[0])
+        assert thread_nice(tid[0]) == base + 7
+        assert nice_urgent(block, tid[0])
+        g.end()  # between the urgent and the relax
+        nice_relax(block, tid[0])
+        assert thread_nice(tid[0]) == base and block[0] == 0
+        assert not nice_urgent(block, tid[0])  # ended: nothing to do
+        # The end's base set before the relax's low, as a race can order them: the relax's
+        # second look puts it back.
+        g2 = GuestNice(tid[0], base, base + 7)
+        g2.share(block)
+        real_set = priority.set_thread_nice
+
+        def end_in_between(who: int, nice: int) -> None:
+            if nice == base + 7 and block[0]:
+                g2.end()  # clears on, sets base
+            real_set(who, nice)
+        priority.set_thread_nice = end_in_between  # type: ignore[assignment]
+        try:
+            assert nice_urgent(block, tid[0])
+            nice_relax(block, tid[0])
+        finally:
+            priority.set_thread_nice = real_set  # type: ignore[assignment]
+        assert thread_nice(tid[0]) == base
+    finally:
+        done.set()
+        t.join()
+
+
+@may_renice
+def test_niced_vcpus_with_private_fault_loops_complete_a_migration_and_get_their_priority_back() -> None:
+    if private_loop.unavailable() is not None:
+        pytest.skip(f"no private fault loop here: {private_loop.unavailable()}")
+    results: list[dict] = []
+
+    async def check(server: PageServer, dest: Destination) -> None:
+        await dest.switchover()
+        assert dest.machine is not None
+        result = await dest.wait_complete(timeout=60)
+        results.append({"private": result.private_fault_loops, "nice": result.vcpu_nice,
+                        "after": [thread_nice(t.tid) for t in dest.machine.vcpus]})
+
+    migrate_in_process(check, background_batch_pages=4, background_depth=1, readahead_base=1, readahead_max=1)
+    r, = results
+    assert r["private"] == 2 and r["nice"] == POSTCOPY_VCPU_NICE
+    assert POSTCOPY_VCPU_NICE not in r["after"]  # set back once every page was present

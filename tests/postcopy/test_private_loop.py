@@ -1,0 +1,156 @@
+"""Exit mode's fault loop in a private interpreter per vCPU (private_loop.py and
+private_fault_loop.py): a real guest on registered RAM pages in every data page over a real page
+stream; what the loop does not take itself (an answer after a ping, a zero page, a dropped
+socket) is finished by the thread's own interpreter with its retries; a failure there fails the
+vCPU with its traceback; and where no interpreter can be had the vCPU runs the shared loop."""
+from __future__ import annotations
+
+import random
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from postcopy.bench.fault_vm import scan
+from postcopy.destination import private_loop
+from postcopy.destination.exit_mode import ExitModeResolver
+from postcopy.destination.pages import PRESENT, Arrival
+from proto import PAGE_SIZE, PageRequest, build_page_batch
+from proto.fastpath import one_page_head
+from vmm import interp
+from vmm.guest.layout import DATA_GPA
+from vmm.machine import MachineError
+from vmm.memory import GuestMemory
+from vmm.vcpu import install_kick_handler
+
+from fake_pages import serve_answers  # type: ignore[import-not-found]
+
+pytestmark = [pytest.mark.usefixtures("kvm_available", "uffd_available"),
+              pytest.mark.skipif(private_loop.unavailable() is not None,
+                                 reason=f"no private fault loop here: {private_loop.unavailable()}")]
+GUEST = 4 << 20
+DATA_PAGES = (GUEST - DATA_GPA) // PAGE_SIZE
+HEADER = SimpleNamespace(regions=[SimpleNamespace(gpa=0, size=GUEST)])  # what scan reads of a MigrationHeader
+SOURCE = bytearray(random.Random(7).randbytes(GUEST))
+
+
+@pytest.fixture(autouse=True)
+def _kick_handler() -> None:
+    install_kick_handler()  # the scans run on the fake server's client thread
+
+
+def _served(gpa: int, count: int) -> bytes:
+    """As the page server answers: one data page in the fault path's fixed layout."""
+    pages = bytes(SOURCE[gpa:gpa + count * PAGE_SIZE])
+    if count == 1 and any(pages):
+        return one_page_head(gpa, pages) + pages
+    return build_page_batch(gpa, count, pages)
+
+
+def _scan(answer: Any, vcpus: int, inspect: Any = None, **serve: Any) -> Any:
+    result: list[Any] = []
+    serve_answers(answer, lambda url: result.append(
+        scan(HEADER, bytes(GUEST // PAGE_SIZE // 8), url, "t", vcpus, readahead_base=1, readahead_max=1,
+             inspect=inspect)), **serve)
+    return result[0]
+
+
+def _check_every_page(resolver: ExitModeResolver, memory: GuestMemory, *, private: bool) -> None:
+    tracker = resolver.tracker
+    assert all((st.private is not None) == private for st in resolver.states.values())
+    assert tracker.state.count(PRESENT) == tracker.npages
+    assert tracker.counts[Arrival.DEMAND] == DATA_PAGES
+    assert memory.view(DATA_GPA, GUEST - DATA_GPA) == SOURCE[DATA_GPA:]  # every page as the source served it
+    assert sum(len(st.faults) for st in resolver.states.values()) == DATA_PAGES  # one record per fault
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_every_page_comes_in_through_the_private_loops(vcpus: int) -> None:
+    seen: list[bool] = []
+
+    def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+        _check_every_page(resolver, memory, private=True)
+        assert len(resolver.tracker.created) == 0  # no page took the shared path
+        seen.append(True)
+    result = _scan(lambda r: _served(r.gpa, r.count), vcpus, inspect)
+    assert seen and result.pages == DATA_PAGES and result.fetches == DATA_PAGES
+    assert len(result.latency_ns) == DATA_PAGES and all(result.latency_ns)
+
+
+def test_an_answer_behind_a_ping_is_finished_by_the_threads_own_interpreter() -> None:
+    # Every answer comes after a ping: the loop sees another frame head and hands the fetch back
+    # (FETCH); BlockingWebSocket answers the ping and reads the page, which is installed there.
+    def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+        _check_every_page(resolver, memory, private=True)
+        assert sum(m.made for m in resolver.tracker.makers) == 0  # each installed by install_page, here
+    result = _scan(lambda r: _served(r.gpa, r.count), 2, inspect, ping=True)
+    assert result.pages == DATA_PAGES
+
+
+def test_a_zero_page_answer_is_installed_by_the_threads_own_interpreter() -> None:
+    zero_pages = {DATA_GPA + 5 * PAGE_SIZE, DATA_GPA + 77 * PAGE_SIZE}
+    saved = {gpa: bytes(SOURCE[gpa:gpa + PAGE_SIZE]) for gpa in zero_pages}
+    for gpa in zero_pages:
+        SOURCE[gpa:gpa + PAGE_SIZE] = bytes(PAGE_SIZE)
+    try:
+        def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+            _check_every_page(resolver, memory, private=True)
+            # the data pages made in the loops, the two zero pages by install_batch (mark_present)
+            assert sum(m.made for m in resolver.tracker.makers) == DATA_PAGES - 2
+            assert len(resolver.tracker.created) == 0
+        _scan(lambda r: _served(r.gpa, r.count), 1, inspect)
+    finally:
+        for gpa, page in saved.items():
+            SOURCE[gpa:gpa + PAGE_SIZE] = page
+
+
+def test_a_dropped_socket_is_reopened_and_the_page_asked_again() -> None:
+    # The server drops the socket instead of answering every 100th request: the loop's recv
+    # sees the end, the retrying connection opens a new socket and asks again, and the loop
+    # goes on with the new socket.
+    asked = [0]
+    lock = threading.Lock()
+
+    def answer(r: PageRequest) -> bytes | None:
+        with lock:
+            asked[0] += 1
+            if asked[0] % 100 == 0:
+                return None
+        return _served(r.gpa, r.count)
+    reconnects: list[int] = []
+
+    def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+        _check_every_page(resolver, memory, private=True)
+        assert sum(m.made for m in resolver.tracker.makers) >= DATA_PAGES - DATA_PAGES // 100
+        reconnects.extend(st.connection.ctx.stats.reconnects for st in resolver.states.values())
+    _scan(answer, 2, inspect, drop_on_none=True)
+    assert sum(reconnects) >= DATA_PAGES // 100 - 1
+
+
+def test_a_failure_in_the_private_loop_fails_the_vcpu_with_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    run = private_loop.PrivateLoop.run
+
+    def broken(self: private_loop.PrivateLoop) -> Any:
+        self.interp.run("loop.S['ram'] = None")  # the loop's first completed access raises
+        return run(self)
+    monkeypatch.setattr(private_loop.PrivateLoop, "run", broken)
+    with pytest.raises(MachineError, match=r"(?s)private fault loop failed.*TypeError"):
+        _scan(lambda r: _served(r.gpa, r.count), 1)
+
+
+def test_without_an_interpreter_the_vcpu_runs_the_shared_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def none_left() -> interp.PrivateInterpreter:
+        raise interp.InterpreterUnavailable("all 8 private interpreters are in use")
+    monkeypatch.setattr(interp, "acquire", none_left)
+
+    def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+        _check_every_page(resolver, memory, private=False)
+        assert len(resolver.tracker.created) == DATA_PAGES and not resolver.tracker.makers
+    _scan(lambda r: _served(r.gpa, r.count), 2, inspect)
+
+
+def test_interpreters_go_back_to_the_pool_when_the_vcpus_end() -> None:
+    before = len(interp._free)
+    _scan(lambda r: _served(r.gpa, r.count), 2)
+    assert len(interp._free) >= max(before, 2) and len(interp._pool) <= interp.MAX_INTERPRETERS
