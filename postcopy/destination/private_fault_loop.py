@@ -136,7 +136,9 @@ def loop() -> int:
     UFFDIO_COPY, log_cap, nice = s["UFFDIO_COPY"], s["log_cap"], s["nice"]
     tid = threading.get_native_id()
     fetch_here, image = sh.fetch_here, sh.image
-    zero = view(sh.zero, sh.zero_len) if sh.zero_len else b""
+    zero = view(sh.zero, sh.zero_len) if sh.zero_len * 8 >= s["npages"] else bytes(s["npages"] // 8 + 1)
+    counters = view(ctypes.addressof(sh), ctypes.sizeof(sh), "q")  # an item store is cheaper than a field's
+    MADE = Shared.made.offset // 8
     sock = None
     poll_ns = sh.poll_ns
     if fetch_here and not image:
@@ -164,14 +166,14 @@ def loop() -> int:
                 if not offset & 7 and 0 <= offset < qword_end:
                     page = page_base + (offset >> 12)
                     if state[page] != PRESENT:
-                        if not fetch_here or (len(zero) > page >> 3 and zero[page >> 3] >> (page & 7) & 1):
+                        if not fetch_here or zero[page >> 3] >> (page & 7) & 1:
                             sh.status, sh.ret = EXIT, ret
                             return EXIT  # the thread's own path makes a zero page, or fetches
                         first = offset & ~4095
                         received = 0
                         # The fetch is the transfer's most urgent work: at the thread's own
                         # priority where the guest runs niced (VcpuThread.guest_nice).
-                        sh.urgent = urgent = nice_urgent(nice, tid)
+                        urgent = nice[0] and nice_urgent(nice, tid)
                         if sock is None:
                             src = image + lo + first
                         else:
@@ -183,27 +185,27 @@ def loop() -> int:
                                     n = (recv_into_polling(sock, rbuf[received:], poll_ns) if poll_ns
                                          else recv_into(rbuf[received:]))
                                     if not n:
-                                        return _fetch(sh, page, offset, t0, received, EOF)
+                                        return _fetch(sh, page, offset, t0, received, EOF, urgent)
                                     received += n
                                     if received >= hl and (rbuf[:hl] != HEAD or received >= TOTAL):
                                         break
                             except OSError as e:
-                                return _fetch(sh, page, offset, t0, received, e.errno or errno.EIO)
+                                return _fetch(sh, page, offset, t0, received, e.errno or errno.EIO, urgent)
                             finally:
                                 s["keys"][1] = ki
                             if received != TOTAL or rbuf[:hl] != HEAD or not one_page_ok(rbuf, hl, lo + first):
-                                return _fetch(sh, page, offset, t0, received, 0)
+                                return _fetch(sh, page, offset, t0, received, 0, urgent)
                             src = data_at
                         cq[0], cq[1], cq[4] = hva_base + first, src, 0
                         try:
                             ioctl(uffd, UFFDIO_COPY, copy, True)
                         except OSError as e:
                             if e.errno != errno.EEXIST:  # the other side installs it again and says why
-                                return _fetch(sh, page, offset, t0, received, 0)
+                                return _fetch(sh, page, offset, t0, received, 0, urgent)
                         else:  # created here: counted here (pages.PageTracker.mark_created)
                             state[page] = PRESENT
                             arrival[page] = DEMAND
-                            sh.made += 1
+                            counters[MADE] += 1
                         if urgent:
                             nice_relax(nice, tid)
                     if u8[MW]:
@@ -224,7 +226,8 @@ def loop() -> int:
         sh.logged, sh.taken, sh.requests = logged, taken, requests
 
 
-def _fetch(sh: Shared, page: int, offset: int, t0: int, received: int, error: int) -> int:
+def _fetch(sh: Shared, page: int, offset: int, t0: int, received: int, error: int, urgent: bool) -> int:
     sh.status, sh.page, sh.offset, sh.t0, sh.received, sh.error = FETCH, page, offset, t0, received, error
+    sh.urgent = bool(urgent)
     return FETCH
 
