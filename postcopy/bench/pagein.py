@@ -30,6 +30,7 @@ from typing import Any
 
 from postcopy.bench import BenchError, BenchOptions, costs, limit, median, paired_ratio
 from postcopy.bench.source import LocalPageConnection, SourceImage
+from postcopy.destination import private_loop
 from postcopy.destination.classic_mode import ClassicHandler, place_vcpus
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.install import Installer
@@ -272,7 +273,14 @@ def run(opts: BenchOptions) -> dict[str, Any]:
     out["runs"] = m["rates"]["python"]
     out["handler_p50_us"] = m["handler_p50_us"]
     out["fault_costs_us"] = m["fault_costs_us"]
+    out["exit_fault_loops"] = fault_loops()
     return out
+
+
+def fault_loops() -> str:
+    """Where exit mode's one-page fault loops run here (private_loop.py)."""
+    why = private_loop.unavailable()
+    return "a private interpreter per vCPU" if why is None else f"under one GIL ({why})"
 
 
 def best_classic_row(result: dict[str, Any]) -> str:
@@ -288,6 +296,7 @@ def table(result: dict[str, Any]) -> list[str]:
     lines = [f"pagein: {result['mem_mib']} MiB, {result['pages']} data pages, local source, one page per fault, "
              f"median of {result['repeat']}" + (f" ({result['naive_repeat']} for classic-naive)"
                                            if result.get("naive_repeat", result["repeat"]) != result["repeat"] else ""),
+             f"  exit mode's fault loops: {result.get('exit_fault_loops', 'under one GIL')}",
              "  mode            " + "".join(f"{v + ' vCPU':>14}" for v in vs) + "   (pages/s)"]
     for mode in MODES:
         if mode in result:

@@ -81,7 +81,7 @@ class LocalPageConnection:
 
     def fast_source(self) -> FastSource:
         """For the private fault loop: the image's address (it reads pages from there itself)."""
-        return FastSource(-1, image=self._address)
+        return FastSource(-1, image=self._address, keep=self.image)
 
     def add_fast_requests(self, n: int) -> None:
         self.requests += n

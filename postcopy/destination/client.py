@@ -37,13 +37,16 @@ BATCH_HEAD_BYTES = 1 << 10
 
 class FastSource(NamedTuple):
     """Where the private fault loop (private_fault_loop.py) gets a page by itself: a plain
-    socket's fd and receive buffer, or (``fd`` -1) a local image's address."""
+    socket's fd and receive buffer, or (``fd`` -1) a local image's address. ``keep``: what
+    the addresses point into, held by the loop's owner while the loop may use them (a
+    connection closed from another thread must not free a buffer the loop's recv writes)."""
 
     fd: int
     buffer: int = 0
     buffer_len: int = 0
     poll_ns: int = 0
     image: int = 0
+    keep: object = None
 
 
 class FetchError(Exception):
@@ -134,7 +137,10 @@ class SyncPageConnection:
         """What the private fault loop needs to fetch one page itself (BlockingWebSocket.raw_reader),
         or None where it cannot now."""
         raw = self.ws.raw_reader()
-        return FastSource(*raw) if raw is not None else None
+        if raw is None:
+            return None
+        fd, buffer, buffer_len, poll_ns, keep = raw
+        return FastSource(fd, buffer, buffer_len, poll_ns, keep=keep)
 
     def add_fast_requests(self, n: int) -> None:
         """Count requests the private fault loop sent (their answers, good ones, with them)."""

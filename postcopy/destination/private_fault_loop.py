@@ -79,7 +79,7 @@ def setup(a: dict[str, Any]) -> None:
     """Bind the vCPU's memory (``a``: addresses, sizes, fds and constants, all numbers) and
     export ``loop``: its C address goes to ``a["entry"]``'s slot."""
     shared = Shared.from_address(a["shared"])
-    S.clear()
+    teardown()  # what a vCPU before left, if its own teardown did not run
     S.update(a, shared=shared, run=view(a["run"], a["run_size"]), ram=view(a["hva_base"], a["ram_bytes"], "Q"),
              state=view(a["state"], a["npages"]), arrival=view(a["arrival"], a["npages"]),
              log_t=view(a["log_t"], 8 * a["log_cap"], "Q"), log_latency=view(a["log_latency"], 8 * a["log_cap"], "Q"),

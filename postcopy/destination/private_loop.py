@@ -26,6 +26,7 @@ from time import monotonic_ns
 from typing import Any
 
 from postcopy.destination import private_fault_loop as inner
+from postcopy.destination.client import FastSource
 from postcopy.destination.pages import Arrival
 from postcopy.destination.retry import NoLongerWanted
 from postcopy.faults import MMIO, PAGE_MASK
@@ -61,6 +62,7 @@ class PrivateLoop:
         self._error = ctypes.create_string_buffer(ERROR_BYTES)
         self._entry_at = ctypes.c_uint64()
         self._zero: bytes | None = None  # the zero map whose address the loop has (kept alive here)
+        self._source: FastSource | None = None  # the same for the socket's buffer or the image
         self._made_seen = 0
         self._released = False
         self.started = False  # run() was entered: it gives the interpreter back when it ends
@@ -115,12 +117,12 @@ class PrivateLoop:
         """What may change between entries: the socket (a reconnect), whether the loop may
         fetch at all, the zero map."""
         sh, st = self.shared, self.st
-        source = st.connection.fast_source() if st.connection is not None else None
+        source = self._source = st.connection.fast_source() if st.connection is not None else None
         if source is None:
             sh.fetch_here = 0
         else:
             sh.fetch_here = 1
-            sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image = source
+            sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image = source[:5]
         zero = self.resolver.tracker.zero_bitmap
         if zero is not self._zero:
             self._zero = zero

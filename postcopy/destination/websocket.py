@@ -206,15 +206,15 @@ class BlockingWebSocket:
             return len(head)
         return self.recv_known(head, total)  # a part of it, or another frame first
 
-    def raw_reader(self) -> tuple[int, int, int, int] | None:
-        """(fd, receive buffer address, its length, poll_ns) for a reader that takes the answer
+    def raw_reader(self) -> tuple[int, int, int, int, bytearray] | None:
+        """(fd, receive buffer address, its length, poll_ns, the buffer) for a reader that takes the answer
         to its own request straight from the socket into the buffer's front (the private fault
         loop, which cannot call this object): only where nothing is buffered and the socket is
         plain (TLS keeps its state in this interpreter). ``raw_read`` then says what it got."""
         sock = self.sock
         if sock is None or isinstance(sock, ssl.SSLSocket) or self._start != self._end:
             return None
-        return sock.fileno(), self.buffer_address, len(self._buf), self.poll_ns
+        return sock.fileno(), self.buffer_address, len(self._buf), self.poll_ns, self._buf
 
     def raw_read(self, received: int, error: int) -> None:
         """What such a reader left: ``received`` bytes at the buffer's front, for recv_known or
