@@ -3,8 +3,10 @@ reniced after the resume, set back when every page is present or the migration f
 alone where asked (0) or where this process could not set them back."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -113,30 +115,37 @@ def test_an_exit_mode_vcpu_fetches_its_page_at_its_own_priority() -> None:
     assert all(nice == base for i, (_, nice, base) in enumerate(seen) if i not in firsts.values()), seen
 
 
-@may_renice
-def test_guest_nice_puts_a_thread_back_up_for_urgent_work_until_it_ends() -> None:
+@contextlib.contextmanager
+def _idle_thread() -> Iterator[int]:
+    """A thread that waits until the block ends: its tid."""
     tid: list[int] = []
     go, done = threading.Event(), threading.Event()
     t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), go.set(), done.wait(10)))
     t.start()
     try:
         assert go.wait(10)
-        base = thread_nice(tid[0])
-        g = GuestNice(tid[0], base, base + 7)
-        assert thread_nice(tid[0]) == base + 7
-        g.urgent()
-        assert thread_nice(tid[0]) == base
-        g.relax()
-        assert thread_nice(tid[0]) == base + 7
-        g.end()
-        assert thread_nice(tid[0]) == base
-        g.relax()  # a fault that was under way when it ended: stays up
-        g.urgent()
-        g.relax()
-        assert thread_nice(tid[0]) == base
+        yield tid[0]
     finally:
         done.set()
         t.join()
+
+
+@may_renice
+def test_guest_nice_puts_a_thread_back_up_for_urgent_work_until_it_ends() -> None:
+    with _idle_thread() as tid:
+        base = thread_nice(tid)
+        g = GuestNice(tid, base, base + 7)
+        assert thread_nice(tid) == base + 7
+        g.urgent()
+        assert thread_nice(tid) == base
+        g.relax()
+        assert thread_nice(tid) == base + 7
+        g.end()
+        assert thread_nice(tid) == base
+        g.relax()  # a fault that was under way when it ended: stays up
+        g.urgent()
+        g.relax()
+        assert thread_nice(tid) == base
 
 
 @may_renice
@@ -227,28 +236,23 @@ def test_a_shared_guest_nice_is_urgent_and_relaxed_without_its_lock_and_an_end_a
     reading GuestNice.share's block): the same levels as urgent/relax; and an end that comes
     between its urgent and its relax, in either order with the relax's low, leaves the thread
     at its base."""
-    tid: list[int] = []
-    go, done = threading.Event(), threading.Event()
-    t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), go.set(), done.wait(10)))
-    t.start()
-    try:
-        assert go.wait(10)
-        base = thread_nice(tid[0])
+    with _idle_thread() as tid:
+        base = thread_nice(tid)
         block = (ctypes.c_int64 * NICE_BLOCK)()
-        g = GuestNice(tid[0], base, base + 7)
+        g = GuestNice(tid, base, base + 7)
         g.share(block)
         assert list(block) == [1, base, base + 7]
-        assert nice_urgent(block, tid[0]) and thread_nice(tid[0]) == base
-        nice_relax(block, tid[0])
-        assert thread_nice(tid[0]) == base + 7
-        assert nice_urgent(block, tid[0])
+        assert nice_urgent(block, tid) and thread_nice(tid) == base
+        nice_relax(block, tid)
+        assert thread_nice(tid) == base + 7
+        assert nice_urgent(block, tid)
         g.end()  # between the urgent and the relax
-        nice_relax(block, tid[0])
-        assert thread_nice(tid[0]) == base and block[0] == 0
-        assert not nice_urgent(block, tid[0])  # ended: nothing to do
+        nice_relax(block, tid)
+        assert thread_nice(tid) == base and block[0] == 0
+        assert not nice_urgent(block, tid)  # ended: nothing to do
         # The end's base set before the relax's low, as a race can order them: the relax's
         # second look puts it back.
-        g2 = GuestNice(tid[0], base, base + 7)
+        g2 = GuestNice(tid, base, base + 7)
         g2.share(block)
         real_set = priority.set_thread_nice
 
@@ -258,14 +262,11 @@ def test_a_shared_guest_nice_is_urgent_and_relaxed_without_its_lock_and_an_end_a
             real_set(who, nice)
         priority.set_thread_nice = end_in_between  # type: ignore[assignment]
         try:
-            assert nice_urgent(block, tid[0])
-            nice_relax(block, tid[0])
+            assert nice_urgent(block, tid)
+            nice_relax(block, tid)
         finally:
             priority.set_thread_nice = real_set  # type: ignore[assignment]
-        assert thread_nice(tid[0]) == base
-    finally:
-        done.set()
-        t.join()
+        assert thread_nice(tid) == base
 
 
 @may_renice
