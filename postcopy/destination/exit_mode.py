@@ -111,11 +111,16 @@ class ExitModeResolver:
         if state.decoder.qword_span()[1] == 0 or getattr(state.connection, "fast_source", lambda: None)() is None:
             return None
         try:
-            return private_loop.PrivateLoop(self, thread, state, interp.acquire())
+            private = interp.acquire()
         except interp.InterpreterUnavailable as e:
             log.info("vCPU %d resolves its faults under the process's GIL: %s", thread.id, e,
                      extra={"event": "private_loop_unavailable"})
             return None
+        try:
+            return private_loop.PrivateLoop(self, thread, state, private)
+        except BaseException:
+            interp.release(private)
+            raise
 
     def _run(self, thread: VcpuThread) -> VcpuState:
         """The vCPU's KVM_RUN loop (VcpuThread.run_loop). This host's usual fault, an MMIO exit

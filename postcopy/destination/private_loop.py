@@ -18,12 +18,11 @@ MAX_INTERPRETERS in use), its thread runs ExitModeResolver._run as before.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import sys
 from array import array
 from time import monotonic_ns
-from typing import Any
+from typing import TYPE_CHECKING
 
 from postcopy.destination import private_fault_loop as inner
 from postcopy.destination.client import FastSource
@@ -37,7 +36,9 @@ from vmm.abi import kvm as kvm_abi
 from vmm.abi import userfaultfd as uffd_abi
 from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, VcpuThread
 
-log = logging.getLogger("postcopy.destination")
+if TYPE_CHECKING:
+    from postcopy.destination.exit_mode import ExitModeResolver, VcpuFaultState
+
 LOG_RECORDS = 256  # fault records the loop keeps before it comes back to flush them
 ERROR_BYTES = 16 * 1024
 _ENTRY = ctypes.CFUNCTYPE(ctypes.c_int64)
@@ -54,7 +55,8 @@ def unavailable() -> str | None:
 class PrivateLoop:
     """One vCPU's fault loop in a private interpreter (``run`` is the vCPU's run_loop)."""
 
-    def __init__(self, resolver: Any, thread: VcpuThread, state: Any, private: interp.PrivateInterpreter) -> None:
+    def __init__(self, resolver: ExitModeResolver, thread: VcpuThread, state: VcpuFaultState,
+                 private: interp.PrivateInterpreter) -> None:
         self.resolver, self.thread, self.st, self.interp = resolver, thread, state, private
         self.shared = inner.Shared()
         self._t = array(U64, bytes(8 * LOG_RECORDS))
