@@ -5,6 +5,7 @@ socket) is finished by the thread's own interpreter with its retries; a failure 
 vCPU with its traceback; and where no interpreter can be had the vCPU runs the shared loop."""
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from types import SimpleNamespace
@@ -22,9 +23,10 @@ from vmm import interp
 from vmm.guest.layout import DATA_GPA
 from vmm.machine import MachineError
 from vmm.memory import GuestMemory
-from vmm.vcpu import install_kick_handler
+from vmm.vcpu import VcpuState, install_kick_handler
 
 from fake_pages import serve_answers  # type: ignore[import-not-found]
+from source_thread import migrate_in_process  # type: ignore[import-not-found]
 
 pytestmark = [pytest.mark.usefixtures("kvm_available", "uffd_available"),
               pytest.mark.skipif(private_loop.unavailable() is not None,
@@ -154,3 +156,45 @@ def test_interpreters_go_back_to_the_pool_when_the_vcpus_end() -> None:
     before = len(interp._free)
     _scan(lambda r: _served(r.gpa, r.count), 2)
     assert len(interp._free) >= max(before, 2) and len(interp._pool) <= interp.MAX_INTERPRETERS
+
+
+def test_ram_in_two_regions_keeps_the_shared_loop() -> None:
+    # The loop there completes an access by one region's offset: RAM in several regions goes
+    # to the general path, whose decoder knows the layout.
+    two = SimpleNamespace(regions=[SimpleNamespace(gpa=0, size=GUEST // 2), SimpleNamespace(gpa=GUEST, size=GUEST // 2)])
+    seen: list[bool] = []
+
+    def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+        seen.append(all(st.private is None for st in resolver.states.values()))
+    serve_answers(lambda r: _served(r.gpa % GUEST, r.count) if r.gpa < GUEST else _served(r.gpa - GUEST // 2, r.count),
+                  lambda url: scan(two, bytes(GUEST // PAGE_SIZE // 8), url, "t", 2, readahead_base=1,
+                                   readahead_max=1, inspect=inspect))
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("vcpus", [4])
+def test_more_vcpus_than_cpus_page_in_through_their_private_loops(vcpus: int) -> None:
+    def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+        _check_every_page(resolver, memory, private=True)
+    assert _scan(lambda r: _served(r.gpa, r.count), vcpus, inspect).pages == DATA_PAGES
+
+
+def test_a_migration_paused_and_resumed_while_its_vcpus_fault_completes() -> None:
+    # A pause kicks each vCPU out of KVM_RUN: the private loop hands the EINTR back, and the
+    # thread parks in its own interpreter, between two faults or after a fetch it finished.
+    reports: list[Any] = []
+
+    async def check(server: Any, dest: Any) -> None:
+        await dest.switchover()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            await asyncio.to_thread(dest.machine.pause)
+            assert all(t.state is VcpuState.PAUSED for t in dest.machine.vcpus)
+            dest.machine.resume()
+        reports.append(await dest.wait_complete(timeout=60))
+        assert dest.machine.services.errors == 0 and not dest.machine.failures()
+
+    migrate_in_process(check, background_batch_pages=1, background_depth=1, readahead_base=1, readahead_max=1,
+                       vcpu_nice=0)
+    report, = reports
+    assert report.private_fault_loops == 2 and report.pages["demand"] > 0
