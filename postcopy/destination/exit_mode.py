@@ -141,7 +141,7 @@ class ExitModeResolver:
         page_base, hva_base = decoder.page_base, decoder.hva_base
         fd, ioctl, KVM_RUN = vcpu.fd, fcntl.ioctl, kvm_abi.KVM_RUN
         tracker = self.tracker
-        state, arrival, created, zero = tracker.state, tracker.arrival, tracker.created, tracker.zero_bitmap
+        state, arrival, created = tracker.state, tracker.arrival, tracker.created
         npages, all_present = tracker.npages, tracker.all_present
         one_page = st.readahead.max == 1 and st.connection is not None
         fetch_page = st.connection.fetch_page if one_page else None  # type: ignore[union-attr]
@@ -167,7 +167,9 @@ class ExitModeResolver:
                         if state[page] != PRESENT:
                             first = offset & PAGE_MASK
                             # _resolve's one-page fetch, inlined
-                            if one_page and not zero[page >> 3] >> (page & 7) & 1 and thread.guest_nice is None:
+                            # (the zero map read at each fault: the source's arrives after the resume)
+                            if (one_page and not tracker.zero_bitmap[page >> 3] >> (page & 7) & 1
+                                    and thread.guest_nice is None):
                                 st.waiting_page = page
                                 try:
                                     data = fetch_page(lo + first)  # type: ignore[misc]
