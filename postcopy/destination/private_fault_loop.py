@@ -14,7 +14,7 @@ readahead here) and installed with UFFDIO_COPY, then the access is completed and
 re-entered. It returns to the vCPU thread's own interpreter for everything else (``status``):
 - EXIT: KVM_RUN returned ``ret`` with an exit it does not take (a port I/O, a kick, a zero-map
   page, a fault while ``fetch_here`` is off); kvm_run still holds it;
-- FLUSH: its fault log buffer is full (it also counts exits and requests for the other side);
+- FLUSH: its fault log buffer is full (a record per exit taken; it counts requests too);
 - FETCH: a fetch did not end in a checked one-page answer: the request for ``page`` was sent,
   ``received`` bytes of its answer are at the front of the receive buffer, or ``error`` is the
   errno that broke the socket (-1: the server closed it). The other side finishes the fetch,
@@ -61,8 +61,7 @@ class Shared(ctypes.Structure):
         ("page", ctypes.c_int64), ("offset", ctypes.c_int64), ("t0", ctypes.c_uint64),
         ("received", ctypes.c_int64), ("error", ctypes.c_int64),
         ("urgent", ctypes.c_int64),  # FETCH: the thread runs at its own priority until it relaxes
-        ("logged", ctypes.c_int64),  # fault records in the log buffer
-        ("taken", ctypes.c_int64),  # MMIO exits taken since the last return
+        ("logged", ctypes.c_int64),  # fault records in the log buffer: one per MMIO exit it took
         ("requests", ctypes.c_int64),  # one-page requests sent since the last return
         ("made", ctypes.c_int64),  # pages its UFFDIO_COPY created, since setup (the tracker reads it)
     ]
@@ -152,7 +151,7 @@ def loop() -> int:
     cq = memoryview(copy).cast("Q")
     cq[2], cq[3] = 4096, s["copy_mode"]
     ioctl = fcntl.ioctl
-    logged = taken = requests = 0
+    logged = requests = 0
     try:
         while True:
             try:
@@ -212,7 +211,6 @@ def loop() -> int:
                         ram[offset >> 3] = u64[MD]
                     else:
                         u64[MD] = ram[offset >> 3]
-                    taken += 1
                     log_t[logged] = t0
                     log_latency[logged] = monotonic_ns() - t0
                     logged += 1
@@ -223,7 +221,7 @@ def loop() -> int:
             sh.status, sh.ret = EXIT, ret
             return EXIT
     finally:
-        sh.logged, sh.taken, sh.requests = logged, taken, requests
+        sh.logged, sh.requests = logged, requests
 
 
 def _fetch(sh: Shared, page: int, offset: int, t0: int, received: int, error: int, urgent: bool) -> int:

@@ -133,17 +133,15 @@ class PrivateLoop:
     def _flush(self) -> None:
         """The loop's records and counts since the last entry, where this interpreter keeps them."""
         sh, st = self.shared, self.st
-        n = sh.logged
+        n = sh.logged  # records, one per MMIO exit the loop took
         if n:
             faults = st.faults
             faults.t_ns.frombytes(memoryview(self._t).cast("B")[:8 * n])
             faults.kind += _MMIO_KINDS[:n]
             faults.latency_ns.frombytes(memoryview(self._latency).cast("B")[:8 * n])  # last: whole records
-            sh.logged = 0
-        if sh.taken:
             counts = self.thread.exit_counts
-            counts[KVM_EXIT_MMIO] = counts.get(KVM_EXIT_MMIO, 0) + sh.taken
-            sh.taken = 0
+            counts[KVM_EXIT_MMIO] = counts.get(KVM_EXIT_MMIO, 0) + n
+            sh.logged = 0
         if sh.requests:
             if st.connection is not None:
                 st.connection.add_fast_requests(sh.requests)
