@@ -23,7 +23,7 @@ from vmm import interp
 from vmm.guest.layout import DATA_GPA
 from vmm.machine import MachineError
 from vmm.memory import GuestMemory
-from vmm.vcpu import VcpuState, install_kick_handler
+from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, install_kick_handler
 
 from fake_pages import serve_answers  # type: ignore[import-not-found]
 from source_thread import migrate_in_process  # type: ignore[import-not-found]
@@ -65,6 +65,9 @@ def _check_every_page(resolver: ExitModeResolver, memory: GuestMemory, *, privat
     assert tracker.counts[Arrival.DEMAND] == DATA_PAGES
     assert memory.view(DATA_GPA, GUEST - DATA_GPA) == SOURCE[DATA_GPA:]  # every page as the source served it
     assert sum(len(st.faults) for st in resolver.states.values()) == DATA_PAGES  # one record per fault
+    if private:  # and one MMIO exit counted per fault, wherever it was taken
+        assert sum(st.private.thread.exit_counts.get(KVM_EXIT_MMIO, 0)  # type: ignore[union-attr]
+                   for st in resolver.states.values()) == DATA_PAGES
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
