@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal
 
 import aiohttp
 
+from postcopy.destination import private_loop
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH, DEFAULT_STREAMS, run_background
 from postcopy.destination.classic_mode import ClassicHandler, handler_cpus, place_vcpus
 from postcopy.destination.client import (MAX_WS_MESSAGE, FetchError, SyncPageConnection, auth_headers,
@@ -224,6 +225,8 @@ class Destination:
         self._vcpu_connections = list(connections[:fetchers])
         self._prefetch_connections = list(connections[fetchers:fetchers + prefetchers])
         self._background_connections = list(connections[fetchers + prefetchers:])
+        if self.fault_mode == "exit" and self.readahead_max == 1:  # a fault loop per vCPU in a
+            await asyncio.to_thread(private_loop.warm, vcpus)  # private interpreter: loaded off the loop
         self._park_vcpus()
         self._to(DestinationState.LISTEN)
 

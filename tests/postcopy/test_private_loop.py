@@ -201,3 +201,14 @@ def test_a_migration_paused_and_resumed_while_its_vcpus_fault_completes() -> Non
                        vcpu_nice=0)
     report, = reports
     assert report.private_fault_loops == 2 and report.pages["demand"] > 0
+
+
+def test_warm_leaves_interpreters_in_the_pool_with_the_loop_imported() -> None:
+    private_loop.warm(2)
+    held = [interp.acquire(), interp.acquire()]
+    try:
+        for private in held:
+            private.run("assert loop.Shared.__name__ == 'Shared'")  # the module is there, imported
+    finally:
+        for private in held:
+            interp.release(private)
