@@ -105,7 +105,8 @@ class ExitModeResolver:
     def _private_loop(self, thread: VcpuThread, state: VcpuFaultState) -> private_loop.PrivateLoop | None:
         """A fault loop in a private interpreter for this vCPU (private_loop.py), where it takes
         one page a fault from a connection it can read itself, RAM is one region and an
-        interpreter is free (loaded here, before the switchover: ~50 ms the first time); else None."""
+        interpreter is free (before the switchover; the destination loads them beforehand off
+        its event loop, private_loop.warm); else None."""
         if not self.private_loops or state.readahead.max != 1 or state.connection is None:
             return None
         if state.decoder.qword_span()[1] == 0 or getattr(state.connection, "fast_source", lambda: None)() is None:
