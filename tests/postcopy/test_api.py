@@ -22,6 +22,7 @@ from postcopy.api.models import ApiError, IncomingSpec, OutgoingSpec
 from postcopy.api.server import ApiAddress, ApiServer, ApiStartError, local_vmm, make_app
 from postcopy.api.service import VmmService
 from postcopy.demo import start_vmm, stop_vmm
+from postcopy.destination import private_loop
 from postcopy.orchestrate import MigrateOptions, run_migration
 from postcopy.progress import ProgressLine, render_line
 from postcopy.source.page_server import PageServer
@@ -49,7 +50,10 @@ def _children(pid: int) -> list[str]:
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("kvm_available", "uffd_available")
-def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("readahead", [4, 1])
+def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tmp_path: Path, readahead: int) -> None:
+    # readahead 1 (and readahead_max 1): one page a fault, the vCPUs' loops in private
+    # interpreters, which the adopted guest's vCPUs keep running when it migrates back.
     async def scenario() -> None:
         src_proc, src_addr = await start_vmm(tmp_path / "src.sock", "source")
         dst_proc, dst_addr = await start_vmm(tmp_path / "dst.sock", "destination")
@@ -67,7 +71,8 @@ def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tm
                 assert out["url"].startswith("http://127.0.0.1:")
                 status, inc = await _raw(dst, "PUT", "/v1/migration/incoming", {
                     "source_url": out["url"], "token": TOKEN, "fault_mode": "exit", "after_s": 0.3,
-                    "readahead": 4, "vcpu_nice": 5, "source_check": before})
+                    "readahead": readahead, "vcpu_nice": 5, "source_check": before,
+                    **({"readahead_max": 1} if readahead == 1 else {})})
                 assert status == 202 and inc["role"] == "destination"
                 seen = set()
                 deadline = time.monotonic() + 60
@@ -81,6 +86,7 @@ def test_a_migration_driven_through_the_api_alone_is_verified_and_can_go_back(tm
                 assert mig["state"] == "completed", mig
                 report = mig["report"]
                 assert report["verified"] is True and report["guest_errors"] == 0
+                assert report["private_fault_loops"] == (2 if readahead == 1 and private_loop.unavailable() is None else 0)
                 assert report["guest"]["before"]["swept_pages"] == before["pages"]
                 assert mig["pages_present"] == mig["pages_total"] == 32 << 20 >> 12
                 assert mig["pages_remaining"] == 0 and sum(mig["pages"].values()) == mig["pages_total"]
