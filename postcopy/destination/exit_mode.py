@@ -8,7 +8,9 @@ this host's usual fault itself and hands everything else to the vCPU thread's ge
 A vCPU that scans (each fault where its last window ended) hands the rest of its scan to its
 prefetcher (prefetch.py), which fetches and installs the next windows while the guest walks
 this one: the guest then meets installed pages and does not exit, and a fault on a window the
-prefetcher has in flight waits for it instead of fetching it again.
+prefetcher has in flight waits for it instead of fetching it again. Where a fault takes one
+page (no readahead), the vCPU's loop runs in a Python interpreter of its own instead, under a
+GIL of its own (private_loop.py), and comes back here for everything else.
 """
 from __future__ import annotations
 
