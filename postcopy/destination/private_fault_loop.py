@@ -40,7 +40,7 @@ from postcopy.fastframes import demand_frame
 from proto.fastpath import ONE_PAGE_DATA_AT, one_page_ok
 from vmm.priority import nice_relax, nice_urgent
 
-EXIT, FLUSH, FETCH, ERROR = 0, 1, 2, 3
+EXIT, FLUSH, FETCH, ERROR, STOP, SERVE = 0, 1, 2, 3, 4, 5  # STOP, SERVE: the classic handler's loop
 PRESENT = 1  # postcopy.destination.pages.PRESENT (not imported: this side imports no destination module)
 EOF = -1  # Shared.error when the server closed the connection
 
@@ -64,6 +64,8 @@ class Shared(ctypes.Structure):
         ("logged", ctypes.c_int64),  # fault records in the log buffer: one per MMIO exit it took
         ("requests", ctypes.c_int64),  # one-page requests sent since the last return
         ("made", ctypes.c_int64),  # pages its UFFDIO_COPY created, since setup (the tracker reads it)
+        ("hva", ctypes.c_uint64),  # FETCH, classic: the faulting page's host address
+        ("nmsgs", ctypes.c_int64),  # SERVE, classic: uffd messages read, left in the message buffer
     ]
 
 
@@ -84,9 +86,25 @@ def setup(a: dict[str, Any]) -> None:
              log_t=view(a["log_t"], 8 * a["log_cap"], "Q"), log_latency=view(a["log_latency"], 8 * a["log_cap"], "Q"),
              nice=view(a["nice_block"], 8 * a["nice_len"], "q"),
              sock=None, error_text=view(a["error_text"], a["error_size"]))
-    entry = ctypes.CFUNCTYPE(ctypes.c_int64)(_entry)
-    S["entry_keep"] = entry  # the callback lives as long as this interpreter's vCPU
-    ctypes.c_uint64.from_address(a["entry"]).value = ctypes.cast(entry, ctypes.c_void_p).value or 0
+    export(a, loop)
+
+
+def export(a: dict[str, Any], fn: Any) -> None:
+    """Make ``fn`` the callback the other side enters: its C address goes to ``a["entry"]``'s
+    slot; a failure in it returns ERROR with its traceback in the error buffer."""
+    def entry() -> int:
+        try:
+            return fn()
+        except BaseException:  # noqa: BLE001 (the other side raises it as its thread's failure)
+            text = traceback.format_exc().encode("utf-8", "replace")
+            out = S["error_text"]
+            n = min(len(text), len(out) - 1)
+            out[:n] = text[:n]
+            out[n] = 0
+            return ERROR
+    callback = ctypes.CFUNCTYPE(ctypes.c_int64)(entry)
+    S["entry_keep"] = callback  # the callback lives as long as this interpreter's thread uses it
+    ctypes.c_uint64.from_address(a["entry"]).value = ctypes.cast(callback, ctypes.c_void_p).value or 0
 
 
 def teardown() -> None:
@@ -109,16 +127,64 @@ def _socket(fd: int) -> socket.socket:
     return sock
 
 
-def _entry() -> int:
-    try:
-        return loop()
-    except BaseException:  # noqa: BLE001 (the other side raises it as this vCPU's failure)
-        text = traceback.format_exc().encode("utf-8", "replace")
-        out = S["error_text"]
-        n = min(len(text), len(out) - 1)
-        out[:n] = text[:n]
-        out[n] = 0
-        return ERROR
+class Handback(Exception):
+    """A fetch that did not end in a checked one-page answer: the request was sent, and
+    ``received`` bytes of its answer are at the receive buffer's front, or ``error`` broke the
+    socket (FETCH: the other side finishes it)."""
+
+    def __init__(self, received: int, error: int) -> None:
+        super().__init__(received, error)
+        self.received, self.error = received, error
+
+
+class Fetcher:
+    """One page on demand, as SyncPageConnection.fetch_page gets it (the fixed-layout request
+    and answer, checked alike), over the connection's socket; or from a local image."""
+
+    def __init__(self, sh: Shared) -> None:
+        self.key = (sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image)
+        self.image, self.poll_ns = sh.image, sh.poll_ns
+        self.requests = 0
+        if not self.image:
+            self.sock = _socket(sh.sock_fd)
+            self.rbuf = view(sh.buffer, sh.buffer_len)
+            self.data_at = sh.buffer + len(HEAD) + ONE_PAGE_DATA_AT
+            self.keys, self.ki = os.urandom(4096), 0
+
+    def page(self, gpa: int) -> int:
+        """The address of the page at ``gpa``, checked; else Handback."""
+        if self.image:
+            return self.image + gpa
+        self.requests += 1
+        sock, rbuf, poll_ns, hl = self.sock, self.rbuf, self.poll_ns, len(HEAD)
+        received = 0
+        try:
+            sock.sendall(demand_frame(gpa, self.keys[self.ki:self.ki + 4]))
+            self.ki = (self.ki + 4) & 4095
+            while True:
+                n = recv_into_polling(sock, rbuf[received:], poll_ns) if poll_ns else sock.recv_into(rbuf[received:])
+                if not n:
+                    raise Handback(received, EOF)
+                received += n
+                if received >= hl and (rbuf[:hl] != HEAD or received >= TOTAL):
+                    break
+        except OSError as e:
+            raise Handback(received, e.errno or errno.EIO) from None
+        if received != TOTAL or rbuf[:hl] != HEAD or not one_page_ok(rbuf, hl, gpa):
+            raise Handback(received, 0)
+        return self.data_at
+
+
+def fetcher(sh: Shared) -> Fetcher | None:
+    """This entry's fetcher (None where the loop may not fetch): the one before, unless the
+    socket, its buffer or the image changed."""
+    if not sh.fetch_here:
+        return None
+    f = S.get("fetcher")
+    if f is None or f.key != (sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image):
+        f = S["fetcher"] = Fetcher(sh)
+    f.requests = 0
+    return f
 
 
 def loop() -> int:
@@ -134,24 +200,12 @@ def loop() -> int:
                                                                 "DEMAND"))
     UFFDIO_COPY, log_cap, nice = s["UFFDIO_COPY"], s["log_cap"], s["nice"]
     tid = threading.get_native_id()
-    fetch_here, image = sh.fetch_here, sh.image
-    zero = view(sh.zero, sh.zero_len) if sh.zero_len * 8 >= s["npages"] else bytes(s["npages"] // 8 + 1)
-    counters = view(ctypes.addressof(sh), ctypes.sizeof(sh), "q")  # an item store is cheaper than a field's
-    MADE = Shared.made.offset // 8
-    sock = None
-    poll_ns = sh.poll_ns
-    if fetch_here and not image:
-        sock = _socket(sh.sock_fd)
-        recv_into, sendall = sock.recv_into, sock.sendall
-        rbuf = view(sh.buffer, sh.buffer_len)
-        data_at = sh.buffer + len(HEAD) + ONE_PAGE_DATA_AT
-        hl = len(HEAD)
-        keys, ki = s.setdefault("keys", [os.urandom(4096), 0])
-    copy = bytearray(40)  # struct uffdio_copy: dst, src, len, mode, copy
-    cq = memoryview(copy).cast("Q")
-    cq[2], cq[3] = 4096, s["copy_mode"]
+    f = fetcher(sh)
+    image = f.image if f is not None else 0  # a local image's page: no call
+    zero, counters, MADE = _zero(sh), _counters(sh), Shared.made.offset // 8
+    copy, cq = _copy_arg()
     ioctl = fcntl.ioctl
-    logged = requests = 0
+    logged = 0
     try:
         while True:
             try:
@@ -165,42 +219,26 @@ def loop() -> int:
                 if not offset & 7 and 0 <= offset < qword_end:
                     page = page_base + (offset >> 12)
                     if state[page] != PRESENT:
-                        if not fetch_here or zero[page >> 3] >> (page & 7) & 1:
+                        if f is None or zero[page >> 3] >> (page & 7) & 1:
                             sh.status, sh.ret = EXIT, ret
                             return EXIT  # the thread's own path makes a zero page, or fetches
                         first = offset & ~4095
-                        received = 0
                         # The fetch is the transfer's most urgent work: at the thread's own
                         # priority where the guest runs niced (VcpuThread.guest_nice).
                         urgent = nice[0] and nice_urgent(nice, tid)
-                        if sock is None:
+                        if image:
                             src = image + lo + first
                         else:
-                            requests += 1
                             try:
-                                sendall(demand_frame(lo + first, keys[ki:ki + 4]))
-                                ki = (ki + 4) & 4095
-                                while True:
-                                    n = (recv_into_polling(sock, rbuf[received:], poll_ns) if poll_ns
-                                         else recv_into(rbuf[received:]))
-                                    if not n:
-                                        return _fetch(sh, page, offset, t0, received, EOF, urgent)
-                                    received += n
-                                    if received >= hl and (rbuf[:hl] != HEAD or received >= TOTAL):
-                                        break
-                            except OSError as e:
-                                return _fetch(sh, page, offset, t0, received, e.errno or errno.EIO, urgent)
-                            finally:
-                                s["keys"][1] = ki
-                            if received != TOTAL or rbuf[:hl] != HEAD or not one_page_ok(rbuf, hl, lo + first):
-                                return _fetch(sh, page, offset, t0, received, 0, urgent)
-                            src = data_at
+                                src = f.page(lo + first)
+                            except Handback as h:
+                                return _fetch(sh, page, offset, t0, h.received, h.error, urgent)
                         cq[0], cq[1], cq[4] = hva_base + first, src, 0
                         try:
                             ioctl(uffd, UFFDIO_COPY, copy, True)
                         except OSError as e:
                             if e.errno != errno.EEXIST:  # the other side installs it again and says why
-                                return _fetch(sh, page, offset, t0, received, 0, urgent)
+                                return _fetch(sh, page, offset, t0, TOTAL if not image else 0, 0, urgent)
                         else:  # created here: counted here (pages.PageTracker.mark_created)
                             state[page] = PRESENT
                             arrival[page] = DEMAND
@@ -221,7 +259,26 @@ def loop() -> int:
             sh.status, sh.ret = EXIT, ret
             return EXIT
     finally:
-        sh.logged, sh.requests = logged, requests
+        sh.logged, sh.requests = logged, f.requests if f is not None else 0
+
+
+def _zero(sh: Shared) -> memoryview | bytes:
+    """The tracker's zero map as this entry found it (all data pages where it has none yet)."""
+    npages = S["npages"]
+    return view(sh.zero, sh.zero_len) if sh.zero_len * 8 >= npages else bytes(npages // 8 + 1)
+
+
+def _counters(sh: Shared) -> memoryview:
+    """``sh`` as int64s: an item store is cheaper than a field's (``made``, per fault)."""
+    return view(ctypes.addressof(sh), ctypes.sizeof(sh), "q")
+
+
+def _copy_arg() -> tuple[bytearray, memoryview]:
+    """A one-page struct uffdio_copy (dst, src, len, mode, copy) in the installer's mode."""
+    copy = bytearray(40)
+    cq = memoryview(copy).cast("Q")
+    cq[2], cq[3] = 4096, S["copy_mode"]
+    return copy, cq
 
 
 def _fetch(sh: Shared, page: int, offset: int, t0: int, received: int, error: int, urgent: bool) -> int:
