@@ -25,11 +25,13 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from postcopy.destination import private_loop
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import MISSING, Arrival
 from postcopy.destination.readahead import Readahead
 from postcopy.observe.faultlog import UFFD_KIND, FaultLog, merge_logs
 from proto import PageBatch
+from vmm import interp
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT, uffd_msg
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.uffd import PageCopier, Uffd, UffdError
@@ -92,6 +94,7 @@ class _Handler:
         self.cpu = cpu
         self.connection: PageSource | None = connection
         self.readahead = readahead
+        self.msg_size = MSG_SIZE
         self.buf = bytearray(MSG_SIZE * msgs_per_read)
         self.qwords = memoryview(self.buf).cast("Q")
         self.faults = 0
@@ -100,6 +103,12 @@ class _Handler:
         self.copier: PageCopier | None = None  # this thread's one-page UFFDIO_COPY (wakes)
         self.last_tid, self.last_log = -1, None  # ClassicHandler._log_of's one-entry cache
         self.thread: threading.Thread | None = None
+        # Its loop in a private interpreter, where it serves one page a fault (private_loop.py)
+        self.private: private_loop.PrivateHandler | None = None
+
+    def first_tid(self) -> int:
+        """The faulting thread of the first message read."""
+        return self.qwords[PTID_QWORD] & PTID_MASK
 
     def log(self, vcpu: int) -> FaultLog:
         fl = self.logs.get(vcpu)
@@ -113,7 +122,8 @@ class ClassicHandler:
 
     def __init__(self, uffd: Uffd, installer: Installer, connections: list[PageSource], *,
                  cpus: list[int | None], readahead_base: int, readahead_max: int,
-                 msgs_per_read: int = MSGS_PER_READ, vcpus: Sequence[VcpuThread] = ()) -> None:
+                 msgs_per_read: int = MSGS_PER_READ, vcpus: Sequence[VcpuThread] = (),
+                 private_loops: bool = True) -> None:
         if len(connections) != len(cpus) or not cpus:
             raise ValueError(f"classic handler: {len(connections)} connections for {len(cpus)} handler CPUs")
         self.uffd = uffd
@@ -132,13 +142,31 @@ class ClassicHandler:
         self._hva_page, self._hva_gpa = one.first_page - (one.hva >> PAGE_SHIFT), one.gpa - one.hva
         self.error: BaseException | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # One page a fault is served in a private interpreter per handler thread where one can
+        # be had (private_loop.PrivateHandler): two handlers then do not share one GIL.
+        self.private_loops = private_loops and private_loop.unavailable() is None
+
+    @property
+    def stop_fd(self) -> int:
+        """The stop pipe's read end: readable once stop() was called."""
+        return self._stop_r
+
+    def hva_layout(self) -> tuple[int, int, int, int]:
+        """Guest RAM as one region: its first and end host address, and what turns a host address
+        into a page (page = hva_page + hva >> PAGE_SHIFT) and a gpa (gpa = hva + hva_gpa); the
+        first two are 0 where RAM is in several regions."""
+        return self._hva_lo, self._hva_hi, self._hva_page, self._hva_gpa
 
     @classmethod
     def naive(cls, uffd: Uffd, installer: Installer, connection: PageSource, *,
               readahead_base: int, readahead_max: int, vcpus: Sequence[VcpuThread] = ()) -> ClassicHandler:
         """One handler thread anywhere, one message per read: the usual implementation."""
         return cls(uffd, installer, [connection], cpus=[None], readahead_base=readahead_base,
-                   readahead_max=readahead_max, msgs_per_read=1, vcpus=vcpus)
+                   readahead_max=readahead_max, msgs_per_read=1, vcpus=vcpus, private_loops=False)
+
+    def private_loop_count(self) -> int:
+        """How many handler threads serve their faults in a private interpreter."""
+        return sum(h.private is not None for h in self.handlers)
 
     @property
     def faults(self) -> int:
@@ -168,8 +196,28 @@ class ClassicHandler:
 
     def start(self) -> None:
         for i, h in enumerate(self.handlers):
+            h.private = self._private_handler(h)
             h.thread = threading.Thread(target=self._main, args=(h,), name=f"uffd-handler{i}", daemon=True)
             h.thread.start()
+
+    def _private_handler(self, h: _Handler) -> private_loop.PrivateHandler | None:
+        """A private interpreter's loop for handler ``h`` where it serves one page a fault from
+        a connection it can read itself and RAM is one region; else None (the shared loop)."""
+        if not self.private_loops or h.readahead.max != 1 or h.connection is None or h.copier is None:
+            return None
+        if not self._hva_lo or getattr(h.connection, "fast_source", lambda: None)() is None:
+            return None
+        try:
+            private = interp.acquire()
+        except interp.InterpreterUnavailable as e:
+            log.info("a classic handler serves its faults under the process's GIL: %s", e,
+                     extra={"event": "private_loop_unavailable"})
+            return None
+        try:
+            return private_loop.PrivateHandler(self, h, private)
+        except BaseException:
+            interp.release(private)
+            raise
 
     def stop(self) -> None:
         if self._stop_w < 0:
@@ -196,6 +244,13 @@ class ClassicHandler:
     def _main(self, h: _Handler) -> None:
         if h.cpu is not None:
             os.sched_setaffinity(0, {h.cpu})  # 0: this thread
+        if h.private is not None:
+            try:
+                h.private.run()
+            except BaseException as e:  # noqa: BLE001 - a handler must report, never vanish
+                log.error("classic handler: %s", e)
+                self.error = e
+            return
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)

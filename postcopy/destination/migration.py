@@ -97,7 +97,8 @@ class MigrationResult:
     blocktime_ms: dict[int, float] = field(default_factory=dict)
     retries: dict[str, Any] = field(default_factory=dict)  # what the retry wrappers did
     vcpu_nice: int = 0  # the vCPU threads' nice value while memory was missing (0: left as they were)
-    private_fault_loops: int = 0  # vCPUs whose fault loop ran in a private interpreter (private_loop.py)
+    # vCPUs (exit) or handler threads (classic) whose fault loop ran in a private interpreter
+    private_fault_loops: int = 0
 
 
 @dataclass(slots=True)
@@ -438,7 +439,8 @@ class Destination:
             blocktime_ms=blocktime,
             retries=self.retry.report(),
             vcpu_nice=self.vcpu_priority.applied,
-            private_fault_loops=self.resolver.private_loop_count() if self.resolver is not None else 0,
+            private_fault_loops=(self.resolver.private_loop_count() if self.resolver is not None
+                                 else self.classic.private_loop_count() if self.classic is not None else 0),
         )
 
     # -- what it looked like -------------------------------------------------------------------

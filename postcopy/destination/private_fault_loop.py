@@ -202,8 +202,8 @@ def loop() -> int:
     tid = threading.get_native_id()
     f = fetcher(sh)
     image = f.image if f is not None else 0  # a local image's page: no call
-    zero, counters, MADE = _zero(sh), _counters(sh), Shared.made.offset // 8
-    copy, cq = _copy_arg()
+    zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
+    copy, cq = copy_arg()
     ioctl = fcntl.ioctl
     logged = 0
     try:
@@ -262,18 +262,18 @@ def loop() -> int:
         sh.logged, sh.requests = logged, f.requests if f is not None else 0
 
 
-def _zero(sh: Shared) -> memoryview | bytes:
+def zero_map(sh: Shared) -> memoryview | bytes:
     """The tracker's zero map as this entry found it (all data pages where it has none yet)."""
     npages = S["npages"]
     return view(sh.zero, sh.zero_len) if sh.zero_len * 8 >= npages else bytes(npages // 8 + 1)
 
 
-def _counters(sh: Shared) -> memoryview:
+def counters_view(sh: Shared) -> memoryview:
     """``sh`` as int64s: an item store is cheaper than a field's (``made``, per fault)."""
     return view(ctypes.addressof(sh), ctypes.sizeof(sh), "q")
 
 
-def _copy_arg() -> tuple[bytearray, memoryview]:
+def copy_arg() -> tuple[bytearray, memoryview]:
     """A one-page struct uffdio_copy (dst, src, len, mode, copy) in the installer's mode."""
     copy = bytearray(40)
     cq = memoryview(copy).cast("Q")

@@ -22,14 +22,14 @@ import os
 import sys
 from array import array
 from time import monotonic_ns
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from postcopy.destination import private_fault_loop as inner
 from postcopy.destination.client import FastSource
 from postcopy.destination.pages import Arrival
 from postcopy.destination.retry import NoLongerWanted
 from postcopy.faults import MMIO, PAGE_MASK
-from postcopy.observe.faultlog import U64
+from postcopy.observe.faultlog import U64, UFFD_KIND
 from vmm import interp
 from vmm import kvm as vk
 from vmm.abi import kvm as kvm_abi
@@ -37,7 +37,10 @@ from vmm.abi import userfaultfd as uffd_abi
 from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, VcpuThread
 
 if TYPE_CHECKING:
+    from postcopy.destination.classic_mode import ClassicHandler, PageSource, _Handler
     from postcopy.destination.exit_mode import ExitModeResolver, VcpuFaultState
+    from postcopy.destination.pages import PageTracker
+    from vmm.uffd import PageCopier
 
 LOG_RECORDS = 256  # fault records the loop keeps before it comes back to flush them
 ERROR_BYTES = 16 * 1024
@@ -75,50 +78,119 @@ def warm(n: int) -> None:
             interp.release(private)
 
 
-class PrivateLoop:
-    """One vCPU's fault loop in a private interpreter (``run`` is the vCPU's run_loop)."""
+class _Private:
+    """What the two private loops' owners share: the exchange (``Shared``), the record and
+    error buffers, the callback's slot, entering and leaving, and what the loop reads by
+    address kept alive here (the zero map, the connection's buffer) while it may use it."""
 
-    def __init__(self, resolver: ExitModeResolver, thread: VcpuThread, state: VcpuFaultState,
-                 private: interp.PrivateInterpreter) -> None:
-        self.resolver, self.thread, self.st, self.interp = resolver, thread, state, private
+    module = ""  # the loop's module in the private interpreter's __main__ (its setup, teardown)
+
+    def __init__(self, private: interp.PrivateInterpreter, tracker: PageTracker, copier: PageCopier | None) -> None:
+        self.interp, self.tracker, self.copier = private, tracker, copier
         self.shared = inner.Shared()
         self._t = array(U64, bytes(8 * LOG_RECORDS))
         self._latency = array(U64, bytes(8 * LOG_RECORDS))
         self._error = ctypes.create_string_buffer(ERROR_BYTES)
         self._entry_at = ctypes.c_uint64()
-        self._zero: bytes | None = None  # the zero map whose address the loop has (kept alive here)
-        self._source: FastSource | None = None  # the same for the socket's buffer or the image
+        self._entry = _ENTRY(0)
+        self._zero: bytes | None = None
+        self._source: FastSource | None = None
         self._made_seen = 0
         self._released = False
-        self.started = False  # run() was entered: it gives the interpreter back when it ends
-        tracker, decoder, vcpu = resolver.tracker, state.decoder, thread.vcpu
+        self.started = False  # entered: it gives the interpreter back when it ends
+
+    def _common_args(self) -> dict[str, Any]:
+        tracker = self.tracker
+        return dict(shared=ctypes.addressof(self.shared), entry=ctypes.addressof(self._entry_at),
+                    state=_address(tracker.state), arrival=_address(tracker.arrival), npages=tracker.npages,
+                    log_t=self._t.buffer_info()[0], log_latency=self._latency.buffer_info()[0], log_cap=LOG_RECORDS,
+                    error_text=ctypes.addressof(self._error), error_size=ERROR_BYTES,
+                    UFFDIO_COPY=uffd_abi.UFFDIO_COPY, DEMAND=int(Arrival.DEMAND))
+
+    def _set_up(self, args: dict[str, Any]) -> None:
+        self.interp.run(f"{_import_loop()}\nimport postcopy.destination.{self.module} as {self.module}\n"
+                        f"{self.module}.setup({args!r})")
+        self._entry = _ENTRY(self._entry_at.value)
+        self.tracker.makers.append(self.shared)
+
+    def _enter(self, connection: PageSource | None) -> int:
+        """One entry: what may have changed since the last (the socket, after a reconnect; the
+        zero map) handed over, the loop run, its records and counts taken back."""
+        sh = self.shared
+        source = self._source = connection.fast_source() if connection is not None else None
+        if source is None:
+            sh.fetch_here = 0
+        else:
+            sh.fetch_here = 1
+            sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image = source[:5]
+        zero = self.tracker.zero_bitmap
+        if zero is not self._zero:
+            self._zero = zero
+            sh.zero, sh.zero_len = ctypes.cast(ctypes.c_char_p(zero), ctypes.c_void_p).value or 0, len(zero)
+        status = self._entry()  # ctypes lets this interpreter's GIL go for the call
+        if sh.requests:
+            if connection is not None:
+                connection.add_fast_requests(sh.requests)
+            sh.requests = 0
+        made = sh.made
+        if made != self._made_seen:
+            if self.copier is not None:
+                self.copier.copied += made - self._made_seen
+            self._made_seen = made
+            self.tracker.check_complete()
+        if status == inner.ERROR:
+            raise interp.PrivateInterpreterError(f"the private fault loop failed:\n{self._error.value.decode()}")
+        return status
+
+    def _records(self, n: int) -> tuple[memoryview, memoryview]:
+        return memoryview(self._t).cast("B")[:8 * n], memoryview(self._latency).cast("B")[:8 * n]
+
+    def _attach(self) -> None:
+        self.started = True
+        self.interp.attach()
+
+    def _detach(self) -> None:
+        try:
+            self.interp.run(f"{self.module}.teardown()")
+        finally:
+            self.interp.detach()
+            self.release()
+
+    def release(self) -> None:
+        """Give the interpreter back (the thread is done with it, or never started)."""
+        if not self._released:
+            self._released = True
+            interp.release(self.interp)
+
+
+class PrivateLoop(_Private):
+    """One vCPU's fault loop in a private interpreter (``run`` is the vCPU's run_loop)."""
+
+    module = "private_fault_loop"
+
+    def __init__(self, resolver: ExitModeResolver, thread: VcpuThread, state: VcpuFaultState,
+                 private: interp.PrivateInterpreter) -> None:
+        super().__init__(private, resolver.tracker, state.copier)
+        self.resolver, self.thread, self.st = resolver, thread, state
+        decoder, vcpu = state.decoder, thread.vcpu
         lo, qword_end, _ = decoder.qword_span()
-        args = dict(
-            shared=ctypes.addressof(self.shared), entry=ctypes.addressof(self._entry_at),
+        self._set_up(dict(
+            self._common_args(),
             run=vcpu.run_address, run_size=len(vcpu.run_u8), vcpu_fd=vcpu.fd, uffd=resolver.installer.uffd.fd,
             copy_mode=resolver.installer.copy_mode, lo=lo, qword_end=qword_end, ram_bytes=qword_end + 7,
             page_base=decoder.page_base, hva_base=decoder.hva_base,
-            state=_address(tracker.state), arrival=_address(tracker.arrival), npages=tracker.npages,
-            log_t=self._t.buffer_info()[0], log_latency=self._latency.buffer_info()[0], log_cap=LOG_RECORDS,
-            error_text=ctypes.addressof(self._error), error_size=ERROR_BYTES,
             nice_block=ctypes.addressof(thread.nice_block), nice_len=len(thread.nice_block),
             KVM_RUN=kvm_abi.KVM_RUN, MMIO=KVM_EXIT_MMIO, ER=vk.EXIT_REASON_U32, ML=vk.MMIO_LEN_U32,
-            MA=vk.MMIO_PHYS_ADDR_U64, MW=vk.MMIO_IS_WRITE_U8, MD=vk.MMIO_DATA_U64,
-            UFFDIO_COPY=uffd_abi.UFFDIO_COPY, DEMAND=int(Arrival.DEMAND))
-        private.run(f"{_import_loop()}\nloop.setup({args!r})")
-        self._entry = _ENTRY(self._entry_at.value)
-        tracker.makers.append(self.shared)
+            MA=vk.MMIO_PHYS_ADDR_U64, MW=vk.MMIO_IS_WRITE_U8, MD=vk.MMIO_DATA_U64))
 
     def run(self) -> VcpuState:
         """The vCPU's KVM_RUN loop (VcpuThread.run_loop), entered on its thread."""
-        thread, sh = self.thread, self.shared
-        handle, entry = thread.handle_exit, self._entry
-        self.started = True
-        self.interp.attach()
+        thread, sh, st = self.thread, self.shared, self.st
+        handle = thread.handle_exit
+        self._attach()
         try:
             while True:
-                self._arm()
-                status = entry()  # ctypes lets this interpreter's GIL go for the call
+                status = self._enter(st.connection)
                 self._flush()
                 if status == inner.EXIT:
                     final = handle(sh.ret)
@@ -126,53 +198,23 @@ class PrivateLoop:
                         return final
                 elif status == inner.FETCH:
                     self._finish_fetch()
-                elif status == inner.ERROR:
-                    raise interp.PrivateInterpreterError(f"the private fault loop failed:\n{self._error.value.decode()}")
                 # FLUSH: nothing more to do
         finally:
-            try:
-                self.interp.run("loop.teardown()")
-            finally:
-                self.interp.detach()
-                self.release()
-
-    def _arm(self) -> None:
-        """What may change between entries: the socket (a reconnect), whether the loop may
-        fetch at all, the zero map."""
-        sh, st = self.shared, self.st
-        source = self._source = st.connection.fast_source() if st.connection is not None else None
-        if source is None:
-            sh.fetch_here = 0
-        else:
-            sh.fetch_here = 1
-            sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image = source[:5]
-        zero = self.resolver.tracker.zero_bitmap
-        if zero is not self._zero:
-            self._zero = zero
-            sh.zero, sh.zero_len = ctypes.cast(ctypes.c_char_p(zero), ctypes.c_void_p).value or 0, len(zero)
+            self._detach()
 
     def _flush(self) -> None:
-        """The loop's records and counts since the last entry, where this interpreter keeps them."""
-        sh, st = self.shared, self.st
+        """The loop's records since the last entry, into the vCPU's FaultLog and exit counts."""
+        sh = self.shared
         n = sh.logged  # records, one per MMIO exit the loop took
         if n:
-            faults = st.faults
-            faults.t_ns.frombytes(memoryview(self._t).cast("B")[:8 * n])
+            faults = self.st.faults
+            t_ns, latency_ns = self._records(n)
+            faults.t_ns.frombytes(t_ns)
             faults.kind += _MMIO_KINDS[:n]
-            faults.latency_ns.frombytes(memoryview(self._latency).cast("B")[:8 * n])  # last: whole records
+            faults.latency_ns.frombytes(latency_ns)  # last: readers see whole records
             counts = self.thread.exit_counts
             counts[KVM_EXIT_MMIO] = counts.get(KVM_EXIT_MMIO, 0) + n
             sh.logged = 0
-        if sh.requests:
-            if st.connection is not None:
-                st.connection.add_fast_requests(sh.requests)
-            sh.requests = 0
-        made = sh.made
-        if made != self._made_seen:
-            if st.copier is not None:
-                st.copier.copied += made - self._made_seen
-            self._made_seen = made
-            self.resolver.tracker.check_complete()
 
     def _finish_fetch(self) -> None:
         """The fault the loop sent a request for and could not install: its answer read here,
@@ -183,8 +225,8 @@ class PrivateLoop:
         first = offset & PAGE_MASK
         st.waiting_page = page
         try:
-            data = st.connection.finish_page(decoder.qword_span()[0] + first, sh.received, sh.error)
-            resolver.installer.install_page(page, decoder.hva_base + first, data, Arrival.DEMAND, st.copier)
+            data = st.connection.finish_page(decoder.qword_span()[0] + first, sh.received, sh.error)  # type: ignore[union-attr]
+            resolver.installer.install_page(page, decoder.hva_base + first, data, Arrival.DEMAND, st.copier)  # type: ignore[arg-type]
         except NoLongerWanted:
             pass  # as ExitModeResolver._resolve: the page came another way
         finally:
@@ -196,11 +238,59 @@ class PrivateLoop:
         counts = self.thread.exit_counts
         counts[KVM_EXIT_MMIO] = counts.get(KVM_EXIT_MMIO, 0) + 1
 
-    def release(self) -> None:
-        """Give the interpreter back (the thread is done with it, or never started)."""
-        if not self._released:
-            self._released = True
-            interp.release(self.interp)
+
+class PrivateHandler(_Private):
+    """One classic handler thread's loop in a private interpreter (private_handler_loop.py):
+    ``run`` serves its uffd reads until the stop pipe says so."""
+
+    module = "private_handler_loop"
+
+    def __init__(self, classic: ClassicHandler, h: _Handler, private: interp.PrivateInterpreter) -> None:
+        super().__init__(private, classic.tracker, h.copier)
+        self.classic, self.h = classic, h
+        self._tid = array(U64, bytes(8 * LOG_RECORDS))
+        hva_lo, hva_hi, hva_page, hva_gpa = classic.hva_layout()
+        self._set_up(dict(
+            self._common_args(), uffd=classic.uffd.fd, stop_r=classic.stop_fd, copy_mode=classic.installer.copy_mode,
+            msgs=_address(h.buf), msg_size=h.msg_size, log_tid=self._tid.buffer_info()[0],
+            hva_lo=hva_lo, hva_hi=hva_hi, hva_page=hva_page, hva_gpa=hva_gpa))
+
+    def run(self) -> None:
+        """The handler thread's loop (ClassicHandler._main, after its placement)."""
+        classic, h, sh = self.classic, self.h, self.shared
+        self._attach()
+        try:
+            while True:
+                status = self._enter(h.connection)
+                self._flush()
+                if status == inner.STOP:
+                    return
+                if status == inner.SERVE:
+                    classic._serve(h, sh.nmsgs, sh.t0)
+                elif status == inner.FETCH:
+                    self._finish_fetch()
+        finally:
+            self._detach()
+
+    def _flush(self) -> None:
+        """The loop's records since the last entry, into each faulting vCPU's log."""
+        sh = self.shared
+        n = sh.logged
+        if n:
+            classic, h = self.classic, self.h
+            h.faults += n
+            for t0, latency, tid in zip(self._t[:n], self._latency[:n], self._tid[:n]):
+                classic._log_of(h, tid).record(t0, UFFD_KIND, latency)
+            sh.logged = 0
+
+    def _finish_fetch(self) -> None:
+        """As PrivateLoop's: the page read here with the retries, installed (with its wake-up)."""
+        sh, classic, h = self.shared, self.classic, self.h
+        hva, t0 = sh.hva, sh.t0
+        data = h.connection.finish_page(hva + classic.hva_layout()[3], sh.received, sh.error)  # type: ignore[union-attr]
+        classic.installer.install_page(sh.page, hva, data, Arrival.DEMAND, h.copier)  # type: ignore[arg-type]
+        h.faults += 1
+        classic._log_of(h, h.first_tid()).record(t0, UFFD_KIND, monotonic_ns() - t0)
 
 
 def _address(buffer: bytearray) -> int:

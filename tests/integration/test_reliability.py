@@ -40,12 +40,12 @@ def assert_verified(report: dict) -> None:
     assert sum(report["pages"].values()) == PAGES and report["all_pages_present"] is True
 
 
-@pytest.mark.parametrize(("mode", "one_page"), [("exit", False), ("exit", True), ("classic", False)])
+@pytest.mark.parametrize(("mode", "one_page"), [("exit", False), ("exit", True), ("classic", False), ("classic", True)])
 def test_chaos_proxy_faults_of_every_kind_are_survived_and_the_guest_verifies(mode: str, one_page: bool) -> None:
     # Every connection gets one fault within its first 1.5 MiB of answers: the background
-    # stream (64 MiB) is hit again and again, each vCPU's socket too. One page a fault in exit
-    # mode: the vCPUs' loops run in private interpreters (where they can), which hand a broken
-    # or bad answer back to their thread's retrying connection.
+    # stream (64 MiB) is hit again and again, each vCPU's socket too. One page a fault: the
+    # vCPUs' loops (exit) or the handlers' (classic) run in private interpreters (where they
+    # can), which hand a broken or bad answer back to their thread's retrying connection.
     schedule = ChaosSchedule(seed=5, every=1, after_bytes=(4096, 4 << 20), stall_s=(0.02, 0.2))
     report = asyncio.run(run_demo(MEM, 2, mode, warmup_s=0.3, after_s=0.3, chaos=schedule,  # type: ignore[arg-type]
                                   retry=RetryPolicy(deadline_s=20, seed=1), readahead_base=1 if one_page else 4,

@@ -67,12 +67,17 @@ def test_the_exit_mode_loop_takes_every_fault_of_the_touch_guest_itself(image: S
     assert tracker.state.count(PRESENT) == tracker.npages and tracker.arrival.count(Arrival.DEMAND) == pages
 
 
+@pytest.mark.parametrize("loop", ["private", "shared"])
 @pytest.mark.parametrize("vcpus", [1, 2])
-def test_the_classic_handler_loop_serves_a_read_of_one_fault_itself(image: SourceImage, vcpus: int,
+def test_the_classic_handler_loop_serves_a_read_of_one_fault_itself(image: SourceImage, vcpus: int, loop: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    # A read of one fault message, one page a fault, is served in the handler's loop; only a
-    # read of several messages (two vCPUs faulting at once) goes to _serve. Either way the
-    # books are kept: every page counted once, as demanded, each fault logged.
+    # A read of one fault message, one page a fault, is served in the handler's loop (in its
+    # private interpreter, private_handler_loop.py, or in ClassicHandler._main); only a read of
+    # several messages (two vCPUs faulting at once) goes to _serve. Either way the books are
+    # kept: every page counted once, as demanded, each fault logged.
+    if loop == "private" and private_loop.unavailable() is not None:
+        pytest.skip(f"no private loop here: {private_loop.unavailable()}")
+    monkeypatch.setenv("POSTCOPY_PRIVATE_LOOPS", "1" if loop == "private" else "0")
     served: list[int] = []
     serve = classic_mode.ClassicHandler._serve
     monkeypatch.setattr(classic_mode.ClassicHandler, "_serve",
@@ -85,7 +90,10 @@ def test_the_classic_handler_loop_serves_a_read_of_one_fault_itself(image: Sourc
     assert 1 not in served and (vcpus > 1 or not served)
     assert len(latencies) == pages and all(latencies)
     tracker, = trackers
-    assert tracker.all_present.is_set() and tracker.counts[Arrival.DEMAND] == pages == len(tracker.created)
+    made_here = len(tracker.created)
+    assert tracker.all_present.is_set() and tracker.counts[Arrival.DEMAND] == pages == tracker.present - DATA_GPA // PAGE_SIZE
+    assert len(tracker.makers) == (len(classic_mode.handler_cpus(vcpus)) if loop == "private" else 0)
+    assert made_here == (pages - sum(m.made for m in tracker.makers) if loop == "private" else pages)
     assert tracker.state.count(PRESENT) == tracker.npages and tracker.arrival.count(Arrival.DEMAND) == pages
 
 
@@ -145,14 +153,14 @@ def test_a_wrong_page_from_the_source_fails_the_guest_check() -> None:
 
 def test_classic_handlers_are_pinned_to_the_vcpus_cpus(image: SourceImage, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[set[int]] = []
-    serve = classic_mode.ClassicHandler._serve
+    log_of = classic_mode.ClassicHandler._log_of  # on the handler thread, in either loop
 
-    def spy(self, h, nmsgs, t0):  # type: ignore[no-untyped-def]
+    def spy(self, h, tid):  # type: ignore[no-untyped-def]
         if len(seen) < 64:
             seen.append(os.sched_getaffinity(threading.get_native_id()))
-        serve(self, h, nmsgs, t0)
+        return log_of(self, h, tid)
 
-    monkeypatch.setattr(classic_mode.ClassicHandler, "_serve", spy)
+    monkeypatch.setattr(classic_mode.ClassicHandler, "_log_of", spy)
     pagein.run_python(image, "classic", 2)
     cpus = classic_mode.handler_cpus(2)
     assert seen and all(len(s) == 1 and s <= set(cpus) for s in seen)

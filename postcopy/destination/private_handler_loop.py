@@ -1,0 +1,116 @@
+"""Fault mode classic's handler loop as a handler thread runs it inside its private interpreter.
+
+The classic handler threads (classic_mode.py), one per CPU the vCPUs use, share one GIL as exit
+mode's vCPU threads did: at 2 vCPUs each fault's read, fetch and copy wait for the other
+handler's hold. Where a fault takes one page, a handler thread runs this loop in a CPython of
+its own (vmm.interp), as exit mode's vCPUs run private_fault_loop.loop: it polls the uffd,
+reads one message, fetches the page (private_fault_loop.Fetcher), installs it with
+UFFDIO_COPY (which wakes the vCPU) and records the fault against the faulting thread. It comes
+back to its thread's own interpreter (private_loop.PrivateHandler) for the rest:
+- SERVE: a read of several messages, or one the loop does not take (a page in flight or
+  present, a zero page, another event): ``nmsgs`` messages are in the message buffer, for
+  ClassicHandler._serve;
+- FETCH: as private_fault_loop's, for the page at ``hva``;
+- FLUSH: the fault records are full; STOP: the stop pipe is readable.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+from time import monotonic_ns
+from typing import Any
+
+from postcopy.destination.private_fault_loop import (ERROR, FETCH, FLUSH, PRESENT, S, SERVE, STOP, Handback, Shared,
+                                                     copy_arg, counters_view, export, fetcher, teardown, view,
+                                                     zero_map)
+from postcopy.fastframes import ONE_PAGE_FRAME_BYTES as TOTAL
+
+__all__ = ["ERROR", "handler_loop", "setup", "teardown"]
+
+MISSING = 0  # postcopy.destination.pages.MISSING
+UFFD_EVENT_PAGEFAULT = 0x12  # vmm.abi.userfaultfd
+PAGE_MASK = ~4095
+
+
+def setup(a: dict[str, Any]) -> None:
+    """Bind the handler's memory (``a``: addresses, sizes, fds and constants) and export
+    ``handler_loop``."""
+    shared = Shared.from_address(a["shared"])
+    teardown()  # what a thread before left
+    S.update(a, shared=shared, state=view(a["state"], a["npages"]), arrival=view(a["arrival"], a["npages"]),
+             msgs=view(a["msgs"], a["msg_size"]), msg_q=view(a["msgs"], a["msg_size"], "Q"),
+             log_t=view(a["log_t"], 8 * a["log_cap"], "Q"), log_latency=view(a["log_latency"], 8 * a["log_cap"], "Q"),
+             log_tid=view(a["log_tid"], 8 * a["log_cap"], "Q"), sock=None,
+             error_text=view(a["error_text"], a["error_size"]))
+    poller = select.poll()
+    poller.register(a["uffd"], select.POLLIN)
+    poller.register(a["stop_r"], select.POLLIN)
+    S["poll"] = poller.poll
+    export(a, handler_loop)
+
+
+def handler_loop() -> int:
+    """Serve one-message reads until something else comes; the status (Shared says what it left)."""
+    s = S
+    sh: Shared = s["shared"]
+    state, arrival, msgs, q = s["state"], s["arrival"], s["msgs"], s["msg_q"]
+    log_t, log_latency, log_tid, log_cap = s["log_t"], s["log_latency"], s["log_tid"], s["log_cap"]
+    uffd, stop_r, msg_size, poll = s["uffd"], s["stop_r"], s["msg_size"], s["poll"]
+    hva_lo, hva_hi, hva_page, hva_gpa = s["hva_lo"], s["hva_hi"], s["hva_page"], s["hva_gpa"]
+    UFFDIO_COPY, DEMAND = s["UFFDIO_COPY"], s["DEMAND"]
+    f = fetcher(sh)
+    zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
+    copy, cq = copy_arg()
+    ioctl, readv = fcntl.ioctl, os.readv
+    logged = 0
+    try:
+        while True:
+            for ready, _ in poll():
+                if ready == stop_r:
+                    sh.status = STOP
+                    return STOP
+            try:
+                n = readv(uffd, [msgs])
+            except BlockingIOError:
+                continue  # another handler read them
+            t0 = monotonic_ns()
+            if n == msg_size and f is not None:
+                address = q[2]  # uffd_msg.pagefault.address
+                if q[0] & 0xFF == UFFD_EVENT_PAGEFAULT and hva_lo <= address < hva_hi:
+                    page = hva_page + (address >> 12)
+                    if state[page] == MISSING and not zero[page >> 3] >> (page & 7) & 1:
+                        hva = address & PAGE_MASK
+                        try:
+                            src = f.page(hva + hva_gpa)
+                        except Handback as h:
+                            return _fetch(sh, page, hva, t0, h.received, h.error)
+                        cq[0], cq[1], cq[4] = hva, src, 0
+                        try:
+                            ioctl(uffd, UFFDIO_COPY, copy, True)  # wakes the vCPU
+                        except OSError as e:
+                            if e.errno != errno.EEXIST:  # the other side installs it again and says why
+                                return _fetch(sh, page, hva, t0, 0 if f.image else TOTAL, 0)
+                        else:  # created here: counted here (pages.PageTracker.mark_created)
+                            state[page] = PRESENT
+                            arrival[page] = DEMAND
+                            counters[MADE] += 1
+                        log_t[logged] = t0
+                        log_tid[logged] = q[3] & 0xFFFFFFFF  # uffd_msg.pagefault.feat.ptid
+                        log_latency[logged] = monotonic_ns() - t0
+                        logged += 1
+                        if logged == log_cap:
+                            sh.status = FLUSH
+                            return FLUSH
+                        continue
+            sh.status, sh.nmsgs, sh.t0 = SERVE, n // msg_size, t0
+            return SERVE
+    finally:
+        sh.logged, sh.requests = logged, f.requests if f is not None else 0
+
+
+def _fetch(sh: Shared, page: int, hva: int, t0: int, received: int, error: int) -> int:
+    sh.status, sh.page, sh.hva, sh.t0, sh.received, sh.error = FETCH, page, hva, t0, received, error
+    sh.nmsgs = 1
+    return FETCH
