@@ -46,8 +46,8 @@ class DoctorReport:
     recommended_fault_mode: str = "classic"
     reason: str = ""
     host: hostinfo.HostInfo | None = None  # CPUs, how idle CPUs wait: what moves the figures
-    # Why exit mode's vCPUs cannot run their one-page fault loops under a GIL each
-    # (postcopy.destination.private_loop), or None where they can.
+    # Why the one-page fault loops (exit mode's vCPUs', classic's handlers') cannot run under a
+    # GIL each (postcopy.destination.private_loop), or None where they can.
     private_loops_unavailable: str | None = None
 
 
@@ -158,6 +158,6 @@ def render(report: DoctorReport) -> str:
         f"fault exits       {report.fault_exits or '-'} over {report.probe_pages} missing pages"
         f"{'' if not report.probe_error else ' (' + report.probe_error + ')'}",
         f"fault mode        {report.recommended_fault_mode}: {report.reason}",
-        f"fault loops       {'a private interpreter per vCPU, one page a fault' if report.private_loops_unavailable is None else 'under one GIL: ' + report.private_loops_unavailable}",
+        f"fault loops       {'one page a fault: a private interpreter per vCPU (exit), per handler (classic)' if report.private_loops_unavailable is None else 'under one GIL: ' + report.private_loops_unavailable}",
     ]
     return "\n".join(lines)
