@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from postcopy.bench import BenchError, pagein
 from postcopy.bench.fault_vm import scan
+from postcopy.bench.source import SourceImage
 from postcopy.destination import private_loop
 from postcopy.destination.exit_mode import ExitModeResolver
 from postcopy.destination.pages import PRESENT, Arrival
@@ -212,3 +214,15 @@ def test_warm_leaves_interpreters_in_the_pool_with_the_loop_imported() -> None:
     finally:
         for private in held:
             interp.release(private)
+
+
+def test_a_failure_in_a_classic_handlers_private_loop_fails_the_handler_with_its_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run = private_loop.PrivateHandler.run
+
+    def broken(self: private_loop.PrivateHandler) -> None:
+        self.interp.run("private_handler_loop.S['state'] = None")  # its first one-page fault raises
+        run(self)
+    monkeypatch.setattr(private_loop.PrivateHandler, "run", broken)
+    with pytest.raises(BenchError, match=r"(?s)classic handler failed.*private fault loop failed.*TypeError"):
+        pagein.run_python(SourceImage(GUEST), "classic", 1)
