@@ -96,6 +96,7 @@ def handler_loop() -> int:
                             state[page] = PRESENT
                             arrival[page] = DEMAND
                             counters[MADE] += 1
+                        # a record, and FLUSH when they are full: private_fault_loop.loop's, inlined
                         log_t[logged] = t0
                         log_tid[logged] = q[3] & 0xFFFFFFFF  # uffd_msg.pagefault.feat.ptid
                         log_latency[logged] = monotonic_ns() - t0

@@ -142,6 +142,31 @@ class _Private:
             raise interp.PrivateInterpreterError(f"the private fault loop failed:\n{self._error.value.decode()}")
         return status
 
+    def _loop(self) -> Any:
+        """Enter the loop, again and again, on the calling thread (which keeps a thread state
+        of the private interpreter meanwhile), until ``_handle`` says the thread is done."""
+        self._attach()
+        try:
+            while True:
+                status = self._enter(self._connection())
+                self._flush()
+                done, value = self._handle(status)
+                if done:
+                    return value
+        finally:
+            self._detach()
+
+    def _connection(self) -> PageSource | None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        """The loop's records since the last entry, where this interpreter keeps them."""
+        raise NotImplementedError
+
+    def _handle(self, status: int) -> tuple[bool, Any]:
+        """What the loop handed back: (True, the thread's result) when the thread is done."""
+        raise NotImplementedError
+
     def _records(self, n: int) -> tuple[memoryview, memoryview]:
         return memoryview(self._t).cast("B")[:8 * n], memoryview(self._latency).cast("B")[:8 * n]
 
@@ -185,22 +210,18 @@ class PrivateLoop(_Private):
 
     def run(self) -> VcpuState:
         """The vCPU's KVM_RUN loop (VcpuThread.run_loop), entered on its thread."""
-        thread, sh, st = self.thread, self.shared, self.st
-        handle = thread.handle_exit
-        self._attach()
-        try:
-            while True:
-                status = self._enter(st.connection)
-                self._flush()
-                if status == inner.EXIT:
-                    final = handle(sh.ret)
-                    if final is not None:
-                        return final
-                elif status == inner.FETCH:
-                    self._finish_fetch()
-                # FLUSH: nothing more to do
-        finally:
-            self._detach()
+        return self._loop()  # type: ignore[no-any-return]
+
+    def _connection(self) -> PageSource | None:
+        return self.st.connection
+
+    def _handle(self, status: int) -> tuple[bool, Any]:
+        if status == inner.EXIT:
+            final = self.thread.handle_exit(self.shared.ret)
+            return final is not None, final
+        if status == inner.FETCH:
+            self._finish_fetch()
+        return False, None  # FLUSH: nothing more to do
 
     def _flush(self) -> None:
         """The loop's records since the last entry, into the vCPU's FaultLog and exit counts."""
@@ -257,20 +278,19 @@ class PrivateHandler(_Private):
 
     def run(self) -> None:
         """The handler thread's loop (ClassicHandler._main, after its placement)."""
-        classic, h, sh = self.classic, self.h, self.shared
-        self._attach()
-        try:
-            while True:
-                status = self._enter(h.connection)
-                self._flush()
-                if status == inner.STOP:
-                    return
-                if status == inner.SERVE:
-                    classic._serve(h, sh.nmsgs, sh.t0)
-                elif status == inner.FETCH:
-                    self._finish_fetch()
-        finally:
-            self._detach()
+        self._loop()
+
+    def _connection(self) -> PageSource | None:
+        return self.h.connection
+
+    def _handle(self, status: int) -> tuple[bool, Any]:
+        if status == inner.STOP:
+            return True, None
+        if status == inner.SERVE:
+            self.classic._serve(self.h, self.shared.nmsgs, self.shared.t0)
+        elif status == inner.FETCH:
+            self._finish_fetch()
+        return False, None
 
     def _flush(self) -> None:
         """The loop's records since the last entry, into each faulting vCPU's log."""
