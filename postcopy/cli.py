@@ -27,8 +27,8 @@ from vmm.memory import GuestMemoryError, parse_size
 from vmm.priority import MAX_NICE
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
-READAHEAD_MAX_HELP = ("the largest readahead window in pages (default 256); 1: one page a fault, and in fault mode exit "
-                      "each vCPU then runs its fault loop under a GIL of its own (postcopy doctor: fault loops)")
+READAHEAD_MAX_HELP = ("the largest readahead window in pages (default 256); 1: one page a fault, and each vCPU (exit) "
+                      "or handler (classic) then runs its fault loop under a GIL of its own (postcopy doctor: fault loops)")
 
 
 def _token(args: argparse.Namespace, create: bool, announce: bool = True) -> str:
