@@ -31,7 +31,6 @@ from postcopy.destination.pages import MISSING, Arrival
 from postcopy.destination.readahead import Readahead
 from postcopy.observe.faultlog import UFFD_KIND, FaultLog, merge_logs
 from proto import PageBatch
-from vmm import interp
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT, uffd_msg
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.uffd import PageCopier, Uffd, UffdError
@@ -205,19 +204,10 @@ class ClassicHandler:
         a connection it can read itself and RAM is one region; else None (the shared loop)."""
         if not self.private_loops or h.readahead.max != 1 or h.connection is None or h.copier is None:
             return None
-        if not self._hva_lo or getattr(h.connection, "fast_source", lambda: None)() is None:
+        if not self._hva_lo or not private_loop.can_read(h.connection):
             return None
-        try:
-            private = interp.acquire()
-        except interp.InterpreterUnavailable as e:
-            log.info("a classic handler serves its faults under the process's GIL: %s", e,
-                     extra={"event": "private_loop_unavailable"})
-            return None
-        try:
-            return private_loop.PrivateHandler(self, h, private)
-        except BaseException:
-            interp.release(private)
-            raise
+        return private_loop.start(lambda private: private_loop.PrivateHandler(self, h, private),
+                                  "a classic handler")
 
     def stop(self) -> None:
         if self._stop_w < 0:

@@ -15,7 +15,6 @@ GIL of its own (private_loop.py), and comes back here for everything else.
 from __future__ import annotations
 
 import fcntl
-import logging
 import threading
 from time import monotonic_ns
 
@@ -29,7 +28,6 @@ from postcopy.destination.readahead import Readahead
 from postcopy.destination.retry import NoLongerWanted, RetryingSyncConnection
 from postcopy.faults import MMIO, PAGE_MASK, FaultDecoder
 from postcopy.observe.faultlog import FaultLog
-from vmm import interp
 from vmm.abi import kvm as kvm_abi
 from vmm.guest.layout import PAGE_SHIFT, PAGE_SIZE
 from vmm.kvm import EXIT_REASON_U32, MMIO_DATA_U64, MMIO_IS_WRITE_U8, MMIO_LEN_U32, MMIO_PHYS_ADDR_U64
@@ -37,7 +35,6 @@ from vmm.priority import GuestNice
 from vmm.uffd import PageCopier, UffdError
 from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, VcpuThread
 
-log = logging.getLogger("postcopy.destination")
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
 # How long a vCPU thread polls for its page before it sleeps in recv (websocket._poll_into).
 FETCH_POLL_NS = 200_000
@@ -111,19 +108,10 @@ class ExitModeResolver:
         its event loop, private_loop.warm); else None."""
         if not self.private_loops or state.readahead.max != 1 or state.connection is None:
             return None
-        if state.decoder.qword_span()[1] == 0 or getattr(state.connection, "fast_source", lambda: None)() is None:
+        if state.decoder.qword_span()[1] == 0 or not private_loop.can_read(state.connection):
             return None
-        try:
-            private = interp.acquire()
-        except interp.InterpreterUnavailable as e:
-            log.info("vCPU %d resolves its faults under the process's GIL: %s", thread.id, e,
-                     extra={"event": "private_loop_unavailable"})
-            return None
-        try:
-            return private_loop.PrivateLoop(self, thread, state, private)
-        except BaseException:
-            interp.release(private)
-            raise
+        return private_loop.start(lambda private: private_loop.PrivateLoop(self, thread, state, private),
+                                  f"vCPU {thread.id}")
 
     def _run(self, thread: VcpuThread) -> VcpuState:
         """The vCPU's KVM_RUN loop (VcpuThread.run_loop). This host's usual fault, an MMIO exit

@@ -1,4 +1,4 @@
-"""Exit mode's fault loop with a GIL per vCPU thread: the destination's side.
+"""The one-page fault loops with a GIL per thread: the destination's side.
 
 Python 3.11 has one GIL per process. At 2 vCPUs, two threads that resolve their faults in
 Python hand it to each other at every ioctl, and the page-in rate stays near three quarters of
@@ -12,17 +12,22 @@ count its pages (PageTracker.makers), finishes a fetch the loop could not (a par
 answer, a broken socket: with the connection's retries and errors), and hands every other
 exit to the vCPU thread's general handling.
 
-Where a vCPU cannot have one (no glibc or shared libpython, TLS, RAM in several regions, all
-MAX_INTERPRETERS in use), its thread runs ExitModeResolver._run as before.
+Fault mode classic's placed handler threads get the same (PrivateHandler, with
+private_handler_loop.py), so that the baseline is not held back by a shared GIL either.
+
+Where a thread cannot have one (no glibc or shared libpython, TLS, RAM in several regions, all
+MAX_INTERPRETERS in use), it runs its shared loop (ExitModeResolver._run, ClassicHandler._main).
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
+from collections.abc import Callable
 from array import array
 from time import monotonic_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from postcopy.destination import private_fault_loop as inner
 from postcopy.destination.client import FastSource
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
     from postcopy.destination.pages import PageTracker
     from vmm.uffd import PageCopier
 
+log = logging.getLogger("postcopy.destination")
 LOG_RECORDS = 256  # fault records the loop keeps before it comes back to flush them
 ERROR_BYTES = 16 * 1024
 _ENTRY = ctypes.CFUNCTYPE(ctypes.c_int64)
@@ -53,6 +59,32 @@ def unavailable() -> str | None:
     if os.environ.get("POSTCOPY_PRIVATE_LOOPS", "1") == "0":
         return "turned off (POSTCOPY_PRIVATE_LOOPS=0)"
     return interp.unavailable()
+
+
+def can_read(connection: object) -> bool:
+    """Whether a loop in a private interpreter can fetch over ``connection`` itself (a plain
+    socket, or a local image: its fast_source)."""
+    fast_source = getattr(connection, "fast_source", None)
+    return fast_source is not None and fast_source() is not None
+
+
+P = TypeVar("P", bound="_Private")
+
+
+def start(make: Callable[[interp.PrivateInterpreter], P], who: str) -> P | None:
+    """``make`` with an interpreter from the pool, or None where none is free (said in the log:
+    ``who`` then runs its shared loop); the interpreter goes back if ``make`` fails."""
+    try:
+        private = interp.acquire()
+    except interp.InterpreterUnavailable as e:
+        log.info("%s serves its faults under the process's GIL: %s", who, e,
+                 extra={"event": "private_loop_unavailable"})
+        return None
+    try:
+        return make(private)
+    except BaseException:
+        interp.release(private)
+        raise
 
 
 def _import_loop() -> str:
