@@ -82,14 +82,36 @@ def start(make: Callable[[interp.PrivateInterpreter], P], who: str) -> P | None:
         return None
     try:
         return make(private)
+    except interp.PrivateInterpreterError as e:
+        # The loop could not be set up there (its modules did not import, say): the shared loop
+        # is correct, only slower, so the thread runs it, and the log says why.
+        interp.release(private)
+        log.warning("%s serves its faults under the process's GIL: its private loop could not be set up: %s",
+                    who, _last_line(e), extra={"event": "private_loop_unavailable"})
+        return None
     except BaseException:
         interp.release(private)
         raise
 
 
+def _last_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
+def _search_path() -> list[str]:
+    """This process's sys.path, after the directories its packages came from: an editable
+    install finds them through an import hook, which a private interpreter does not run."""
+    import postcopy
+    import proto
+    import vmm
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__ or ""))) for m in (postcopy, proto, vmm)]
+    return list(dict.fromkeys(roots + sys.path))
+
+
 def _import_loop() -> str:
     """The code that makes the loop's module ``loop`` in a private interpreter's __main__."""
-    return f"import sys\nsys.path[:] = {sys.path!r}\nfrom postcopy.destination import private_fault_loop as loop"
+    return f"import sys\nsys.path[:] = {_search_path()!r}\nfrom postcopy.destination import private_fault_loop as loop"
 
 
 def warm(n: int) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -226,3 +228,26 @@ def test_a_failure_in_a_classic_handlers_private_loop_fails_the_handler_with_its
     monkeypatch.setattr(private_loop.PrivateHandler, "run", broken)
     with pytest.raises(BenchError, match=r"(?s)classic handler failed.*private fault loop failed.*TypeError"):
         pagein.run_python(SourceImage(GUEST), "classic", 1)
+
+
+def test_the_loop_imports_where_sys_path_does_not_name_the_project(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An editable install finds the packages through an import hook, which a private
+    # interpreter does not have: run from another directory, sys.path does not name them.
+    root = str(Path(private_loop.__file__).resolve().parents[2])
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", root, ".")])
+    private = interp.acquire()
+    try:
+        private.run("import sys\nfor m in [m for m in sys.modules if m.split('.')[0] in ('postcopy', 'proto', 'vmm')]:\n"
+                    "    del sys.modules[m]")  # as a fresh interpreter: nothing imported yet
+        private.run(private_loop._import_loop())
+        private.run("assert loop.Shared.__name__ == 'Shared'")
+    finally:
+        interp.release(private)
+
+
+def test_a_loop_that_cannot_be_set_up_leaves_the_vcpu_on_the_shared_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(private_loop, "_import_loop", lambda: "import no_such_module_here")
+
+    def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+        _check_every_page(resolver, memory, private=False)
+    _scan(lambda r: _served(r.gpa, r.count), 2, inspect)
