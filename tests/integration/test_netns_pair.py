@@ -61,8 +61,11 @@ def test_netns_pair_migrates_a_verified_guest_and_removes_its_namespaces() -> No
 
 @pytest.mark.usefixtures("netns_available")
 def test_netns_pair_interrupted_removes_namespaces_and_vmms() -> None:
+    # A shell cannot trap a signal ignored when it started, and a runner in the background of a
+    # non-interactive shell ignores SIGINT: the script gets the default back, as from a terminal.
     proc = subprocess.Popen([str(RUN_PAIR), "--json", "--mem", "64M"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+                            stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 30
     made: set[str] = set()
     while len(made) < 2 and time.monotonic() < deadline:  # interrupt once both hosts exist
