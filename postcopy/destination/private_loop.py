@@ -16,7 +16,7 @@ Fault mode classic's placed handler threads get the same (PrivateHandler, with
 private_handler_loop.py), so that the baseline is not held back by a shared GIL either.
 
 Where a thread cannot have one (no glibc or shared libpython, TLS, RAM in several regions, all
-MAX_INTERPRETERS in use), it runs its shared loop (ExitModeResolver._run, ClassicHandler._main).
+MAX_INTERPRETERS in use, a loop that could not be set up there), it runs its shared loop (ExitModeResolver._run, ClassicHandler._main).
 """
 from __future__ import annotations
 
