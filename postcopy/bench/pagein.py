@@ -12,8 +12,7 @@ starting the vCPU threads to the last vCPU's GS_DONE. Modes:
 - exit: UFFD_FEATURE_SIGBUS; each vCPU thread resolves its own fault exits with the
   destination's ExitModeResolver (faults.py, install.py, pages.py), vCPUs pinned.
 - classic: the destination's ClassicHandler: pinned vCPUs, one pinned handler per their CPUs,
-  one message a read in each handler's private loop (batched reads and contiguous runs
-  without one), wake.
+  one message a read, UFFDIO_COPY with wake; each handler's loop in a private interpreter.
 - classic-naive: ClassicHandler.naive(): one unpinned handler, one message per read.
 
 Each configuration runs ``repeat`` times after one warm-up round (HOST.md: the first pass over

@@ -37,10 +37,12 @@ from vmm.uffd import PageCopier, Uffd, UffdError
 from vmm.vcpu import VcpuThread
 
 log = logging.getLogger("postcopy.classic")
-MSGS_PER_READ = 64
+# One message a read. Reading up to 64 and serving them as contiguous runs paged in 7-8% slower
+# at 2 and 4 vCPUs here (shared loop, 32 MiB; equal at 1 vCPU), and C's handlers 10-19% slower
+# (docs/performance.md, pagein): a handler that takes two vCPUs' faults serves them one after
+# the other and wakes the second across CPUs, where the handler beside it would have taken it.
 MSG_SIZE = ctypes.sizeof(uffd_msg)
 # struct uffd_msg read as qwords: the event is the low byte of qword 0, pagefault.address qword 2.
-MSG_QWORDS = MSG_SIZE // 8
 EVENT_QWORD, ADDRESS_QWORD, PTID_QWORD = 0, 2, 3
 PTID_MASK = 0xFFFFFFFF
 UNKNOWN_VCPU = -1
@@ -89,24 +91,23 @@ def place_vcpus(threads: list[VcpuThread]) -> list[int]:
 class _Handler:
     """One handler thread's own things: its CPU, connection, window, message buffer, counts."""
 
-    def __init__(self, cpu: int | None, connection: PageSource, readahead: Readahead, msgs_per_read: int) -> None:
+    def __init__(self, cpu: int | None, connection: PageSource, readahead: Readahead) -> None:
         self.cpu = cpu
         self.connection: PageSource | None = connection
         self.readahead = readahead
         self.msg_size = MSG_SIZE
-        self.buf = bytearray(MSG_SIZE * msgs_per_read)
+        self.buf = bytearray(MSG_SIZE)  # one message a read
         self.qwords = memoryview(self.buf).cast("Q")
         self.faults = 0
         self.logs: dict[int, FaultLog] = {}  # vCPU -> faults this thread served for it
-        self.vcpus: list[int] = []  # the vCPU of each message of the current read
         self.copier: PageCopier | None = None  # this thread's one-page UFFDIO_COPY (wakes)
         self.last_tid, self.last_log = -1, None  # ClassicHandler._log_of's one-entry cache
         self.thread: threading.Thread | None = None
         # Its loop in a private interpreter, where it serves one page a fault (private_loop.py)
         self.private: private_loop.PrivateHandler | None = None
 
-    def first_tid(self) -> int:
-        """The faulting thread of the first message read."""
+    def fault_tid(self) -> int:
+        """The faulting thread of the message read."""
         return self.qwords[PTID_QWORD] & PTID_MASK
 
     def log(self, vcpu: int) -> FaultLog:
@@ -121,7 +122,7 @@ class ClassicHandler:
 
     def __init__(self, uffd: Uffd, installer: Installer, connections: list[PageSource], *,
                  cpus: list[int | None], readahead_base: int, readahead_max: int,
-                 msgs_per_read: int = MSGS_PER_READ, vcpus: Sequence[VcpuThread] = (),
+                 vcpus: Sequence[VcpuThread] = (),
                  private_loops: bool = True) -> None:
         if len(connections) != len(cpus) or not cpus:
             raise ValueError(f"classic handler: {len(connections)} connections for {len(cpus)} handler CPUs")
@@ -129,7 +130,7 @@ class ClassicHandler:
         self.installer = installer
         self.tracker = installer.tracker
         self.memory = installer.memory
-        self.handlers = [_Handler(cpu, conn, Readahead(readahead_base, readahead_max), msgs_per_read)
+        self.handlers = [_Handler(cpu, conn, Readahead(readahead_base, readahead_max))
                          for cpu, conn in zip(cpus, connections)]
         for h in self.handlers:
             h.copier = installer.page_copier()
@@ -159,9 +160,9 @@ class ClassicHandler:
     @classmethod
     def naive(cls, uffd: Uffd, installer: Installer, connection: PageSource, *,
               readahead_base: int, readahead_max: int, vcpus: Sequence[VcpuThread] = ()) -> ClassicHandler:
-        """One handler thread anywhere, one message per read: the usual implementation."""
+        """One handler thread anywhere, under the process's GIL: the usual implementation."""
         return cls(uffd, installer, [connection], cpus=[None], readahead_base=readahead_base,
-                   readahead_max=readahead_max, msgs_per_read=1, vcpus=vcpus, private_loops=False)
+                   readahead_max=readahead_max, vcpus=vcpus, private_loops=False)
 
     def private_loop_count(self) -> int:
         """How many handler threads serve their faults in a private interpreter."""
@@ -265,11 +266,11 @@ class ClassicHandler:
                     if ready == stop_r:
                         return
                 try:
-                    n = readv(fd, buf)
+                    readv(fd, buf)  # one whole message
                 except BlockingIOError:
-                    continue  # another handler read them
+                    continue  # another handler read it
                 t0 = monotonic_ns()
-                if n == MSG_SIZE and one_page:
+                if one_page:
                     address = q[ADDRESS_QWORD]
                     # _page, inlined
                     if q[EVENT_QWORD] & 0xFF == UFFD_EVENT_PAGEFAULT and hva_lo <= address < hva_hi:
@@ -298,42 +299,20 @@ class ClassicHandler:
                             fl.kind.append(UFFD_KIND)  # type: ignore[union-attr]
                             fl.latency_ns.append(monotonic_ns() - t0)  # type: ignore[union-attr]
                             continue
-                self._serve(h, n // MSG_SIZE, t0)
+                self._serve(h, t0)
         except BaseException as e:  # noqa: BLE001 - a handler must report, never vanish
             log.error("classic handler: %s", e)
             self.error = e
 
-    def _serve(self, h: _Handler, nmsgs: int, t0: int) -> None:
-        """Serve one read's messages: sorted, duplicates dropped, contiguous pages as one run."""
+    def _serve(self, h: _Handler, t0: int) -> None:
+        """Serve the message read: a fault on a page of guest RAM, or nothing."""
         q = h.qwords
-        if nmsgs == 1:  # the usual read at one fault at a time: no list, no sort
-            address = q[ADDRESS_QWORD]
-            page = self._page(q[EVENT_QWORD], address)
-            if page >= 0:
-                h.faults += 1
-                self._install(h, page, 1, address & PAGE_MASK)
-                self._log_of(h, q[PTID_QWORD] & PTID_MASK).record(t0, UFFD_KIND, time.monotonic_ns() - t0)
-            return
-        pages = []
-        vcpus = h.vcpus
-        vcpus.clear()
-        for i in range(0, nmsgs * MSG_QWORDS, MSG_QWORDS):
-            page = self._page(q[i + EVENT_QWORD], q[i + ADDRESS_QWORD])
-            if page >= 0:
-                pages.append(page)
-                vcpus.append(self._vcpu_of(q[i + PTID_QWORD] & PTID_MASK))
-        h.faults += len(pages)
-        pages = sorted(set(pages))
-        i, n = 0, len(pages)
-        while i < n:
-            run = 1
-            while i + run < n and pages[i + run] == pages[i] + run:
-                run += 1
-            self._install(h, pages[i], run, self._page_hva(pages[i]) if run == 1 else -1)
-            i += run
-        done = time.monotonic_ns() - t0
-        for vcpu in vcpus:
-            h.log(vcpu).record(t0, UFFD_KIND, done)
+        address = q[ADDRESS_QWORD]
+        page = self._page(q[EVENT_QWORD], address)
+        if page >= 0:
+            h.faults += 1
+            self._install(h, page, address & PAGE_MASK)
+            self._log_of(h, h.fault_tid()).record(t0, UFFD_KIND, time.monotonic_ns() - t0)
 
     def _page(self, event: int, address: int) -> int:
         """The page a uffd message faults on, or -1 (another event, or outside guest RAM)."""
@@ -346,42 +325,30 @@ class ClassicHandler:
             log.error("uffd fault at host address %#x outside guest RAM", address)
         return page
 
-    def _page_hva(self, page: int) -> int:
-        if self._hva_lo:
-            return (page - self._hva_page) << PAGE_SHIFT
-        return self.memory.hva(self.memory.page_gpa(page), PAGE_SIZE)
-
-    def _install(self, h: _Handler, page: int, run: int, hva: int = -1) -> None:
-        """Install ``run`` faulting pages from ``page`` on, with a wake-up (``hva``: the host
-        address of a single page, which then takes the one-page path where there is no window)."""
+    def _install(self, h: _Handler, page: int, hva: int) -> None:
+        """Make the faulting ``page`` (at host address ``hva``) present, with its window, and
+        wake whoever sleeps on it."""
         tracker = self.tracker
-        if (hva >= 0 and h.readahead.max == 1 and tracker.state[page] == MISSING
-                and not tracker.zero_bitmap[page >> 3] >> (page & 7) & 1):  # tracker.is_zero, inlined
+        if tracker.is_present(page):
+            # Installed after the fault was queued (the installer woke it then, or it came
+            # with DONTWAKE from elsewhere): wake whoever still sleeps on it.
+            self.uffd.wake(hva, PAGE_SIZE)
+            return
+        if tracker.is_zero(page):
+            self.installer.install_zero(page, 1)
+            return
+        if h.readahead.max == 1 and tracker.state[page] == MISSING:
             # One page a fault, no window to size or claim (the page-in bench's case).
             gpa = hva + self._hva_gpa if self._hva_lo <= hva < self._hva_hi else self.memory.page_gpa(page)
             data = h.connection.fetch_page(gpa)  # type: ignore[union-attr]
             self.installer.install_page(page, hva, data, DEMAND, h.copier)
             return
-        while run:
-            if tracker.is_present(page):
-                # Installed after the fault was queued (the installer woke it then, or it came
-                # with DONTWAKE from elsewhere): wake whoever still sleeps on it.
-                self.uffd.wake(self.memory.hva(self.memory.page_gpa(page), PAGE_SIZE), PAGE_SIZE)
-                page, run = page + 1, run - 1
-                continue
-            if tracker.is_zero(page):
-                self.installer.install_zero(page, 1)
-                page, run = page + 1, run - 1
-                continue
-            n = 1 + tracker.claim(page + 1, run - 1) if run > 1 else 1
-            window = h.readahead.window(page)
-            extra = tracker.claim_readahead(page + n - 1, window) if window > 1 else 0
-            count = n + extra
-            try:
-                batch = h.connection.fetch(self.memory.page_gpa(page), count, "demand")  # type: ignore[union-attr]
-            except BaseException:
-                tracker.release(page + 1, count - 1)
-                raise
-            self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND, demanded=n)
-            h.readahead.fetched(page, count)
-            page, run = page + n, run - n
+        window = h.readahead.window(page)
+        extra = tracker.claim_readahead(page, window) if window > 1 else 0
+        try:
+            batch = h.connection.fetch(self.memory.page_gpa(page), 1 + extra, "demand")  # type: ignore[union-attr]
+        except BaseException:
+            tracker.release(page + 1, extra)
+            raise
+        self.installer.install_batch(batch, Arrival.READAHEAD, first_how=Arrival.DEMAND)
+        h.readahead.fetched(page, 1 + extra)

@@ -57,9 +57,9 @@ class Installer:
         """Bytes installed with UFFDIO_COPY (zero pages are not counted)."""
         return self._copied_bytes + PAGE_SIZE * sum(c.copied for c in self._copiers)
 
-    def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None, demanded: int = 1) -> None:
-        """Install every page of a verified batch; the first ``demanded`` pages are recorded as
-        ``first_how`` (the faulting pages) and the rest as ``how`` (their readahead)."""
+    def install_batch(self, batch: PageBatch, how: Arrival, first_how: Arrival | None = None) -> None:
+        """Install every page of a verified batch; its first page is recorded as ``first_how``
+        where given (the faulting page) and the rest as ``how`` (its readahead)."""
         base = buffer_address(batch.data)
         offset = 0
         created = 0
@@ -87,13 +87,13 @@ class Installer:
             if view is not None:
                 self._count_copied(e.installed)
             existed[before:] = [gpa - batch.gpa + x for x in existed[before:]]
-            self._record(batch, (gpa - batch.gpa + e.reached) // PAGE_SIZE, how, first_how, demanded,
+            self._record(batch, (gpa - batch.gpa + e.reached) // PAGE_SIZE, how, first_how,
                          (created + e.installed) // PAGE_SIZE, existed)
             raise
-        self._record(batch, batch.count, how, first_how, demanded, created // PAGE_SIZE, existed)
+        self._record(batch, batch.count, how, first_how, created // PAGE_SIZE, existed)
 
-    def _record(self, batch: PageBatch, count: int, how: Arrival, first_how: Arrival | None, demanded: int,
-                created: int, existed: list[int]) -> None:
+    def _record(self, batch: PageBatch, count: int, how: Arrival, first_how: Arrival | None, created: int,
+                existed: list[int]) -> None:
         """Mark the batch's first ``count`` pages present; ``created`` of them were created by
         this install, the others (``existed``: byte offsets in the batch) by another."""
         if not count:
@@ -102,11 +102,10 @@ class Installer:
         if first_how is None:
             self.tracker.mark_present(page, count, how, created)
             return
-        demanded = min(demanded, count)
-        ours = demanded - sum(1 for e in existed if e < demanded * PAGE_SIZE)  # of the demanded pages
-        self.tracker.mark_present(page, demanded, first_how, ours)
-        if count > demanded:
-            self.tracker.mark_present(page + demanded, count - demanded, how, created - ours)
+        ours = 0 if existed[:1] == [0] else 1  # the faulting page, unless another install made it first
+        self.tracker.mark_present(page, 1, first_how, ours)
+        if count > 1:
+            self.tracker.mark_present(page + 1, count - 1, how, created - ours)
 
     def _count_copied(self, nbytes: int) -> None:
         with self._copied_lock:

@@ -65,7 +65,6 @@ class Shared(ctypes.Structure):
         ("requests", ctypes.c_int64),  # one-page requests sent since the last return
         ("made", ctypes.c_int64),  # pages its UFFDIO_COPY created, since setup (the tracker reads it)
         ("hva", ctypes.c_uint64),  # FETCH, classic: the faulting page's host address
-        ("nmsgs", ctypes.c_int64),  # SERVE, classic: uffd messages read, left in the message buffer
     ]
 
 

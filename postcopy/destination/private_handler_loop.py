@@ -4,12 +4,11 @@ The classic handler threads (classic_mode.py), one per CPU the vCPUs use, share 
 mode's vCPU threads did: at 2 vCPUs each fault's read, fetch and copy wait for the other
 handler's hold. Where a fault takes one page, a handler thread runs this loop in a CPython of
 its own (vmm.interp), as exit mode's vCPUs run private_fault_loop.loop: it polls the uffd,
-reads one message, fetches the page (private_fault_loop.Fetcher), installs it with
+reads one message (as the shared loop does: classic_mode.MSG_SIZE), fetches the page (private_fault_loop.Fetcher), installs it with
 UFFDIO_COPY (which wakes the vCPU) and records the fault against the faulting thread. It comes
 back to its thread's own interpreter (private_loop.PrivateHandler) for the rest:
-- SERVE: a read of several messages, or one the loop does not take (a page in flight or
-  present, a zero page, another event): ``nmsgs`` messages are in the message buffer, for
-  ClassicHandler._serve;
+- SERVE: a message the loop does not take (a page in flight or present, a zero page, another
+  event): it is in the message buffer, for ClassicHandler._serve;
 - FETCH: as private_fault_loop's, for the page at ``hva``;
 - FLUSH: the fault records are full; STOP: the stop pipe is readable.
 """
@@ -57,7 +56,7 @@ def handler_loop() -> int:
     sh: Shared = s["shared"]
     state, arrival, msgs, q = s["state"], s["arrival"], s["msgs"], s["msg_q"]
     log_t, log_latency, log_tid, log_cap = s["log_t"], s["log_latency"], s["log_tid"], s["log_cap"]
-    uffd, stop_r, msg_size, poll = s["uffd"], s["stop_r"], s["msg_size"], s["poll"]
+    uffd, stop_r, poll = s["uffd"], s["stop_r"], s["poll"]
     hva_lo, hva_hi, hva_page, hva_gpa = s["hva_lo"], s["hva_hi"], s["hva_page"], s["hva_gpa"]
     UFFDIO_COPY, DEMAND = s["UFFDIO_COPY"], s["DEMAND"]
     f = fetcher(sh)
@@ -72,11 +71,11 @@ def handler_loop() -> int:
                     sh.status = STOP
                     return STOP
             try:
-                n = readv(uffd, [msgs])
+                readv(uffd, [msgs])  # one whole message
             except BlockingIOError:
-                continue  # another handler read them
+                continue  # another handler read it
             t0 = monotonic_ns()
-            if n == msg_size and f is not None:
+            if f is not None:
                 address = q[2]  # uffd_msg.pagefault.address
                 if q[0] & 0xFF == UFFD_EVENT_PAGEFAULT and hva_lo <= address < hva_hi:
                     page = hva_page + (address >> 12)
@@ -105,7 +104,7 @@ def handler_loop() -> int:
                             sh.status = FLUSH
                             return FLUSH
                         continue
-            sh.status, sh.nmsgs, sh.t0 = SERVE, n // msg_size, t0
+            sh.status, sh.t0 = SERVE, t0
             return SERVE
     finally:
         sh.logged, sh.requests = logged, f.requests if f is not None else 0
@@ -113,5 +112,4 @@ def handler_loop() -> int:
 
 def _fetch(sh: Shared, page: int, hva: int, t0: int, received: int, error: int) -> int:
     sh.status, sh.page, sh.hva, sh.t0, sh.received, sh.error = FETCH, page, hva, t0, received, error
-    sh.nmsgs = 1
     return FETCH

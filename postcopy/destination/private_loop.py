@@ -341,7 +341,7 @@ class PrivateHandler(_Private):
         if status == inner.STOP:
             return True, None
         if status == inner.SERVE:
-            self.classic._serve(self.h, self.shared.nmsgs, self.shared.t0)
+            self.classic._serve(self.h, self.shared.t0)
         elif status == inner.FETCH:
             self._finish_fetch()
         return False, None
@@ -364,7 +364,7 @@ class PrivateHandler(_Private):
         data = h.connection.finish_page(hva + classic.hva_layout()[3], sh.received, sh.error)  # type: ignore[union-attr]
         classic.installer.install_page(sh.page, hva, data, Arrival.DEMAND, h.copier)  # type: ignore[arg-type]
         h.faults += 1
-        classic._log_of(h, h.first_tid()).record(t0, UFFD_KIND, monotonic_ns() - t0)
+        classic._log_of(h, h.fault_tid()).record(t0, UFFD_KIND, monotonic_ns() - t0)
 
 
 def _address(buffer: bytearray) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from postcopy.bench.source import LocalPageConnection, SourceImage
-from postcopy.destination.classic_mode import ADDRESS_QWORD, EVENT_QWORD, MSG_QWORDS, PTID_QWORD, ClassicHandler
+from postcopy.destination.classic_mode import ADDRESS_QWORD, EVENT_QWORD, PTID_QWORD, ClassicHandler
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import PRESENT, Arrival, PageTracker
 from vmm.abi.userfaultfd import UFFD_EVENT_PAGEFAULT
@@ -56,7 +56,7 @@ def test_a_fault_message_installs_its_page_from_the_source_and_logs_it(layout: l
         for gpa in (DATA_GPA, sum(layout[-1]) - PAGE_SIZE):  # in the first region, and the last page of the last
             h.qwords[EVENT_QWORD], h.qwords[PTID_QWORD] = UFFD_EVENT_PAGEFAULT, 4242
             h.qwords[ADDRESS_QWORD] = memory.hva(gpa, 8) + 24  # the faulting address, inside the page
-            handler._serve(h, 1, time.monotonic_ns())
+            handler._serve(h, time.monotonic_ns())
             page = memory.page_index(gpa)
             assert tracker.state[page] == PRESENT and tracker.arrival[page] == Arrival.DEMAND
             assert memory.view(gpa, 8).cast("Q")[0] == touch.check_expected(gpa)
@@ -64,20 +64,22 @@ def test_a_fault_message_installs_its_page_from_the_source_and_logs_it(layout: l
 
 
 @LAYOUTS
-def test_a_read_of_two_fault_messages_installs_both_pages(layout: list[tuple[int, int]]) -> None:
-    # Two vCPUs faulting at once: one read, two messages, pages apart (each one a fault's
-    # own install) and a duplicate of the first (present by then: only woken).
+def test_a_fault_on_a_page_present_by_then_wakes_its_thread_and_fetches_nothing(layout: list[tuple[int, int]],
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two vCPUs faulting on one page, each message read by itself: the second finds the page
+    # installed for the first, so its thread is only woken.
     with one_page_handler(layout) as (handler, memory, tracker):
         h = handler.handlers[0]
-        gpas = (sum(layout[-1]) - PAGE_SIZE, DATA_GPA, sum(layout[-1]) - PAGE_SIZE)
-        for i, gpa in enumerate(gpas):
-            q = i * MSG_QWORDS
-            h.qwords[q + EVENT_QWORD], h.qwords[q + PTID_QWORD] = UFFD_EVENT_PAGEFAULT, 4242
-            h.qwords[q + ADDRESS_QWORD] = memory.hva(gpa, 8) + 8 * i
-        handler._serve(h, len(gpas), time.monotonic_ns())
-        for gpa in gpas[:2]:
-            page = memory.page_index(gpa)
-            assert tracker.state[page] == PRESENT and tracker.arrival[page] == Arrival.DEMAND
-            assert memory.view(gpa, 8).cast("Q")[0] == touch.check_expected(gpa)
-        assert tracker.present == 2 == tracker.counts[Arrival.DEMAND] == h.copier.copied and h.faults == 3
-        assert sum(len(log) for log in handler.fault_logs().values()) == 3
+        woken: list[tuple[int, int]] = []
+        monkeypatch.setattr(handler.uffd, "wake", lambda hva, length: woken.append((hva, length)))
+        gpa = sum(layout[-1]) - PAGE_SIZE
+        for i in range(2):
+            h.qwords[EVENT_QWORD], h.qwords[PTID_QWORD] = UFFD_EVENT_PAGEFAULT, 4242 + i
+            h.qwords[ADDRESS_QWORD] = memory.hva(gpa, 8) + 8 * i
+            handler._serve(h, time.monotonic_ns())
+        page = memory.page_index(gpa)
+        assert tracker.state[page] == PRESENT and tracker.arrival[page] == Arrival.DEMAND
+        assert memory.view(gpa, 8).cast("Q")[0] == touch.check_expected(gpa)
+        assert tracker.present == 1 == tracker.counts[Arrival.DEMAND] == h.copier.copied and h.faults == 2
+        assert woken == [(memory.hva(gpa, PAGE_SIZE), PAGE_SIZE)]
+        assert sum(len(log) for log in handler.fault_logs().values()) == 2
