@@ -4,10 +4,9 @@ know, because it is both the fallback and the baseline the exit mode is measured
 A vCPU that touches a missing page sleeps in the kernel until a handler thread installs the page
 with a wake-up. Placement is what makes this fast (HOST.md: a wake-up across CPUs costs ~55 us
 per fault): the vCPUs are pinned, and there is one handler thread per CPU they run on, pinned to
-it, each with its own blocking connection to the page source. A handler reads the messages
-queued on the uffd in batches and installs each run of contiguous faulting pages (plus its
-readahead) with one fetch and one UFFDIO_COPY. ``naive()`` gives what most implementations ship:
-one unpinned handler, one message per read.
+it, each with its own blocking connection to the page source. A handler reads one message at
+a time (MSG_SIZE says why) and installs its page (plus its readahead) with one fetch and one
+UFFDIO_COPY. ``naive()`` gives what most implementations ship: one unpinned handler.
 
 Blocktime: uffd is opened with UFFD_FEATURE_THREAD_ID, so each message names the faulting
 thread (``feat.ptid``); a fault is recorded against that vCPU from the read of its message to
