@@ -4,9 +4,10 @@ The classic handler threads (classic_mode.py), one per CPU the vCPUs use, share 
 mode's vCPU threads did: at 2 vCPUs each fault's read, fetch and copy wait for the other
 handler's hold. Where a fault takes one page, a handler thread runs this loop in a CPython of
 its own (vmm.interp), as exit mode's vCPUs run private_fault_loop.loop: it polls the uffd,
-reads one message (as the shared loop does: classic_mode.MSG_SIZE), fetches the page (private_fault_loop.Fetcher), installs it with
-UFFDIO_COPY (which wakes the vCPU) and records the fault against the faulting thread. It comes
-back to its thread's own interpreter (private_loop.PrivateHandler) for the rest:
+reads one message (as the shared loop does: classic_mode.MSG_SIZE), fetches the page
+(private_fault_loop.Fetcher), installs it with UFFDIO_COPY (which wakes the vCPU) and records
+the fault against the faulting thread. It comes back to its thread's own interpreter
+(private_loop.PrivateHandler) for the rest:
 - SERVE: a message the loop does not take (a page in flight or present, a zero page, another
   event): it is in the message buffer, for ClassicHandler._serve;
 - FETCH: as private_fault_loop's, for the page at ``hva``;
