@@ -9,11 +9,16 @@ address, and the vCPU, uffd and socket by fd number. So it imports nothing of th
 but the fault path's two fixed-layout messages.
 
 ``loop`` takes the usual fault of this host, an MMIO exit for an aligned qword in single-region
-RAM: a present page is completed, a missing data page is fetched (one page: there is no
-readahead here) and installed with UFFDIO_COPY, then the access is completed and the guest
-re-entered. It returns to the vCPU thread's own interpreter for everything else (``status``):
+RAM: a present page is completed, a missing data page is fetched (one page) and installed with
+UFFDIO_COPY, then the access is completed and the guest re-entered. Where the vCPU has
+readahead windows (``windows``: readahead from one page up), a fault that starts no scan is
+taken here, one page, and one where the last window ended (``next_expected``) or on a page in
+flight goes back: the thread's own interpreter sizes the window, claims it and starts the
+prefetcher (exit_mode.py). It returns to the vCPU thread's own interpreter for everything
+else (``status``):
 - EXIT: KVM_RUN returned ``ret`` with an exit it does not take (a port I/O, a kick, a zero-map
-  page, a fault while ``fetch_here`` is off); kvm_run still holds it;
+  page, a scan's fault or one in flight, a fault while ``fetch_here`` is off); kvm_run still
+  holds it;
 - FLUSH: its fault log buffer is full (a record per exit taken; it counts requests too);
 - FETCH: a fetch did not end in a checked one-page answer: the request for ``page`` was sent,
   ``received`` bytes of its answer are at the front of the receive buffer, or ``error`` is the
@@ -65,6 +70,9 @@ class Shared(ctypes.Structure):
         ("requests", ctypes.c_int64),  # one-page requests sent since the last return
         ("made", ctypes.c_int64),  # pages its UFFDIO_COPY created, since setup (the tracker reads it)
         ("hva", ctypes.c_uint64),  # FETCH, classic: the faulting page's host address
+        # Exit, with readahead windows: where the vCPU's last window ended (a fault there is a
+        # scan, handed back); set by both sides, the loop's one-page faults end a window too.
+        ("next_expected", ctypes.c_int64),
     ]
 
 
@@ -197,7 +205,7 @@ def loop() -> int:
                                                                    "hva_base"))
     ER, ML, MA, MW, MD, MMIO, KVM_RUN, DEMAND = (s[k] for k in ("ER", "ML", "MA", "MW", "MD", "MMIO", "KVM_RUN",
                                                                 "DEMAND"))
-    UFFDIO_COPY, log_cap, nice = s["UFFDIO_COPY"], s["log_cap"], s["nice"]
+    UFFDIO_COPY, log_cap, nice, windows = s["UFFDIO_COPY"], s["log_cap"], s["nice"], s["windows"]
     tid = threading.get_native_id()
     f = fetcher(sh)
     image = f.image if f is not None else 0  # a local image's page: no call
@@ -205,6 +213,7 @@ def loop() -> int:
     copy, cq = copy_arg()
     ioctl = fcntl.ioctl
     logged = 0
+    next_expected = sh.next_expected
     try:
         while True:
             try:
@@ -218,9 +227,11 @@ def loop() -> int:
                 if not offset & 7 and 0 <= offset < qword_end:
                     page = page_base + (offset >> 12)
                     if state[page] != PRESENT:
-                        if f is None or zero[page >> 3] >> (page & 7) & 1:
+                        if (f is None or zero[page >> 3] >> (page & 7) & 1
+                                or windows and (state[page] or page == next_expected)):  # IN_FLIGHT, or a scan
                             sh.status, sh.ret = EXIT, ret
                             return EXIT  # the thread's own path makes a zero page, or fetches
+                        next_expected = page + 1  # a one-page window ends here
                         first = offset & ~4095
                         # The fetch is the transfer's most urgent work: at the thread's own
                         # priority where the guest runs niced (VcpuThread.guest_nice).
@@ -259,6 +270,7 @@ def loop() -> int:
             return EXIT
     finally:
         sh.logged, sh.requests = logged, f.requests if f is not None else 0
+        sh.next_expected = next_expected
 
 
 def zero_map(sh: Shared) -> memoryview | bytes:

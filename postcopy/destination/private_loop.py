@@ -257,7 +257,7 @@ class PrivateLoop(_Private):
             self._common_args(),
             run=vcpu.run_address, run_size=len(vcpu.run_u8), vcpu_fd=vcpu.fd, uffd=resolver.installer.uffd.fd,
             copy_mode=resolver.installer.copy_mode, lo=lo, qword_end=qword_end, ram_bytes=qword_end + 7,
-            page_base=decoder.page_base, hva_base=decoder.hva_base,
+            page_base=decoder.page_base, hva_base=decoder.hva_base, windows=int(state.readahead.max > 1),
             nice_block=ctypes.addressof(thread.nice_block), nice_len=len(thread.nice_block),
             KVM_RUN=kvm_abi.KVM_RUN, MMIO=KVM_EXIT_MMIO, ER=vk.EXIT_REASON_U32, ML=vk.MMIO_LEN_U32,
             MA=vk.MMIO_PHYS_ADDR_U64, MW=vk.MMIO_IS_WRITE_U8, MD=vk.MMIO_DATA_U64))
@@ -268,6 +268,16 @@ class PrivateLoop(_Private):
 
     def _connection(self) -> PageSource | None:
         return self.st.connection
+
+    def _enter(self, connection: PageSource | None) -> int:
+        """An entry, with the vCPU's readahead handed over and back: each fault the loop takes
+        is a window of one page, which ends where the next scan would start."""
+        readahead, sh = self.st.readahead, self.shared
+        sh.next_expected = readahead.next_expected
+        status = super()._enter(connection)
+        if sh.next_expected != readahead.next_expected:
+            readahead.next_expected, readahead.size, readahead.scanning = sh.next_expected, readahead.base, False
+        return status
 
     def _handle(self, status: int) -> tuple[bool, Any]:
         if status == inner.EXIT:

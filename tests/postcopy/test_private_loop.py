@@ -251,3 +251,26 @@ def test_a_loop_that_cannot_be_set_up_leaves_the_vcpu_on_the_shared_loop(monkeyp
     def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
         _check_every_page(resolver, memory, private=False)
     _scan(lambda r: _served(r.gpa, r.count), 2, inspect)
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_with_readahead_from_one_page_a_scan_goes_to_windows_and_the_rest_stays_in_the_loop(vcpus: int) -> None:
+    # Readahead from one page (base 1, windows up to 256): each vCPU's first fault is taken in
+    # its private loop, one page; the next, where that one ended, is a scan, handed back to the
+    # thread's own interpreter, whose windows and prefetcher bring the rest of the slice.
+    seen: list[bool] = []
+
+    def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
+        tracker = resolver.tracker
+        assert all(st.private is not None and st.prefetcher is not None for st in resolver.states.values())
+        assert tracker.state.count(PRESENT) == tracker.npages
+        assert memory.view(DATA_GPA, GUEST - DATA_GPA) == SOURCE[DATA_GPA:]
+        made_in_loops = sum(m.made for m in tracker.makers)
+        counts = tracker.counts
+        assert made_in_loops >= vcpus and counts[Arrival.READAHEAD] > DATA_PAGES // 2
+        assert counts[Arrival.DEMAND] + counts[Arrival.READAHEAD] == DATA_PAGES
+        assert sum(len(st.faults) for st in resolver.states.values()) < DATA_PAGES // 8  # windows, not faults
+        seen.append(True)
+    serve_answers(lambda r: _served(r.gpa, r.count), lambda url: scan(
+        HEADER, bytes(GUEST // PAGE_SIZE // 8), url, "t", vcpus, readahead_base=1, readahead_max=256, inspect=inspect))
+    assert seen == [True]
