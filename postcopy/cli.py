@@ -28,9 +28,8 @@ from vmm.priority import MAX_NICE
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
 READAHEAD_HELP = ("base readahead window in pages (default 4); 1: a fault that starts no scan takes one page, and each "
-                  "vCPU (exit) runs its fault loop under a GIL of its own (postcopy doctor: fault loops)")
-READAHEAD_MAX_HELP = ("the largest readahead window in pages (default 256); 1, with --readahead 1: one page a fault, "
-                      "and classic's handlers too run their fault loops under a GIL of their own")
+                  "vCPU (exit) or handler (classic) runs its fault loop under a GIL of its own (postcopy doctor: fault loops)")
+READAHEAD_MAX_HELP = "the largest readahead window in pages (default 256); 1, with --readahead 1: one page a fault"
 
 
 def _token(args: argparse.Namespace, create: bool, announce: bool = True) -> str:

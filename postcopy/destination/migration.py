@@ -226,12 +226,8 @@ class Destination:
         self._vcpu_connections = list(connections[:fetchers])
         self._prefetch_connections = list(connections[fetchers:fetchers + prefetchers])
         self._background_connections = list(connections[fetchers + prefetchers:])
-        # Fault loops in private interpreters (exit: readahead from one page; classic: one page
-        # a fault) find theirs loaded, off the event loop.
-        loops = (vcpus if self.fault_mode == "exit" and self.readahead_base == 1
-                 else len(handler_cpus(vcpus)) if self.fault_mode == "classic" and self.readahead_max == 1 else 0)
-        if loops:
-            await asyncio.to_thread(private_loop.warm, loops)
+        if self.readahead_base == 1:  # each fetcher's fault loop in a private interpreter: loaded
+            await asyncio.to_thread(private_loop.warm, fetchers)  # here, off the event loop
         self._park_vcpus()
         self._to(DestinationState.LISTEN)
 

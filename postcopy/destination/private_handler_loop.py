@@ -8,8 +8,9 @@ reads one message (as the shared loop does: classic_mode.MSG_SIZE), fetches the 
 (private_fault_loop.Fetcher), installs it with UFFDIO_COPY (which wakes the vCPU) and records
 the fault against the faulting thread. It comes back to its thread's own interpreter
 (private_loop.PrivateHandler) for the rest:
-- SERVE: a message the loop does not take (a page in flight or present, a zero page, another
-  event): it is in the message buffer, for ClassicHandler._serve;
+- SERVE: a message the loop does not take (a page in flight or present, a zero page, a scan's
+  fault where the handler has readahead windows, another event): it is in the message buffer,
+  for ClassicHandler._serve;
 - FETCH: as private_fault_loop's, for the page at ``hva``;
 - FLUSH: the fault records are full; STOP: the stop pipe is readable.
 """
@@ -59,12 +60,13 @@ def handler_loop() -> int:
     log_t, log_latency, log_tid, log_cap = s["log_t"], s["log_latency"], s["log_tid"], s["log_cap"]
     uffd, stop_r, poll = s["uffd"], s["stop_r"], s["poll"]
     hva_lo, hva_hi, hva_page, hva_gpa = s["hva_lo"], s["hva_hi"], s["hva_page"], s["hva_gpa"]
-    UFFDIO_COPY, DEMAND = s["UFFDIO_COPY"], s["DEMAND"]
+    UFFDIO_COPY, DEMAND, windows = s["UFFDIO_COPY"], s["DEMAND"], s["windows"]
     f = fetcher(sh)
     zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
     copy, cq = copy_arg()
     ioctl, readv = fcntl.ioctl, os.readv
     logged = 0
+    next_expected = sh.next_expected  # private_fault_loop.loop's: where the last window ended
     try:
         while True:
             for ready, _ in poll():
@@ -80,7 +82,9 @@ def handler_loop() -> int:
                 address = q[2]  # uffd_msg.pagefault.address
                 if q[0] & 0xFF == UFFD_EVENT_PAGEFAULT and hva_lo <= address < hva_hi:
                     page = hva_page + (address >> 12)
-                    if state[page] == MISSING and not zero[page >> 3] >> (page & 7) & 1:
+                    if (state[page] == MISSING and not zero[page >> 3] >> (page & 7) & 1
+                            and not (windows and page == next_expected)):
+                        next_expected = page + 1
                         hva = address & PAGE_MASK
                         try:
                             src = f.page(hva + hva_gpa)
@@ -109,6 +113,7 @@ def handler_loop() -> int:
             return SERVE
     finally:
         sh.logged, sh.requests = logged, f.requests if f is not None else 0
+        sh.next_expected = next_expected
 
 
 def _fetch(sh: Shared, page: int, hva: int, t0: int, received: int, error: int) -> int:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from postcopy.destination.classic_mode import ClassicHandler, PageSource, _Handler
     from postcopy.destination.exit_mode import ExitModeResolver, VcpuFaultState
     from postcopy.destination.pages import PageTracker
+    from postcopy.destination.readahead import Readahead
     from vmm.uffd import PageCopier
 
 log = logging.getLogger("postcopy.destination")
@@ -139,8 +140,9 @@ class _Private:
 
     module = ""  # the loop's module in the private interpreter's __main__ (its setup, teardown)
 
-    def __init__(self, private: interp.PrivateInterpreter, tracker: PageTracker, copier: PageCopier | None) -> None:
-        self.interp, self.tracker, self.copier = private, tracker, copier
+    def __init__(self, private: interp.PrivateInterpreter, tracker: PageTracker, copier: PageCopier | None,
+                 readahead: Readahead) -> None:
+        self.interp, self.tracker, self.copier, self.readahead = private, tracker, copier, readahead
         self.shared = inner.Shared()
         self._t = array(U64, bytes(8 * LOG_RECORDS))
         self._latency = array(U64, bytes(8 * LOG_RECORDS))
@@ -159,7 +161,8 @@ class _Private:
                     state=_address(tracker.state), arrival=_address(tracker.arrival), npages=tracker.npages,
                     log_t=self._t.buffer_info()[0], log_latency=self._latency.buffer_info()[0], log_cap=LOG_RECORDS,
                     error_text=ctypes.addressof(self._error), error_size=ERROR_BYTES,
-                    UFFDIO_COPY=uffd_abi.UFFDIO_COPY, DEMAND=int(Arrival.DEMAND))
+                    UFFDIO_COPY=uffd_abi.UFFDIO_COPY, DEMAND=int(Arrival.DEMAND),
+                    windows=int(self.readahead.max > 1))
 
     def _set_up(self, args: dict[str, Any]) -> None:
         self.interp.run(f"{_import_loop()}\nimport postcopy.destination.{self.module} as {self.module}\n"
@@ -169,8 +172,11 @@ class _Private:
 
     def _enter(self, connection: PageSource | None) -> int:
         """One entry: what may have changed since the last (the socket, after a reconnect; the
-        zero map) handed over, the loop run, its records and counts taken back."""
-        sh = self.shared
+        zero map, where the last readahead window ended) handed over, the loop run, its records
+        and counts taken back. Each fault the loop takes is a window of one page, which ends
+        where the next scan would start."""
+        sh, readahead = self.shared, self.readahead
+        sh.next_expected = readahead.next_expected
         source = self._source = connection.fast_source() if connection is not None else None
         if source is None:
             sh.fetch_here = 0
@@ -182,6 +188,8 @@ class _Private:
             self._zero = zero
             sh.zero, sh.zero_len = ctypes.cast(ctypes.c_char_p(zero), ctypes.c_void_p).value or 0, len(zero)
         status = self._entry()  # ctypes lets this interpreter's GIL go for the call
+        if sh.next_expected != readahead.next_expected:
+            readahead.next_expected, readahead.size, readahead.scanning = sh.next_expected, readahead.base, False
         if sh.requests:
             if connection is not None:
                 connection.add_fast_requests(sh.requests)
@@ -249,7 +257,7 @@ class PrivateLoop(_Private):
 
     def __init__(self, resolver: ExitModeResolver, thread: VcpuThread, state: VcpuFaultState,
                  private: interp.PrivateInterpreter) -> None:
-        super().__init__(private, resolver.tracker, state.copier)
+        super().__init__(private, resolver.tracker, state.copier, state.readahead)
         self.resolver, self.thread, self.st = resolver, thread, state
         decoder, vcpu = state.decoder, thread.vcpu
         lo, qword_end, _ = decoder.qword_span()
@@ -257,7 +265,7 @@ class PrivateLoop(_Private):
             self._common_args(),
             run=vcpu.run_address, run_size=len(vcpu.run_u8), vcpu_fd=vcpu.fd, uffd=resolver.installer.uffd.fd,
             copy_mode=resolver.installer.copy_mode, lo=lo, qword_end=qword_end, ram_bytes=qword_end + 7,
-            page_base=decoder.page_base, hva_base=decoder.hva_base, windows=int(state.readahead.max > 1),
+            page_base=decoder.page_base, hva_base=decoder.hva_base,
             nice_block=ctypes.addressof(thread.nice_block), nice_len=len(thread.nice_block),
             KVM_RUN=kvm_abi.KVM_RUN, MMIO=KVM_EXIT_MMIO, ER=vk.EXIT_REASON_U32, ML=vk.MMIO_LEN_U32,
             MA=vk.MMIO_PHYS_ADDR_U64, MW=vk.MMIO_IS_WRITE_U8, MD=vk.MMIO_DATA_U64))
@@ -268,16 +276,6 @@ class PrivateLoop(_Private):
 
     def _connection(self) -> PageSource | None:
         return self.st.connection
-
-    def _enter(self, connection: PageSource | None) -> int:
-        """An entry, with the vCPU's readahead handed over and back: each fault the loop takes
-        is a window of one page, which ends where the next scan would start."""
-        readahead, sh = self.st.readahead, self.shared
-        sh.next_expected = readahead.next_expected
-        status = super()._enter(connection)
-        if sh.next_expected != readahead.next_expected:
-            readahead.next_expected, readahead.size, readahead.scanning = sh.next_expected, readahead.base, False
-        return status
 
     def _handle(self, status: int) -> tuple[bool, Any]:
         if status == inner.EXIT:
@@ -331,7 +329,7 @@ class PrivateHandler(_Private):
     module = "private_handler_loop"
 
     def __init__(self, classic: ClassicHandler, h: _Handler, private: interp.PrivateInterpreter) -> None:
-        super().__init__(private, classic.tracker, h.copier)
+        super().__init__(private, classic.tracker, h.copier, h.readahead)
         self.classic, self.h = classic, h
         self._tid = array(U64, bytes(8 * LOG_RECORDS))
         hva_lo, hva_hi, hva_page, hva_gpa = classic.hva_layout()
