@@ -70,8 +70,8 @@ class Shared(ctypes.Structure):
         ("requests", ctypes.c_int64),  # one-page requests sent since the last return
         ("made", ctypes.c_int64),  # pages its UFFDIO_COPY created, since setup (the tracker reads it)
         ("hva", ctypes.c_uint64),  # FETCH, classic: the faulting page's host address
-        # Exit, with readahead windows: where the vCPU's last window ended (a fault there is a
-        # scan, handed back); set by both sides, the loop's one-page faults end a window too.
+        # With readahead windows: where the vCPU's (classic: the handler's) last window ended (a
+        # fault there is a scan, handed back); set by both sides: a one-page fault ends one too.
         ("next_expected", ctypes.c_int64),
     ]
 
