@@ -269,8 +269,13 @@ def loop() -> int:
             sh.status, sh.ret = EXIT, ret
             return EXIT
     finally:
-        sh.logged, sh.requests = logged, f.requests if f is not None else 0
-        sh.next_expected = next_expected
+        leave(sh, logged, f, next_expected)
+
+
+def leave(sh: Shared, logged: int, f: Fetcher | None, next_expected: int) -> None:
+    """What a loop hands back on every return: its records, the requests it sent, and where
+    its last window ended."""
+    sh.logged, sh.requests, sh.next_expected = logged, f.requests if f is not None else 0, next_expected
 
 
 def zero_map(sh: Shared) -> memoryview | bytes:

@@ -24,8 +24,8 @@ from time import monotonic_ns
 from typing import Any
 
 from postcopy.destination.private_fault_loop import (ERROR, FETCH, FLUSH, PRESENT, S, SERVE, STOP, Handback, Shared,
-                                                     copy_arg, counters_view, export, fetcher, teardown, view,
-                                                     zero_map)
+                                                     copy_arg, counters_view, export, fetcher, leave, teardown,
+                                                     view, zero_map)
 from postcopy.fastframes import ONE_PAGE_FRAME_BYTES as TOTAL
 
 __all__ = ["ERROR", "handler_loop", "setup", "teardown"]
@@ -112,8 +112,7 @@ def handler_loop() -> int:
             sh.status, sh.t0 = SERVE, t0
             return SERVE
     finally:
-        sh.logged, sh.requests = logged, f.requests if f is not None else 0
-        sh.next_expected = next_expected
+        leave(sh, logged, f, next_expected)
 
 
 def _fetch(sh: Shared, page: int, hva: int, t0: int, received: int, error: int) -> int:
