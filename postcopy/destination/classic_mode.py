@@ -200,10 +200,9 @@ class ClassicHandler:
             h.thread.start()
 
     def _private_handler(self, h: _Handler) -> private_loop.PrivateHandler | None:
-        """A private interpreter's loop for handler ``h`` where a fault that starts no scan takes
-        one page (readahead from 1) from a connection it can read itself and RAM is one region;
-        else None (the shared loop)."""
-        if not self.private_loops or h.readahead.base != 1 or h.connection is None or h.copier is None:
+        """A private interpreter's loop for handler ``h`` where it fetches from a connection it
+        can read itself and RAM is one region; else None (the shared loop)."""
+        if not self.private_loops or h.connection is None or h.copier is None:
             return None
         if not self._hva_lo or not private_loop.can_read(h.connection):
             return None

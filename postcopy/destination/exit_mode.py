@@ -102,11 +102,11 @@ class ExitModeResolver:
         thread.run_loop = state.private.run if state.private is not None else lambda: self._run(thread)
 
     def _private_loop(self, thread: VcpuThread, state: VcpuFaultState) -> private_loop.PrivateLoop | None:
-        """A fault loop in a private interpreter for this vCPU (private_loop.py), where a fault
-        that starts no scan takes one page (readahead from 1) from a connection it can read
-        itself, RAM is one region and an interpreter is free (before the switchover; the
-        destination loads them beforehand off its event loop, private_loop.warm); else None."""
-        if not self.private_loops or state.readahead.base != 1 or state.connection is None:
+        """A fault loop in a private interpreter for this vCPU (private_loop.py), where it
+        fetches from a connection it can read itself, RAM is one region and an interpreter is
+        free (before the switchover; the destination loads them beforehand off its event loop,
+        private_loop.warm); else None."""
+        if not self.private_loops or state.connection is None:
             return None
         if state.decoder.qword_span()[1] == 0 or not private_loop.can_read(state.connection):
             return None

@@ -226,8 +226,8 @@ class Destination:
         self._vcpu_connections = list(connections[:fetchers])
         self._prefetch_connections = list(connections[fetchers:fetchers + prefetchers])
         self._background_connections = list(connections[fetchers + prefetchers:])
-        if self.readahead_base == 1:  # each fetcher's fault loop in a private interpreter: loaded
-            await asyncio.to_thread(private_loop.warm, fetchers)  # here, off the event loop
+        # each fetcher's fault loop in a private interpreter: loaded here, off the event loop
+        await asyncio.to_thread(private_loop.warm, fetchers)
         self._park_vcpus()
         self._to(DestinationState.LISTEN)
 
@@ -392,6 +392,7 @@ class Destination:
         except ProtoError as e:
             raise MigrationError(f"bad zero map from the source: {e}") from None
         self.tracker.zero_bitmap = zero_map.zero_bitmap
+        self.tracker.zero_map_known = True  # after the map: a reader that sees this sees it
 
     async def _tell_source(self, done_ns: int) -> None:
         assert self.header and self.tracker and self._session

@@ -41,6 +41,7 @@ ARRIVAL_NAMES = {a: a.name.lower() for a in Arrival}
 
 class _Maker(Protocol):
     made: int
+    made_readahead: int
 
 
 class PageTracker:
@@ -53,6 +54,9 @@ class PageTracker:
         # unpacking a 4 GiB guest's map would cost milliseconds of downtime.
         nbytes = (self.npages + 7) // 8
         self.zero_bitmap = bytes(zero_bitmap) if zero_bitmap is not None else bytes(nbytes)
+        # Whether zero_bitmap is the source's map, not the empty one it starts with: the
+        # private fault loops widen a fault's window only then (private_fault_loop.first_window).
+        self.zero_map_known = zero_bitmap is not None
         if len(self.zero_bitmap) != nbytes:
             raise ValueError(f"zero map of {len(self.zero_bitmap)} bytes, guest RAM of {self.npages} pages needs {nbytes}")
         self._counts = dict.fromkeys(Arrival, 0)  # under the lock: what mark_present counted
@@ -64,8 +68,9 @@ class PageTracker:
         self._lock = threading.Lock()
         self.all_present = threading.Event()
         # Counters of pages made where this interpreter cannot count them: each vCPU's private
-        # fault loop (private_fault_loop.Shared.made, written there, read here). Its pages are
-        # all demand pages; the last of them is noticed by check_complete.
+        # fault loop (private_fault_loop.Shared.made, written there, read here), of which
+        # made_readahead came behind a faulting page in its window and the rest on demand; the
+        # last of them is noticed by check_complete.
         self.makers: list[_Maker] = []
 
     @property
@@ -93,7 +98,10 @@ class PageTracker:
                     self._tally[how] += tail.count(how)
                 self._tallied = n
             counts = {how: self._counts[how] + self._tally[how] for how in Arrival}
-        counts[Arrival.DEMAND] += self._made_elsewhere()
+        if self.makers:
+            readahead = sum(m.made_readahead for m in self.makers)
+            counts[Arrival.DEMAND] += self._made_elsewhere() - readahead
+            counts[Arrival.READAHEAD] += readahead
         return counts
 
     # -- queries (lock-free: single bytes read under the GIL) ---------------------------------

@@ -9,21 +9,25 @@ address, and the vCPU, uffd and socket by fd number. So it imports nothing of th
 but the fault path's two fixed-layout messages.
 
 ``loop`` takes the usual fault of this host, an MMIO exit for an aligned qword in single-region
-RAM: a present page is completed, a missing data page is fetched (one page) and installed with
-UFFDIO_COPY, then the access is completed and the guest re-entered. Where the vCPU has
-readahead windows (``windows``: readahead from one page up), a fault that starts no scan is
-taken here, one page, and one where the last window ended (``next_expected``) or on a page in
-flight goes back: the thread's own interpreter sizes the window, claims it and starts the
-prefetcher (exit_mode.py). It returns to the vCPU thread's own interpreter for everything
-else (``status``):
+RAM: a present page is completed, a missing data page is fetched with the readahead's first
+window (``base`` pages: the MISSING data pages right after it, where the source's zero map has
+come; else one page) and installed with UFFDIO_COPY, then the access is completed and the guest
+re-entered. Where the vCPU has readahead windows (``windows``), a fault where the last window
+ended (``next_expected``: a scan) or on a page in flight goes back: the thread's own
+interpreter doubles the window, claims it and starts the prefetcher (exit_mode.py). A first
+window's pages are not claimed: a page another thread installs first is EEXIST here, counted
+by its maker, as for the faulting page itself (pages.PageTracker.mark_created). It returns to
+the vCPU thread's own interpreter for everything else (``status``):
 - EXIT: KVM_RUN returned ``ret`` with an exit it does not take (a port I/O, a kick, a zero-map
   page, a scan's fault or one in flight, a fault while ``fetch_here`` is off); kvm_run still
   holds it;
 - FLUSH: its fault log buffer is full (a record per exit taken; it counts requests too);
-- FETCH: a fetch did not end in a checked one-page answer: the request for ``page`` was sent,
+- FETCH: a fetch did not end in checked one-page answers: the request for ``page`` was sent,
   ``received`` bytes of its answer are at the front of the receive buffer, or ``error`` is the
-  errno that broke the socket (-1: the server closed it). The other side finishes the fetch,
-  with its retries and its errors, installs and completes.
+  errno that broke the socket (-1: the server closed it; EPROTO: a window's answers did not
+  all come in the fixed layout, so the socket is out of step and is opened again). The other
+  side finishes the fetch of ``page`` alone, with its retries and its errors, installs and
+  completes.
 A failure of its own (a bug) returns ERROR with the traceback in the error buffer.
 """
 from __future__ import annotations
@@ -69,6 +73,8 @@ class Shared(ctypes.Structure):
         ("logged", ctypes.c_int64),  # fault records in the log buffer: one per MMIO exit it took
         ("requests", ctypes.c_int64),  # one-page requests sent since the last return
         ("made", ctypes.c_int64),  # pages its UFFDIO_COPY created, since setup (the tracker reads it)
+        ("made_readahead", ctypes.c_int64),  # of those, the ones behind a faulting page in its window
+        ("zero_known", ctypes.c_int64),  # the source's zero map has come: first windows may be wider than one page
         ("hva", ctypes.c_uint64),  # FETCH, classic: the faulting page's host address
         # With readahead windows: where the vCPU's (classic: the handler's) last window ended (a
         # fault there is a scan, handed back); set by both sides: a one-page fault ends one too.
@@ -152,9 +158,12 @@ class Fetcher:
         self.key = (sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image)
         self.image, self.poll_ns = sh.image, sh.poll_ns
         self.requests = 0
+        self.stride = 4096 if self.image else TOTAL  # from one page of a window to the next
+        self.most = 1 << 20  # pages a window's answers may take (the receive buffer's)
         if not self.image:
             self.sock = _socket(sh.sock_fd)
             self.rbuf = view(sh.buffer, sh.buffer_len)
+            self.most = sh.buffer_len // TOTAL
             self.data_at = sh.buffer + len(HEAD) + ONE_PAGE_DATA_AT
             self.keys, self.ki = os.urandom(4096), 0
 
@@ -166,8 +175,7 @@ class Fetcher:
         sock, rbuf, poll_ns, hl = self.sock, self.rbuf, self.poll_ns, len(HEAD)
         received = 0
         try:
-            sock.sendall(demand_frame(gpa, self.keys[self.ki:self.ki + 4]))
-            self.ki = (self.ki + 4) & 4095
+            sock.sendall(demand_frame(gpa, self._key()))
             while True:
                 n = recv_into_polling(sock, rbuf[received:], poll_ns) if poll_ns else sock.recv_into(rbuf[received:])
                 if not n:
@@ -180,6 +188,42 @@ class Fetcher:
         if received != TOTAL or rbuf[:hl] != HEAD or not one_page_ok(rbuf, hl, gpa):
             raise Handback(received, 0)
         return self.data_at
+
+    def window(self, gpa: int, npages: int) -> int:
+        """The address of the first of ``npages`` pages from ``gpa``, each checked, the next
+        ``stride`` bytes on; else Handback. One one-page demand request a page, sent together
+        and answered in order (the page socket's own order), so each answer keeps the fixed
+        layout that needs no parser here. Any other answer leaves the socket out of step
+        (EPROTO: the other side opens it again and asks for the faulting page alone)."""
+        if npages == 1 or self.image:
+            return self.page(gpa)
+        self.requests += npages
+        sock, rbuf, poll_ns, hl = self.sock, self.rbuf, self.poll_ns, len(HEAD)
+        total, received, checked = npages * TOTAL, 0, 0  # checked: answers whose head was compared
+        try:
+            sock.sendall(b"".join([demand_frame(gpa + (i << 12), self._key()) for i in range(npages)]))
+            while received < total:
+                n = (recv_into_polling(sock, rbuf[received:total], poll_ns) if poll_ns
+                     else sock.recv_into(rbuf[received:total]))
+                if not n:
+                    raise Handback(received, EOF)
+                received += n
+                while checked < npages and checked * TOTAL + hl <= received:  # a short frame ends the wait
+                    if rbuf[checked * TOTAL:checked * TOTAL + hl] != HEAD:
+                        raise Handback(received, errno.EPROTO)
+                    checked += 1
+        except OSError as e:
+            raise Handback(received, e.errno or errno.EIO) from None
+        for i in range(npages):
+            if not one_page_ok(rbuf, i * TOTAL + hl, gpa + (i << 12)):
+                raise Handback(received, errno.EPROTO)
+        return self.data_at
+
+    def _key(self) -> bytes:
+        """The next 4-byte mask key (a client frame's, RFC 6455), from a random block."""
+        ki = self.ki
+        self.ki = (ki + 4) & 4095
+        return self.keys[ki:ki + 4]
 
 
 def fetcher(sh: Shared) -> Fetcher | None:
@@ -210,6 +254,7 @@ def loop() -> int:
     f = fetcher(sh)
     image = f.image if f is not None else 0  # a local image's page: no call
     zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
+    wide, page_end, READAHEAD, MADE_RA = first_window(sh, f), s["page_base"] + (s["ram_bytes"] >> 12), s["READAHEAD"], Shared.made_readahead.offset // 8
     copy, cq = copy_arg()
     ioctl = fcntl.ioctl
     logged = 0
@@ -231,7 +276,11 @@ def loop() -> int:
                                 or windows and (state[page] or page == next_expected)):  # IN_FLIGHT, or a scan
                             sh.status, sh.ret = EXIT, ret
                             return EXIT  # the thread's own path makes a zero page, or fetches
-                        next_expected = page + 1  # a one-page window ends here
+                        n = 1  # the window: the MISSING data pages from this one on, up to ``wide``
+                        while n < wide and page + n < page_end and not state[page + n] and not (
+                                zero[page + n >> 3] >> (page + n & 7) & 1):
+                            n += 1
+                        next_expected = page + n  # where a scan would fault next
                         first = offset & ~4095
                         # The fetch is the transfer's most urgent work: at the thread's own
                         # priority where the guest runs niced (VcpuThread.guest_nice).
@@ -240,8 +289,9 @@ def loop() -> int:
                             src = image + lo + first
                         else:
                             try:
-                                src = f.page(lo + first)
+                                src = f.page(lo + first) if n == 1 else f.window(lo + first, n)
                             except Handback as h:
+                                next_expected = page + 1  # the other side fetches this page alone
                                 return _fetch(sh, page, offset, t0, h.received, h.error, urgent)
                         cq[0], cq[1], cq[4] = hva_base + first, src, 0
                         try:
@@ -253,6 +303,9 @@ def loop() -> int:
                             state[page] = PRESENT
                             arrival[page] = DEMAND
                             counters[MADE] += 1
+                        if n > 1:
+                            install_behind(page, n, hva_base + first, src, f.stride, copy, cq, uffd, UFFDIO_COPY, state,
+                                           arrival, READAHEAD, counters, MADE, MADE_RA)
                         if urgent:
                             nice_relax(nice, tid)
                     if u8[MW]:
@@ -276,6 +329,32 @@ def leave(sh: Shared, logged: int, f: Fetcher | None, next_expected: int) -> Non
     """What a loop hands back on every return: its records, the requests it sent, and where
     its last window ended."""
     sh.logged, sh.requests, sh.next_expected = logged, f.requests if f is not None else 0, next_expected
+
+
+def first_window(sh: Shared, f: Fetcher | None) -> int:
+    """The pages a fault that starts no scan asks for: the readahead's base, once the source's
+    zero map has come (before it, a window could hold a zero page, whose answer is not in the
+    fixed layout), within what the receive buffer holds; else one."""
+    return min(S["base"], f.most) if f is not None and sh.zero_known else 1
+
+
+def install_behind(page: int, npages: int, hva: int, src: int, stride: int, copy: bytearray, cq: memoryview,
+                   uffd: int, UFFDIO_COPY: int, state: memoryview, arrival: memoryview, how: int,
+                   counters: memoryview, MADE: int, MADE_RA: int) -> None:
+    """The pages behind a faulting ``page`` in its window (its own is installed), one
+    UFFDIO_COPY each from their answers: a page another thread installed first (EEXIST) is
+    its maker's, and one that fails otherwise stays MISSING, asked for again when it is
+    touched or by the background transfer."""
+    for i in range(1, npages):
+        cq[0], cq[1], cq[4] = hva + (i << 12), src + i * stride, 0
+        try:
+            fcntl.ioctl(uffd, UFFDIO_COPY, copy, True)
+        except OSError:
+            continue
+        state[page + i] = PRESENT
+        arrival[page + i] = how
+        counters[MADE] += 1
+        counters[MADE_RA] += 1
 
 
 def zero_map(sh: Shared) -> memoryview | bytes:

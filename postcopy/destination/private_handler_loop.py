@@ -4,9 +4,10 @@ The classic handler threads (classic_mode.py), one per CPU the vCPUs use, share 
 mode's vCPU threads did: at 2 vCPUs each fault's read, fetch and copy wait for the other
 handler's hold. Where a fault takes one page, a handler thread runs this loop in a CPython of
 its own (vmm.interp), as exit mode's vCPUs run private_fault_loop.loop: it polls the uffd,
-reads one message (as the shared loop does: classic_mode.MSG_SIZE), fetches the page
-(private_fault_loop.Fetcher), installs it with UFFDIO_COPY (which wakes the vCPU) and records
-the fault against the faulting thread. It comes back to its thread's own interpreter
+reads one message (as the shared loop does: classic_mode.MSG_SIZE), fetches the page with its
+first window (private_fault_loop.Fetcher, as that loop sizes it), installs it with UFFDIO_COPY
+(which wakes the vCPU), the rest of the window behind it, and records the fault against the
+faulting thread. It comes back to its thread's own interpreter
 (private_loop.PrivateHandler) for the rest:
 - SERVE: a message the loop does not take (a page in flight or present, a zero page, a scan's
   fault where the handler has readahead windows, another event): it is in the message buffer,
@@ -24,8 +25,8 @@ from time import monotonic_ns
 from typing import Any
 
 from postcopy.destination.private_fault_loop import (ERROR, FETCH, FLUSH, PRESENT, S, SERVE, STOP, Handback, Shared,
-                                                     copy_arg, counters_view, export, fetcher, leave, teardown,
-                                                     view, zero_map)
+                                                     copy_arg, counters_view, export, fetcher, first_window,
+                                                     install_behind, leave, teardown, view, zero_map)
 from postcopy.fastframes import ONE_PAGE_FRAME_BYTES as TOTAL
 
 __all__ = ["ERROR", "handler_loop", "setup", "teardown"]
@@ -63,6 +64,7 @@ def handler_loop() -> int:
     UFFDIO_COPY, DEMAND, windows = s["UFFDIO_COPY"], s["DEMAND"], s["windows"]
     f = fetcher(sh)
     zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
+    wide, READAHEAD, MADE_RA = first_window(sh, f), s["READAHEAD"], Shared.made_readahead.offset // 8
     copy, cq = copy_arg()
     ioctl, readv = fcntl.ioctl, os.readv
     logged = 0
@@ -84,11 +86,16 @@ def handler_loop() -> int:
                     page = hva_page + (address >> 12)
                     if (state[page] == MISSING and not zero[page >> 3] >> (page & 7) & 1
                             and not (windows and page == next_expected)):
-                        next_expected = page + 1
+                        n = 1  # private_fault_loop.loop's window, within the handler's memory
+                        while n < wide and hva_lo <= address + (n << 12) < hva_hi and not state[page + n] and not (
+                                zero[page + n >> 3] >> (page + n & 7) & 1):
+                            n += 1
+                        next_expected = page + n
                         hva = address & PAGE_MASK
                         try:
-                            src = f.page(hva + hva_gpa)
+                            src = f.page(hva + hva_gpa) if n == 1 else f.window(hva + hva_gpa, n)
                         except Handback as h:
+                            next_expected = page + 1  # the other side fetches this page alone
                             return _fetch(sh, page, hva, t0, h.received, h.error)
                         cq[0], cq[1], cq[4] = hva, src, 0
                         try:
@@ -100,6 +107,9 @@ def handler_loop() -> int:
                             state[page] = PRESENT
                             arrival[page] = DEMAND
                             counters[MADE] += 1
+                        if n > 1:  # no thread waits on them: their copies wake nobody
+                            install_behind(page, n, hva, src, f.stride, copy, cq, uffd, UFFDIO_COPY, state, arrival,
+                                           READAHEAD, counters, MADE, MADE_RA)
                         # a record, and FLUSH when they are full: private_fault_loop.loop's, inlined
                         log_t[logged] = t0
                         log_tid[logged] = q[3] & 0xFFFFFFFF  # uffd_msg.pagefault.feat.ptid

@@ -161,8 +161,8 @@ class _Private:
                     state=_address(tracker.state), arrival=_address(tracker.arrival), npages=tracker.npages,
                     log_t=self._t.buffer_info()[0], log_latency=self._latency.buffer_info()[0], log_cap=LOG_RECORDS,
                     error_text=ctypes.addressof(self._error), error_size=ERROR_BYTES,
-                    UFFDIO_COPY=uffd_abi.UFFDIO_COPY, DEMAND=int(Arrival.DEMAND),
-                    windows=int(self.readahead.max > 1))
+                    UFFDIO_COPY=uffd_abi.UFFDIO_COPY, DEMAND=int(Arrival.DEMAND), READAHEAD=int(Arrival.READAHEAD),
+                    base=self.readahead.base, windows=int(self.readahead.max > 1))
 
     def _set_up(self, args: dict[str, Any]) -> None:
         self.interp.run(f"{_import_loop()}\nimport postcopy.destination.{self.module} as {self.module}\n"
@@ -173,8 +173,8 @@ class _Private:
     def _enter(self, connection: PageSource | None) -> int:
         """One entry: what may have changed since the last (the socket, after a reconnect; the
         zero map, where the last readahead window ended) handed over, the loop run, its records
-        and counts taken back. Each fault the loop takes is a window of one page, which ends
-        where the next scan would start."""
+        and counts taken back. Each fault the loop takes is a first window (the readahead's
+        base), which ends where the next scan would start."""
         sh, readahead = self.shared, self.readahead
         sh.next_expected = readahead.next_expected
         source = self._source = connection.fast_source() if connection is not None else None
@@ -183,10 +183,12 @@ class _Private:
         else:
             sh.fetch_here = 1
             sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image = source[:5]
+        known = self.tracker.zero_map_known  # read before the map: set after it (Destination._apply_zero_map)
         zero = self.tracker.zero_bitmap
         if zero is not self._zero:
             self._zero = zero
             sh.zero, sh.zero_len = ctypes.cast(ctypes.c_char_p(zero), ctypes.c_void_p).value or 0, len(zero)
+        sh.zero_known = known
         status = self._entry()  # ctypes lets this interpreter's GIL go for the call
         if sh.next_expected != readahead.next_expected:
             readahead.next_expected, readahead.size, readahead.scanning = sh.next_expected, readahead.base, False
