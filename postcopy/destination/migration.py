@@ -391,8 +391,7 @@ class Destination:
             self.header.check_zero_map(zero_map)
         except ProtoError as e:
             raise MigrationError(f"bad zero map from the source: {e}") from None
-        self.tracker.zero_bitmap = zero_map.zero_bitmap
-        self.tracker.zero_map_known = True  # after the map: a reader that sees this sees it
+        self.tracker.set_zero_map(zero_map.zero_bitmap)
 
     async def _tell_source(self, done_ns: int) -> None:
         assert self.header and self.tracker and self._session

@@ -43,6 +43,8 @@ class _Maker(Protocol):
     made: int
     made_readahead: int
 
+    def publish_zero_map(self, bitmap: bytes, known: bool) -> None: ...
+
 
 class PageTracker:
     def __init__(self, memory: GuestMemory, zero_bitmap: bytes | None = None) -> None:
@@ -79,6 +81,15 @@ class PageTracker:
 
     def _made_elsewhere(self) -> int:
         return sum(m.made for m in self.makers) if self.makers else 0
+
+    def set_zero_map(self, bitmap: bytes) -> None:
+        """The source's zero map, come after the resume: one attribute store (a reader sees one
+        map or the other), then ``zero_map_known``, then each maker's loop told (it reads the
+        map by address, and would see it only at its next entry)."""
+        self.zero_bitmap = bitmap
+        self.zero_map_known = True
+        for maker in list(self.makers):
+            maker.publish_zero_map(bitmap, True)
 
     def check_complete(self) -> bool:
         """Set all_present if every page is present by now, counting the makers' pages (which

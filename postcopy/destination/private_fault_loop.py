@@ -82,6 +82,14 @@ class Shared(ctypes.Structure):
     ]
 
 
+    def publish_zero_map(self, bitmap: bytes, known: bool) -> None:
+        """The tracker's zero map by address (its owner keeps ``bitmap``), and whether it is the
+        source's: ``zero_known`` last, so a loop that sees it set reads the new address (a
+        loop in progress looks for it at its missing pages until it is set)."""
+        self.zero, self.zero_len = ctypes.cast(ctypes.c_char_p(bitmap), ctypes.c_void_p).value or 0, len(bitmap)
+        self.zero_known = known
+
+
 S: dict[str, Any] = {}  # this interpreter's one vCPU: set up once, kept by the loop
 
 
@@ -255,6 +263,7 @@ def loop() -> int:
     image = f.image if f is not None else 0  # a local image's page: no call
     zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
     wide, page_end, READAHEAD, MADE_RA = first_window(sh, f), s["page_base"] + (s["ram_bytes"] >> 12), s["READAHEAD"], Shared.made_readahead.offset // 8
+    known = sh.zero_known or s["base"] == 1  # else the source's zero map may come while in the loop
     copy, cq = copy_arg()
     ioctl = fcntl.ioctl
     logged = 0
@@ -272,6 +281,8 @@ def loop() -> int:
                 if not offset & 7 and 0 <= offset < qword_end:
                     page = page_base + (offset >> 12)
                     if state[page] != PRESENT:
+                        if not known and sh.zero_known:  # it came: zero pages are made, windows widen
+                            zero, wide, known = zero_map(sh), first_window(sh, f), True
                         if (f is None or zero[page >> 3] >> (page & 7) & 1
                                 or windows and (state[page] or page == next_expected)):  # IN_FLIGHT, or a scan
                             sh.status, sh.ret = EXIT, ret

@@ -2,7 +2,7 @@
 
 The classic handler threads (classic_mode.py), one per CPU the vCPUs use, share one GIL as exit
 mode's vCPU threads did: at 2 vCPUs each fault's read, fetch and copy wait for the other
-handler's hold. Where a fault takes one page, a handler thread runs this loop in a CPython of
+handler's hold. So a handler thread runs this loop in a CPython of
 its own (vmm.interp), as exit mode's vCPUs run private_fault_loop.loop: it polls the uffd,
 reads one message (as the shared loop does: classic_mode.MSG_SIZE), fetches the page with its
 first window (private_fault_loop.Fetcher, as that loop sizes it), installs it with UFFDIO_COPY
@@ -65,6 +65,7 @@ def handler_loop() -> int:
     f = fetcher(sh)
     zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
     wide, READAHEAD, MADE_RA = first_window(sh, f), s["READAHEAD"], Shared.made_readahead.offset // 8
+    known = sh.zero_known or s["base"] == 1  # private_fault_loop.loop's
     copy, cq = copy_arg()
     ioctl, readv = fcntl.ioctl, os.readv
     logged = 0
@@ -84,6 +85,8 @@ def handler_loop() -> int:
                 address = q[2]  # uffd_msg.pagefault.address
                 if q[0] & 0xFF == UFFD_EVENT_PAGEFAULT and hva_lo <= address < hva_hi:
                     page = hva_page + (address >> 12)
+                    if not known and sh.zero_known:
+                        zero, wide, known = zero_map(sh), first_window(sh, f), True
                     if (state[page] == MISSING and not zero[page >> 3] >> (page & 7) & 1
                             and not (windows and page == next_expected)):
                         n = 1  # private_fault_loop.loop's window, within the handler's memory

@@ -1,11 +1,11 @@
-"""The one-page fault loops with a GIL per thread: the destination's side.
+"""The fault loops with a GIL per thread: the destination's side.
 
 Python 3.11 has one GIL per process. At 2 vCPUs, two threads that resolve their faults in
 Python hand it to each other at every ioctl, and the page-in rate stays near three quarters of
-what C reaches (docs/performance.md). So where a vCPU takes one page a fault (no readahead),
-its thread runs its KVM_RUN loop in a CPython of its own (vmm.interp: a second libpython,
-loaded with dlmopen), entered through a C callback: the loop there (private_fault_loop.py)
-takes the usual fault, fetch and install included, under its own GIL, and comes back here for
+what C reaches (docs/performance.md). So a vCPU's thread runs its KVM_RUN loop in a CPython
+of its own (vmm.interp: a second libpython, loaded with dlmopen), entered through a C
+callback: the loop there (private_fault_loop.py) takes the usual fault, the fetch of its
+first readahead window and the installs included, under its own GIL, and comes back here for
 everything else. This side keeps the books: it flushes the loop's fault records into the
 vCPU's FaultLog and its counts into the exit counts and the connection's, lets the tracker
 count its pages (PageTracker.makers), finishes a fetch the loop could not (a partial or odd
@@ -183,12 +183,11 @@ class _Private:
         else:
             sh.fetch_here = 1
             sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image = source[:5]
-        known = self.tracker.zero_map_known  # read before the map: set after it (Destination._apply_zero_map)
+        known = self.tracker.zero_map_known  # read before the map: set after it (PageTracker.set_zero_map)
         zero = self.tracker.zero_bitmap
-        if zero is not self._zero:
+        if zero is not self._zero or known != sh.zero_known:
             self._zero = zero
-            sh.zero, sh.zero_len = ctypes.cast(ctypes.c_char_p(zero), ctypes.c_void_p).value or 0, len(zero)
-        sh.zero_known = known
+            sh.publish_zero_map(zero, known)
         status = self._entry()  # ctypes lets this interpreter's GIL go for the call
         if sh.next_expected != readahead.next_expected:
             readahead.next_expected, readahead.size, readahead.scanning = sh.next_expected, readahead.base, False

@@ -30,6 +30,28 @@ def test_pages_created_without_the_lock_count_once_beside_counted_installs() -> 
     assert t.all_present.is_set() and t.missing() == 0 and t.arrival[3] == Arrival.DEMAND
 
 
+@dataclass
+class _Maker:
+    made: int = 0
+    made_readahead: int = 0
+    published: tuple[bytes, bool] | None = None
+
+    def publish_zero_map(self, bitmap: bytes, known: bool) -> None:
+        self.published = (bitmap, known)
+
+
+def test_a_private_loops_pages_count_as_demand_and_readahead_and_it_is_told_of_the_zero_map() -> None:
+    t = PageTracker(_Memory(16))  # type: ignore[arg-type]
+    maker = _Maker(made=5, made_readahead=3)  # a loop made 2 faulting pages and 3 behind them
+    t.makers.append(maker)
+    assert t.counts[Arrival.DEMAND] == 2 and t.counts[Arrival.READAHEAD] == 3 and t.present == 5
+    assert not t.zero_map_known  # the empty map it starts with is not the source's
+    t.set_zero_map(b"\x01\x80")
+    assert t.zero_map_known and t.is_zero(0) and t.is_zero(15) and not t.is_zero(1)
+    assert maker.published == (b"\x01\x80", True)
+    assert PageTracker(_Memory(16), bytes(2)).zero_map_known  # type: ignore[arg-type]
+
+
 def test_the_last_page_created_without_the_lock_completes_the_guest() -> None:
     t = PageTracker(_Memory(4))  # type: ignore[arg-type]
     t.mark_present(0, 3, Arrival.EAGER)
