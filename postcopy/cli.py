@@ -21,14 +21,15 @@ from typing import Any
 
 import uvloop
 
+from postcopy.destination.readahead import DEFAULT_BASE
 from postcopy.logs import LOG_FORMAT_ENV, LOG_FORMATS, VERBOSE_ENV, setup_logging
 from postcopy.progress import ProgressLine
 from vmm.memory import GuestMemoryError, parse_size
 from vmm.priority import MAX_NICE
 
 TOKEN_ENV = "POSTCOPY_TOKEN"
-READAHEAD_HELP = ("base readahead window in pages (default 4); 1: a fault that starts no scan takes one page, and each "
-                  "vCPU (exit) or handler (classic) runs its fault loop under a GIL of its own (postcopy doctor: fault loops)")
+READAHEAD_HELP = (f"base readahead window in pages (default {DEFAULT_BASE}): what a fault that starts no scan brings, its "
+                  "page and the missing ones behind it (1: its page alone); a scan's windows double from there")
 READAHEAD_MAX_HELP = "the largest readahead window in pages (default 256); 1, with --readahead 1: one page a fault"
 
 
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--fault-mode", choices=modes, default="exit")
     d.add_argument("--warmup", type=float, default=1.0, help="seconds the guest runs on the source first")
     d.add_argument("--after", type=float, default=1.0, help="seconds it runs on the destination before the check")
-    d.add_argument("--readahead", type=int, default=4, help=READAHEAD_HELP)
+    d.add_argument("--readahead", type=int, default=DEFAULT_BASE, help=READAHEAD_HELP)
     d.add_argument("--readahead-max", type=int, default=None, help=READAHEAD_MAX_HELP)
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--fault-mode", choices=modes, default="exit", help="auto: the destination's host decides")
     m.add_argument("--warmup", type=float, default=1.0, help="seconds a created guest runs before the migration")
     m.add_argument("--after", type=float, default=1.0)
-    m.add_argument("--readahead", type=int, default=4, help=READAHEAD_HELP)
+    m.add_argument("--readahead", type=int, default=DEFAULT_BASE, help=READAHEAD_HELP)
     m.add_argument("--readahead-max", type=int, default=None, help=READAHEAD_MAX_HELP)
     m.add_argument("--timeout", type=float, default=600.0, help="seconds the migration may take")
     m.add_argument("--token-file", help=f"the migration token (created if missing); else ${TOKEN_ENV}, else a new one")
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--token-file")
     t.add_argument("--fault-mode", choices=modes, default="auto")
     t.add_argument("--after", type=float, default=1.0)
-    t.add_argument("--readahead", type=int, default=4, help=READAHEAD_HELP)
+    t.add_argument("--readahead", type=int, default=DEFAULT_BASE, help=READAHEAD_HELP)
     t.add_argument("--readahead-max", type=int, default=None, help=READAHEAD_MAX_HELP)
     t.add_argument("--timeout", type=float, default=600.0)
     t.add_argument("--json", action="store_true")

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from postcopy.api.client import ApiClient, ApiClientError
 from postcopy.chaos import ChaosSchedule, schedule_argv
+from postcopy.destination.readahead import DEFAULT_BASE
 from postcopy.destination.retry import RetryPolicy
 from postcopy.logs import child_env
 from postcopy.orchestrate import MigrateOptions, OrchestrationError, run_migration
@@ -128,7 +129,7 @@ async def _stop_all(procs: list[tuple[asyncio.subprocess.Process, ApiClient]]) -
 
 
 async def run_demo(mem_bytes: int = 256 << 20, vcpus: int = 2, fault_mode: str = "exit", *,
-                   warmup_s: float = 1.0, after_s: float = 1.0, seed: int = 7, readahead_base: int = 4,
+                   warmup_s: float = 1.0, after_s: float = 1.0, seed: int = 7, readahead_base: int = DEFAULT_BASE,
                    progress: ProgressLine | None = None, timeline: bool = False,
                    chaos: ChaosSchedule | None = None, retry: RetryPolicy | None = None,
                    vcpu_nice: int | None = None, readahead_max: int | None = None) -> dict[str, Any]:

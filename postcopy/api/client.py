@@ -11,6 +11,8 @@ from typing import Any, Final, Self
 
 import aiohttp
 
+from postcopy.destination.readahead import DEFAULT_BASE
+
 __all__ = ["ApiClient", "ApiClientError"]
 
 REQUEST_TIMEOUT_S: Final = 120.0  # a sweep may take up to a minute on a large guest
@@ -108,7 +110,7 @@ class ApiClient:
         return await self.request("PUT", "/v1/migration/outgoing", body)
 
     async def incoming(self, source_url: str, token: str, *, fault_mode: str = "exit", after_s: float = 1.0,
-                       readahead: int = 4, source_check: dict[str, Any] | None = None,
+                       readahead: int = DEFAULT_BASE, source_check: dict[str, Any] | None = None,
                        timeline: bool = False, tls_ca: str | None = None,
                        retry_deadline_s: float | None = None, vcpu_nice: int | None = None,
                        readahead_max: int | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from postcopy.destination.readahead import DEFAULT_BASE
 from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE
 from postcopy.source.page_workers import DEFAULT_POLL_US, MAX_POLL_US
 from vmm.guest.workloads import WORKLOADS
@@ -249,7 +250,7 @@ class IncomingSpec:
         token = f.token("token", required=True)
         fault_mode = f.choice("fault_mode", FAULT_MODES, "exit")
         after_s = f.number("after_s", 1.0, 0.0, MAX_AFTER_S)
-        readahead = f.integer("readahead", 4, 1, MAX_READAHEAD)
+        readahead = f.integer("readahead", DEFAULT_BASE, 1, MAX_READAHEAD)
         readahead_max = f.integer("readahead_max", MAX_READAHEAD, 1, MAX_READAHEAD)
         timeline = f.take("timeline", False)
         if timeline is None:

@@ -35,6 +35,7 @@ from postcopy.destination.exit_mode import ExitModeResolver, fetch_poll_ns
 from postcopy.destination.install import Installer
 from postcopy.destination.pages import ARRIVAL_NAMES, Arrival, PageTracker
 from postcopy.destination.prefetch import answer_bytes
+from postcopy.destination.readahead import DEFAULT_BASE, DEFAULT_MAX
 from postcopy.destination.retry import RetryContext, RetryingSyncConnection, RetryPolicy, retry_async
 from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE, VcpuPriority
 from postcopy.observe.collect import register_destination
@@ -112,7 +113,7 @@ class DestinationProgress:
 
 class Destination:
     def __init__(self, source_url: str, token: str, *, fault_mode: FaultMode = "exit",
-                 readahead_base: int = 4, readahead_max: int = 256, background: bool = True,
+                 readahead_base: int = DEFAULT_BASE, readahead_max: int = DEFAULT_MAX, background: bool = True,
                  console: Callable[[str], None] | None = None, registry: Registry | None = None,
                  retry: RetryPolicy | None = None, ssl_context: ssl.SSLContext | None = None,
                  background_batch_pages: int = DEFAULT_BATCH_PAGES, background_depth: int = DEFAULT_DEPTH,

@@ -4,7 +4,11 @@ scanning vCPU hands the windows after this one to its prefetcher (prefetch.py), 
 and installs them while the guest works through the current one."""
 from __future__ import annotations
 
-DEFAULT_BASE = 4
+# One page: a fault that starts no scan brings its page alone (a scan doubles from there). A first
+# window of 4 took 80-120 us a fault against 30-42 us for one page in a 2-vCPU demo whose guest
+# writes scattered pages, and a 24 MiB scan paged in at the same rate either way (284 k against
+# 286 k pages/s, twelve rounds): docs/performance.md, A GIL per vCPU thread.
+DEFAULT_BASE = 1
 DEFAULT_MAX = 256
 
 

@@ -12,6 +12,7 @@ import aiohttp
 
 from postcopy.destination.background import DEFAULT_BATCH_PAGES, DEFAULT_DEPTH
 from postcopy.destination.client import FetchError, auth_headers, tls_option
+from postcopy.destination.readahead import DEFAULT_BASE, DEFAULT_MAX
 from postcopy.destination.retry import FatalFetchError, RetryContext, RetryPolicy, retry_async
 from postcopy.destination.vcpu_priority import POSTCOPY_VCPU_NICE
 from proto import ErrorReply, ProtoError, decode_any
@@ -61,7 +62,7 @@ async def source_progress(session: aiohttp.ClientSession, source_url: str, token
 
 
 async def migrate(source_url: str, token: str, fault_mode: FaultMode, *, after_s: float = 1.0,
-                  before: dict[str, Any] | None = None, readahead_base: int = 4, readahead_max: int = 256,
+                  before: dict[str, Any] | None = None, readahead_base: int = DEFAULT_BASE, readahead_max: int = DEFAULT_MAX,
                   console: Callable[[str], None] | None = None, timeline: bool = False,
                   registry: Registry | None = None,
                   on_destination: Callable[[Destination], None] | None = None,

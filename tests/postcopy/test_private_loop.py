@@ -324,9 +324,11 @@ def test_a_window_with_an_answer_not_in_the_fixed_layout_is_asked_again_for_its_
 
 
 @pytest.mark.parametrize("fault_mode", ["exit", "classic"])
-def test_a_migration_with_the_default_readahead_takes_its_first_windows_in_the_private_loops(fault_mode: str) -> None:
-    # memtouch walks its pages at random: with readahead from 4 pages (the default), almost
-    # every fault is a first window, taken in the private loops once the zero map has come.
+def test_a_migration_with_readahead_from_four_pages_takes_its_first_windows_in_the_private_loops(
+        fault_mode: str) -> None:
+    # memtouch walks its pages at random: with readahead from 4 pages almost every fault is a
+    # first window, taken in the private loops once the source's zero map has come (a loop
+    # that is running when it comes sees it at its next missing page: PageTracker.set_zero_map).
     reports: list[Any] = []
     made: list[tuple[int, int]] = []
 
@@ -336,7 +338,8 @@ def test_a_migration_with_the_default_readahead_takes_its_first_windows_in_the_p
         made.extend((m.made, m.made_readahead) for m in dest.tracker.makers)
         assert dest.machine.services.errors == 0 and not dest.machine.failures()
 
-    migrate_in_process(check, fault_mode=fault_mode, background_batch_pages=1, background_depth=1, vcpu_nice=0)
+    migrate_in_process(check, fault_mode=fault_mode, background_batch_pages=1, background_depth=1, vcpu_nice=0,
+                       readahead_base=4)
     report, = reports
     assert len(made) == 2 and sum(ra for _, ra in made) > 0 and sum(m - ra for m, ra in made) > 0
     assert report.pages["readahead"] >= sum(ra for _, ra in made)
