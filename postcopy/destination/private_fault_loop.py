@@ -81,7 +81,6 @@ class Shared(ctypes.Structure):
         ("next_expected", ctypes.c_int64),
     ]
 
-
     def publish_zero_map(self, bitmap: bytes, known: bool) -> None:
         """The tracker's zero map by address (its owner keeps ``bitmap``), and whether it is the
         source's: ``zero_known`` last, so a loop that sees it set reads the new address (a
@@ -262,7 +261,8 @@ def loop() -> int:
     f = fetcher(sh)
     image = f.image if f is not None else 0  # a local image's page: no call
     zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
-    wide, page_end, READAHEAD, MADE_RA = first_window(sh, f), s["page_base"] + (s["ram_bytes"] >> 12), s["READAHEAD"], Shared.made_readahead.offset // 8
+    wide, page_end = first_window(sh, f), s["page_base"] + (s["ram_bytes"] >> 12)
+    READAHEAD, MADE_RA = s["READAHEAD"], Shared.made_readahead.offset // 8
     known = sh.zero_known or s["base"] == 1  # else the source's zero map may come while in the loop
     copy, cq = copy_arg()
     ioctl = fcntl.ioctl
@@ -287,10 +287,7 @@ def loop() -> int:
                                 or windows and (state[page] or page == next_expected)):  # IN_FLIGHT, or a scan
                             sh.status, sh.ret = EXIT, ret
                             return EXIT  # the thread's own path makes a zero page, or fetches
-                        n = 1  # the window: the MISSING data pages from this one on, up to ``wide``
-                        while n < wide and page + n < page_end and not state[page + n] and not (
-                                zero[page + n >> 3] >> (page + n & 7) & 1):
-                            n += 1
+                        n = window_pages(page, wide, page_end, state, zero) if wide > 1 else 1
                         next_expected = page + n  # where a scan would fault next
                         first = offset & ~4095
                         # The fetch is the transfer's most urgent work: at the thread's own
@@ -347,6 +344,15 @@ def first_window(sh: Shared, f: Fetcher | None) -> int:
     zero map has come (before it, a window could hold a zero page, whose answer is not in the
     fixed layout), within what the receive buffer holds; else one."""
     return min(S["base"], f.most) if f is not None and sh.zero_known else 1
+
+
+def window_pages(page: int, wide: int, end: int, state: memoryview, zero: memoryview | bytes) -> int:
+    """A first window at the faulting ``page``: it and the MISSING data pages right after it,
+    up to ``wide`` pages and not from ``end`` on."""
+    n = 1
+    while n < wide and page + n < end and not state[page + n] and not zero[page + n >> 3] >> (page + n & 7) & 1:
+        n += 1
+    return n
 
 
 def install_behind(page: int, npages: int, hva: int, src: int, stride: int, copy: bytearray, cq: memoryview,

@@ -26,7 +26,8 @@ from typing import Any
 
 from postcopy.destination.private_fault_loop import (ERROR, FETCH, FLUSH, PRESENT, S, SERVE, STOP, Handback, Shared,
                                                      copy_arg, counters_view, export, fetcher, first_window,
-                                                     install_behind, leave, teardown, view, zero_map)
+                                                     install_behind, leave, teardown, view, window_pages,
+                                                     zero_map)
 from postcopy.fastframes import ONE_PAGE_FRAME_BYTES as TOTAL
 
 __all__ = ["ERROR", "handler_loop", "setup", "teardown"]
@@ -64,7 +65,8 @@ def handler_loop() -> int:
     UFFDIO_COPY, DEMAND, windows = s["UFFDIO_COPY"], s["DEMAND"], s["windows"]
     f = fetcher(sh)
     zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
-    wide, READAHEAD, MADE_RA = first_window(sh, f), s["READAHEAD"], Shared.made_readahead.offset // 8
+    wide, page_end = first_window(sh, f), hva_page + (hva_hi >> 12)  # the page after the handler's memory
+    READAHEAD, MADE_RA = s["READAHEAD"], Shared.made_readahead.offset // 8
     known = sh.zero_known or s["base"] == 1  # private_fault_loop.loop's
     copy, cq = copy_arg()
     ioctl, readv = fcntl.ioctl, os.readv
@@ -89,10 +91,7 @@ def handler_loop() -> int:
                         zero, wide, known = zero_map(sh), first_window(sh, f), True
                     if (state[page] == MISSING and not zero[page >> 3] >> (page & 7) & 1
                             and not (windows and page == next_expected)):
-                        n = 1  # private_fault_loop.loop's window, within the handler's memory
-                        while n < wide and hva_lo <= address + (n << 12) < hva_hi and not state[page + n] and not (
-                                zero[page + n >> 3] >> (page + n & 7) & 1):
-                            n += 1
+                        n = window_pages(page, wide, page_end, state, zero) if wide > 1 else 1
                         next_expected = page + n
                         hva = address & PAGE_MASK
                         try:
@@ -110,7 +109,7 @@ def handler_loop() -> int:
                             state[page] = PRESENT
                             arrival[page] = DEMAND
                             counters[MADE] += 1
-                        if n > 1:  # no thread waits on them: their copies wake nobody
+                        if n > 1:  # their copies wake a vCPU that faulted on one meanwhile
                             install_behind(page, n, hva, src, f.stride, copy, cq, uffd, UFFDIO_COPY, state, arrival,
                                            READAHEAD, counters, MADE, MADE_RA)
                         # a record, and FLUSH when they are full: private_fault_loop.loop's, inlined

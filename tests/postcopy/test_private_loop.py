@@ -290,7 +290,8 @@ def test_a_first_window_wider_than_one_page_is_fetched_and_installed_in_the_loop
         assert memory.view(DATA_GPA, GUEST - DATA_GPA) == SOURCE[DATA_GPA:]
         made = [(m.made, m.made_readahead) for m in tracker.makers]
         assert made == [(4, 3)] * vcpus  # the faulting page and the three behind it
-        assert all(tracker.arrival[p] == Arrival.READAHEAD for p in range(DATA_GPA // PAGE_SIZE + 1, DATA_GPA // PAGE_SIZE + 4))
+        first = DATA_GPA // PAGE_SIZE
+        assert all(tracker.arrival[p] == Arrival.READAHEAD for p in range(first + 1, first + 4))
         counts = tracker.counts
         assert counts[Arrival.READAHEAD] >= 3 * vcpus
         assert counts[Arrival.DEMAND] + counts[Arrival.READAHEAD] == DATA_PAGES
