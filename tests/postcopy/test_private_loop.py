@@ -334,6 +334,11 @@ def test_a_migration_with_readahead_from_four_pages_takes_its_first_windows_in_t
     made: list[tuple[int, int]] = []
 
     async def check(server: Any, dest: Any) -> None:
+        # Past memtouch's fill, which writes every page in order: its faults would be scans.
+        deadline = asyncio.get_running_loop().time() + 30
+        while not all(p.reports for p in server.machine.services.progress):
+            assert asyncio.get_running_loop().time() < deadline, "the source's guest never reported"
+            await asyncio.sleep(0.02)
         await dest.switchover()
         reports.append(await dest.wait_complete(timeout=60))
         made.extend((m.made, m.made_readahead) for m in dest.tracker.makers)
