@@ -267,7 +267,9 @@ def test_with_readahead_from_one_page_a_scan_goes_to_windows_and_the_rest_stays_
         assert memory.view(DATA_GPA, GUEST - DATA_GPA) == SOURCE[DATA_GPA:]
         made_in_loops = sum(m.made for m in tracker.makers)
         counts = tracker.counts
-        assert made_in_loops >= vcpus and counts[Arrival.READAHEAD] > DATA_PAGES // 2
+        # At least one vCPU's first fault (on a busy host a vCPU that starts late may find its
+        # slice's start brought by the other's prefetcher, which does not stop at slices)
+        assert made_in_loops >= 1 and counts[Arrival.READAHEAD] > DATA_PAGES // 2
         assert counts[Arrival.DEMAND] + counts[Arrival.READAHEAD] == DATA_PAGES
         assert sum(len(st.faults) for st in resolver.states.values()) < DATA_PAGES // 8  # windows, not faults
         seen.append(True)
