@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -68,6 +69,11 @@ def test_background_streams_share_the_pages_or_end_together_on_an_error(served: 
         memory = GuestMemory.create(served.memory.size, "anon", "streams-test")
         uffd = Uffd(UFFD_FEATURE_MISSING_SHMEM)
         connections = [SyncPageConnection(url, SERVED_TOKEN) for _ in range(3)]
+        # Each answer taken 1 ms late, so that one stream cannot take every batch before the
+        # others' threads first run on a busy host (it did in a suite run beside a CPU hog).
+        for c in connections:
+            receive = c.receive
+            c.receive = lambda request, receive=receive: (time.sleep(0.001), receive(request))[1]  # type: ignore[method-assign]
         try:
             uffd.register(memory.regions[0].hva, memory.size)
             tracker = PageTracker(memory)
