@@ -48,6 +48,17 @@ class SourceThread:
         self._thread.join(10)
 
 
+async def past_memtouch_fill(server: PageServer, timeout: float = 30) -> None:
+    """Wait until every vCPU of the source's memtouch has reported once: past its fill, which
+    writes every page in order, so that the faults after a switchover are its random writes
+    (demand faults) and not scans, which the readahead's prefetchers would take."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not all(p.reports for p in server.machine.services.progress):
+        assert loop.time() < deadline, "the source's guest never reported"
+        await asyncio.sleep(0.02)
+
+
 def migrate_in_process(check: Callable[[PageServer, Destination], Awaitable[None]], **options: Any) -> None:
     """Boot the source, serve it, prepare a Destination (``options``: its keyword arguments) and
     hand both to ``check``; the destination is closed after it."""

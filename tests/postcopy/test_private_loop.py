@@ -30,7 +30,7 @@ from vmm.memory import GuestMemory
 from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, install_kick_handler
 
 from fake_pages import serve_answers  # type: ignore[import-not-found]
-from source_thread import migrate_in_process  # type: ignore[import-not-found]
+from source_thread import migrate_in_process, past_memtouch_fill  # type: ignore[import-not-found]
 
 pytestmark = [pytest.mark.usefixtures("kvm_available", "uffd_available"),
               pytest.mark.skipif(private_loop.unavailable() is not None,
@@ -337,10 +337,7 @@ def test_a_migration_with_readahead_from_four_pages_takes_its_first_windows_in_t
 
     async def check(server: Any, dest: Any) -> None:
         # Past memtouch's fill, which writes every page in order: its faults would be scans.
-        deadline = asyncio.get_running_loop().time() + 30
-        while not all(p.reports for p in server.machine.services.progress):
-            assert asyncio.get_running_loop().time() < deadline, "the source's guest never reported"
-            await asyncio.sleep(0.02)
+        await past_memtouch_fill(server)
         await dest.switchover()
         reports.append(await dest.wait_complete(timeout=60))
         made.extend((m.made, m.made_readahead) for m in dest.tracker.makers)
