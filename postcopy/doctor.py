@@ -158,6 +158,6 @@ def render(report: DoctorReport) -> str:
         f"fault exits       {report.fault_exits or '-'} over {report.probe_pages} missing pages"
         f"{'' if not report.probe_error else ' (' + report.probe_error + ')'}",
         f"fault mode        {report.recommended_fault_mode}: {report.reason}",
-        f"fault loops       {'a private interpreter per vCPU (exit), per handler (classic), ~18 MiB each' if report.private_loops_unavailable is None else 'under one GIL: ' + report.private_loops_unavailable}",
+        f"fault loops       {'a private interpreter per CPU the vCPUs (exit) or handlers (classic) run on, ~18 MiB each' if report.private_loops_unavailable is None else 'under one GIL: ' + report.private_loops_unavailable}",
     ]
     return "\n".join(lines)

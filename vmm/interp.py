@@ -18,7 +18,7 @@ Three things of a second libc in one process need care, each found as a crash or
   a thread of this interpreter calls the private libc's ``__ctype_init`` before it enters.
 - unloading: a namespace is never unloaded, and glibc has 16. Interpreters are kept for the
   process in a pool, and a thread enters one private interpreter only (two of them use the same
-  key indexes).
+  key indexes). Several threads may enter one: the threads pinned to one CPU share it.
 """
 from __future__ import annotations
 
@@ -117,6 +117,7 @@ class PrivateInterpreter:
             raise InterpreterUnavailable(why)
         first_free = _reserve_keys()
         self._error = ctypes.create_string_buffer(ERROR_BYTES)
+        self._running = threading.Lock()
         self._attached: dict[int, tuple[int, int]] = {}  # thread ident -> (its gilstate, its thread state)
         failure: list[BaseException] = []
         loader = threading.Thread(target=self._load, args=(first_free, failure), name="private-interpreter")
@@ -166,18 +167,20 @@ class PrivateInterpreter:
         """Run ``code`` in this interpreter's ``__main__``, on the calling thread, under its own
         GIL (this interpreter's GIL is free meanwhile). Raises PrivateInterpreterError with the
         code's traceback if it raised."""
-        self._error.value = b""
-        self._ctype_init()
-        gil = self._ensure()
-        try:
-            failed = self._run_string(
-                f"__run__({code!r}, {ctypes.addressof(self._error)}, {ERROR_BYTES})".encode())
-        finally:
-            self._release(gil)
+        with self._running:  # one error buffer: the threads that share it run one at a time
+            self._error.value = b""
+            self._ctype_init()
+            gil = self._ensure()
+            try:
+                failed = self._run_string(
+                    f"__run__({code!r}, {ctypes.addressof(self._error)}, {ERROR_BYTES})".encode())
+            finally:
+                self._release(gil)
+            error = self._error.value
         if failed:
             raise PrivateInterpreterError("the private interpreter's runner failed (its traceback is on stderr)")
-        if self._error.value:
-            raise PrivateInterpreterError(self._error.value.decode("utf-8", "replace"))
+        if error:
+            raise PrivateInterpreterError(error.decode("utf-8", "replace"))
 
 
     def attach(self) -> None:
@@ -198,25 +201,49 @@ class PrivateInterpreter:
 
 _pool: list[PrivateInterpreter] = []
 _free: list[PrivateInterpreter] = []
+_users: dict[PrivateInterpreter, int] = {}  # the ones in use: how many acquired each
+_by_cpu: dict[int, PrivateInterpreter] = {}  # the ones in use for the threads pinned to a CPU
 
 
-def acquire() -> PrivateInterpreter:
-    """A private interpreter for one thread's use until release(): one used before if any is
-    free, else a new one (at most MAX_INTERPRETERS in the process)."""
+def acquire(cpu: int | None = None) -> PrivateInterpreter:
+    """A private interpreter for the calling thread's use until release(). Threads pinned to
+    one host CPU (``cpu``) share one: they never run at once, so one GIL costs them nothing,
+    and each interpreter costs ~18 MiB (docs/performance.md). Else one used before if any is
+    free, or a new one (at most MAX_INTERPRETERS in the process)."""
     with _setup_lock:
-        if _free:
-            return _free.pop()
-        if len(_pool) >= MAX_INTERPRETERS:
+        interp = _by_cpu.get(cpu) if cpu is not None else None
+        if interp is None and _free:
+            interp = _free.pop()
+        if interp is None and len(_pool) >= MAX_INTERPRETERS:
             raise InterpreterUnavailable(f"all {MAX_INTERPRETERS} private interpreters are in use")
-    interp = PrivateInterpreter()
+        if interp is not None:
+            return _take(interp, cpu)
+    interp = PrivateInterpreter()  # loading takes ~50 ms: not under the lock
     with _setup_lock:
         _pool.append(interp)
+        if cpu is not None and cpu in _by_cpu:  # another thread of that CPU loaded one meanwhile
+            _free.append(interp)
+            interp = _by_cpu[cpu]
+        return _take(interp, cpu)
+
+
+def _take(interp: PrivateInterpreter, cpu: int | None) -> PrivateInterpreter:
+    _users[interp] = _users.get(interp, 0) + 1
+    if cpu is not None:
+        _by_cpu[cpu] = interp
     return interp
 
 
 def release(interp: PrivateInterpreter) -> None:
-    """Give ``interp`` back for a later thread. The thread that used it must be done with it:
-    only one thread enters a private interpreter at a time."""
+    """Give back what acquire() gave: free for later threads once every user has given it
+    back. A thread that entered it must be done with it."""
     with _setup_lock:
+        users = _users.get(interp, 0) - 1
+        if users > 0:
+            _users[interp] = users
+            return
+        _users.pop(interp, None)
+        for cpu in [c for c, i in _by_cpu.items() if i is interp]:
+            del _by_cpu[cpu]
         if interp in _pool and interp not in _free:
             _free.append(interp)

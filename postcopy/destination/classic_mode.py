@@ -207,7 +207,7 @@ class ClassicHandler:
         if not self._hva_lo or not private_loop.can_read(h.connection):
             return None
         return private_loop.start(lambda private: private_loop.PrivateHandler(self, h, private),
-                                  "a classic handler")
+                                  "a classic handler", h.cpu)
 
     def stop(self) -> None:
         if self._stop_w < 0:

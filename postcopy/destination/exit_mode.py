@@ -111,7 +111,7 @@ class ExitModeResolver:
         if state.decoder.qword_span()[1] == 0 or not private_loop.can_read(state.connection):
             return None
         return private_loop.start(lambda private: private_loop.PrivateLoop(self, thread, state, private),
-                                  f"vCPU {thread.id}")
+                                  f"vCPU {thread.id}", thread.cpu)
 
     def _run(self, thread: VcpuThread) -> VcpuState:
         """The vCPU's KVM_RUN loop (VcpuThread.run_loop). This host's usual fault, an MMIO exit

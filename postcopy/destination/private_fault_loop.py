@@ -2,7 +2,8 @@
 
 This module is imported twice: by the destination, for ``Shared`` (what the two sides of the
 loop exchange, by address), and inside a vCPU thread's private interpreter, where ``setup`` is
-run once and ``loop`` is then entered through the callback ``setup`` exports. The private side
+run once per vCPU and ``loop`` is then entered through the callback ``setup`` exports (the vCPUs
+pinned to one CPU share an interpreter, each loop with its state in ``LOOPS``). The private side
 shares no object with the destination: it reaches kvm_run, guest RAM, the page tracker's state
 and arrival bytes, the zero map, the fault log's buffer and the connection's receive buffer by
 address, and the vCPU, uffd and socket by fd number. So it imports nothing of the destination's
@@ -89,7 +90,9 @@ class Shared(ctypes.Structure):
         self.zero_known = known
 
 
-S: dict[str, Any] = {}  # this interpreter's one vCPU: set up once, kept by the loop
+# What each loop set up here binds, by its Shared's address: the vCPU threads pinned to one
+# CPU share this interpreter (vmm.interp.acquire), each with a loop of its own.
+LOOPS: dict[int, dict[str, Any]] = {}
 
 
 def view(address: int, nbytes: int, fmt: str = "B") -> memoryview:
@@ -99,51 +102,58 @@ def view(address: int, nbytes: int, fmt: str = "B") -> memoryview:
 def setup(a: dict[str, Any]) -> None:
     """Bind the vCPU's memory (``a``: addresses, sizes, fds and constants, all numbers) and
     export ``loop``: its C address goes to ``a["entry"]``'s slot."""
-    shared = Shared.from_address(a["shared"])
-    teardown()  # what a vCPU before left, if its own teardown did not run
-    S.update(a, shared=shared, run=view(a["run"], a["run_size"]), ram=view(a["hva_base"], a["ram_bytes"], "Q"),
-             state=view(a["state"], a["npages"]), arrival=view(a["arrival"], a["npages"]),
-             log_t=view(a["log_t"], 8 * a["log_cap"], "Q"), log_latency=view(a["log_latency"], 8 * a["log_cap"], "Q"),
-             nice=view(a["nice_block"], 8 * a["nice_len"], "q"),
-             sock=None, error_text=view(a["error_text"], a["error_size"]))
-    export(a, loop)
+    s = bind(a, run=view(a["run"], a["run_size"]), ram=view(a["hva_base"], a["ram_bytes"], "Q"),
+             nice=view(a["nice_block"], 8 * a["nice_len"], "q"))
+    export(s, loop)
 
 
-def export(a: dict[str, Any], fn: Any) -> None:
-    """Make ``fn`` the callback the other side enters: its C address goes to ``a["entry"]``'s
-    slot; a failure in it returns ERROR with its traceback in the error buffer."""
+def bind(a: dict[str, Any], **views: Any) -> dict[str, Any]:
+    """A new loop's state (``a`` and ``views``, with what both loops read by address), kept in
+    LOOPS by its Shared's address until its teardown."""
+    teardown(a["shared"])  # what a loop before left at that address, if its teardown did not run
+    s = LOOPS[a["shared"]] = dict(
+        a, **views, shared=Shared.from_address(a["shared"]), state=view(a["state"], a["npages"]),
+        arrival=view(a["arrival"], a["npages"]), log_t=view(a["log_t"], 8 * a["log_cap"], "Q"),
+        log_latency=view(a["log_latency"], 8 * a["log_cap"], "Q"), sock=None, fetcher=None,
+        error_text=view(a["error_text"], a["error_size"]))
+    return s
+
+
+def export(s: dict[str, Any], fn: Any) -> None:
+    """Make ``fn`` (called with ``s``) the callback the other side enters: its C address goes
+    to ``s["entry"]``'s slot; a failure in it returns ERROR with its traceback in the error
+    buffer."""
     def entry() -> int:
         try:
-            return fn()
+            return fn(s)  # type: ignore[no-any-return]
         except BaseException:  # noqa: BLE001 (the other side raises it as its thread's failure)
             text = traceback.format_exc().encode("utf-8", "replace")
-            out = S["error_text"]
+            out = s["error_text"]
             n = min(len(text), len(out) - 1)
             out[:n] = text[:n]
             out[n] = 0
             return ERROR
     callback = ctypes.CFUNCTYPE(ctypes.c_int64)(entry)
-    S["entry_keep"] = callback  # the callback lives as long as this interpreter's thread uses it
-    ctypes.c_uint64.from_address(a["entry"]).value = ctypes.cast(callback, ctypes.c_void_p).value or 0
+    s["entry_keep"] = callback  # the callback lives as long as its loop is set up
+    ctypes.c_uint64.from_address(s["entry"]).value = ctypes.cast(callback, ctypes.c_void_p).value or 0
 
 
-def teardown() -> None:
-    """The vCPU thread is done: let go of the socket's fd without closing it (it is the
-    connection's) and of every view."""
-    sock = S.get("sock")
-    if sock is not None:
-        sock.detach()
-    S.clear()
+def teardown(shared: int) -> None:
+    """The loop of the Shared at ``shared`` is done (its thread, or it never started): let go
+    of the socket's fd without closing it (it is the connection's) and of every view."""
+    s = LOOPS.pop(shared, None)
+    if s is not None and s["sock"] is not None:
+        s["sock"].detach()
 
 
-def _socket(fd: int) -> socket.socket:
+def _socket(s: dict[str, Any], fd: int) -> socket.socket:
     """The connection's socket, wrapped once per fd (a reconnect brings a new one). Never
     closed here: detached when it changes."""
-    sock = S["sock"]
+    sock = s["sock"]
     if sock is None or sock.fileno() != fd:
         if sock is not None:
             sock.detach()
-        sock = S["sock"] = socket.socket(fileno=fd)
+        sock = s["sock"] = socket.socket(fileno=fd)
     return sock
 
 
@@ -161,14 +171,14 @@ class Fetcher:
     """One page on demand, as SyncPageConnection.fetch_page gets it (the fixed-layout request
     and answer, checked alike), over the connection's socket; or from a local image."""
 
-    def __init__(self, sh: Shared) -> None:
+    def __init__(self, s: dict[str, Any], sh: Shared) -> None:
         self.key = (sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image)
         self.image, self.poll_ns = sh.image, sh.poll_ns
         self.requests = 0
         self.stride = 4096 if self.image else TOTAL  # from one page of a window to the next
         self.most = 1 << 20  # pages a window's answers may take (the receive buffer's)
         if not self.image:
-            self.sock = _socket(sh.sock_fd)
+            self.sock = _socket(s, sh.sock_fd)
             self.rbuf = view(sh.buffer, sh.buffer_len)
             self.most = sh.buffer_len // TOTAL
             self.data_at = sh.buffer + len(HEAD) + ONE_PAGE_DATA_AT
@@ -233,21 +243,20 @@ class Fetcher:
         return self.keys[ki:ki + 4]
 
 
-def fetcher(sh: Shared) -> Fetcher | None:
+def fetcher(s: dict[str, Any], sh: Shared) -> Fetcher | None:
     """This entry's fetcher (None where the loop may not fetch): the one before, unless the
     socket, its buffer or the image changed."""
     if not sh.fetch_here:
         return None
-    f = S.get("fetcher")
+    f = s["fetcher"]
     if f is None or f.key != (sh.sock_fd, sh.buffer, sh.buffer_len, sh.poll_ns, sh.image):
-        f = S["fetcher"] = Fetcher(sh)
+        f = s["fetcher"] = Fetcher(s, sh)
     f.requests = 0
     return f
 
 
-def loop() -> int:
+def loop(s: dict[str, Any]) -> int:
     """KVM_RUN until an exit this side does not take; the status (Shared says what it left)."""
-    s = S
     sh: Shared = s["shared"]
     run, ram, state, arrival, log_t, log_latency = (s[k] for k in ("run", "ram", "state", "arrival", "log_t",
                                                                     "log_latency"))
@@ -258,13 +267,13 @@ def loop() -> int:
                                                                 "DEMAND"))
     UFFDIO_COPY, log_cap, nice, windows = s["UFFDIO_COPY"], s["log_cap"], s["nice"], s["windows"]
     tid = threading.get_native_id()
-    f = fetcher(sh)
+    f = fetcher(s, sh)
     image = f.image if f is not None else 0  # a local image's page: no call
-    zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
-    wide, page_end = first_window(sh, f), s["page_base"] + (s["ram_bytes"] >> 12)
+    zero, counters, MADE = zero_map(s, sh), counters_view(sh), Shared.made.offset // 8
+    wide, page_end = first_window(s, sh, f), s["page_base"] + (s["ram_bytes"] >> 12)
     READAHEAD, MADE_RA = s["READAHEAD"], Shared.made_readahead.offset // 8
     known = sh.zero_known or s["base"] == 1  # else the source's zero map may come while in the loop
-    copy, cq = copy_arg()
+    copy, cq = copy_arg(s)
     ioctl = fcntl.ioctl
     logged = 0
     next_expected = sh.next_expected
@@ -282,7 +291,7 @@ def loop() -> int:
                     page = page_base + (offset >> 12)
                     if state[page] != PRESENT:
                         if not known and sh.zero_known:  # it came: zero pages are made, windows widen
-                            zero, wide, known = zero_map(sh), first_window(sh, f), True
+                            zero, wide, known = zero_map(s, sh), first_window(s, sh, f), True
                         if (f is None or zero[page >> 3] >> (page & 7) & 1
                                 or windows and (state[page] or page == next_expected)):  # IN_FLIGHT, or a scan
                             sh.status, sh.ret = EXIT, ret
@@ -339,11 +348,11 @@ def leave(sh: Shared, logged: int, f: Fetcher | None, next_expected: int) -> Non
     sh.logged, sh.requests, sh.next_expected = logged, f.requests if f is not None else 0, next_expected
 
 
-def first_window(sh: Shared, f: Fetcher | None) -> int:
+def first_window(s: dict[str, Any], sh: Shared, f: Fetcher | None) -> int:
     """The pages a fault that starts no scan asks for: the readahead's base, once the source's
     zero map has come (before it, a window could hold a zero page, whose answer is not in the
     fixed layout), within what the receive buffer holds; else one."""
-    return min(S["base"], f.most) if f is not None and sh.zero_known else 1
+    return min(s["base"], f.most) if f is not None and sh.zero_known else 1
 
 
 def window_pages(page: int, wide: int, end: int, state: memoryview, zero: memoryview | bytes) -> int:
@@ -374,9 +383,9 @@ def install_behind(page: int, npages: int, hva: int, src: int, stride: int, copy
         counters[MADE_RA] += 1
 
 
-def zero_map(sh: Shared) -> memoryview | bytes:
+def zero_map(s: dict[str, Any], sh: Shared) -> memoryview | bytes:
     """The tracker's zero map as this entry found it (all data pages where it has none yet)."""
-    npages = S["npages"]
+    npages = s["npages"]
     return view(sh.zero, sh.zero_len) if sh.zero_len * 8 >= npages else bytes(npages // 8 + 1)
 
 
@@ -385,11 +394,11 @@ def counters_view(sh: Shared) -> memoryview:
     return view(ctypes.addressof(sh), ctypes.sizeof(sh), "q")
 
 
-def copy_arg() -> tuple[bytearray, memoryview]:
+def copy_arg(s: dict[str, Any]) -> tuple[bytearray, memoryview]:
     """A one-page struct uffdio_copy (dst, src, len, mode, copy) in the installer's mode."""
     copy = bytearray(40)
     cq = memoryview(copy).cast("Q")
-    cq[2], cq[3] = 4096, S["copy_mode"]
+    cq[2], cq[3] = 4096, s["copy_mode"]
     return copy, cq
 
 

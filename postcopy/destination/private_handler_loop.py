@@ -24,8 +24,8 @@ import select
 from time import monotonic_ns
 from typing import Any
 
-from postcopy.destination.private_fault_loop import (ERROR, FETCH, FLUSH, PRESENT, S, SERVE, STOP, Handback, Shared,
-                                                     copy_arg, counters_view, export, fetcher, first_window,
+from postcopy.destination.private_fault_loop import (ERROR, FETCH, FLUSH, PRESENT, SERVE, STOP, Handback, Shared,
+                                                     bind, copy_arg, counters_view, export, fetcher, first_window,
                                                      install_behind, leave, teardown, view, window_pages,
                                                      zero_map)
 from postcopy.fastframes import ONE_PAGE_FRAME_BYTES as TOTAL
@@ -40,35 +40,28 @@ PAGE_MASK = ~4095
 def setup(a: dict[str, Any]) -> None:
     """Bind the handler's memory (``a``: addresses, sizes, fds and constants) and export
     ``handler_loop``."""
-    shared = Shared.from_address(a["shared"])
-    teardown()  # what a thread before left
-    S.update(a, shared=shared, state=view(a["state"], a["npages"]), arrival=view(a["arrival"], a["npages"]),
-             msgs=view(a["msgs"], a["msg_size"]), msg_q=view(a["msgs"], a["msg_size"], "Q"),
-             log_t=view(a["log_t"], 8 * a["log_cap"], "Q"), log_latency=view(a["log_latency"], 8 * a["log_cap"], "Q"),
-             log_tid=view(a["log_tid"], 8 * a["log_cap"], "Q"), sock=None,
-             error_text=view(a["error_text"], a["error_size"]))
     poller = select.poll()
     poller.register(a["uffd"], select.POLLIN)
     poller.register(a["stop_r"], select.POLLIN)
-    S["poll"] = poller.poll
-    export(a, handler_loop)
+    s = bind(a, msgs=view(a["msgs"], a["msg_size"]), msg_q=view(a["msgs"], a["msg_size"], "Q"),
+             log_tid=view(a["log_tid"], 8 * a["log_cap"], "Q"), poll=poller.poll)
+    export(s, handler_loop)
 
 
-def handler_loop() -> int:
+def handler_loop(s: dict[str, Any]) -> int:
     """Serve one-message reads until something else comes; the status (Shared says what it left)."""
-    s = S
     sh: Shared = s["shared"]
     state, arrival, msgs, q = s["state"], s["arrival"], s["msgs"], s["msg_q"]
     log_t, log_latency, log_tid, log_cap = s["log_t"], s["log_latency"], s["log_tid"], s["log_cap"]
     uffd, stop_r, poll = s["uffd"], s["stop_r"], s["poll"]
     hva_lo, hva_hi, hva_page, hva_gpa = s["hva_lo"], s["hva_hi"], s["hva_page"], s["hva_gpa"]
     UFFDIO_COPY, DEMAND, windows = s["UFFDIO_COPY"], s["DEMAND"], s["windows"]
-    f = fetcher(sh)
-    zero, counters, MADE = zero_map(sh), counters_view(sh), Shared.made.offset // 8
-    wide, page_end = first_window(sh, f), hva_page + (hva_hi >> 12)  # the page after the handler's memory
+    f = fetcher(s, sh)
+    zero, counters, MADE = zero_map(s, sh), counters_view(sh), Shared.made.offset // 8
+    wide, page_end = first_window(s, sh, f), hva_page + (hva_hi >> 12)  # the page after the handler's memory
     READAHEAD, MADE_RA = s["READAHEAD"], Shared.made_readahead.offset // 8
     known = sh.zero_known or s["base"] == 1  # private_fault_loop.loop's
-    copy, cq = copy_arg()
+    copy, cq = copy_arg(s)
     ioctl, readv = fcntl.ioctl, os.readv
     logged = 0
     next_expected = sh.next_expected  # private_fault_loop.loop's: where the last window ended
@@ -88,7 +81,7 @@ def handler_loop() -> int:
                 if q[0] & 0xFF == UFFD_EVENT_PAGEFAULT and hva_lo <= address < hva_hi:
                     page = hva_page + (address >> 12)
                     if not known and sh.zero_known:
-                        zero, wide, known = zero_map(sh), first_window(sh, f), True
+                        zero, wide, known = zero_map(s, sh), first_window(s, sh, f), True
                     if (state[page] == MISSING and not zero[page >> 3] >> (page & 7) & 1
                             and not (windows and page == next_expected)):
                         n = window_pages(page, wide, page_end, state, zero) if wide > 1 else 1

@@ -3,7 +3,8 @@
 Python 3.11 has one GIL per process. At 2 vCPUs, two threads that resolve their faults in
 Python hand it to each other at every ioctl, and the page-in rate stays near three quarters of
 what C reaches (docs/performance.md). So a vCPU's thread runs its KVM_RUN loop in a CPython
-of its own (vmm.interp: a second libpython, loaded with dlmopen), entered through a C
+of its own (vmm.interp: a second libpython, loaded with dlmopen; the vCPUs pinned to one CPU,
+which never run at once, share one), entered through a C
 callback: the loop there (private_fault_loop.py) takes the usual fault, the fetch of its
 first readahead window and the installs included, under its own GIL, and comes back here for
 everything else. This side keeps the books: it flushes the loop's fault records into the
@@ -72,11 +73,12 @@ def can_read(connection: object) -> bool:
 P = TypeVar("P", bound="_Private")
 
 
-def start(make: Callable[[interp.PrivateInterpreter], P], who: str) -> P | None:
-    """``make`` with an interpreter from the pool, or None where none is free (said in the log:
-    ``who`` then runs its shared loop); the interpreter goes back if ``make`` fails."""
+def start(make: Callable[[interp.PrivateInterpreter], P], who: str, cpu: int | None) -> P | None:
+    """``make`` with an interpreter from the pool, the one of the threads pinned to ``cpu``
+    where it has one (interp.acquire), or None where none is free (said in the log: ``who``
+    then runs its shared loop); the interpreter goes back if ``make`` fails."""
     try:
-        private = interp.acquire()
+        private = interp.acquire(cpu)
     except interp.InterpreterUnavailable as e:
         log.info("%s serves its faults under the process's GIL: %s", who, e,
                  extra={"event": "private_loop_unavailable"})
@@ -115,15 +117,17 @@ def _import_loop() -> str:
     return f"import sys\nsys.path[:] = {_search_path()!r}\nfrom postcopy.destination import private_fault_loop as loop"
 
 
-def warm(n: int) -> None:
-    """Load ``n`` private interpreters with the loop's module (~50 ms and ~40 ms each, the
-    first time in a process), for ``PrivateLoop`` to find ready: a destination calls this on a
-    worker thread before it prepares its vCPUs on its event loop's."""
+def warm(threads: int) -> None:
+    """Load the private interpreters that ``threads`` loops pinned round robin over this
+    process's CPUs will use (one per CPU they take: interp.acquire) with the loop's module
+    (~50 ms and ~40 ms each, the first time in a process), for ``PrivateLoop`` to find ready:
+    a destination calls this on a worker thread before it prepares its vCPUs on its event
+    loop's."""
     if unavailable() is not None:
         return
     held = []
     try:
-        for _ in range(n):
+        for _ in range(min(threads, len(os.sched_getaffinity(0)))):
             held.append(interp.acquire())
             held[-1].run(_import_loop())
     except interp.InterpreterUnavailable:
@@ -153,6 +157,7 @@ class _Private:
         self._source: FastSource | None = None
         self._made_seen = 0
         self._released = False
+        self._set = False  # set up in the interpreter: torn down there before it goes back
         self.started = False  # entered: it gives the interpreter back when it ends
 
     def _common_args(self) -> dict[str, Any]:
@@ -167,6 +172,7 @@ class _Private:
     def _set_up(self, args: dict[str, Any]) -> None:
         self.interp.run(f"{_import_loop()}\nimport postcopy.destination.{self.module} as {self.module}\n"
                         f"{self.module}.setup({args!r})")
+        self._set = True
         self._entry = _ENTRY(self._entry_at.value)
         self.tracker.makers.append(self.shared)
 
@@ -239,16 +245,25 @@ class _Private:
 
     def _detach(self) -> None:
         try:
-            self.interp.run(f"{self.module}.teardown()")
+            self._tear_down()
         finally:
             self.interp.detach()
             self.release()
+
+    def _tear_down(self) -> None:
+        """Drop the loop's state there (other threads' loops may go on in that interpreter)."""
+        if self._set:
+            self._set = False
+            self.interp.run(f"{self.module}.teardown({ctypes.addressof(self.shared)})")
 
     def release(self) -> None:
         """Give the interpreter back (the thread is done with it, or never started)."""
         if not self._released:
             self._released = True
-            interp.release(self.interp)
+            try:
+                self._tear_down()
+            finally:
+                interp.release(self.interp)
 
 
 class PrivateLoop(_Private):

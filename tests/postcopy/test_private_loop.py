@@ -6,6 +6,8 @@ vCPU with its traceback; and where no interpreter can be had the vCPU runs the s
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import random
 import sys
 import threading
@@ -141,7 +143,7 @@ def test_a_failure_in_the_private_loop_fails_the_vcpu_with_its_traceback(monkeyp
     run = private_loop.PrivateLoop.run
 
     def broken(self: private_loop.PrivateLoop) -> Any:
-        self.interp.run("loop.S['ram'] = None")  # the loop's first completed access raises
+        self.interp.run(f"loop.LOOPS[{ctypes.addressof(self.shared)}]['ram'] = None")  # its first completed access raises
         return run(self)
     monkeypatch.setattr(private_loop.PrivateLoop, "run", broken)
     with pytest.raises(MachineError, match=r"(?s)private fault loop failed.*TypeError"):
@@ -149,7 +151,7 @@ def test_a_failure_in_the_private_loop_fails_the_vcpu_with_its_traceback(monkeyp
 
 
 def test_without_an_interpreter_the_vcpu_runs_the_shared_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    def none_left() -> interp.PrivateInterpreter:
+    def none_left(cpu: int | None = None) -> interp.PrivateInterpreter:
         raise interp.InterpreterUnavailable("all 8 private interpreters are in use")
     monkeypatch.setattr(interp, "acquire", none_left)
 
@@ -181,9 +183,20 @@ def test_ram_in_two_regions_keeps_the_shared_loop() -> None:
 
 @pytest.mark.parametrize("vcpus", [4])
 def test_more_vcpus_than_cpus_page_in_through_their_private_loops(vcpus: int) -> None:
+    # The vCPUs pinned to one CPU share its interpreter (interp.acquire), each with its loop.
+    cpus = sorted(os.sched_getaffinity(0))
+    shared: list[dict[int, set[int]]] = []
+
     def inspect(resolver: ExitModeResolver, memory: GuestMemory) -> None:
         _check_every_page(resolver, memory, private=True)
+        by_interp: dict[int, set[int]] = {}
+        for st in resolver.states.values():
+            assert st.private is not None
+            by_interp.setdefault(id(st.private.interp), set()).add(st.private.thread.cpu)  # type: ignore[arg-type]
+        shared.append(by_interp)
     assert _scan(lambda r: _served(r.gpa, r.count), vcpus, inspect).pages == DATA_PAGES
+    by_interp, = shared
+    assert len(by_interp) == min(vcpus, len(cpus)) and all(len(c) == 1 for c in by_interp.values())
 
 
 def test_a_migration_paused_and_resumed_while_its_vcpus_fault_completes() -> None:
@@ -223,7 +236,8 @@ def test_a_failure_in_a_classic_handlers_private_loop_fails_the_handler_with_its
     run = private_loop.PrivateHandler.run
 
     def broken(self: private_loop.PrivateHandler) -> None:
-        self.interp.run("private_handler_loop.S['state'] = None")  # its first one-page fault raises
+        # its first one-page fault raises
+        self.interp.run(f"loop.LOOPS[{ctypes.addressof(self.shared)}]['state'] = None")
         run(self)
     monkeypatch.setattr(private_loop.PrivateHandler, "run", broken)
     with pytest.raises(BenchError, match=r"(?s)classic handler failed.*private fault loop failed.*TypeError"):

@@ -146,3 +146,61 @@ def test_a_callback_it_exports_runs_under_its_gil_on_an_attached_thread(private:
     t.start()
     t.join(20)
     assert got == [10 * i for i in range(1, 1001)]
+
+
+def test_the_threads_of_one_cpu_share_an_interpreter_until_the_last_gives_it_back() -> None:
+    """Threads pinned to one CPU never run at once: one GIL costs them nothing, and each
+    interpreter costs ~18 MiB. Another CPU's threads get another."""
+    a, b = interp.acquire(cpu=0), interp.acquire(cpu=0)
+    c = interp.acquire(cpu=1)
+    released = False
+    try:
+        assert a is b and c is not a
+        interp.release(a)
+        assert a not in interp._free  # b still has it
+        assert interp.acquire(cpu=0) is a  # and a thread of that CPU gets it again
+        interp.release(a)
+        interp.release(b)
+        released = True
+        assert a in interp._free
+        d = interp.acquire(cpu=1)  # c's, not the free one
+        assert d is c
+        interp.release(d)
+    finally:
+        if not released:
+            interp.release(a)
+            interp.release(b)
+        interp.release(c)
+    assert c in interp._free
+
+
+def test_two_threads_run_in_one_interpreter_each_with_its_own_thread_state() -> None:
+    """The vCPU threads of one CPU each keep a thread state of the interpreter they share
+    (attach) and enter it in turn; a run from each sees the other's __main__."""
+    p = interp.acquire(cpu=0)
+    q = interp.acquire(cpu=0)
+    failures: list[BaseException] = []
+    try:
+        assert p is q
+        p.run("import threading\nseen = set()")
+
+        def side() -> None:
+            try:
+                p.attach()
+                try:
+                    for _ in range(50):
+                        p.run("seen.add(threading.get_native_id())")
+                finally:
+                    p.detach()
+            except BaseException as e:  # noqa: BLE001
+                failures.append(e)
+        threads = [threading.Thread(target=side) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not failures
+        p.run("assert len(seen) == 2, seen")
+    finally:
+        interp.release(p)
+        interp.release(q)
