@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import msgpack
@@ -70,6 +71,41 @@ def test_blocking_fetch_returns_the_guests_pages_verified() -> None:
         finally:
             conn.close()
         assert server.stats()["requests"]["demand"] == 3
+
+    serve(body)
+
+
+def _resident_kib(address: int) -> int:
+    """Rss of the mapping of this process that holds ``address`` (/proc/self/smaps), in KiB."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and all(c in "0123456789abcdef-" for c in first):
+            lo, hi = (int(x, 16) for x in first.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.usefixtures("kvm_available")
+def test_a_connections_receive_buffer_is_resident_only_where_answers_came() -> None:
+    """A vCPU's connection takes 8 MiB answers at most, and one-page answers mostly: its
+    buffer costs the destination's RSS what it received, not 8 MiB (a bytearray writes its
+    zeros), for each vCPU's connection, prefetcher and background stream."""
+    async def body(server: PageServer, machine: Machine, url: str) -> None:
+        conn = await asyncio.to_thread(SyncPageConnection, url, TOKEN)
+        try:
+            address = conn.ws.buffer_address
+            assert _resident_kib(address) <= 64
+            for i in range(20):
+                await asyncio.to_thread(conn.fetch_page, GPA + i * PAGE_SIZE)
+            assert _resident_kib(address) <= 64  # one page's answer, read at the front each time
+            batch = await asyncio.to_thread(conn.fetch, GPA, 256, "background")
+            assert _pages(batch) == machine.memory.read(GPA, 256 * PAGE_SIZE)
+            assert 1024 <= _resident_kib(address) <= 2048  # 1 MiB of pages came
+        finally:
+            conn.close()
 
     serve(body)
 
