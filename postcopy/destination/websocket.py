@@ -66,7 +66,7 @@ class BlockingWebSocket:
         # mapping, not a bytearray, which writes its zeros: each connection's 8 MiB would be
         # resident however little it receives (a vCPU's: one-page answers), ~30 of the 117 MiB
         # a 2-vCPU destination held beside its guest's pages.
-        self._buf = mmap.mmap(-1, max_message + 16)
+        self._buf = mmap.mmap(-1, max_message + 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.buffer = self._buf  # the receive buffer that recv_known's offsets index
         self._view = memoryview(self._buf)
         # Where the buffer lies: recv_known's caller installs pages from it by address (the
