@@ -15,6 +15,7 @@ GIL of its own (private_loop.py), and comes back here for everything else.
 from __future__ import annotations
 
 import fcntl
+import logging
 import threading
 from time import monotonic_ns
 
@@ -35,6 +36,7 @@ from vmm.priority import GuestNice
 from vmm.uffd import PageCopier, UffdError
 from vmm.vcpu import KVM_EXIT_MMIO, VcpuState, VcpuThread
 
+log = logging.getLogger("postcopy.destination")
 DEMAND = Arrival.DEMAND  # an enum member read through its class costs a descriptor call
 # How long a vCPU thread polls for its page before it sleeps in recv (websocket._poll_into).
 FETCH_POLL_NS = 200_000
@@ -272,6 +274,16 @@ class ExitModeResolver:
         st.readahead.fetched(page, 1 + extra)
         if prefetcher is not None and st.readahead.scanning:
             prefetcher.follow(page + 1 + extra)
+
+    def flush_private_loops(self, timeout: float = 1.0) -> None:
+        """Bring the fault records the private loops hold into the vCPUs' FaultLogs, for a
+        report that counts every fault (each vCPU kicked out of KVM_RUN once, where its loop
+        holds some: the loop returns, flushes and goes on)."""
+        for vcpu, st in self.states.items():
+            private = st.private
+            if private is not None and not private.flush_from_outside(private.thread.kick, timeout):
+                log.warning("vCPU %d's private loop did not hand its fault records back within %.1f s: "
+                            "the report may miss some of its faults", vcpu, timeout)
 
     def private_loop_count(self) -> int:
         """How many of the vCPUs run their fault loop in a private interpreter."""

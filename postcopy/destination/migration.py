@@ -361,6 +361,8 @@ class Destination:
                 elif not background.cancelled():
                     background.exception()  # seen: the error that ended the migration is reported above
         done_ns = self._done_ns = time.monotonic_ns()
+        if self.resolver is not None:  # every fault in the report: the loops return theirs
+            await asyncio.to_thread(self.resolver.flush_private_loops)
         # RAM stays registered until close(): a vCPU may still be finishing a fault it took
         # before the last page arrived (the background installed that page meanwhile); its
         # UFFDIO_COPY must meet EEXIST (skipped), not ENOENT from an unregistered range.

@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from array import array
 from time import monotonic_ns
@@ -158,6 +159,8 @@ class _Private:
         self._made_seen = 0
         self._released = False
         self._set = False  # set up in the interpreter: torn down there before it goes back
+        self._inside = False  # in the loop: the records it took since it was entered are not flushed yet
+        self._flushes = 0  # returns whose records were flushed
         self.started = False  # entered: it gives the interpreter back when it ends
 
     def _common_args(self) -> dict[str, Any]:
@@ -217,13 +220,33 @@ class _Private:
         self._attach()
         try:
             while True:
+                self._inside = True
                 status = self._enter(self._connection())
                 self._flush()
+                self._inside = False
+                self._flushes += 1
                 done, value = self._handle(status)
                 if done:
                     return value
         finally:
+            self._inside = False
             self._detach()
+
+    def flush_from_outside(self, kick: Callable[[], None], timeout: float) -> bool:
+        """Have the records the loop holds flushed, from another thread: ``kick`` makes the loop
+        return (it flushes at every return), and this waits until it has, or ``timeout`` (False).
+        The loop returns only at a full buffer or an exit it does not take, so a vCPU that
+        faults without one holds up to LOG_RECORDS faults that nothing has seen yet."""
+        if not self._inside:
+            return True
+        flushes = self._flushes
+        kick()
+        deadline = time.monotonic() + timeout
+        while self._inside and self._flushes == flushes:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)
+        return True
 
     def _connection(self) -> PageSource | None:
         raise NotImplementedError
