@@ -2,6 +2,7 @@
 destination's blocking client: frame headers, masking, and parsing one frame from a buffer."""
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import Final
 
@@ -52,7 +53,7 @@ def close_payload(code: int, reason: str = "") -> bytes:
     return U16.pack(code) + reason.encode()[:120]
 
 
-def parse(buf: bytes | bytearray | memoryview, start: int, end: int, *,
+def parse(buf: bytes | bytearray | memoryview | mmap.mmap, start: int, end: int, *,
           masked: bool, max_payload: int) -> tuple[int, int, int, bytes] | None:
     """The frame at buf[start:end]: (opcode, payload start, payload end, mask key or b""), or
     None if it is not all there yet. FrameError for a fragment, a wrong mask bit, or a payload

@@ -10,6 +10,7 @@ the clear errors; what is recognised here passes exactly the checks those decode
 """
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import Final
 
@@ -85,7 +86,7 @@ def one_page_head(gpa: int, page: Buffer) -> bytes:
     return _ANSWER.pack(_ANSWER_HEAD, gpa, _ANSWER_SUM, pages_sum(page), _ANSWER_DATA)
 
 
-def one_page_ok(buf: bytearray | memoryview, at: int, request_gpa: int) -> bool:
+def one_page_ok(buf: bytearray | memoryview | mmap.mmap, at: int, request_gpa: int) -> bool:
     """Whether buf[at:at + ONE_PAGE_ANSWER_BYTES] is the fixed-layout one-page answer for
     ``request_gpa`` and its page (from ``at + ONE_PAGE_DATA_AT``) matches its checksum: the
     fault path's check, with no copy and no record (one unpack, then compares: at 2 vCPUs
