@@ -209,13 +209,17 @@ def acquire(cpu: int | None = None) -> PrivateInterpreter:
     """A private interpreter for the calling thread's use until release(). Threads pinned to
     one host CPU (``cpu``) share one: they never run at once, so one GIL costs them nothing,
     and each interpreter costs ~18 MiB (docs/performance.md). Else one used before if any is
-    free, or a new one (at most MAX_INTERPRETERS in the process)."""
+    free, or a new one (at most MAX_INTERPRETERS in the process). Where all are in use, a
+    CPU's threads share the least used one: two CPUs' threads on one GIL, rather than on the
+    process's with every other thread."""
     with _setup_lock:
         interp = _by_cpu.get(cpu) if cpu is not None else None
         if interp is None and _free:
             interp = _free.pop()
         if interp is None and len(_pool) >= MAX_INTERPRETERS:
-            raise InterpreterUnavailable(f"all {MAX_INTERPRETERS} private interpreters are in use")
+            if cpu is None or not _users:
+                raise InterpreterUnavailable(f"all {MAX_INTERPRETERS} private interpreters are in use")
+            interp = min(_users, key=_users.__getitem__)
         if interp is not None:
             return _take(interp, cpu)
     interp = PrivateInterpreter()  # loading takes ~50 ms: not under the lock

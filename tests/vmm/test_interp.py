@@ -204,3 +204,27 @@ def test_two_threads_run_in_one_interpreter_each_with_its_own_thread_state() -> 
     finally:
         interp.release(p)
         interp.release(q)
+
+
+def test_with_every_interpreter_in_use_a_cpu_shares_the_least_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host with more CPUs than MAX_INTERPRETERS: a CPU without one shares the least used
+    (two CPUs' threads on one GIL) rather than running on the process's; a thread that names
+    no CPU gets none."""
+    held = [interp.acquire(cpu=1000), interp.acquire(cpu=1001)]
+    extra: list[interp.PrivateInterpreter] = []
+    try:
+        while interp._free:  # every one in use
+            extra.append(interp.acquire(cpu=1002 + len(extra)))
+        monkeypatch.setattr(interp, "MAX_INTERPRETERS", len(interp._pool))
+        held.append(interp.acquire(cpu=1000))  # CPU 1000's twice: 1001's is the least used
+        shared = interp.acquire(cpu=2000)
+        held.append(shared)
+        assert shared is not held[0] and interp._users[shared] == 2
+        assert interp.acquire(cpu=2000) is shared  # and CPU 2000's next thread finds it
+        held.append(shared)
+        with pytest.raises(interp.InterpreterUnavailable, match="in use"):
+            interp.acquire()
+    finally:
+        for p in held + extra:
+            interp.release(p)
+    assert not interp._users and not interp._by_cpu
