@@ -42,6 +42,7 @@ def measure(image: SourceImage, samples: int = SAMPLES) -> dict[str, float]:
     memory = GuestMemory.create(size, "anon", "bench-costs")
     machine = Machine.create(MachineConfig(size, 1), memory=memory)  # a real vCPU's kvm_run page
     uffd = Uffd(UFFD_FEATURE_SIGBUS)
+    resolver: ExitModeResolver | None = None
     try:
         for region in memory.regions:
             uffd.register(region.hva, region.size)
@@ -67,7 +68,9 @@ def measure(image: SourceImage, samples: int = SAMPLES) -> dict[str, float]:
 
         tracker = PageTracker(memory)
         tracker.mark_present(0, DATA_GPA // PAGE_SIZE + n, Arrival.EAGER)
-        resolver = ExitModeResolver(Installer(uffd, memory, tracker, wake=False), readahead_base=1, readahead_max=1)
+        # on_fault_exit called here, on this thread: no private loop (it would hold an interpreter)
+        resolver = ExitModeResolver(Installer(uffd, memory, tracker, wake=False), readahead_base=1, readahead_max=1,
+                                    private_loops=False)
         resolver.prepare(thread, LocalPageConnection(image))  # type: ignore[arg-type]
         second = range(DATA_GPA + n * PAGE_SIZE, DATA_GPA + 2 * n * PAGE_SIZE, PAGE_SIZE)
         for gpa in second:
@@ -77,5 +80,7 @@ def measure(image: SourceImage, samples: int = SAMPLES) -> dict[str, float]:
             resolve.append(clock() - t0)
         return {"decode_us": _p50_us(decode), "uffdio_copy_us": _p50_us(copy), "resolve_us": _p50_us(resolve)}
     finally:
+        if resolver is not None:
+            resolver.close()
         machine.close()
         uffd.close()

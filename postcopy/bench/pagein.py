@@ -281,7 +281,7 @@ def fault_loops() -> str:
     """Where the one-page fault loops run here (private_loop.py): exit mode's vCPUs', classic's
     placed handlers' (classic-naive's one handler stays as most implementations ship it)."""
     why = private_loop.unavailable()
-    return ("a private interpreter per vCPU (exit) and per handler (classic)" if why is None
+    return ("a private interpreter per CPU of the vCPUs (exit) or handlers (classic)" if why is None
             else f"under one GIL ({why})")
 
 

@@ -21,6 +21,7 @@ from postcopy.bench import BenchError, BenchOptions, limit, pagein, paired_ratio
 from postcopy.bench.source import SourceImage
 from postcopy.destination import classic_mode, exit_mode, private_loop
 from postcopy.destination.pages import PRESENT, Arrival, PageTracker
+from vmm import interp
 from vmm.guest.layout import DATA_GPA, PAGE_SIZE
 
 pytestmark = pytest.mark.usefixtures("kvm_available", "uffd_available")
@@ -231,7 +232,9 @@ def _bench_json(*args: str) -> dict:
 
 
 def test_bench_json_has_the_pagein_and_limit_keys(c_limit: limit.Limit) -> None:
+    users = dict(interp._users)
     d = _bench_json("--vcpus", "1,2")
+    assert interp._users == users  # every private interpreter went back (the fault costs' resolver too)
     p, lim = d["pagein"], d["limit"]
     for v in ("1", "2"):
         for mode in pagein.MODES:
