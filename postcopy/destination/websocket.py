@@ -205,7 +205,7 @@ class BlockingWebSocket:
         if not n:
             raise self._broken(None, sending=False)
         self._start, self._end = 0, n
-        if n >= total and self._view[:len(head)] == head and total - len(head) <= self.max_message:
+        if n >= total and self._buf.find(head, 0, len(head)) == 0 and total - len(head) <= self.max_message:
             self._start = total
             return len(head)
         return self.recv_known(head, total)  # a part of it, or another frame first
@@ -237,7 +237,7 @@ class BlockingWebSocket:
             self._start = self._end = 0
         self._fill(len(head))
         start = self._start
-        if self._view[start:start + len(head)] != head or total - len(head) > self.max_message:
+        if self._buf.find(head, start, start + len(head)) != start or total - len(head) > self.max_message:
             return -1  # (a frame over max_message: recv() refuses it with its error)
         self._fill(total)
         start = self._start  # _fill may have moved the unread bytes to the front
